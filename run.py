@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Set up and run slmlab's jobs with nothing but Python 3.11+ and git.
+
+    python3 run.py book    # make .venv, build the book as HTML, executing every chapter (cached)
+    python3 run.py test    # make .venv, lint, check notebook pairs, run unit tests and notebooks
+    python3 run.py lab     # JupyterLab on notebooks/, in the same environment
+    python3 run.py sync    # authors: regenerate notebooks/*.ipynb from book/*.md
+    python3 run.py freeze  # maintainers: re-pin constraints.txt from the current .venv
+
+The environment is `.venv/`, installed from pyproject.toml with the exact pins of
+constraints.txt, and re-installed only when one of those two files changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+STAMP = VENV / ".slmlab-installed"
+
+
+# Like activating the environment: chapters may call `!slmlab ...`, and it must be this one.
+os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+os.environ["VIRTUAL_ENV"] = str(VENV)
+
+
+def sh(*cmd: str | Path, **kw) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, **kw)
+
+
+def ensure_env() -> None:
+    if sys.version_info < (3, 11):  # noqa: UP036 - run.py itself must say so on old Pythons
+        sys.exit(f"slmlab needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    wanted = hashlib.sha256(
+        b"".join((ROOT / f).read_bytes() for f in ("pyproject.toml", "constraints.txt"))
+    ).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    t0 = time.time()
+    if not PY.exists():
+        print(f"creating {VENV.relative_to(ROOT)}/", flush=True)
+        venv.create(VENV, with_pip=True)
+    sh(PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    # torch first and alone, pinned: left to the resolver, a range pulls the CUDA build (GBs).
+    sh(PY, "-m", "pip", "install", "--quiet", "-c", "constraints.txt", "torch")
+    sh(PY, "-m", "pip", "install", "--quiet", "-c", "constraints.txt", "-e", ".[dev]")
+    STAMP.write_text(wanted)
+    print(f"environment ready in {time.time() - t0:.0f} s", flush=True)
+
+
+def book() -> None:
+    t0 = time.time()
+    sh(BIN / "jupyter-book", "build", ".", "--builder", "html")
+    index = ROOT / "_build" / "html" / "index.html"
+    print(f"\nbook built in {time.time() - t0:.0f} s: open {index}")
+
+
+def test(extra: list[str]) -> None:
+    sh(BIN / "ruff", "check", ".")
+    sh(PY, "tools/notebooks.py", "check")
+    sh(
+        PY,
+        "-m",
+        "pytest",
+        "tests",
+        "notebooks",
+        "--nbval-lax",
+        "--nbval-current-env",
+        "--nbval-sanitize-with",
+        "tests/nbval_sanitize.cfg",
+        "-p",
+        "no:cacheprovider",
+        *extra,
+    )
+
+
+def freeze() -> None:
+    pins = subprocess.run(
+        [str(PY), "-m", "pip", "freeze", "--exclude-editable"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    # The local label (+cpu) would not match the wheels of other platforms.
+    pins = [
+        p.split("+")[0] if p.startswith("torch==") else p
+        for p in pins
+        if not p.lower().startswith("slmlab")
+    ]
+    header = [
+        "# The book's exact environment (pip install -c constraints.txt -e '.[dev]').",
+        "# Regenerate with: python3 run.py freeze",
+    ]
+    (ROOT / "constraints.txt").write_text("\n".join(header + pins) + "\n")
+
+
+def main(argv: list[str]) -> None:
+    job, extra = (argv[0], argv[1:]) if argv else ("", [])
+    if job not in {"book", "test", "lab", "sync", "freeze"}:
+        sys.exit(__doc__)
+    ensure_env()
+    if job == "book":
+        book()
+    elif job == "test":
+        test(extra)
+    elif job == "lab":
+        sh(BIN / "jupyter", "lab", "notebooks")
+    elif job == "sync":
+        sh(PY, "tools/notebooks.py", "sync", *extra)
+    elif job == "freeze":
+        freeze()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except subprocess.CalledProcessError as err:
+        sys.exit(err.returncode)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,110 @@
+"""The ``slmlab`` command line: thin verbs over the library functions the chapters call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+
+Verb = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line of message after the usage, and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _budget(args: argparse.Namespace) -> int:
+    from .models import ModelConfig, budget
+
+    published = budget.published_models()
+    if args.model in published:
+        config = published[args.model].config
+    elif Path(args.model).is_file() or Path(args.model, "config.json").is_file():
+        path = Path(args.model)
+        config = ModelConfig.from_json(path / "config.json" if path.is_dir() else path)
+    else:
+        raise SystemExit(
+            f"slmlab budget: {args.model!r} is neither a published model "
+            f"({', '.join(published)}) nor a config.json file or checkpoint directory"
+        )
+    counts = budget.param_count(config)
+    result = {
+        "model": args.model,
+        "config": str(config),
+        "params": {
+            "total": counts.total,
+            "embedding": counts.embedding,
+            "attention": counts.attention,
+            "mlp": counts.mlp,
+            "norms": counts.norms,
+            "lm_head": counts.lm_head,
+        },
+        # Integer formats carry one fp16 scale per group of 32 weights, as in chapter 01's table.
+        "weight_bytes": {
+            dt: budget.weight_bytes(config, dt, group_size=32 if dt.startswith("int") else None)
+            for dt in ("fp32", "bf16", "int8", "int4")
+        },
+        "kv_cache_bytes_per_token_bf16": budget.kv_cache_bytes_per_token(config, "bf16"),
+        "forward_flops_per_token": budget.flops_per_token(config, args.context),
+        "context_length": args.context,
+    }
+    print(f"{args.model}: {config}")
+    print(
+        f"  parameters      {counts.total / 1e6:10.1f} M  (embedding share {counts.embedding_share:.1%})"
+    )
+    for dtype, nbytes in result["weight_bytes"].items():
+        note = " (g32 scales)" if dtype.startswith("int") else ""
+        print(f"  weights {dtype:>5}   {nbytes / 2**20:10.1f} MiB{note}")
+    print(f"  KV cache (bf16) {result['kv_cache_bytes_per_token_bf16'] / 1024:10.1f} KiB per token")
+    print(
+        f"  forward FLOPs   {result['forward_flops_per_token'] / 1e9:10.3f} G per token at context {args.context}"
+    )
+    _write_json(args.json, result)
+    return 0
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(result, indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="slmlab",
+        description="Small language models, from scratch to device. Each verb is a chapter's library call.",
+    )
+    parser.add_argument("--version", action="version", version=f"slmlab {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs.required = True
+
+    p = verbs.add_parser("budget", help="parameters, memory, KV cache and FLOPs of a model config")
+    p.add_argument(
+        "model",
+        help="a published model name (e.g. SmolLM2-135M), a config.json or a checkpoint directory",
+    )
+    p.add_argument(
+        "--context", type=int, default=2048, help="context length for the FLOPs (default 2048)"
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(func=_budget)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Verb = args.func
+    return func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

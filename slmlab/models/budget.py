@@ -1,0 +1,172 @@
+"""Budgets of a model, computed from its config alone: parameters, memory, KV cache and FLOPs.
+
+These are the numbers chapter 01 uses to say what "small" means, and that later chapters use to
+predict what quantization or pruning will save before anything is measured.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+from .config import ModelConfig
+
+__all__ = [
+    "BITS",
+    "ParamCount",
+    "PublishedModel",
+    "flops_per_token",
+    "kv_cache_bytes_per_token",
+    "max_context_length",
+    "param_count",
+    "published_models",
+    "table",
+    "weight_bytes",
+]
+
+# Bits per stored weight. int4 here is the bare code; group scales are counted by
+# `weight_bytes(..., group_size=...)`, because at small group sizes they are not negligible.
+BITS: dict[str, float] = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8, "int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters by where they live. ``lm_head`` is 0 when it is tied to the embedding."""
+
+    embedding: int
+    attention: int
+    mlp: int
+    norms: int
+    lm_head: int
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.attention + self.mlp + self.norms + self.lm_head
+
+    @property
+    def non_embedding(self) -> int:
+        """Parameters outside the embedding and the output head (Kaplan et al.'s N)."""
+        return self.attention + self.mlp + self.norms
+
+    @property
+    def embedding_share(self) -> float:
+        """Fraction of all parameters in the embedding and the (untied) output head."""
+        return (self.embedding + self.lm_head) / self.total
+
+
+def param_count(config: ModelConfig) -> ParamCount:
+    """Count the parameters of the model that `config` describes, tensor by tensor."""
+    d, L = config.hidden_size, config.num_hidden_layers
+    q, kv = config.q_size, config.kv_size
+    attention = d * q + 2 * d * kv + q * d  # q, k, v and output projections
+    if config.attention_bias:
+        attention += q + 2 * kv
+    mlp = 3 * d * config.intermediate_size  # gate, up and down projections of SwiGLU
+    norms = 2 * d  # one RMSNorm before attention, one before the MLP
+    embedding = config.vocab_size * d
+    return ParamCount(
+        embedding=embedding,
+        attention=L * attention,
+        mlp=L * mlp,
+        norms=L * norms + d,  # + the final norm
+        lm_head=0 if config.tie_word_embeddings else embedding,
+    )
+
+
+def weight_bytes(config: ModelConfig, dtype: str = "bf16", *, group_size: int | None = None) -> int:
+    """Bytes to hold every weight in `dtype` (a key of `BITS`).
+
+    With ``group_size``, each group of that many weights also stores one fp16 scale, the way
+    group-wise int4/int8 formats do (norms stay in fp16 either way, they are a rounding error).
+    """
+    if dtype not in BITS:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(BITS)}")
+    if group_size is not None and group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    bits = BITS[dtype] + (16 / group_size if group_size else 0)
+    return round(param_count(config).total * bits / 8)
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, dtype: str = "bf16") -> int:
+    """Bytes the KV cache grows by for every token of context (keys and values, all layers)."""
+    if dtype not in BITS:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(BITS)}")
+    return round(2 * config.num_hidden_layers * config.kv_size * BITS[dtype] / 8)
+
+
+def flops_per_token(config: ModelConfig, context_length: int = 0) -> int:
+    """Forward FLOPs to process one token that attends to `context_length` earlier tokens.
+
+    Every weight of a matrix product costs a multiply and an add (2 FLOPs), the output head
+    included even when it is tied; attention adds ``QKᵀ`` and ``A·V`` against the context,
+    2 × 2 × heads × head_dim FLOPs per layer per context token. Norms, activations and the
+    softmax are left out: they are a fraction of a percent for these shapes.
+    """
+    if context_length < 0:
+        raise ValueError(f"context_length must be >= 0, got {context_length}")
+    p = param_count(config)
+    matmul_weights = p.attention + p.mlp + config.vocab_size * config.hidden_size
+    if config.attention_bias:
+        matmul_weights -= config.num_hidden_layers * (config.q_size + 2 * config.kv_size)
+    attention = 4 * config.num_hidden_layers * config.q_size * context_length
+    return 2 * matmul_weights + attention
+
+
+def max_context_length(
+    config: ModelConfig, memory_bytes: float, dtype: str = "bf16", kv_dtype: str = "bf16"
+) -> int:
+    """Longest context whose KV cache fits in `memory_bytes` beside the weights (0: no room).
+
+    The rest of a real process (activations, the runtime, the app) also needs memory, so pass
+    the share of the device's memory the model may have, not the whole of it.
+    """
+    free = memory_bytes - weight_bytes(config, dtype)
+    return max(0, int(free // kv_cache_bytes_per_token(config, kv_dtype)))
+
+
+def table(configs: dict[str, ModelConfig], context_length: int = 2048) -> str:
+    """A text table of the budgets of several configs, one row each."""
+    head = (
+        f"{'model':<16} {'params':>8} {'non-emb':>8} {'emb%':>5} {'bf16':>9} {'int4':>9} "
+        f"{'KV/token':>9} {'GFLOP/tok':>9}"
+    )
+    rows = [head, "-" * len(head)]
+    for name, cfg in configs.items():
+        p = param_count(cfg)
+        rows.append(
+            f"{name:<16} {p.total / 1e6:>7.0f}M {p.non_embedding / 1e6:>7.0f}M "
+            f"{p.embedding_share:>5.0%} {weight_bytes(cfg, 'bf16') / 2**20:>6.0f}MiB "
+            f"{weight_bytes(cfg, 'int4', group_size=32) / 2**20:>6.0f}MiB "
+            f"{kv_cache_bytes_per_token(cfg) / 1024:>6.1f}KiB "
+            f"{flops_per_token(cfg, context_length) / 1e9:>9.2f}"
+        )
+    return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    name: str
+    hf_id: str
+    year: int
+    published_params: float
+    config: ModelConfig
+
+
+@cache
+def published_models() -> dict[str, PublishedModel]:
+    """The published SLM configs that ship with slmlab, by name, smallest first."""
+    raw = json.loads(resources.files(__package__).joinpath("published.json").read_text())
+    models = {}
+    for entry in raw["models"]:
+        hf = dict(entry["config"])
+        config = ModelConfig.from_hf_dict(hf, source=f"published.json[{entry['name']}]")
+        models[entry["name"]] = PublishedModel(
+            name=entry["name"],
+            hf_id=entry["hf_id"],
+            year=entry["year"],
+            published_params=entry["published_params"],
+            config=config,
+        )
+    return dict(sorted(models.items(), key=lambda kv: param_count(kv[1].config).total))

@@ -1,0 +1,97 @@
+"""Keep book/*.md (the source) and notebooks/*.ipynb (what readers and nbval run) in step.
+
+    python tools/notebooks.py sync [NAME...]   # write notebooks/NAME.ipynb from book/NAME.md
+    python tools/notebooks.py check            # fail if any pair has drifted apart
+
+The markdown is the source: it diffs well and is what the book builds from. `sync` converts it
+with jupytext, executes it, and keeps only the outputs of cells marked `# NBVAL_CHECK_OUTPUT`,
+which are the outputs nbval compares; every other output is dropped so the notebooks stay small.
+`check` compares cell by cell (type and source) and names the first difference.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK, NOTEBOOKS = ROOT / "book", ROOT / "notebooks"
+CHECK = "# NBVAL_CHECK_OUTPUT"
+
+
+def chapters() -> list[Path]:
+    return sorted(p for p in BOOK.glob("*.md") if p.read_text().startswith("---\njupytext:"))
+
+
+def from_markdown(md: Path) -> nbformat.NotebookNode:
+    nb = jupytext.read(md)
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"{md.stem[:2]}-{i:03d}"  # stable ids: regenerating gives the same file
+    return nb
+
+
+def sync(md: Path) -> None:
+    nb = from_markdown(md)
+    print(f"executing {md.relative_to(ROOT)}", flush=True)
+    NotebookClient(
+        nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        if CHECK not in cell.source:
+            cell.outputs = []
+            cell.execution_count = None  # nbval refuses stored outputs of a cell never run
+        cell.metadata.pop("execution", None)
+    nb.metadata.pop("widgets", None)
+    out = NOTEBOOKS / f"{md.stem}.ipynb"
+    tmp = out.with_suffix(".ipynb.tmp")
+    nbformat.write(nb, tmp)
+    tmp.replace(out)
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+def drift(md: Path) -> str | None:
+    ipynb = NOTEBOOKS / f"{md.stem}.ipynb"
+    if not ipynb.exists():
+        return f"{md.relative_to(ROOT)} has no notebook {ipynb.relative_to(ROOT)}"
+    want, have = from_markdown(md).cells, nbformat.read(ipynb, as_version=4).cells
+    for i, (a, b) in enumerate(zip(want, have, strict=False)):
+        if (a.cell_type, a.source) != (b.cell_type, b.source):
+            first = (a.source.splitlines() or [""])[0][:70]
+            return f"{ipynb.relative_to(ROOT)} cell {i} differs from {md.relative_to(ROOT)} ({first!r})"
+        if a.cell_type == "code" and CHECK in a.source and not b.outputs:
+            return (
+                f"{ipynb.relative_to(ROOT)} cell {i} is checked by nbval but has no stored output"
+            )
+    if len(want) != len(have):
+        return f"{ipynb.relative_to(ROOT)} has {len(have)} cells, {md.relative_to(ROOT)} has {len(want)}"
+    return None
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["sync"]:
+        names = set(argv[1:])
+        for md in chapters():
+            if not names or md.stem in names or md.stem[:2] in names:
+                sync(md)
+        return 0
+    if argv[:1] == ["check"]:
+        problems = [p for md in chapters() if (p := drift(md))]
+        stray = {p.stem for p in NOTEBOOKS.glob("*.ipynb")} - {md.stem for md in chapters()}
+        problems += [f"notebooks/{s}.ipynb has no book/{s}.md" for s in sorted(stray)]
+        for p in problems:
+            print(f"drift: {p}  (fix: edit book/*.md, then `python3 run.py sync`)", file=sys.stderr)
+        if not problems:
+            print(f"{len(chapters())} chapter pairs in step")
+        return 1 if problems else 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -71,6 +71,30 @@ def _budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load, load_tokenizer
+    from .env import pick_device
+    from .infer import generate
+
+    device = pick_device(args.device)
+    model = load(args.checkpoint, device=device)
+    tokenizer = load_tokenizer(args.checkpoint)
+    prompt = tokenizer.encode(args.prompt).ids
+    ids = generate(
+        model,
+        torch.tensor([prompt]),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    print(tokenizer.decode(ids[0].tolist()))
+    return 0
+
+
 def _write_json(path: str | None, result: dict) -> None:
     if path:
         from .io import atomic_write_text
@@ -97,13 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=_budget)
+
+    p = verbs.add_parser("generate", help="continue a prompt with a checkpoint's model")
+    p.add_argument(
+        "checkpoint", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)"
+    )
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.set_defaults(func=_generate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     func: Verb = args.func
-    return func(args)
+    try:
+        return func(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        # Library errors already name the file and the problem: one line, no traceback.
+        parser.exit(1, f"slmlab {args.verb}: error: {err}\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

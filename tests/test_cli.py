@@ -41,3 +41,39 @@ def test_budget_json(tmp_path, capsys) -> None:
 def test_budget_unknown_model_names_the_choices() -> None:
     out = run("budget", "NoSuchModel-9B")
     assert out.returncode != 0 and "SmolLM2-135M" in out.stderr
+
+
+def test_generate_from_a_checkpoint(tmp_path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from slmlab.models import DecoderLM, ModelConfig
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        ["once upon a time there was a cat"] * 20,
+        trainers.BpeTrainer(vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    config = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    model = DecoderLM(config).eval()
+    path = slmlab.save(model, tmp_path / "ckpt", tokenizer=tok)
+    out = run("generate", str(path), "--prompt", "once upon", "--max-new-tokens", "5")
+    assert out.returncode == 0, out.stderr
+    prompt = tok.encode("once upon").ids
+    expected = slmlab.generate(model, prompt, 5)[0]
+    assert out.stdout.rstrip("\n") == tok.decode(expected)
+
+
+def test_generate_on_a_broken_checkpoint_is_one_line(tmp_path) -> None:
+    out = run("generate", str(tmp_path), "--prompt", "x")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"slmlab generate: error: {tmp_path}: no config.json"
+    ]

@@ -1,0 +1,180 @@
+"""Checkpoints: a directory with ``config.json``, ``model.safetensors`` and ``tokenizer.json``.
+
+For the Llama family the directory *is* a Hugging Face checkpoint: transformers'
+``AutoModelForCausalLM.from_pretrained(dir)`` loads what `save` writes, and `load` reads what
+transformers saves, sharded files with a ``model.safetensors.index.json`` included. Tensors are
+read with safetensors only: nothing here ever unpickles a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .models.config import ConfigError, ModelConfig
+from .models.decoder import DecoderLM
+
+__all__ = ["CheckpointError", "load", "load_state_dict", "load_tokenizer", "save"]
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Buffers that some older Hugging Face checkpoints stored and that are recomputed, not loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
+
+
+def save(model: DecoderLM, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write `model` (and `tokenizer`, if given) as a checkpoint directory at `path`.
+
+    Everything is written to a temporary directory beside `path` and renamed into place, so a
+    crash never leaves a half-written checkpoint; an existing directory at `path` is replaced.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        config = model.config.to_hf_dict()
+        config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight")  # the same tensor as the embedding; stored once
+        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, tmp / "tokenizer.json")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _save_tokenizer(tokenizer: Any, file: Path) -> None:
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # transformers' fast tokenizers
+    if not hasattr(backend, "to_str"):
+        raise TypeError(
+            f"cannot save a tokenizer of type {type(tokenizer).__name__}: pass a "
+            "tokenizers.Tokenizer (or an object with one at .backend_tokenizer)"
+        )
+    file.write_text(backend.to_str())
+
+
+def load_tokenizer(path: str | os.PathLike):  # -> tokenizers.Tokenizer
+    """The tokenizer of a checkpoint directory (or a ``tokenizer.json`` file)."""
+    from tokenizers import Tokenizer
+
+    file = Path(path)
+    file = file / "tokenizer.json" if file.is_dir() else file
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no tokenizer.json in this checkpoint")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception on malformed files
+        raise CheckpointError(f"{file}: not a valid tokenizer.json ({err})") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: malformed index ({err!r})") from None
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard(s) {missing} that do not exist")
+        return files
+    if (path / WEIGHTS).is_file():
+        return [path / WEIGHTS]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise CheckpointError(
+            f"{path}: only pickle weights (*.bin/*.pt) found; slmlab loads safetensors only. "
+            "Convert them where you trust the source, e.g. with transformers' save_pretrained"
+        )
+    raise CheckpointError(f"{path}: no {WEIGHTS} or {INDEX}")
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, from one safetensors file or several shards."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    tensors[name] = f.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from None
+    return tensors
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> DecoderLM:
+    """Load a checkpoint directory (slmlab's or a Hugging Face Llama/Qwen2/SmolLM one).
+
+    Weights are cast to `dtype` (fp32 by default: the fast dtype of a CPU without native bf16).
+    Every tensor the model needs must be present with the right shape, and every tensor in the
+    file must be used: a mismatch is an error naming the file and the tensor.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        config = ModelConfig.from_json(config_file)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    tensors = load_state_dict(path)
+    with torch.device("meta"):
+        model = DecoderLM(config)
+    expected = model.state_dict()
+    if config.tie_word_embeddings:
+        # Tied: one tensor. A file may still carry a copy of it under lm_head (transformers 4 did).
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
+    files = ", ".join(f.name for f in _weight_files(path))
+    for name, meta in expected.items():
+        if name not in tensors:
+            raise CheckpointError(
+                f"{path / files}: missing tensor {name!r} (shape {tuple(meta.shape)})"
+            )
+        if tensors[name].shape != meta.shape:
+            raise CheckpointError(
+                f"{path / files}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                f"config.json implies {tuple(meta.shape)}"
+            )
+    unused = [n for n in tensors if n not in expected and not n.endswith(_IGNORED_SUFFIXES)]
+    if unused:
+        raise CheckpointError(f"{path / files}: unexpected tensor(s) {unused[:5]} for {config}")
+    state = {name: tensors[name].to(dtype) for name in expected}
+    model.load_state_dict(state, strict=False, assign=True)
+    # Buffers (the rotary tables) were created on meta: build them for real.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device).eval()

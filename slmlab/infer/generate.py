@@ -1,0 +1,167 @@
+"""Autoregressive generation: greedy or sampled, batched, with a preallocated KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..models.decoder import DecoderLM, KVCache
+
+__all__ = ["generate", "sample_next"]
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token of each row of `logits` (B, vocab): argmax at temperature 0, else a draw.
+
+    top-k keeps the k most likely tokens; top-p (nucleus) keeps the smallest set of most likely
+    tokens whose probabilities sum to at least p. Both filter before the draw, as in
+    transformers.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k <= 0:
+            raise ValueError(f"top_k must be positive, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach p; the first always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, width - len(prompt) :] = torch.as_tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model: DecoderLM,
+    input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_tokens: int | Sequence[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    pad_token_id: int | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor | list[list[int]]:
+    """Continue each prompt by up to `max_new_tokens` tokens; return the ids, prompt included.
+
+    `input_ids` is a (B, T) tensor, left-padded with `attention_mask` marking real tokens (the
+    layout of transformers' ``generate``), or a list of prompts of any lengths, which are padded
+    here. A tensor comes back as a (B, T + new) tensor in which finished rows continue with
+    `pad_token_id`; lists come back as lists, each cut after its stop token.
+
+    `stop_tokens` defaults to the config's ``eos_token_id``; pass ``()`` to never stop early.
+    Sampling (temperature > 0) draws from a generator seeded with `seed`, so the same call gives
+    the same tokens.
+    """
+    config = model.config
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if stop_tokens is None:
+        stop_tokens = config.eos_token_id
+    stops = (
+        []
+        if stop_tokens is None
+        else [stop_tokens]
+        if isinstance(stop_tokens, int)
+        else list(stop_tokens)
+    )
+    pad = (
+        pad_token_id
+        if pad_token_id is not None
+        else (
+            config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
+        )
+    )
+    as_lists = not isinstance(input_ids, torch.Tensor)
+    if as_lists:
+        prompts = (
+            [list(input_ids)]
+            if input_ids and isinstance(input_ids[0], int)
+            else [list(p) for p in input_ids]
+        )  # type: ignore[index, arg-type]
+        ids, attention_mask = _left_pad(prompts, pad)
+    else:
+        ids = input_ids if input_ids.dim() == 2 else input_ids[None]  # type: ignore[union-attr]
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    B, T = ids.shape
+    mask = attention_mask.to(device).long() if attention_mask is not None else torch.ones_like(ids)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0 if seed is None else seed)
+
+    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
+    out[:, :T] = ids
+    full_mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
+    full_mask[:, :T] = mask
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
+    cache = (
+        KVCache(config, B, T + max_new_tokens, dtype=next(model.parameters()).dtype, device=device)
+        if use_cache
+        else None
+    )
+
+    step_ids, step_mask = ids, mask
+    length = T
+    for _ in range(max_new_tokens):
+        if cache is None:  # recompute the whole sequence: the reference the cache must match
+            step_ids, step_mask = out[:, :length], full_mask[:, :length]
+        logits = model(step_ids, step_mask, cache, last_only=True)[:, -1]
+        token = sample_next(
+            logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        )
+        token = torch.where(done, torch.full_like(token, pad), token)
+        out[:, length] = token
+        length += 1
+        if len(stops):
+            done |= torch.isin(token, stop_ids)
+            if bool(done.all()):
+                break
+        step_ids, step_mask = out[:, length - 1 : length], full_mask[:, length - 1 : length]
+    out = out[:, :length]
+
+    if not as_lists:
+        return out
+    result = []
+    for row, prompt in enumerate(prompts):
+        new = out[row, T:].tolist()
+        for i, tok in enumerate(new):
+            if tok in stops:
+                new = new[: i + 1]
+                break
+        result.append(prompt + new)
+    return result

@@ -1,0 +1,281 @@
+"""The decoder-only transformer, built from named parts that a chapter can show one at a time.
+
+Module and parameter names follow Hugging Face's Llama (``model.layers.0.self_attn.q_proj``...),
+so a state dict *is* a Hugging Face state dict and checkpoints need no renaming table.
+
+Shapes: B batch, T new tokens, S tokens attended to (cache + new), H query heads, K key/value
+heads, D head_dim. Key/value heads are shared by groups of H/K query heads (MHA when K = H,
+GQA when 1 < K < H, MQA when K = 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import apply_rope, inverse_frequencies
+
+__all__ = [
+    "Attention",
+    "DecoderBlock",
+    "DecoderLM",
+    "KVCache",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SwiGLU",
+]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight: LayerNorm without the mean and the bias, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of the rotary angles, indexed by token position."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inv_freq = inverse_frequencies(config)
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        angles = torch.outer(positions, inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)  # the same angle for channels i and i + D/2
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for `positions` (B, T), shaped (B, 1, T, D) to broadcast over heads."""
+        if int(positions.max()) >= self.cos.shape[0]:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond max_position_embeddings "
+                f"({self.cos.shape[0]}); shorten the input or raise max_position_embeddings"
+            )
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(
+            dtype
+        )
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: decoding writes in place, never reallocates.
+
+    ``keys[i]`` and ``values[i]`` are (B, K, max_len, D) for layer i; ``length`` is how many
+    positions are filled. ``key_mask`` (B, max_len) is False where a position holds padding
+    (left-padded prompts of a batch), so attention never looks at it.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
+        ]
+        self.values = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
+        ]
+        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new k, v (B, K, T, D) of `layer`; return every key and value so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with any number of key/value heads, through PyTorch's fused SDPA."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        # mask None means plain causal attention over exactly these T tokens.
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) · up(x)): the gated MLP of Llama-family models."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Token embedding, the blocks and the final norm (Hugging Face's ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderBlock(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class DecoderLM(nn.Module):
+    """A Llama-family causal language model: token ids in, next-token logits out."""
+
+    def __init__(self, config: ModelConfig, *, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters(init_std)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights, zero biases, unit norms: the initialisation of GPT-2 and Llama."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for `input_ids` (B, T).
+
+        `attention_mask` (B, T) marks real tokens with 1 and padding with 0 (pad on the left for
+        generation). With a `cache`, the tokens continue what the cache holds. `last_only`
+        computes logits for the last position alone, which is all decoding needs.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            if cache is not None:
+                cache.key_mask[:, start : start + T] = attention_mask
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if cache is not None:
+            padded = padded or not bool(cache.key_mask[:, : start + T].all())
+        if padded:
+            assert cache is not None or attention_mask is not None
+            key_mask = cache.key_mask[:, : start + T] if cache is not None else attention_mask
+            # Positions count real tokens only, so a left-padded prompt starts at position 0.
+            positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+            causal = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
+            mask = causal & key_mask[:, None, None, :]
+            # A padding query would attend to nothing (NaN); let it see itself instead.
+            diagonal = torch.arange(start + T, device=input_ids.device) == (
+                start + torch.arange(T, device=input_ids.device)[:, None]
+            )
+            mask = mask | diagonal
+        else:
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            mask = None
+            if T > 1 and start > 0:  # a chunk continuing a cache: causal, offset by `start`
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(
+                    start
+                )
+
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,97 @@
+"""Tiny random Hugging Face models made by transformers itself (no download), as references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from slmlab.models import ModelConfig
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
+# name -> config: the variants the parity tests must cover.
+VARIANTS: dict[str, ModelConfig] = {
+    "llama-gqa-untied": ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "llama-mha-tied-theta": ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        tie_word_embeddings=True,
+        rope_theta=500_000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+    ),
+    "llama-mqa-llama3-rope": ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        rope_scaling=LLAMA3_ROPE,
+        max_position_embeddings=256,
+    ),
+    "llama-linear-rope": ModelConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+        max_position_embeddings=256,
+    ),
+    "qwen2-bias": ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        model_type="qwen2",
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+    ),
+}
+
+
+def hf_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
+    """transformers' own model for `config`, with random (seeded) weights and nonzero biases."""
+    import transformers
+
+    hf_config = transformers.AutoConfig.for_model(**config.to_hf_dict())
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: perturb them
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "bias")):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_hf(config: ModelConfig, path: Path, seed: int = 0, **save_kwargs) -> torch.nn.Module:
+    model = hf_model(config, seed)
+    model.save_pretrained(path, **save_kwargs)
+    return model

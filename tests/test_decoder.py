@@ -1,0 +1,117 @@
+"""Our decoder against transformers' logits, in both directions, for every variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slmlab
+from slmlab.models import DecoderLM
+from slmlab.models.rope import inverse_frequencies
+
+from .hf_reference import VARIANTS, hf_model, save_hf
+
+transformers = pytest.importorskip("transformers")
+TOL = 1e-4
+
+
+def tokens(config, batch: int = 2, length: int = 40) -> torch.Tensor:
+    return torch.randint(
+        0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1)
+    )
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_theirs_to_ours_same_logits(name: str, tmp_path) -> None:
+    config = VARIANTS[name]
+    theirs = save_hf(config, tmp_path)
+    ours = slmlab.load(tmp_path)
+    ids = tokens(config)
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        got = ours(ids)
+    assert (got - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_ours_to_theirs_same_logits(name: str, tmp_path) -> None:
+    config = VARIANTS[name]
+    torch.manual_seed(3)
+    ours = DecoderLM(config).eval()
+    with torch.no_grad():
+        for p_name, p in ours.named_parameters():
+            if p_name.endswith(("norm.weight", "bias")):
+                p.add_(0.1 * torch.randn_like(p))
+    slmlab.save(ours, tmp_path / "ckpt")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    ids = tokens(config)
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max().item() <= TOL
+
+
+def test_sharded_checkpoint_with_index(tmp_path) -> None:
+    config = VARIANTS["llama-gqa-untied"]
+    theirs = save_hf(config, tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    ours = slmlab.load(tmp_path)
+    ids = tokens(config)
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize(
+    "name", ["llama-mqa-llama3-rope", "llama-linear-rope", "llama-mha-tied-theta"]
+)
+def test_rope_frequencies_match_transformers(name: str) -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = VARIANTS[name]
+    hf_config = transformers.AutoConfig.for_model(**config.to_hf_dict())
+    rope_type = (config.rope_scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        expected = 1.0 / config.rope_theta ** (
+            torch.arange(0, config.head_dim, 2).float() / config.head_dim
+        )
+    else:
+        expected, _ = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    torch.testing.assert_close(inverse_frequencies(config), expected.float(), rtol=1e-6, atol=0)
+
+
+def test_padding_does_not_change_real_tokens() -> None:
+    """A left-padded row gives the same logits at its real tokens as the unpadded row."""
+    config = VARIANTS["llama-gqa-untied"]
+    model = DecoderLM(config).eval()
+    ids = tokens(config, batch=1, length=12)
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 12)], dim=1).long()
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded, mask)[:, 5:], model(ids), rtol=0, atol=1e-5)
+
+
+def test_parts_compose_like_the_whole() -> None:
+    """The block is x + attn(norm(x)), then x + mlp(norm(x)): rebuild it from its parts."""
+    config = VARIANTS["llama-gqa-untied"]
+    model = DecoderLM(config).eval()
+    ids = tokens(config, batch=1, length=9)
+    block = model.model.layers[0]
+    with torch.no_grad():
+        x = model.model.embed_tokens(ids)
+        cos, sin = model.model.rotary_emb(torch.arange(9)[None], x.dtype)
+        h = x + block.self_attn(block.input_layernorm(x), cos, sin, None)
+        h = h + block.mlp(block.post_attention_layernorm(h))
+        torch.testing.assert_close(block(x, cos, sin, None), h)
+
+
+def test_positions_beyond_the_context_are_an_error() -> None:
+    config = VARIANTS["llama-linear-rope"].replace(max_position_embeddings=16)
+    with pytest.raises(ValueError, match="beyond max_position_embeddings"):
+        DecoderLM(config)(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_hf_reference_model_is_deterministic() -> None:
+    a, b = hf_model(VARIANTS["qwen2-bias"], seed=5), hf_model(VARIANTS["qwen2-bias"], seed=5)
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )

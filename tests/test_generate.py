@@ -1,0 +1,128 @@
+"""Generation: the KV cache changes nothing, and greedy tokens equal transformers' generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slmlab
+from slmlab.infer import KVCache, sample_next
+from slmlab.models import DecoderLM
+
+from .hf_reference import VARIANTS, save_hf
+
+transformers = pytest.importorskip("transformers")
+PROMPTS = [[5, 17, 3, 99, 42, 7, 8], [11, 12], [60, 61, 62, 63]]
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen2-bias"])
+def test_cache_gives_the_tokens_of_recomputation(name: str) -> None:
+    model = DecoderLM(VARIANTS[name]).eval()
+    with_cache = slmlab.generate(model, PROMPTS, 20, stop_tokens=())
+    without = slmlab.generate(model, PROMPTS, 20, stop_tokens=(), use_cache=False)
+    assert with_cache == without
+    assert [len(r) for r in with_cache] == [len(p) + 20 for p in PROMPTS]
+
+
+def test_cached_logits_equal_full_forward() -> None:
+    config = VARIANTS["llama-mqa-llama3-rope"]
+    model = DecoderLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 30))
+    cache = KVCache(config, 2, 30)
+    with torch.no_grad():
+        full = model(ids)
+        parts = [model(ids[:, :10], cache=cache), model(ids[:, 10:25], cache=cache)]
+        parts += [model(ids[:, t : t + 1], cache=cache) for t in range(25, 30)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "llama-mha-tied-theta", "qwen2-bias"])
+def test_greedy_equals_transformers_generate_batched(name: str, tmp_path) -> None:
+    config = VARIANTS[name]
+    theirs = save_hf(config, tmp_path)
+    ours = slmlab.load(tmp_path)
+    pad = 0
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    expected = theirs.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=16,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=None,
+    )
+    got = slmlab.generate(ours, ids, 16, attention_mask=mask, stop_tokens=(), pad_token_id=pad)
+    assert torch.equal(got, expected)
+    # and one prompt at a time gives the same continuations as the batch
+    for row, prompt in enumerate(PROMPTS):
+        single = slmlab.generate(ours, prompt, 16, stop_tokens=())[0]
+        assert single == prompt + expected[row, width:].tolist()
+
+
+def test_stop_tokens_end_each_row() -> None:
+    model = DecoderLM(VARIANTS["llama-gqa-untied"]).eval()
+    free = slmlab.generate(model, PROMPTS, 12, stop_tokens=())
+    stop = free[0][len(PROMPTS[0]) + 3]  # the 4th token row 0 would produce
+    stopped = slmlab.generate(model, PROMPTS, 12, stop_tokens=[stop])
+    for prompt, full, cut in zip(PROMPTS, free, stopped, strict=True):
+        new = full[len(prompt) :]
+        expected = new[: new.index(stop) + 1] if stop in new else new
+        assert cut == prompt + expected
+
+
+def test_sampling_is_seeded_and_filters() -> None:
+    model = DecoderLM(VARIANTS["llama-gqa-untied"]).eval()
+    a = slmlab.generate(
+        model, PROMPTS, 15, temperature=1.0, top_k=20, top_p=0.9, seed=7, stop_tokens=()
+    )
+    b = slmlab.generate(
+        model, PROMPTS, 15, temperature=1.0, top_k=20, top_p=0.9, seed=7, stop_tokens=()
+    )
+    c = slmlab.generate(
+        model, PROMPTS, 15, temperature=1.0, top_k=20, top_p=0.9, seed=8, stop_tokens=()
+    )
+    assert a == b and a != c
+
+
+def test_sample_next_filters_like_transformers() -> None:
+    """top-k and top-p keep exactly the tokens transformers' logits processors keep."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for top_k, top_p in [(5, None), (None, 0.8), (10, 0.5), (None, 0.05)]:
+        expected = logits.clone()
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(None, expected)
+        if top_p:
+            expected = TopPLogitsWarper(top_p)(None, expected)
+        allowed = torch.isfinite(expected)
+        draws = torch.stack(
+            [
+                sample_next(
+                    logits,
+                    temperature=1.0,
+                    top_k=top_k,
+                    top_p=top_p,
+                    generator=torch.Generator().manual_seed(s),
+                )
+                for s in range(300)
+            ]
+        )
+        seen = torch.zeros_like(allowed)
+        seen.scatter_(1, draws.T, True)
+        assert torch.equal(seen, allowed), (top_k, top_p)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"temperature": 1.0, "top_p": 1.5}, "top_p must be in"),
+        ({"temperature": 1.0, "top_k": 0}, "top_k must be positive"),
+    ],
+)
+def test_bad_sampling_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        sample_next(torch.randn(1, 10), **kwargs)

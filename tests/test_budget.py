@@ -118,3 +118,20 @@ def test_bad_budget_arguments() -> None:
 def test_table_lists_every_model() -> None:
     text = budget.table({name: m.config for name, m in PUBLISHED.items()})
     assert all(name in text for name in PUBLISHED)
+
+
+@pytest.mark.parametrize("layers", [6, 12, 30])
+def test_shape_for_params_hits_the_budget(layers: int) -> None:
+    cfg = budget.shape_for_params(125e6, layers, vocab_size=32000)
+    assert cfg.num_hidden_layers == layers and cfg.head_dim == 64
+    total = budget.param_count(cfg).total
+    # no whole-head width either side comes closer to the target
+    for heads in (cfg.num_attention_heads - 1, cfg.num_attention_heads + 1):
+        other = cfg.replace(
+            hidden_size=64 * heads,
+            num_attention_heads=heads,
+            num_key_value_heads=1,
+            intermediate_size=max(64, round(8 / 3 * 64 * heads / 64) * 64),
+        )
+        assert abs(total - 125e6) <= abs(budget.param_count(other).total - 125e6) + 64 * heads
+    assert abs(total / 125e6 - 1) < 0.06

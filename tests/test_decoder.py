@@ -115,3 +115,36 @@ def test_hf_reference_model_is_deterministic() -> None:
         torch.equal(x, y)
         for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
+
+
+def test_attention_probs_reproduce_the_fused_output() -> None:
+    """weights @ v, through o_proj, is what the fused SDPA path returns (GQA included)."""
+    config = VARIANTS["llama-gqa-untied"]
+    attn = DecoderLM(config).eval().model.layers[0].self_attn
+    rotary = DecoderLM(config).model.rotary_emb
+    x = torch.randn(2, 13, config.hidden_size)
+    cos, sin = rotary(torch.arange(13).expand(2, 13), x.dtype)
+    probs = attn.attention_probs(x, cos, sin)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, config.num_attention_heads, 13))
+    assert torch.all(probs.triu(1) == 0)
+    v = attn.v_proj(x).view(2, 13, config.num_key_value_heads, -1).transpose(1, 2)
+    v = v.repeat_interleave(config.num_attention_heads // config.num_key_value_heads, dim=1)
+    manual = attn.o_proj((probs @ v).transpose(1, 2).reshape(2, 13, -1))
+    with torch.no_grad():
+        torch.testing.assert_close(manual, attn(x, cos, sin, None), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_distance() -> None:
+    """The defining property of RoPE: <R(m)q, R(n)k> is a function of m - n alone."""
+    config = VARIANTS["llama-gqa-untied"]
+    rotary = DecoderLM(config).model.rotary_emb
+    from slmlab.models.rope import apply_rope
+
+    q, k = torch.randn(config.head_dim), torch.randn(config.head_dim)
+    cos, sin = rotary(torch.arange(40)[None], torch.float32)
+    rq = apply_rope(q.expand(1, 1, 40, -1), cos, sin)[0, 0]
+    rk = apply_rope(k.expand(1, 1, 40, -1), cos, sin)[0, 0]
+    scores = rq @ rk.T
+    for offset in (0, 3, 17):
+        diagonal = torch.diagonal(scores, offset=-offset)
+        torch.testing.assert_close(diagonal, diagonal[0].expand_as(diagonal), rtol=1e-4, atol=1e-4)

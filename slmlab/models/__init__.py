@@ -9,6 +9,7 @@ from .budget import (
     max_context_length,
     param_count,
     published_models,
+    shape_for_params,
     weight_bytes,
 )
 from .config import ConfigError, ModelConfig
@@ -32,5 +33,6 @@ __all__ = [
     "max_context_length",
     "param_count",
     "published_models",
+    "shape_for_params",
     "weight_bytes",
 ]

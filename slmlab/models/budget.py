@@ -22,6 +22,7 @@ __all__ = [
     "max_context_length",
     "param_count",
     "published_models",
+    "shape_for_params",
     "table",
     "weight_bytes",
 ]
@@ -124,6 +125,51 @@ def max_context_length(
     """
     free = memory_bytes - weight_bytes(config, dtype)
     return max(0, int(free // kv_cache_bytes_per_token(config, kv_dtype)))
+
+
+def shape_for_params(
+    params: float,
+    num_hidden_layers: int,
+    *,
+    vocab_size: int,
+    head_dim: int = 64,
+    query_per_kv: int = 3,
+    mlp_ratio: float = 8 / 3,
+    tie_word_embeddings: bool = True,
+) -> ModelConfig:
+    """The config of `num_hidden_layers` layers whose parameter count is closest to `params`.
+
+    Width moves in whole heads of `head_dim`; each key/value head serves about `query_per_kv`
+    query heads (the largest whole grouping that fits), and the MLP is `mlp_ratio` times
+    wider, rounded to 64, as in Llama and MobileLLM. This is how one compares deep-and-thin
+    against wide-and-shallow at equal size.
+    """
+
+    def shape(heads: int) -> ModelConfig:
+        kv = max(
+            d
+            for d in range(1, heads + 1)
+            if heads % d == 0 and d * query_per_kv <= max(heads, query_per_kv)
+        )
+        width = heads * head_dim
+        return ModelConfig(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            intermediate_size=max(64, round(mlp_ratio * width / 64) * 64),
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            tie_word_embeddings=tie_word_embeddings,
+        )
+
+    best = shape(1)
+    for heads in range(2, 1024):
+        config = shape(heads)
+        if abs(param_count(config).total - params) < abs(param_count(best).total - params):
+            best = config
+        if param_count(config).total > params:
+            break
+    return best
 
 
 def table(configs: dict[str, ModelConfig], context_length: int = 2048) -> str:

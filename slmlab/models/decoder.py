@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import linear, linear_many
 from .config import ModelConfig
 from .rope import apply_rope, inverse_frequencies
 
@@ -37,10 +38,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Normalise in fp32 (a no-op for fp32 inputs), scale in the input's dtype, as Llama does.
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -51,14 +51,19 @@ class RotaryEmbedding(nn.Module):
         inv_freq = inverse_frequencies(config)
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         angles = torch.outer(positions, inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)  # the same angle for channels i and i + D/2
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # Channels i and i + D/2 turn by the same angle; the first half's sine carries the minus
+        # sign of rotate_half, so applying the rotation is two fused operations (see apply_rope).
+        self.register_buffer(
+            "cos", torch.cat((angles.cos(), angles.cos()), dim=-1), persistent=False
+        )
+        self.register_buffer(
+            "sin", torch.cat((-angles.sin(), angles.sin()), dim=-1), persistent=False
+        )
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for `positions` (B, T), shaped (B, 1, T, D) to broadcast over heads."""
+        """cos and signed sin for `positions` (B, T), shaped (B, 1, T, D) to broadcast over heads."""
         if int(positions.max()) >= self.cos.shape[0]:
             raise ValueError(
                 f"position {int(positions.max())} is beyond max_position_embeddings "
@@ -135,9 +140,10 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = linear_many(x, [self.q_proj, self.k_proj, self.v_proj])
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
@@ -150,7 +156,25 @@ class Attention(nn.Module):
             is_causal=mask is None and T > 1,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return linear(out.transpose(1, 2).reshape(B, T, -1), self.o_proj)
+
+    @torch.no_grad()
+    def attention_probs(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """The causal attention weights (B, H, T, T) this layer gives `x`: for plots.
+
+        The same projections and rotations as `forward`, with the softmax written out, because
+        the fused kernel of `forward` never materialises the weights.
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # each group's k
+        scores = q @ k.transpose(-1, -2) / self.head_dim**0.5
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
 
 class SwiGLU(nn.Module):
@@ -163,7 +187,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_many(x, [self.gate_proj, self.up_proj])
+        return linear(F.silu(gate) * up, self.down_proj)
 
 
 class DecoderBlock(nn.Module):
@@ -275,7 +300,7 @@ class DecoderLM(nn.Module):
             cache.length += T
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        return linear(self.model.norm(x), self.lm_head)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

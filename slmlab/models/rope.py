@@ -50,6 +50,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` (batch, heads, tokens, head_dim) by the angles whose cos/sin are given."""
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (batch, heads, tokens, head_dim) by the angles whose cos/sin are given.
+
+    ``x·cos + rotate_half(x)·sin`` written as two fused operations for speed: rolling the last
+    dimension by half swaps the halves, and `signed_sin` carries the minus sign of the first
+    half (``signed_sin = cat(−sin, sin)`` over the two halves, see `RotaryEmbedding`).
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)

@@ -1,0 +1,118 @@
+"""Compiled kernels, built on first use for the machine they run on, with PyTorch fallbacks.
+
+Each kernel has a pure-PyTorch reference that tests compare it with, and that slmlab uses
+wherever the kernel cannot be built (no C++ compiler, another platform) or does not apply.
+Set ``SLMLAB_KERNELS=0`` to use the references only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["cache_dir", "cpu_kernels", "gemv", "gemv_many", "linear", "linear_many"]
+
+_HERE = Path(__file__).resolve().parent
+
+
+def cache_dir() -> Path:
+    """slmlab's cache: ``$SLMLAB_HOME`` or ``~/.cache/slmlab``."""
+    return Path(os.environ.get("SLMLAB_HOME", Path.home() / ".cache" / "slmlab"))
+
+
+@cache
+def cpu_kernels() -> ModuleType | None:
+    """The compiled CPU kernels, or None where they cannot be had (the caller falls back)."""
+    if os.environ.get("SLMLAB_KERNELS", "1") == "0" or platform.machine() not in (
+        "x86_64",
+        "AMD64",
+    ):
+        return None
+    from torch.utils.cpp_extension import load
+
+    source = _HERE / "gemv_cpu.cpp"
+    # -march=native: the build is for this machine alone, so use every instruction it has.
+    key = hashlib.sha256(
+        source.read_bytes() + torch.__version__.encode() + platform.processor().encode()
+    )
+    build = cache_dir() / "kernels" / f"cpu-{key.hexdigest()[:12]}"
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        if not any(build.glob("*.so")):
+            print(
+                "slmlab: compiling CPU kernels for this machine (once, about 30 s)...",
+                file=sys.stderr,
+            )
+        return load(
+            name="slmlab_cpu_kernels",
+            sources=[str(source)],
+            build_directory=str(build),
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, no ninja, an exotic platform: fall back, say why
+        warnings.warn(f"slmlab CPU kernels unavailable, using PyTorch instead: {err}", stacklevel=2)
+        return None
+
+
+def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The kernel wins for a few rows of fp32 on CPU, outside autograd; PyTorch otherwise.
+
+    Called for every linear layer of every decoded token, so it is written to be cheap.
+    """
+    return (
+        x.dtype is torch.float32
+        and weight.dtype is torch.float32
+        and x.device.type == "cpu"
+        and x.numel() <= 4 * x.shape[-1]
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and cpu_kernels() is not None
+    )
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` (F.linear without bias), by the bandwidth-bound kernel where it applies."""
+    if not (_kernel_applies(x, weight) and weight.is_contiguous()):
+        return torch.nn.functional.linear(x, weight)
+    y = cpu_kernels().gemv(x.reshape(-1, x.shape[-1]), weight)  # type: ignore[union-attr]
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def gemv_many(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[x @ w.T for w in weights]`` in one pass over the weights where the kernel applies."""
+    if not (
+        _kernel_applies(x, weights[0])
+        and all(w.dtype is torch.float32 and w.is_contiguous() for w in weights)
+    ):
+        return [torch.nn.functional.linear(x, w) for w in weights]
+    outs = cpu_kernels().gemv_many(x.reshape(-1, x.shape[-1]), weights)  # type: ignore[union-attr]
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs]
+
+
+def linear_many(x: torch.Tensor, layers: list[torch.nn.Module]) -> list[torch.Tensor]:
+    """Apply several linear layers to the same `x`: one fused kernel pass where it applies.
+
+    Only plain ``nn.Linear`` layers are fused; any other module (a quantized or LoRA layer that
+    replaced one) is called as it is, so swapping layers never bypasses them.
+    """
+    if all(type(layer) is torch.nn.Linear for layer in layers):
+        outs = gemv_many(x, [layer.weight for layer in layers])
+        return [
+            y if layer.bias is None else y + layer.bias
+            for y, layer in zip(outs, layers, strict=True)
+        ]
+    return [layer(x) for layer in layers]
+
+
+def linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    """``layer(x)``, through the bandwidth-bound kernel when `layer` is a plain ``nn.Linear``."""
+    return linear_many(x, [layer])[0]

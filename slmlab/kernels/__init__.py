@@ -7,18 +7,29 @@ Set ``SLMLAB_KERNELS=0`` to use the references only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import sys
 import warnings
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-__all__ = ["cache_dir", "cpu_kernels", "gemv", "gemv_many", "linear", "linear_many"]
+__all__ = [
+    "cache_dir",
+    "cpu_kernels",
+    "decode_step",
+    "disabled",
+    "gemv",
+    "gemv_many",
+    "linear",
+    "linear_many",
+]
 
 _HERE = Path(__file__).resolve().parent
 
@@ -28,17 +39,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SLMLAB_HOME", Path.home() / ".cache" / "slmlab"))
 
 
-@cache
+_enabled = os.environ.get("SLMLAB_KERNELS", "1") != "0"
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the pure-PyTorch references instead of the kernels (tests compare the two)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
 def cpu_kernels() -> ModuleType | None:
     """The compiled CPU kernels, or None where they cannot be had (the caller falls back)."""
-    if os.environ.get("SLMLAB_KERNELS", "1") == "0" or platform.machine() not in (
-        "x86_64",
-        "AMD64",
-    ):
+    return _build_cpu_kernels() if _enabled else None
+
+
+@cache
+def _build_cpu_kernels() -> ModuleType | None:
+    if platform.machine() not in ("x86_64", "AMD64"):
         return None
     from torch.utils.cpp_extension import load
 
-    source = _HERE / "gemv_cpu.cpp"
+    source = _HERE / "cpu_kernels.cpp"
     # -march=native: the build is for this machine alone, so use every instruction it has.
     key = hashlib.sha256(
         source.read_bytes() + torch.__version__.encode() + platform.processor().encode()
@@ -116,3 +142,69 @@ def linear_many(x: torch.Tensor, layers: list[torch.nn.Module]) -> list[torch.Te
 def linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     """``layer(x)``, through the bandwidth-bound kernel when `layer` is a plain ``nn.Linear``."""
     return linear_many(x, [layer])[0]
+
+
+def decode_step(
+    model: torch.nn.Module, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache
+) -> torch.Tensor | None:
+    """All blocks of `model` for one new token per row, in one compiled call.
+
+    Returns the residual stream (B, 1, d) after the last block and fills the cache, exactly as
+    the blocks' own forward would; or None where the kernel does not apply (a layer that is not
+    a plain fp32 ``nn.Linear``, autograd, another device), and the caller runs the blocks itself.
+    """
+    if torch.is_grad_enabled() or input_ids.device.type != "cpu" or input_ids.shape[1] != 1:
+        return None
+    kernels = cpu_kernels()
+    if kernels is None or cache.keys[0].dtype is not torch.float32:
+        return None
+    none = torch.empty(0)
+    layers = []
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        linears = (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+        )
+        if any(
+            type(m) is not torch.nn.Linear or m.weight.dtype is not torch.float32 for m in linears
+        ):
+            return None
+        bias = [none if m.bias is None else m.bias for m in linears[:3]]
+        layers.append(
+            [
+                block.input_layernorm.weight,
+                attn.q_proj.weight,
+                attn.k_proj.weight,
+                attn.v_proj.weight,
+                *bias,
+                attn.o_proj.weight,
+                block.post_attention_layernorm.weight,
+                mlp.gate_proj.weight,
+                mlp.up_proj.weight,
+                mlp.down_proj.weight,
+            ]
+        )
+    config = model.config
+    x = model.model.embed_tokens(input_ids)[:, 0].contiguous()
+    if x.dtype is not torch.float32:
+        return None
+    caches = [[k, v] for k, v in zip(cache.keys, cache.values, strict=True)]
+    out = kernels.decode_step(
+        x,
+        layers,
+        caches,
+        cache.key_mask,
+        cos.reshape(x.shape[0], -1).contiguous(),
+        sin.reshape(x.shape[0], -1).contiguous(),
+        cache.length,
+        config.rms_norm_eps,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+    )
+    return out[:, None]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import linear, linear_many
+from ..kernels import decode_step, linear, linear_many
 from .config import ModelConfig
 from .rope import apply_rope, inverse_frequencies
 
@@ -292,10 +292,14 @@ class DecoderLM(nn.Module):
                     start
                 )
 
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+        cos, sin = self.model.rotary_emb(positions, self.model.embed_tokens.weight.dtype)
+        # Decoding one token: the compiled step runs every block in one call where it applies
+        # (CPU, fp32, plain linear layers); it computes what the loop below computes.
+        x = decode_step(self, input_ids, cos, sin, cache) if cache is not None and T == 1 else None
+        if x is None:
+            x = self.model.embed_tokens(input_ids)
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         if last_only:

@@ -1,0 +1,23 @@
+"""Data (chapter 04): a story corpus with a known entropy, real text every Python has, the
+reader's own files, and packing into training sequences."""
+
+from .corpora import DataError, load_texts, python_docs, python_source, split_of
+from .ngram import CharNGram
+from .packing import pack, shuffled
+from .story_grammar import StoryStats, count_derivations, entropy, sample_stories, stories
+
+__all__ = [
+    "CharNGram",
+    "DataError",
+    "StoryStats",
+    "count_derivations",
+    "entropy",
+    "load_texts",
+    "pack",
+    "python_docs",
+    "python_source",
+    "sample_stories",
+    "shuffled",
+    "split_of",
+    "stories",
+]

@@ -34,11 +34,19 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
 
 
-def save(model: DecoderLM, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+def save(
+    model: DecoderLM,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Write `model` (and `tokenizer`, if given) as a checkpoint directory at `path`.
 
     Everything is written to a temporary directory beside `path` and renamed into place, so a
     crash never leaves a half-written checkpoint; an existing directory at `path` is replaced.
+    `extra_files` (name → bytes) go into the same directory in the same atomic step: a training
+    run keeps its optimizer state beside the weights that way.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +61,8 @@ def save(model: DecoderLM, path: str | os.PathLike, tokenizer: Any = None) -> Pa
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp / "tokenizer.json")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

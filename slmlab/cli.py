@@ -95,6 +95,45 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+    from .zoo import recipe
+
+    if (args.recipe is None) == (args.config is None):
+        raise ValueError("give exactly one of --recipe NAME or --config FILE")
+    config = recipe(args.recipe) if args.recipe else TrainConfig.from_file(args.config)
+    if args.seed is not None:
+        config = config.replace(seed=args.seed)
+    result = train(
+        config, args.out, max_steps=args.max_steps, resume=args.resume, progress=not args.quiet
+    )
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(
+            f"step {result.step}: train loss {result.train_loss:.4f}"
+            + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+            + f"; checkpoint {result.checkpoint}"
+        )
+    return 0
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from . import zoo
+
+    if args.action == "list":
+        for name, config in zoo.RECIPES.items():
+            cached = (
+                "cached" if (zoo.path(name) / "last" / "trainer.json").is_file() else "not trained"
+            )
+            print(
+                f"{name:<12} {config.data:<8} {config.steps:>5} steps  seed {config.seed}  ({cached})"
+            )
+        return 0
+    if not args.name:
+        raise ValueError("slmlab zoo path needs a recipe NAME")
+    print(zoo.ensure(args.name, progress=not args.quiet))
+    return 0
+
+
 def _write_json(path: str | None, result: dict) -> None:
     if path:
         from .io import atomic_write_text
@@ -134,6 +173,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.set_defaults(func=_generate)
+
+    p = verbs.add_parser(
+        "train", help="train a model from a zoo recipe or a config file (torchrun-ready)"
+    )
+    p.add_argument("--recipe", help="a zoo recipe name (see: slmlab zoo list)")
+    p.add_argument("--config", help="a TOML/JSON training config")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this step (the schedule is unchanged)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = verbs.add_parser(
+        "zoo", help="the model zoo: list recipes, or print (training if needed) a model's path"
+    )
+    p.add_argument("action", choices=["list", "path"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_zoo)
     return parser
 
 
@@ -143,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Verb = args.func
     try:
         return func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, FileNotFoundError, KeyError) as err:
         # Library errors already name the file and the problem: one line, no traceback.
         parser.exit(1, f"slmlab {args.verb}: error: {err}\n")
 

@@ -1,0 +1,19 @@
+"""Pre-training (chapter 05): the recipe, the data pipeline and the loop."""
+
+from .config import TrainConfig
+from .data import SEPARATOR, TrainData, build_data
+from .loop import TrainResult, evaluate, lr_at, train
+from .plots import plot_metrics, read_metrics
+
+__all__ = [
+    "SEPARATOR",
+    "TrainConfig",
+    "TrainData",
+    "TrainResult",
+    "build_data",
+    "evaluate",
+    "lr_at",
+    "plot_metrics",
+    "read_metrics",
+    "train",
+]

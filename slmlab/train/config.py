@@ -1,0 +1,131 @@
+"""A training run's recipe: the model, the data, the optimizer and the schedule, in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..models.config import ConfigError, ModelConfig
+
+__all__ = ["TrainConfig"]
+
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a run's numbers. The same config and seed give the same weights.
+
+    `model` holds the `ModelConfig` fields except ``vocab_size``, which is the tokenizer's.
+    `data` is ``stories`` (the generated corpus, `data_size` stories), ``python`` (the standard
+    library's source) or a path / ``hf:NAME`` for the reader's own text. `batch_size` is the
+    number of sequences per optimizer step across all processes and micro-batches.
+    """
+
+    model: dict[str, Any]
+    data: str = "stories"
+    data_size: int = 20_000
+    vocab_size: int = 1024
+    seq_len: int = 128
+    batch_size: int = 32
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 0
+    seed: int = 0
+    precision: str = "fp32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
+        for name in (
+            "data_size",
+            "vocab_size",
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "steps",
+            "eval_batches",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ConfigError(
+                f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}"
+            )
+        if self.warmup_steps > self.steps:
+            raise ConfigError(
+                f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})"
+            )
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"grad_accum ({self.grad_accum}) must divide batch_size ({self.batch_size}): "
+                "each micro-batch gets the same number of sequences"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}"
+            )
+        if "vocab_size" in self.model:
+            raise ConfigError("model.vocab_size comes from the tokenizer: set vocab_size instead")
+        self.model_config(self.vocab_size)  # validates the model fields
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig.from_dict(
+            {
+                **self.model,
+                "vocab_size": vocab_size,
+                "max_position_embeddings": self.model.get("max_position_embeddings", self.seq_len),
+            }
+        )
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short hash of the recipe: a cached run is reused only for the very same recipe."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown training config field(s) {unknown}; known: {sorted(names)}")
+        if "model" not in data:
+            raise ConfigError("training config is missing the [model] section")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """Read a TOML (or JSON) file: top-level run settings and a ``[model]`` table."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+            data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: cannot read training config ({err})") from None
+        try:
+            return cls.from_dict(data)
+        except (ConfigError, TypeError) as err:
+            raise ConfigError(f"{path}: {err}") from None

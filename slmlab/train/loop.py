@@ -1,0 +1,298 @@
+"""The training loop: AdamW, warm-up and cosine decay, accumulation, clipping, exact resume.
+
+One loop serves one process and many: under ``torchrun`` each process takes its share of every
+global batch and DistributedDataParallel averages the gradients, so the same recipe gives the
+same model (up to the order of floating-point sums) on one machine or several.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+
+from ..checkpoint import load_state_dict
+from ..checkpoint import save as save_checkpoint
+from ..env import bf16_is_fast
+from ..models.decoder import DecoderLM
+from .config import TrainConfig
+from .data import TrainData, build_data
+
+__all__ = ["TrainResult", "lr_at", "train"]
+
+LAST = "last"  # the checkpoint directory inside a run's folder
+METRICS = "metrics.jsonl"
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (
+        1 + math.cos(math.pi * min(1.0, progress))
+    )
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    train_loss: float
+    val_loss: float | None
+    tokens_per_second: float
+    precision: str
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / LAST
+
+
+def _optimizer(model: DecoderLM, config: TrainConfig) -> torch.optim.AdamW:
+    # Decay matrices (and the embedding); never norms or biases (nanoGPT's and Llama's choice).
+    params = dict(model.named_parameters())
+    decay = [p for n, p in params.items() if p.dim() >= 2]
+    no_decay = [p for n, p in params.items() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        betas=config.betas,
+        eps=1e-8,
+        foreach=False,
+    )
+
+
+def _optimizer_tensors(
+    model: DecoderLM, optimizer: torch.optim.Optimizer
+) -> dict[str, torch.Tensor]:
+    """AdamW's state by parameter name, ready for safetensors (no pickle anywhere)."""
+    out = {}
+    for name, p in model.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            out[f"{name}::{key}"] = value.detach().clone().contiguous()
+    return out
+
+
+def _restore_optimizer(
+    model: DecoderLM, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
+) -> None:
+    for name, p in model.named_parameters():
+        state = {
+            key.split("::", 1)[1]: t for key, t in tensors.items() if key.split("::", 1)[0] == name
+        }
+        if state:
+            optimizer.state[p] = state
+
+
+def _precision(config: TrainConfig, device: torch.device) -> str:
+    if config.precision == "auto":
+        return "bf16" if bf16_is_fast(device.type) else "fp32"
+    return config.precision
+
+
+def _loss(model: torch.nn.Module, rows: torch.Tensor, autocast) -> torch.Tensor:
+    with autocast():
+        logits = model(rows[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
+
+
+@torch.no_grad()
+def evaluate(model: DecoderLM, data: TrainData, config: TrainConfig) -> float:
+    """Mean loss (nats per token) over the first `eval_batches` batches of validation rows."""
+    model.eval()
+    rows = data.val[: config.eval_batches * config.batch_size]
+    total, count = 0.0, 0
+    for chunk in rows.split(config.batch_size):
+        logits = model(chunk[:, :-1])
+        total += F.cross_entropy(
+            logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"
+        ).item()
+        count += chunk[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+def _distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) — initialising the process group when run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    max_steps: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    data: TrainData | None = None,
+) -> TrainResult:
+    """Train the model `config` describes; write checkpoints, metrics and a loss plot to `out`.
+
+    `max_steps` stops early (the schedule still runs to ``config.steps``), and `resume`
+    continues from ``out/last``: a run stopped at step k and resumed ends with the very
+    weights of a run that was never stopped.
+    """
+    out = Path(out)
+    rank, world, device = _distributed()
+    if config.batch_size % (world * config.grad_accum):
+        raise ValueError(
+            f"batch_size ({config.batch_size}) must divide evenly over {world} processes × "
+            f"{config.grad_accum} micro-batches"
+        )
+    stop = min(config.steps, max_steps if max_steps is not None else config.steps)
+    data = data or build_data(config)
+    torch.manual_seed(config.seed)
+    model = DecoderLM(config.model_config(data.tokenizer.vocab_size)).to(device)
+    optimizer = _optimizer(model, config)
+    start = 0
+    if resume:
+        state_file = out / LAST / "trainer.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(
+                f"{state_file}: nothing to resume (train without --resume first)"
+            )
+        state = json.loads(state_file.read_text())
+        if state["config"] != json.loads(json.dumps(config.to_dict())):
+            raise ValueError(
+                f"{state_file}: was written by a different recipe; resume needs the same config"
+            )
+        weights = load_state_dict(out / LAST)
+        if config.model_config(data.tokenizer.vocab_size).tie_word_embeddings:
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        model.load_state_dict(weights)
+        _restore_optimizer(model, optimizer, load_file(out / LAST / "optimizer.safetensors"))
+        start = state["step"]
+    precision = _precision(config, device)
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if precision == "bf16"
+        else nullcontext
+    )
+    runner = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    model.train()
+
+    metrics_path = out / METRICS
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if (
+            resume and metrics_path.exists()
+        ):  # drop what the stopped run logged after its checkpoint
+            kept = [
+                line
+                for line in metrics_path.read_text().splitlines()
+                if json.loads(line)["step"] <= start
+            ]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def checkpoint(step: int) -> None:
+        if rank != 0:
+            return
+        trainer = {
+            "step": step,
+            "config": config.to_dict(),
+            "precision": precision,
+            "world_size": world,
+        }
+        save_checkpoint(
+            model,
+            out / LAST,
+            tokenizer=data.tokenizer,
+            extra_files={
+                "optimizer.safetensors": save(_optimizer_tensors(model, optimizer)),
+                "trainer.json": json.dumps(trainer, indent=2).encode(),
+            },
+        )
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        range(start, stop),
+        desc="training",
+        disable=not progress or rank != 0,
+        initial=start,
+        total=stop,
+    )
+    local = config.batch_size // world
+    micro = local // config.grad_accum
+    tokens_per_step = config.batch_size * config.seq_len
+    loss_value, val_loss, started = float("nan"), None, time.perf_counter()
+    for step in bar:
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = data.batch(step, config.batch_size, config.seed)[
+            rank * local : (rank + 1) * local
+        ].to(device)
+        loss_sum = torch.zeros((), device=device)
+        for i, chunk in enumerate(rows.split(micro)):
+            sync = nullcontext() if world == 1 or i == config.grad_accum - 1 else runner.no_sync()
+            with sync:
+                loss = _loss(runner, chunk, autocast) / config.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        if world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"training loss is {loss_value} at step {step} (lr {lr:.2e}): lower the learning rate, "
+                "raise warmup_steps, or check the data; the last good checkpoint is in "
+                f"{out / LAST}"
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        record = {
+            "step": done,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": done * tokens_per_step,
+        }
+        if config.eval_every and (done % config.eval_every == 0 or done == stop):
+            val_loss = evaluate(model, data, config)
+            record["val_loss"] = val_loss
+            record["val_bits_per_char"] = val_loss / math.log(2) / data.val_chars_per_token
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < stop:
+            checkpoint(done)
+    elapsed = time.perf_counter() - started
+    checkpoint(stop)
+    if rank == 0 and stop > start:
+        from .plots import plot_metrics
+
+        plot_metrics(metrics_path).savefig(out / "loss.png", dpi=100)
+    return TrainResult(
+        out,
+        stop,
+        loss_value,
+        val_loss,
+        (stop - start) * tokens_per_step / elapsed if stop > start else 0.0,
+        precision,
+    )

@@ -1,0 +1,131 @@
+"""The model zoo: named, seeded recipes that train themselves the first time they are asked for.
+
+``zoo.load("stories-1m")`` returns a trained model: from the cache (``$SLMLAB_HOME/zoo``, by
+default ``~/.cache/slmlab/zoo``) if it was trained before, otherwise trained in front of the
+reader with a progress bar, then cached. A cached model is reused only for the very same recipe
+(the directory name carries the recipe's fingerprint).
+
+Quick mode (``SLMLAB_QUICK=1``, which the test command sets) trains each recipe for a fraction
+of its steps on less data: the same code path, minutes less, numbers that are not the book's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..kernels import cache_dir
+from ..train.config import TrainConfig
+
+__all__ = ["RECIPES", "load", "path", "recipe"]
+
+RECIPES: dict[str, TrainConfig] = {
+    # ~1M parameters; about 3 minutes on 2 CPU cores.
+    "stories-1m": TrainConfig(
+        model=dict(
+            hidden_size=128,
+            intermediate_size=352,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        data="stories",
+        data_size=20_000,
+        vocab_size=1024,
+        seq_len=128,
+        batch_size=32,
+        steps=600,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=40,
+        eval_every=100,
+        seed=0,
+        extra={"quick_steps": 60},
+    ),
+    # ~8M parameters: the teacher of later chapters; about 20 minutes on 2 CPU cores.
+    "stories-8m": TrainConfig(
+        model=dict(
+            hidden_size=288,
+            intermediate_size=768,
+            num_hidden_layers=8,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+        ),
+        data="stories",
+        data_size=60_000,
+        vocab_size=2048,
+        seq_len=256,
+        batch_size=32,
+        steps=1500,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=100,
+        eval_every=250,
+        seed=0,
+        extra={"quick_steps": 40},
+    ),
+    # A small code model on the standard library's source.
+    "python-5m": TrainConfig(
+        model=dict(
+            hidden_size=256,
+            intermediate_size=704,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+        ),
+        data="python",
+        vocab_size=4096,
+        seq_len=256,
+        batch_size=32,
+        steps=1200,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=80,
+        eval_every=200,
+        seed=0,
+        extra={"quick_steps": 30},
+    ),
+}
+
+
+def _quick() -> bool:
+    return os.environ.get("SLMLAB_QUICK", "0") == "1"
+
+
+def recipe(name: str, *, quick: bool | None = None) -> TrainConfig:
+    """The recipe called `name` (its quick variant in quick mode)."""
+    if name not in RECIPES:
+        raise KeyError(f"no zoo recipe {name!r}; the zoo has {sorted(RECIPES)}")
+    config = RECIPES[name]
+    if _quick() if quick is None else quick:
+        steps = config.extra["quick_steps"]
+        config = config.replace(
+            steps=steps,
+            warmup_steps=min(config.warmup_steps, steps // 4),
+            eval_every=steps,
+            data_size=min(config.data_size, 4000),
+        )
+    return config
+
+
+def path(name: str, *, quick: bool | None = None) -> Path:
+    """Where the trained model of `name` is cached (whether or not it exists yet)."""
+    config = recipe(name, quick=quick)
+    return cache_dir() / "zoo" / f"{name}-{config.fingerprint()}"
+
+
+def load(name: str, *, quick: bool | None = None, progress: bool = True):  # -> DecoderLM
+    """The trained model of recipe `name`, training and caching it first if needed."""
+    from ..checkpoint import load as load_checkpoint
+
+    return load_checkpoint(ensure(name, quick=quick, progress=progress))
+
+
+def ensure(name: str, *, quick: bool | None = None, progress: bool = True) -> Path:
+    """The checkpoint directory of `name`, trained now if it is not cached."""
+    from ..train.loop import LAST, train
+
+    run = path(name, quick=quick)
+    if not (run / LAST / "trainer.json").is_file():
+        train(recipe(name, quick=quick), run, progress=progress)
+    return run / LAST

@@ -1,0 +1,183 @@
+"""The training loop: schedule, exact resume, accumulation, errors, and torchrun parity."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import slmlab
+from slmlab.models import ConfigError
+from slmlab.train import TrainConfig, build_data, lr_at, train
+
+TINY = TrainConfig(
+    model=dict(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    data_size=600,
+    vocab_size=300,
+    seq_len=64,
+    batch_size=8,
+    steps=12,
+    warmup_steps=3,
+    lr=3e-3,
+    min_lr=3e-4,
+    eval_every=4,
+    eval_batches=2,
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return build_data(TINY)
+
+
+def weights(run) -> dict[str, torch.Tensor]:
+    return load_file(run / "last" / "model.safetensors")
+
+
+def test_schedule_warms_up_then_decays_to_min() -> None:
+    c = TINY.replace(steps=100, warmup_steps=10)
+    assert lr_at(0, c) == pytest.approx(c.lr / 10)
+    assert lr_at(9, c) == pytest.approx(c.lr)
+    assert lr_at(55, c) == pytest.approx((c.lr + c.min_lr) / 2)
+    assert lr_at(100, c) == pytest.approx(c.min_lr)
+    lrs = [lr_at(s, c) for s in range(10, 100)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_stopped_and_resumed_equals_uninterrupted_to_the_bit(tmp_path, data) -> None:
+    straight = train(TINY, tmp_path / "straight", progress=False, data=data)
+    train(TINY, tmp_path / "resumed", max_steps=5, progress=False, data=data)
+    resumed = train(TINY, tmp_path / "resumed", resume=True, progress=False, data=data)
+    a, b = weights(straight.out), weights(resumed.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["loss"] for r in log(straight.out)] == [r["loss"] for r in log(resumed.out)]
+    assert (resumed.out / "loss.png").is_file()
+
+
+def test_the_checkpoint_is_a_model_and_learning_happened(tmp_path, data) -> None:
+    result = train(
+        TINY.replace(steps=40, eval_every=40), tmp_path / "run", progress=False, data=data
+    )
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    model = slmlab.load(result.checkpoint)
+    tok = slmlab.load_tokenizer(result.checkpoint)
+    ids = tok.encode("Once upon a time").ids
+    assert len(slmlab.generate(model, ids, 5, stop_tokens=())[0]) == len(ids) + 5
+
+
+def test_accumulation_equals_the_full_batch(tmp_path, data) -> None:
+    one = train(TINY.replace(steps=3), tmp_path / "one", progress=False, data=data)
+    four = train(TINY.replace(steps=3, grad_accum=4), tmp_path / "four", progress=False, data=data)
+    a, b = weights(one.out), weights(four.out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_non_finite_loss_names_the_step(tmp_path, data) -> None:
+    with pytest.raises(FloatingPointError, match=r"training loss is (nan|inf) at step \d+"):
+        train(
+            TINY.replace(lr=1e4, min_lr=1e4, warmup_steps=0, steps=30, grad_clip=1e9),
+            tmp_path / "boom",
+            progress=False,
+            data=data,
+        )
+
+
+def test_resume_needs_a_checkpoint_and_the_same_recipe(tmp_path, data) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(TINY, tmp_path / "none", resume=True, progress=False, data=data)
+    train(TINY, tmp_path / "run", max_steps=2, progress=False, data=data)
+    with pytest.raises(ValueError, match="different recipe"):
+        train(TINY.replace(lr=1e-3), tmp_path / "run", resume=True, progress=False, data=data)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"grad_accum": 3}, r"grad_accum \(3\) must divide batch_size \(8\)"),
+        ({"precision": "fp8"}, "precision must be one of"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        (
+            {
+                "model": {
+                    "hidden_size": 64,
+                    "intermediate_size": 8,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 3,
+                }
+            },
+            r"num_attention_heads \(3\) must divide hidden_size \(64\)",
+        ),
+    ],
+)
+def test_bad_training_configs(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TINY.replace(**changes)
+
+
+def test_config_file_errors_name_the_file(tmp_path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("steps = 10\nlearning_rate = 0.1\n[model]\nhidden_size = 64\n")
+    with pytest.raises(
+        ConfigError, match=r"run\.toml: unknown training config field\(s\) \['learning_rate'\]"
+    ):
+        TrainConfig.from_file(path)
+
+
+def toml(config: TrainConfig) -> str:
+    lines = []
+    for key, value in config.to_dict().items():
+        if key in ("model", "extra"):
+            continue
+        lines.append(f"{key} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
+    lines.append("[model]")
+    lines += [f"{k} = {json.dumps(v)}" for k, v in config.model.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process(tmp_path) -> None:
+    """DDP on 2 CPU processes (gloo) gives the model of 1 process with the same global batch."""
+    config = TINY.replace(steps=4, eval_every=0)
+    (tmp_path / "run.toml").write_text(toml(config))
+    assert TrainConfig.from_file(tmp_path / "run.toml") == config
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["-m", "slmlab", "train", "--config", str(tmp_path / "run.toml"), "--quiet", "--out"]
+    single = subprocess.run(
+        [sys.executable, *common, str(tmp_path / "one")], env=env, capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr
+    double = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            *common,
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+    state = json.loads((tmp_path / "two" / "last" / "trainer.json").read_text())
+    assert state["world_size"] == 2
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5)

@@ -216,7 +216,7 @@ def _say(g: Any, c: _Cast) -> None:
     elif quote == "where":
         g.emit("Where is your ", c.pet, "?")
     else:
-        g.emit("I feel ", g.choose(FEELINGS), " today.")
+        g.emit("I feel ", g.choose(FEELINGS), " today,")
     g.emit('" said ', c.friend, ".")
 
 

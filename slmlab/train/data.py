@@ -44,6 +44,9 @@ def _documents(config: TrainConfig) -> tuple[list[str], list[str]]:
     if config.data == "python":
         return python_source("train"), python_source("validation")
     docs = list(load_texts(config.data))
+    if len(docs) == 1:  # one long text (tinyshakespeare): the last 10% validates, as in nanoGPT
+        cut = int(len(docs[0]) * 0.9)
+        return [docs[0][:cut]], [docs[0][cut:]]
     cut = max(1, len(docs) // 20)
     return docs[cut:], docs[:cut]
 

@@ -285,9 +285,13 @@ def train(
     elapsed = time.perf_counter() - started
     checkpoint(stop)
     if rank == 0 and stop > start:
+        import matplotlib.pyplot as plt
+
         from .plots import plot_metrics
 
-        plot_metrics(metrics_path).savefig(out / "loss.png", dpi=100)
+        figure = plot_metrics(metrics_path)
+        figure.savefig(out / "loss.png", dpi=100)
+        plt.close(figure)  # saved, not shown: a notebook calling train() should not grow a plot
     return TrainResult(
         out,
         stop,

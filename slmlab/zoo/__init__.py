@@ -17,7 +17,7 @@ from pathlib import Path
 from ..kernels import cache_dir
 from ..train.config import TrainConfig
 
-__all__ = ["RECIPES", "load", "path", "recipe"]
+__all__ = ["RECIPES", "ensure", "load", "path", "quick_mode", "recipe"]
 
 RECIPES: dict[str, TrainConfig] = {
     # ~1M parameters; about 3 minutes on 2 CPU cores.
@@ -88,7 +88,8 @@ RECIPES: dict[str, TrainConfig] = {
 }
 
 
-def _quick() -> bool:
+def quick_mode() -> bool:
+    """Whether zoo recipes (and chapters that train) run their quick variants (SLMLAB_QUICK=1)."""
     return os.environ.get("SLMLAB_QUICK", "0") == "1"
 
 
@@ -97,7 +98,7 @@ def recipe(name: str, *, quick: bool | None = None) -> TrainConfig:
     if name not in RECIPES:
         raise KeyError(f"no zoo recipe {name!r}; the zoo has {sorted(RECIPES)}")
     config = RECIPES[name]
-    if _quick() if quick is None else quick:
+    if quick_mode() if quick is None else quick:
         steps = config.extra["quick_steps"]
         config = config.replace(
             steps=steps,

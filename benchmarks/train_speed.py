@@ -71,11 +71,26 @@ def main() -> None:
         # 4 layers, 4 heads, width 128, block 64, batch 12, 2000 iterations, lr 1e-3, no dropout.
         # Llama blocks instead of GPT-2's: SwiGLU at 8/3 the width keeps the MLP's parameters.
         nano = TrainConfig(
-            model=dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                       tie_word_embeddings=True),
-            data=str(SHAKESPEARE), vocab_size=257, seq_len=64, batch_size=12, steps=2000, lr=1e-3,
-            min_lr=1e-4, warmup_steps=100, betas=(0.9, 0.99), weight_decay=0.1, eval_every=250,
-            eval_batches=200, seed=1337,
+            model=dict(
+                hidden_size=128,
+                intermediate_size=352,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                tie_word_embeddings=True,
+            ),
+            data=str(SHAKESPEARE),
+            vocab_size=257,
+            seq_len=64,
+            batch_size=12,
+            steps=2000,
+            lr=1e-3,
+            min_lr=1e-4,
+            warmup_steps=100,
+            betas=(0.9, 0.99),
+            weight_decay=0.1,
+            eval_every=250,
+            eval_batches=200,
+            seed=1337,
         )
         with tempfile.TemporaryDirectory() as folder:
             run = train(nano, folder)
@@ -89,8 +104,10 @@ def main() -> None:
     elif not args.skip_shakespeare:
         print(f"skipped shakespeare_char: {SHAKESPEARE} not found")
     path = write("train_speed", result)
-    print(f"wrote {path}; above floor {result[args.recipe]['above_floor']:+.1%}, "
-          f"MFU {result[args.recipe]['mfu']:.1%}, {math.floor(run.tokens_per_second)} tok/s (last run)")
+    print(
+        f"wrote {path}; above floor {result[args.recipe]['above_floor']:+.1%}, "
+        f"MFU {result[args.recipe]['mfu']:.1%}, {math.floor(run.tokens_per_second)} tok/s (last run)"
+    )
 
 
 if __name__ == "__main__":

@@ -77,18 +77,22 @@ VARIANTS: dict[str, ModelConfig] = {
 }
 
 
+@torch.no_grad()
+def perturb_norms_and_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """Models start with unit norms and zero biases, which would hide mistakes in either."""
+    for name, p in model.named_parameters():
+        if name.endswith(("norm.weight", "bias")):
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 def hf_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
     """transformers' own model for `config`, with random (seeded) weights and nonzero biases."""
     import transformers
 
     hf_config = transformers.AutoConfig.for_model(**config.to_hf_dict())
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
-    with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: perturb them
-        for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "bias")):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return perturb_norms_and_biases(transformers.AutoModelForCausalLM.from_config(hf_config).eval())
 
 
 def save_hf(config: ModelConfig, path: Path, seed: int = 0, **save_kwargs) -> torch.nn.Module:

@@ -9,7 +9,7 @@ import slmlab
 from slmlab.models import DecoderLM
 from slmlab.models.rope import inverse_frequencies
 
-from .hf_reference import VARIANTS, hf_model, save_hf
+from .hf_reference import VARIANTS, hf_model, perturb_norms_and_biases, save_hf
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
@@ -38,10 +38,7 @@ def test_ours_to_theirs_same_logits(name: str, tmp_path) -> None:
     config = VARIANTS[name]
     torch.manual_seed(3)
     ours = DecoderLM(config).eval()
-    with torch.no_grad():
-        for p_name, p in ours.named_parameters():
-            if p_name.endswith(("norm.weight", "bias")):
-                p.add_(0.1 * torch.randn_like(p))
+    perturb_norms_and_biases(ours)
     slmlab.save(ours, tmp_path / "ckpt")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     ids = tokens(config)

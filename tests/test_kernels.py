@@ -10,7 +10,7 @@ from slmlab import kernels
 from slmlab.infer import KVCache
 from slmlab.models import DecoderLM
 
-from .hf_reference import VARIANTS
+from .hf_reference import VARIANTS, perturb_norms_and_biases
 
 pytestmark = pytest.mark.skipif(
     kernels.cpu_kernels() is None,
@@ -41,10 +41,7 @@ def test_decode_step_matches_the_blocks(name: str) -> None:
     config = VARIANTS[name]
     torch.manual_seed(0)
     model = DecoderLM(config).eval()
-    with torch.no_grad():
-        for p_name, p in model.named_parameters():
-            if p_name.endswith(("norm.weight", "bias")):
-                p.add_(0.1 * torch.randn_like(p))
+    perturb_norms_and_biases(model)
     ids = torch.randint(0, config.vocab_size, (3, 12))
     mask = torch.ones(3, 12, dtype=torch.long)
     mask[1, :5] = 0  # a left-padded row

@@ -11,8 +11,14 @@ import torch.nn.functional as F
 from slmlab.eval import score_texts, token_bits
 from slmlab.models import DecoderLM, ModelConfig
 
-CONFIG = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=16)
+CONFIG = ModelConfig(
+    vocab_size=50,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +38,17 @@ def naive(model: DecoderLM, ids: list[int], i: int, context: int) -> float:
 def test_short_text_is_one_forward(model) -> None:
     ids = torch.randint(0, 50, (12,)).tolist()
     bits = token_bits(model, ids)
-    assert torch.allclose(bits, torch.tensor([naive(model, ids, i, 16) for i in range(1, 12)]), atol=1e-5)
+    assert torch.allclose(
+        bits, torch.tensor([naive(model, ids, i, 16) for i in range(1, 12)]), atol=1e-5
+    )
 
 
 def test_stride_one_gives_every_token_the_full_context(model) -> None:
     ids = torch.randint(0, 50, (40,)).tolist()
     bits = token_bits(model, ids, stride=1)
-    assert torch.allclose(bits, torch.tensor([naive(model, ids, i, 16) for i in range(1, 40)]), atol=1e-5)
+    assert torch.allclose(
+        bits, torch.tensor([naive(model, ids, i, 16) for i in range(1, 40)]), atol=1e-5
+    )
 
 
 def test_every_token_is_scored_once_for_any_stride(model) -> None:
@@ -59,7 +69,9 @@ def test_score_texts_sums_bits_and_characters(model) -> None:
 
     texts = ["hello", "a longer text than the context of sixteen tokens"]
     score = score_texts(model, CharTokenizer(), texts, separator=1)
-    expected = sum(float(token_bits(model, [1, *CharTokenizer().encode(t), 1]).sum()) for t in texts)
+    expected = sum(
+        float(token_bits(model, [1, *CharTokenizer().encode(t), 1]).sum()) for t in texts
+    )
     assert score.bits == pytest.approx(expected)
     assert score.chars == sum(map(len, texts)) and score.tokens == sum(len(t) + 1 for t in texts)
     assert score.perplexity == pytest.approx(2 ** (score.bits / score.tokens))

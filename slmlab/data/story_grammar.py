@@ -313,16 +313,45 @@ class _Branch(Exception):
         self.n = n
 
 
-class _Parser:
+class _Replay:
+    """Follows a forced path of choice indices; a choice beyond the path raises `_Branch`."""
+
+    def __init__(self, prefix: list[int]) -> None:
+        self.prefix, self.made = prefix, 0
+
+    def _next_index(self, options: int) -> int:
+        if self.made == len(self.prefix):
+            raise _Branch(options)
+        self.made += 1
+        return self.prefix[self.made - 1]
+
+
+def _complete_runs(
+    make: Callable[[list[int]], _Replay], program: Callable[[Any], None]
+) -> Iterator[Any]:
+    """Every run of `program` that gets to its end, depth first over all choice paths."""
+    stack: list[list[int]] = [[]]
+    while stack:
+        prefix = stack.pop()
+        g = make(prefix)
+        try:
+            program(g)
+        except _Branch as branch:
+            stack.extend([*prefix, i] for i in reversed(range(branch.n)))
+            continue
+        except _Mismatch:
+            continue
+        yield g
+
+
+class _Parser(_Replay):
     def __init__(self, text: str, prefix: list[int]) -> None:
-        self.text, self.prefix, self.pos, self.made = text, prefix, 0, 0
+        super().__init__(prefix)
+        self.text, self.pos = text, 0
 
     def choose(self, options: Sequence, probs: Sequence[float] | None = None) -> Any:
         options = list(options)
-        if self.made == len(self.prefix):
-            raise _Branch(len(options))
-        i = self.prefix[self.made]
-        self.made += 1
+        i = self._next_index(len(options))
         if probs is not None and probs[i] == 0:
             raise _Mismatch
         return options[i]
@@ -347,18 +376,11 @@ class _Parser:
 
 def count_derivations(text: str, limit: int = 2) -> int:
     """How many ways the grammar can produce `text` (stops counting at `limit`)."""
-    found, stack = 0, [[]]
-    while stack and found < limit:
-        prefix = stack.pop()
-        g = _Parser(text, prefix)
-        try:
-            tell_story(g)
-        except _Branch as branch:
-            stack.extend([*prefix, i] for i in reversed(range(branch.n)))
-            continue
-        except _Mismatch:
-            continue
-        found += g.pos == len(text)
+    found = 0
+    for run in _complete_runs(lambda prefix: _Parser(text, prefix), tell_story):
+        found += run.pos == len(text)
+        if found >= limit:
+            break
     return found
 
 
@@ -367,18 +389,16 @@ def count_derivations(text: str, limit: int = 2) -> int:
 # cast is symbolic (mean lengths); the Markov chain of events is solved in closed form.
 
 
-class _Expectation:
+class _Expectation(_Replay):
     """Runs one piece of the program along one path of choices, forced by `prefix`."""
 
     def __init__(self, prefix: list[int]) -> None:
-        self.prefix, self.made, self.prob, self.bits, self.length = prefix, 0, 1.0, 0.0, 0.0
+        super().__init__(prefix)
+        self.prob, self.bits, self.length = 1.0, 0.0, 0.0
 
     def choose(self, options: Sequence, probs: Sequence[float] | None = None) -> Any:
         options = list(options)
-        if self.made == len(self.prefix):
-            raise _Branch(len(options))
-        i = self.prefix[self.made]
-        self.made += 1
+        i = self._next_index(len(options))
         p = 1 / len(options) if probs is None else probs[i]
         if p == 0:
             raise _Mismatch
@@ -412,17 +432,7 @@ class _Expectation:
 def _expect(piece: Callable[[Any], None]) -> tuple[float, float]:
     """Exact (expected bits, expected characters) of one piece of the program."""
     bits = length = mass = 0.0
-    stack: list[list[int]] = [[]]
-    while stack:
-        prefix = stack.pop()
-        g = _Expectation(prefix)
-        try:
-            piece(g)
-        except _Branch as branch:
-            stack.extend([*prefix, i] for i in range(branch.n))
-            continue
-        except _Mismatch:
-            continue
+    for g in _complete_runs(_Expectation, piece):
         bits += g.prob * (g.bits - math.log2(g.prob))
         length += g.prob * g.length
         mass += g.prob

@@ -20,8 +20,13 @@ __all__ = ["TextScore", "score_texts", "token_bits"]
 
 
 @torch.no_grad()
-def token_bits(model: torch.nn.Module, ids: Sequence[int], *, context: int | None = None,
-               stride: int | None = None) -> torch.Tensor:
+def token_bits(
+    model: torch.nn.Module,
+    ids: Sequence[int],
+    *,
+    context: int | None = None,
+    stride: int | None = None,
+) -> torch.Tensor:
     """−log2 p(ids[i] | ids[:i]) for i = 1 .. len(ids) − 1 (the first token is the condition)."""
     context = context or model.config.max_position_embeddings
     stride = stride or context
@@ -61,8 +66,15 @@ class TextScore:
         return 2 ** (self.bits / self.tokens)
 
 
-def score_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], *, separator: int,
-                context: int | None = None, stride: int | None = None) -> TextScore:
+def score_texts(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    separator: int,
+    context: int | None = None,
+    stride: int | None = None,
+) -> TextScore:
     """Bits of each text given that a document starts (``separator`` before it), ended by
     ``separator`` (the model must also predict where the text stops), summed over `texts`."""
     encode = tokenizer.encode if not hasattr(tokenizer, "encode_batch") else None

@@ -131,6 +131,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
 
+    def rotated_qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D), keys and values (B, K, T, D); queries and keys rotated."""
+        B, T, _ = x.shape
+        q, k, v = linear_many(x, [self.q_proj, self.k_proj, self.v_proj])
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -140,11 +151,7 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = linear_many(x, [self.q_proj, self.k_proj, self.v_proj])
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.rotated_qkv(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         # mask None means plain causal attention over exactly these T tokens.
@@ -167,10 +174,8 @@ class Attention(nn.Module):
         The same projections and rotations as `forward`, with the softmax written out, because
         the fused kernel of `forward` never materialises the weights.
         """
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        T = x.shape[1]
+        q, k, _ = self.rotated_qkv(x, cos, sin)
         k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # each group's k
         scores = q @ k.transpose(-1, -2) / self.head_dim**0.5
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()

@@ -65,10 +65,12 @@ def _build_cpu_kernels() -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     source = _HERE / "cpu_kernels.cpp"
-    # -march=native: the build is for this machine alone, so use every instruction it has.
-    key = hashlib.sha256(
-        source.read_bytes() + torch.__version__.encode() + platform.processor().encode()
-    )
+    # -march=native: the build is for this machine alone, so use every instruction it has, and
+    # key the cache on the CPU's features: a cache reused on another CPU must not be loaded there.
+    from ..env import cpu_flags
+
+    cpu = " ".join(sorted(cpu_flags())) or platform.processor()
+    key = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + cpu.encode())
     build = cache_dir() / "kernels" / f"cpu-{key.hexdigest()[:12]}"
     build.mkdir(parents=True, exist_ok=True)
     try:

@@ -4,7 +4,8 @@
     python tools/notebooks.py check            # fail if any pair has drifted apart
 
 The markdown is the source: it diffs well and is what the book builds from. `sync` converts it
-with jupytext, executes it, and keeps only the outputs of cells marked `# NBVAL_CHECK_OUTPUT`,
+with jupytext, executes it (unless only the prose changed), and keeps only the outputs of cells
+marked `# NBVAL_CHECK_OUTPUT`,
 which are the outputs nbval compares; every other output is dropped so the notebooks stay small.
 `check` compares cell by cell (type and source) and names the first difference.
 """
@@ -34,12 +35,27 @@ def from_markdown(md: Path) -> nbformat.NotebookNode:
     return nb
 
 
+def _code(cells: list) -> list[str]:
+    return [cell.source for cell in cells if cell.cell_type == "code"]
+
+
 def sync(md: Path) -> None:
     nb = from_markdown(md)
-    print(f"executing {md.relative_to(ROOT)}", flush=True)
-    NotebookClient(
-        nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
-    ).execute()
+    out = NOTEBOOKS / f"{md.stem}.ipynb"
+    old = nbformat.read(out, as_version=4) if out.exists() else None
+    if old is not None and _code(old.cells) == _code(nb.cells):
+        # Only the prose changed: keep the stored outputs instead of running the chapter again.
+        print(f"prose only, not re-run: {md.relative_to(ROOT)}", flush=True)
+        stored = iter(cell for cell in old.cells if cell.cell_type == "code")
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                previous = next(stored)
+                cell.outputs, cell.execution_count = previous.outputs, previous.execution_count
+    else:
+        print(f"executing {md.relative_to(ROOT)}", flush=True)
+        NotebookClient(
+            nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        ).execute()
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -48,7 +64,7 @@ def sync(md: Path) -> None:
             cell.execution_count = None  # nbval refuses stored outputs of a cell never run
         cell.metadata.pop("execution", None)
     nb.metadata.pop("widgets", None)
-    out = NOTEBOOKS / f"{md.stem}.ipynb"
+    nb.metadata.pop("language_info", None)  # the executing Python's version: noise in diffs
     tmp = out.with_suffix(".ipynb.tmp")
     nbformat.write(nb, tmp)
     tmp.replace(out)

@@ -138,22 +138,19 @@ def test_config_file_errors_name_the_file(tmp_path) -> None:
         TrainConfig.from_file(path)
 
 
-def toml(config: TrainConfig) -> str:
-    lines = []
-    for key, value in config.to_dict().items():
-        if key in ("model", "extra"):
-            continue
-        lines.append(f"{key} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
-    lines.append("[model]")
-    lines += [f"{k} = {json.dumps(v)}" for k, v in config.model.items()]
-    return "\n".join(lines) + "\n"
+def test_toml_round_trip(tmp_path) -> None:
+    from slmlab.zoo import RECIPES
+
+    for config in [TINY, *RECIPES.values()]:
+        (tmp_path / "run.toml").write_text(config.to_toml())
+        assert TrainConfig.from_file(tmp_path / "run.toml") == config
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process(tmp_path) -> None:
     """DDP on 2 CPU processes (gloo) gives the model of 1 process with the same global batch."""
     config = TINY.replace(steps=4, eval_every=0)
-    (tmp_path / "run.toml").write_text(toml(config))
+    (tmp_path / "run.toml").write_text(config.to_toml())
     assert TrainConfig.from_file(tmp_path / "run.toml") == config
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["-m", "slmlab", "train", "--config", str(tmp_path / "run.toml"), "--quiet", "--out"]

@@ -116,6 +116,22 @@ class TrainConfig:
             raise ConfigError("training config is missing the [model] section")
         return cls(**data)
 
+    def to_toml(self) -> str:
+        """The config as TOML (run settings, then ``[model]`` and ``[extra]`` tables): what
+        `from_file` reads, for ``slmlab train --config`` and ``torchrun``."""
+
+        def lines(table: dict[str, Any]) -> list[str]:
+            return [
+                f"{key} = {json.dumps(list(v) if isinstance(v, tuple) else v)}"
+                for key, v in table.items()
+            ]
+
+        top = {k: v for k, v in self.to_dict().items() if k not in ("model", "extra")}
+        text = [*lines(top), "", "[model]", *lines(self.model)]
+        if self.extra:
+            text += ["", "[extra]", *lines(self.extra)]
+        return "\n".join(text) + "\n"
+
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
         """Read a TOML (or JSON) file: top-level run settings and a ``[model]`` table."""

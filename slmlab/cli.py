@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -107,7 +108,7 @@ def _train(args: argparse.Namespace) -> int:
     result = train(
         config, args.out, max_steps=args.max_steps, resume=args.resume, progress=not args.quiet
     )
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process reports
         print(
             f"step {result.step}: train loss {result.train_loss:.4f}"
             + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")

@@ -135,6 +135,46 @@ def _zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load, load_tokenizer
+    from .env import pick_device, report
+    from .eval import Scorer, disk_bytes, evaluate, load_task, measure_efficiency
+    from .zoo import RECIPES, ensure
+
+    path = (
+        ensure(args.checkpoint, progress=not args.quiet)
+        if args.checkpoint in RECIPES
+        else Path(args.checkpoint)
+    )
+    tasks = [load_task(spec) for spec in args.tasks.split(",") if spec]
+    for task in tasks:  # every file is read and checked before any scoring starts
+        task.check()
+    model = load(path, device=pick_device(args.device))
+    scorer = Scorer(model, load_tokenizer(path), batch_size=args.batch_size)
+    result: dict = {"model": str(path), "disk_bytes": disk_bytes(path), "tasks": {}}
+    print(f"{'task':<22} {'metric':<16} {'value':>10} {'± stderr':>9} {'n':>6}")
+    for task in tasks:
+        scored = evaluate(scorer, task, limit=args.limit, progress=not args.quiet)
+        result["tasks"][task.name] = scored.to_dict()
+        for metric, value in scored.metrics.items():
+            err = scored.stderr.get(metric)
+            err_text = f"{err:9.4f}" if err is not None else " " * 9
+            print(f"{task.name:<22} {metric:<16} {value:10.4f} {err_text} {scored.samples:>6}")
+        if scored.truncated:
+            print(f"  ({scored.truncated} requests cut from the left to the model's context)")
+    if args.efficiency:
+        result["efficiency"] = measure_efficiency(model, path=path)
+        e = result["efficiency"]
+        print(
+            f"prefill {e['prefill_ms']:.1f} ms, decode {e['decode_ms_per_token']:.2f} ms/token, "
+            f"peak RSS {e['peak_rss_bytes'] / 2**20:.0f} MiB, on disk {result['disk_bytes'] / 2**20:.1f} MiB"
+        )
+    else:
+        result["machine"] = report()
+    _write_json(args.json, result)
+    return 0
+
+
 def _write_json(path: str | None, result: dict) -> None:
     if path:
         from .io import atomic_write_text
@@ -191,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
+
+    p = verbs.add_parser("eval", help="score a model on tasks, perplexity and efficiency")
+    p.add_argument("checkpoint", help="checkpoint directory, or a zoo recipe name")
+    p.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated: built-in suites (stories_who, stories_where, stories_what, "
+        "stories_who_gen), lm-eval task YAML files, ppl:FILE or ppl:stories|python|python-docs",
+    )
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--efficiency", action="store_true", help="also measure latency and memory")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_eval)
 
     p = verbs.add_parser(
         "zoo", help="the model zoo: list recipes, or print (training if needed) a model's path"

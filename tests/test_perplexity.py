@@ -28,10 +28,10 @@ def model() -> DecoderLM:
 
 
 def naive(model: DecoderLM, ids: list[int], i: int, context: int) -> float:
-    """−log2 p(ids[i] | up to `context` − 1 tokens before it), one forward per token."""
-    window = torch.tensor(ids[max(0, i - context + 1) : i + 1])
+    """−log2 p(ids[i] | up to `context` tokens before it), one forward per token."""
+    window = torch.tensor(ids[max(0, i - context) : i + 1])
     with torch.no_grad():
-        logits = model(window[None])[0, -2]
+        logits = model(window[None, :-1])[0, -1]
     return F.cross_entropy(logits[None], window[-1:]).item() / math.log(2)
 
 
@@ -63,15 +63,25 @@ def test_every_token_is_scored_once_for_any_stride(model) -> None:
 
 
 def test_score_texts_sums_bits_and_characters(model) -> None:
-    class CharTokenizer:
-        def encode(self, text: str) -> list[int]:
-            return [ord(c) % 48 + 2 for c in text]
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    alphabet = "abcdefghijklmnopqrstuvwxyz ."
+    chars = Tokenizer(models.WordLevel({c: i + 2 for i, c in enumerate(alphabet)}, unk_token="."))
+    chars.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+
+    def encode(text: str) -> list[int]:
+        return [alphabet.index(c) + 2 for c in text]
 
     texts = ["hello", "a longer text than the context of sixteen tokens"]
-    score = score_texts(model, CharTokenizer(), texts, separator=1)
-    expected = sum(
-        float(token_bits(model, [1, *CharTokenizer().encode(t), 1]).sum()) for t in texts
-    )
+    score = score_texts(model, chars, texts, separator=1)
+    expected = sum(float(token_bits(model, [1, *encode(t), 1]).sum()) for t in texts)
     assert score.bits == pytest.approx(expected)
     assert score.chars == sum(map(len, texts)) and score.tokens == sum(len(t) + 1 for t in texts)
     assert score.perplexity == pytest.approx(2 ** (score.bits / score.tokens))
+    assert score.words == 1 + 9 and score.bytes == score.chars
+    assert score.word_perplexity == pytest.approx(2 ** (score.bits / 10))
+    # Without the end: lm-evaluation-harness's rolling log-likelihood of the text alone.
+    bare = score_texts(model, chars, texts, separator=1, score_end=False)
+    assert bare.bits == pytest.approx(
+        sum(float(token_bits(model, [1, *encode(t)]).sum()) for t in texts)
+    )

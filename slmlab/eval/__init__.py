@@ -1,5 +1,46 @@
-"""Evaluation (chapter 11). Perplexity and bits per character so far; task suites to come."""
+"""Evaluation (chapter 11): perplexity, tasks in lm-evaluation-harness's format, offline story
+suites with known answers, and what a model costs to run.
 
-from .perplexity import TextScore, score_texts, token_bits
+``slmlab.eval.harness`` (imported on its own: it needs ``lm-eval``) registers slmlab models
+with lm-evaluation-harness as ``--model slmlab``.
+"""
 
-__all__ = ["TextScore", "score_texts", "token_bits"]
+from .efficiency import disk_bytes, measure_efficiency, model_bytes, peak_rss_bytes
+from .perplexity import TextScore, count_words, score_texts, token_bits
+from .scorer import Scorer, encoder
+from .story_tasks import STORY_TASKS, SUITE_SIZE, story_items, story_task_file
+from .tasks import (
+    PERPLEXITY_CORPORA,
+    Task,
+    TaskError,
+    TaskResult,
+    evaluate,
+    exact_match,
+    load_task,
+    perplexity_task,
+)
+
+__all__ = [
+    "PERPLEXITY_CORPORA",
+    "STORY_TASKS",
+    "SUITE_SIZE",
+    "Scorer",
+    "Task",
+    "TaskError",
+    "TaskResult",
+    "TextScore",
+    "count_words",
+    "disk_bytes",
+    "encoder",
+    "evaluate",
+    "exact_match",
+    "load_task",
+    "measure_efficiency",
+    "model_bytes",
+    "peak_rss_bytes",
+    "perplexity_task",
+    "score_texts",
+    "story_items",
+    "story_task_file",
+    "token_bits",
+]

@@ -87,11 +87,14 @@ class TrainConfig:
             raise ConfigError("model.vocab_size comes from the tokenizer: set vocab_size instead")
         self.model_config(self.vocab_size)  # validates the model fields
 
-    def model_config(self, vocab_size: int) -> ModelConfig:
+    def model_config(self, vocab_size: int, eos_token_id: int | None = None) -> ModelConfig:
+        """The model's config; `eos_token_id` is the document separator the tokenizer assigned
+        (generation stops there, and evaluation conditions a document's first token on it)."""
         return ModelConfig.from_dict(
             {
                 **self.model,
                 "vocab_size": vocab_size,
+                "eos_token_id": eos_token_id,
                 "max_position_embeddings": self.model.get("max_position_embeddings", self.seq_len),
             }
         )

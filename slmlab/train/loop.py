@@ -25,7 +25,7 @@ from ..checkpoint import save as save_checkpoint
 from ..env import bf16_is_fast
 from ..models.decoder import DecoderLM
 from .config import TrainConfig
-from .data import TrainData, build_data
+from .data import SEPARATOR, TrainData, build_data
 
 __all__ = ["TrainResult", "lr_at", "train"]
 
@@ -162,7 +162,10 @@ def train(
     stop = min(config.steps, max_steps if max_steps is not None else config.steps)
     data = data or build_data(config)
     torch.manual_seed(config.seed)
-    model = DecoderLM(config.model_config(data.tokenizer.vocab_size)).to(device)
+    model_config = config.model_config(
+        data.tokenizer.vocab_size, data.tokenizer.token_id(SEPARATOR)
+    )
+    model = DecoderLM(model_config).to(device)
     optimizer = _optimizer(model, config)
     start = 0
     if resume:
@@ -177,7 +180,7 @@ def train(
                 f"{state_file}: was written by a different recipe; resume needs the same config"
             )
         weights = load_state_dict(out / LAST)
-        if config.model_config(data.tokenizer.vocab_size).tie_word_embeddings:
+        if model_config.tie_word_embeddings:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
         model.load_state_dict(weights)
         _restore_optimizer(model, optimizer, load_file(out / LAST / "optimizer.safetensors"))

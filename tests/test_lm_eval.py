@@ -1,0 +1,99 @@
+"""lm-evaluation-harness's own evaluator, running the registered ``slmlab`` model on local task
+files, gives the numbers slmlab's own scorer gives on the same files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slmlab.data import stories
+from slmlab.eval import Scorer, evaluate, load_task, story_items
+from slmlab.models import DecoderLM, ModelConfig
+from slmlab.tokenizers import train_bpe
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
+
+SEP = "<|endoftext|>"
+
+
+@pytest.fixture(scope="module")
+def scorer() -> Scorer:
+    tokenizer = train_bpe(list(stories(300, seed=5)), 400, special_tokens=(SEP,)).to_hf()
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,  # shorter than the items: truncation is exercised too
+        eos_token_id=tokenizer.token_to_id(SEP),
+    )
+    return Scorer(DecoderLM(config).eval(), tokenizer, batch_size=8)
+
+
+def write_tasks(folder: Path) -> list[str]:
+    items = story_items("stories_what", size=30)
+    (folder / "what.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    texts = [{"text": t} for t in stories(6, seed=4)]
+    (folder / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    data = "dataset_path: json\ntest_split: test\n"
+    what = f"dataset_kwargs:\n  data_files:\n    test: {folder / 'what.jsonl'}\n"
+    (folder / "toy_mc.yaml").write_text(
+        f"task: toy_mc\n{data}{what}output_type: multiple_choice\n"
+        # a Jinja template, a list field and an index target
+        "doc_to_text: 'Story: {{context}}'\ndoc_to_choice: choices\ndoc_to_target: gold\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    (folder / "toy_gen.yaml").write_text(
+        f"task: toy_gen\n{data}{what}output_type: generate_until\n"
+        "doc_to_text: context\ndoc_to_target: answer\n"
+        "generation_kwargs:\n  until: ['.', ' ']\n  max_gen_toks: 5\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    regexes_to_ignore: ['^ ']\n    ignore_case: true\n"
+    )
+    texts_file = f"dataset_kwargs:\n  data_files:\n    test: {folder / 'texts.jsonl'}\n"
+    (folder / "toy_ppl.yaml").write_text(
+        f"task: toy_ppl\n{data}{texts_file}output_type: loglikelihood_rolling\n"
+        "doc_to_text: ''\ndoc_to_target: text\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
+        "  - metric: bits_per_byte\n"
+    )
+    return ["toy_mc", "toy_gen", "toy_ppl"]
+
+
+def test_lm_eval_evaluator_agrees_with_slmlab(scorer, tmp_path) -> None:
+    from lm_eval.tasks import TaskManager
+
+    from slmlab.eval.harness import SlmlabLM
+
+    names = write_tasks(tmp_path)
+    results = lm_eval.simple_evaluate(
+        model=SlmlabLM(scorer=scorer),
+        tasks=names,
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        bootstrap_iters=0,
+    )["results"]
+    for name in names:
+        ours = evaluate(scorer, load_task(tmp_path / f"{name}.yaml"), progress=False).metrics
+        theirs = {k.split(",")[0]: v for k, v in results[name].items() if k.endswith(",none")}
+        assert set(ours) <= set(theirs), (name, theirs)
+        for metric, value in ours.items():
+            assert theirs[metric] == pytest.approx(value, rel=1e-6), (name, metric)
+    # Sanity: the comparison is not between two constant answers.
+    assert 0 < results["toy_ppl"]["bits_per_byte,none"] < 20
+
+
+def test_the_model_is_registered_for_the_lm_eval_command_line(tmp_path) -> None:
+    # `--model slmlab` must resolve once slmlab.eval.harness is imported.
+    code = (
+        "import slmlab.eval.harness\n"
+        "from lm_eval.api.registry import get_model\n"
+        "print(get_model('slmlab').__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "SlmlabLM"

@@ -20,7 +20,10 @@ from ..train.config import TrainConfig
 __all__ = ["RECIPES", "ensure", "load", "path", "quick_mode", "recipe"]
 
 RECIPES: dict[str, TrainConfig] = {
-    # ~1M parameters; about 3 minutes on 2 CPU cores.
+    # ~1M parameters; about 3 minutes on 2 CPU cores. Rows of 256 tokens hold a whole story
+    # (a quarter of them are longer than 128), so the model learns to copy names from the
+    # opening: at the same tokens per step, 128-token rows gave 0.305 bits/char and chance on
+    # stories_who, 256-token rows 0.233 and 96%.
     "stories-1m": TrainConfig(
         model=dict(
             hidden_size=128,
@@ -32,8 +35,8 @@ RECIPES: dict[str, TrainConfig] = {
         data="stories",
         data_size=20_000,
         vocab_size=1024,
-        seq_len=128,
-        batch_size=32,
+        seq_len=256,
+        batch_size=16,
         steps=600,
         lr=3e-3,
         min_lr=3e-4,

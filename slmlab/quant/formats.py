@@ -1,0 +1,179 @@
+"""Number formats for weights: integers with scales, 4-bit codebooks, 8-bit floats, packing.
+
+A quantized tensor is small integers (or codebook indices) plus, for each *group* of weights, a
+scale (and, if asymmetric, a zero point) that maps them back to real numbers. The granularity is
+where the scales live: one per tensor, one per output channel (row), or one per group of
+`group_size` consecutive weights of a row. Smaller groups follow the weights more closely and
+cost more scales: 16 bits of scale per 128 weights is 0.125 extra bits per weight.
+
+* ``int``, symmetric: q = round(w / s) in [−(2^(b−1) − 1), 2^(b−1) − 1], s = absmax / (2^(b−1) − 1);
+  asymmetric: q = round(w / s) + z in [0, 2^b − 1], with s = (max − min) / (2^b − 1) and z the
+  integer that puts min at 0 (round-to-nearest, "RTN").
+* ``nf4``: 16 values at the quantiles of a normal distribution (QLoRA), scaled by the group's
+  absmax: bitsandbytes' codebook, built here from the inverse normal CDF.
+* ``fp4``: bitsandbytes' 4-bit float (sign, 2-bit exponent, 1-bit mantissa), scaled by absmax.
+* ``fp8_e4m3`` / ``fp8_e5m2``: torch's float8 dtypes, one scale per tensor or channel mapping the
+  absmax to the format's largest finite value.
+
+Error bound (tested): for round-to-nearest integers, every weight is off by at most half a step,
+|w − ŵ| ≤ s/2 of its group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "FORMATS",
+    "QuantizedTensor",
+    "codebook",
+    "dequantize",
+    "pack_int4",
+    "quantize",
+    "unpack_int4",
+]
+
+FORMATS = ("int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2")
+_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def codebook(fmt: str) -> torch.Tensor:
+    """The 16 values (sorted, in [−1, 1]) of a 4-bit codebook format."""
+    if fmt == "nf4":
+        # QLoRA's NormalFloat: 8 positive and 7 negative quantiles of N(0, 1) plus an exact 0,
+        # the outermost at probability `offset` (bitsandbytes' create_normal_map), normalised.
+        offset = 0.9677083
+        positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+        negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+        values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative])
+    elif fmt == "fp4":
+        # sign × 2^e × (1 + m/2) for exponent e in 1..3, and a subnormal 0.0625 × m at e = 0.
+        magnitudes = [0.0, 0.0625] + [2.0**e * (1 + m / 2) for e in (1, 2, 3) for m in (0, 1)]
+        values = torch.tensor(
+            magnitudes + [-v for v in magnitudes[1:]] + [0.0], dtype=torch.float64
+        )
+    else:
+        raise ValueError(f"{fmt!r} is not a codebook format (nf4, fp4)")
+    values = values / values.abs().max()
+    return values.sort().values.float()
+
+
+@dataclass
+class QuantizedTensor:
+    """Integer codes (unpacked, one per weight, as uint8 or a float8 dtype) with their scales."""
+
+    codes: torch.Tensor  # (rows, cols)
+    scales: torch.Tensor  # (rows, groups) float32
+    zeros: torch.Tensor | None  # (rows, groups) uint8, asymmetric int only
+    fmt: str
+    bits: int
+    group_size: int  # columns per scale
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+
+def _check(weight: torch.Tensor, fmt: str, bits: int, group_size: int | None) -> int:
+    if weight.dim() != 2:
+        raise ValueError(f"quantize takes a 2-D weight (out, in), got shape {tuple(weight.shape)}")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt == "int" and not 2 <= bits <= 8:
+        raise ValueError(f"int formats take 2 to 8 bits, got {bits}")
+    if fmt in ("nf4", "fp4") and bits != 4:
+        raise ValueError(f"{fmt} is a 4-bit format, got bits={bits}")
+    if fmt in _FP8 and bits != 8:
+        raise ValueError(f"{fmt} is an 8-bit format, got bits={bits}")
+    cols = weight.shape[1]
+    group = cols if group_size in (None, -1) else group_size
+    if group <= 0 or cols % group:
+        raise ValueError(
+            f"group_size {group_size} does not divide the layer's input width {cols}: choose a "
+            f"divisor of {cols} (or -1 for one group per row)"
+        )
+    return group
+
+
+def quantize(
+    weight: torch.Tensor,
+    fmt: str = "int",
+    bits: int = 4,
+    *,
+    group_size: int | None = 128,
+    symmetric: bool = True,
+    per_tensor: bool = False,
+) -> QuantizedTensor:
+    """Round-to-nearest quantization of a (out, in) weight, one scale per group of `group_size`
+    inputs of each row (``None``/-1: per channel; `per_tensor`: one scale for the tensor)."""
+    group = _check(weight, fmt, bits, group_size)
+    w = weight.detach().float()
+    rows, cols = w.shape
+    if per_tensor:
+        group = cols
+    grouped = w.reshape(rows, cols // group, group)
+    if per_tensor:
+        grouped = w.reshape(1, 1, rows * cols)
+    zeros = None
+    if fmt == "int" and symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scales = grouped.abs().amax(-1).clamp(min=1e-12) / qmax
+        codes = (grouped / scales[..., None]).round().clamp(-qmax, qmax)
+        codes = (codes + 2 ** (bits - 1)).to(torch.uint8)  # stored offset by 2^(b-1)
+    elif fmt == "int":
+        qmax = 2**bits - 1
+        low, high = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
+        scales = ((high - low) / qmax).clamp(min=1e-12)
+        zeros = (-low / scales).round().clamp(0, qmax)
+        codes = ((grouped / scales[..., None]).round() + zeros[..., None]).clamp(0, qmax)
+        codes, zeros = codes.to(torch.uint8), zeros.to(torch.uint8)
+    elif fmt in ("nf4", "fp4"):
+        values = codebook(fmt)
+        scales = grouped.abs().amax(-1).clamp(min=1e-12)
+        normed = grouped / scales[..., None]
+        # Nearest codebook value: search the midpoints between sorted values.
+        codes = torch.bucketize(normed, (values[1:] + values[:-1]) / 2).to(torch.uint8)
+    else:
+        dtype = _FP8[fmt]
+        scales = grouped.abs().amax(-1).clamp(min=1e-12) / torch.finfo(dtype).max
+        codes = (grouped / scales[..., None]).to(dtype)
+    if per_tensor:
+        codes = codes.reshape(rows, cols)
+        scales = scales.reshape(1, 1).expand(rows, 1).contiguous()
+        zeros = zeros.reshape(1, 1).expand(rows, 1).contiguous() if zeros is not None else None
+        group = cols
+    return QuantizedTensor(
+        codes.reshape(rows, cols), scales.reshape(rows, -1), zeros, fmt, bits, group
+    )
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The real-valued weight that `q` stands for."""
+    rows, cols = q.shape
+    codes = q.codes.reshape(rows, cols // q.group_size, q.group_size)
+    if q.fmt == "int":
+        offset = q.zeros.float()[..., None] if q.zeros is not None else float(2 ** (q.bits - 1))
+        values = codes.float() - offset
+    elif q.fmt in ("nf4", "fp4"):
+        values = codebook(q.fmt)[codes.long()]
+    else:
+        values = codes.float()
+    return (values * q.scales[..., None]).reshape(rows, cols).to(dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte along the last dimension: (…, n) uint8 → (…, n/2) uint8, the
+    even-indexed code in the low nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"packing int4 needs an even last dimension, got {codes.shape[-1]}")
+    if codes.dtype != torch.uint8 or (codes.numel() and int(codes.max()) > 15):
+        raise ValueError("pack_int4 takes uint8 codes in 0..15")
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4`."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)

@@ -1,0 +1,165 @@
+"""slmlab.quant: error bounds per format, codebooks and codes against bitsandbytes, packing round
+trips, `quantize_` against a model holding the dequantized weights, and bad configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from slmlab.models import DecoderLM, ModelConfig
+from slmlab.quant import (
+    QuantConfig,
+    QuantLinear,
+    codebook,
+    dequantize,
+    pack_int4,
+    quantize,
+    quantize_,
+    unpack_int4,
+)
+
+
+@pytest.fixture(scope="module")
+def weight() -> torch.Tensor:
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * 0.05
+    w[3, 17] = 0.9  # an outlier, as real layers have
+    return w
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, 256, None])
+def test_round_to_nearest_is_off_by_at_most_half_a_step(weight, bits, symmetric, group_size):
+    q = quantize(weight, "int", bits, group_size=group_size, symmetric=symmetric)
+    error = (dequantize(q) - weight).abs()
+    group = q.group_size
+    step = q.scales.repeat_interleave(group, dim=1)  # each weight's own scale
+    assert (error <= step / 2 + 1e-6).all()
+    levels = 2**bits - (1 if symmetric else 0)
+    assert int(q.codes.max()) - int(q.codes.min()) < levels
+    if not symmetric:  # zero is exactly representable (padding and ReLU zeros stay zero)
+        zero = weight.clone()
+        zero[:, :group] = 0
+        assert (
+            dequantize(quantize(zero, "int", bits, group_size=group_size, symmetric=False))[
+                :, :group
+            ]
+            == 0
+        ).all()
+
+
+def test_finer_granularity_gives_smaller_error(weight) -> None:
+    def mse(**kwargs) -> float:
+        return float((dequantize(quantize(weight, "int", 4, **kwargs)) - weight).pow(2).mean())
+
+    per_tensor = mse(group_size=None, per_tensor=True)
+    per_channel = mse(group_size=None)
+    per_group = mse(group_size=32)
+    assert per_group < per_channel < per_tensor
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_codebooks_equal_bitsandbytes(fmt) -> None:
+    bnb = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    theirs = bnb.get_4bit_type(fmt, device="cpu").sort().values
+    assert torch.allclose(codebook(fmt), theirs, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_4bit_codes_equal_bitsandbytes(weight, fmt) -> None:
+    bnb = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    packed, state = bnb.quantize_4bit(weight, blocksize=64, quant_type=fmt)
+    theirs = bnb.dequantize_4bit(packed, state, quant_type=fmt)
+    ours = dequantize(quantize(weight, fmt, 4, group_size=64))
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.parametrize(("fmt", "mantissa"), [("fp8_e4m3", 3), ("fp8_e5m2", 2)])
+def test_fp8_rounds_to_the_nearest_float8(weight, fmt, mantissa) -> None:
+    q = quantize(weight, fmt, 8, group_size=None)
+    assert q.codes.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    ours = dequantize(q)
+    scaled = weight / q.scales
+    big = scaled.abs() > 2**-4  # away from the subnormal range
+    relative = ((ours - weight) / weight)[big].abs()
+    assert relative.max() <= 2 ** -(mantissa + 1) + 1e-6
+
+
+def test_int4_packing_round_trips_and_halves_the_bytes() -> None:
+    codes = torch.randint(0, 16, (7, 64), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.shape == (7, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), codes)
+    assert packed[0, 0] == codes[0, 0] | (codes[0, 1] << 4)  # the documented nibble order
+    with pytest.raises(ValueError, match="even last dimension"):
+        pack_int4(codes[:, :3])
+    with pytest.raises(ValueError, match="0..15"):
+        pack_int4(codes + 16)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"group_size": 100}, "group_size 100 does not divide the layer's input width 256"),
+        ({"bits": 9}, "int formats take 2 to 8 bits, got 9"),
+        ({"fmt": "nf4", "bits": 3}, "nf4 is a 4-bit format"),
+        ({"fmt": "int5"}, "unknown format 'int5'"),
+    ],
+)
+def test_bad_configs_say_what_to_change(weight, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        quantize(weight, **{"fmt": "int", "bits": 4, **kwargs})
+
+
+def small_model() -> DecoderLM:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    return DecoderLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig("int", 4, 32),
+        QuantConfig("int", 8, None, symmetric=False),
+        QuantConfig("nf4", 4, 64),
+    ],
+)
+def test_quantize_swaps_linears_for_their_dequantized_weights(config) -> None:
+    model = small_model()
+    reference = small_model()  # the same weights, replaced by hand with their round trips
+    for module in reference.modules():
+        if isinstance(module, nn.Linear) and module is not reference.lm_head:
+            q = quantize(module.weight, config.fmt, config.bits, group_size=config.group_size,
+                         symmetric=config.symmetric)  # fmt: skip
+            module.weight.data = dequantize(q)
+    quantize_(model, config)
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 2 * 7 and isinstance(model.lm_head, nn.Linear)
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), reference(ids), atol=1e-5)
+    if config.bits == 4:  # packed: half a byte per weight
+        layer = quantized[0]
+        assert layer.codes.numel() == layer.in_features * layer.out_features // 2
+
+
+def test_quantized_model_generates_with_the_kernels_bypassed_safely() -> None:
+    from slmlab.infer import generate
+
+    model = small_model()
+    quantize_(model, QuantConfig("int", 8, None))
+    full = small_model()
+    tokens = generate(model, [[1, 2, 3]], 6, stop_tokens=())[0]
+    # 8-bit per-channel weights barely move a small model's greedy choices.
+    assert tokens == generate(full, [[1, 2, 3]], 6, stop_tokens=())[0]

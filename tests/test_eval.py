@@ -24,30 +24,18 @@ from slmlab.eval import (
     story_items,
     token_bits,
 )
-from slmlab.models import DecoderLM, ModelConfig
-from slmlab.tokenizers import train_bpe
 
 SEP = "<|endoftext|>"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_bpe(list(stories(300, seed=5)), 400, special_tokens=(SEP,)).to_hf()
+@pytest.fixture
+def tokenizer(story_tokenizer):
+    return story_tokenizer
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer) -> DecoderLM:
-    torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        eos_token_id=tokenizer.token_to_id(SEP),
-    )
-    return DecoderLM(config).eval()
+@pytest.fixture
+def model(story_model):
+    return story_model
 
 
 def naive_loglikelihood(model, context: list[int], continuation: list[int], max_length: int):

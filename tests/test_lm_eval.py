@@ -9,32 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from slmlab.data import stories
 from slmlab.eval import Scorer, evaluate, load_task, story_items
-from slmlab.models import DecoderLM, ModelConfig
-from slmlab.tokenizers import train_bpe
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
 
-SEP = "<|endoftext|>"
 
-
-@pytest.fixture(scope="module")
-def scorer() -> Scorer:
-    tokenizer = train_bpe(list(stories(300, seed=5)), 400, special_tokens=(SEP,)).to_hf()
-    torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,  # shorter than the items: truncation is exercised too
-        eos_token_id=tokenizer.token_to_id(SEP),
-    )
-    return Scorer(DecoderLM(config).eval(), tokenizer, batch_size=8)
+@pytest.fixture
+def scorer(story_model, story_tokenizer) -> Scorer:
+    # The model's context (64) is shorter than the items: truncation is exercised too.
+    return Scorer(story_model, story_tokenizer, batch_size=8)
 
 
 def write_tasks(folder: Path) -> list[str]:

@@ -95,7 +95,7 @@ def test_int4_packing_round_trips_and_halves_the_bytes() -> None:
     assert packed[0, 0] == codes[0, 0] | (codes[0, 1] << 4)  # the documented nibble order
     with pytest.raises(ValueError, match="even last dimension"):
         pack_int4(codes[:, :3])
-    with pytest.raises(ValueError, match="0..15"):
+    with pytest.raises(ValueError, match=r"0\.\.15"):
         pack_int4(codes + 16)
 
 

@@ -54,7 +54,10 @@ def sync(md: Path) -> None:
     else:
         print(f"executing {md.relative_to(ROOT)}", flush=True)
         NotebookClient(
-            nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+            nb,
+            timeout=1200,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(NOTEBOOKS)}},
         ).execute()
     for cell in nb.cells:
         if cell.cell_type != "code":

@@ -55,6 +55,19 @@ def python_docs(split: str = "train") -> list[str]:
     return [topics[name] for name in sorted(topics) if split_of(name) == split]
 
 
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a jsonl file; a line that is not
+    JSON is a `DataError` naming the file and line."""
+    with Path(path).open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+
+
 def load_texts(
     source: str | Path,
     *,
@@ -92,15 +105,8 @@ def load_texts(
         for file in files:
             yield file.read_text(encoding="utf-8", errors="replace")
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                yield _field(row, field, str(path), number)
+        for number, row in read_jsonl(path):
+            yield _field(row, field, str(path), number)
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

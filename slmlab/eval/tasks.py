@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.corpora import DataError, read_jsonl
 from .perplexity import count_words
 from .scorer import Scorer
 
@@ -206,13 +207,11 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
         rows = json.loads(text)
         return rows, list(range(1, len(rows) + 1))
     docs, lines = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise TaskError(f"{path}:{number}: not valid JSON ({error})") from None
+    try:
+        rows = list(read_jsonl(path))
+    except DataError as error:
+        raise TaskError(str(error)) from None
+    for number, row in rows:
         if not isinstance(row, dict):
             raise TaskError(f"{path}:{number}: each line must be a JSON object")
         docs.append(row)

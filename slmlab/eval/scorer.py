@@ -36,9 +36,9 @@ __all__ = ["Scorer", "encoder"]
 END_OF_TEXT = "<|endoftext|>"
 
 
-def encoder(tokenizer: Any) -> Callable[[str], list[int]]:
-    """``text -> ids`` for a ``tokenizers.Tokenizer`` (what `slmlab.load_tokenizer` returns) or
-    slmlab's `BPETokenizer` (converted to the former: the same ids, tested, and faster)."""
+def _as_tokenizer(tokenizer: Any):  # -> tokenizers.Tokenizer
+    """A ``tokenizers.Tokenizer`` (what `slmlab.load_tokenizer` returns) as it is; slmlab's
+    `BPETokenizer` converted to one (the same ids, tested, and faster)."""
     from tokenizers import Tokenizer
 
     from ..tokenizers import BPETokenizer
@@ -50,6 +50,12 @@ def encoder(tokenizer: Any) -> Callable[[str], list[int]]:
             f"expected a tokenizers.Tokenizer (slmlab.load_tokenizer(path) gives one) or a "
             f"slmlab BPETokenizer, got {type(tokenizer).__name__}"
         )
+    return tokenizer
+
+
+def encoder(tokenizer: Any) -> Callable[[str], list[int]]:
+    """``text -> ids`` for either kind of tokenizer `_as_tokenizer` takes."""
+    tokenizer = _as_tokenizer(tokenizer)
     return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
 
 
@@ -65,14 +71,8 @@ class Scorer:
         max_length: int | None = None,
         prefix_token_id: int | None = None,
     ) -> None:
-        from tokenizers import Tokenizer
-
-        from ..tokenizers import BPETokenizer
-
         self.model = model.eval()
-        self.tokenizer: Tokenizer = (
-            tokenizer.to_hf() if isinstance(tokenizer, BPETokenizer) else tokenizer
-        )
+        self.tokenizer = _as_tokenizer(tokenizer)
         self.encode = encoder(self.tokenizer)
         self.batch_size = batch_size
         config = model.config

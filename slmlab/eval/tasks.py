@@ -202,10 +202,11 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
             f"{path}: no such data file (relative paths are read from the current directory, "
             "as lm-evaluation-harness reads them)"
         )
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
-        return rows, list(range(1, len(rows) + 1))
+    if path.suffix == ".json":  # one JSON array, or JSON lines under a .json name
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+            return rows, list(range(1, len(rows) + 1))
     docs, lines = [], []
     try:
         rows = list(read_jsonl(path))

@@ -27,6 +27,7 @@ __all__ = [
     "disabled",
     "gemv",
     "gemv_many",
+    "int4_linear",
     "linear",
     "linear_many",
 ]
@@ -126,13 +127,66 @@ def gemv_many(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs]
 
 
+# Up to this many rows of x, int4_linear quantizes x to int8 and works in integers (decoding);
+# more rows dequantize tiles of the weight to fp32 for PyTorch's GEMM (prefill, training).
+# Measured by `python -m benchmarks.quant_speed`: the integer path wins up to a few rows.
+INT4_MAX_ROWS_INT8 = 4
+
+
+def int4_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    *,
+    vector: bool = True,
+) -> torch.Tensor | None:
+    """``x @ W.T`` for a 4-bit weight W = scales * (codes - zeros) per group, never materialised.
+
+    `codes` are packed two to a byte as `slmlab.quant.pack_int4` packs them, (out, in/2) uint8;
+    `zeros` is None for symmetric codes (zero point 8). For up to `INT4_MAX_ROWS_INT8` rows, x is
+    quantized to int8 in blocks of 32 (llama.cpp's Q8_0), so the result differs from
+    dequantize-then-matmul by that rounding (about 0.5% of the output's scale); for more rows
+    it is exact up to fp32 summation order. Returns None where the kernel does not apply (not
+    fp32 on CPU, autograd, a group size that is not a multiple of 32, no compiled kernels):
+    the caller dequantizes and multiplies instead. `vector=False` runs the portable loop.
+    """
+    if not (
+        x.dtype is torch.float32
+        and x.device.type == "cpu"
+        and codes.dtype is torch.uint8
+        and group_size % 32 == 0
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        return None
+    kernels = cpu_kernels()
+    if kernels is None:
+        return None
+    empty = torch.empty(0, dtype=torch.uint8)
+    y = kernels.int4_linear(
+        x.reshape(-1, x.shape[-1]),
+        codes,
+        scales,
+        empty if zeros is None else zeros,
+        group_size,
+        INT4_MAX_ROWS_INT8,
+        vector,
+    )
+    return y.view(*x.shape[:-1], codes.shape[0])
+
+
 def linear_many(x: torch.Tensor, layers: list[torch.nn.Module]) -> list[torch.Tensor]:
     """Apply several linear layers to the same `x`: one fused kernel pass where it applies.
 
-    Only plain ``nn.Linear`` layers are fused; any other module (a quantized or LoRA layer that
-    replaced one) is called as it is, so swapping layers never bypasses them.
+    Only plain ``nn.Linear`` layers without hooks are fused, and only where the kernel applies
+    (a few rows of fp32 on CPU); every other case calls the layers as they are, so a layer
+    swapped in (quantized, LoRA) or watched by a hook (calibration) is never bypassed.
     """
-    if all(type(layer) is torch.nn.Linear for layer in layers):
+    if all(
+        type(layer) is torch.nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
+        for layer in layers
+    ) and _kernel_applies(x, layers[0].weight):
         outs = gemv_many(x, [layer.weight for layer in layers])
         return [
             y if layer.bias is None else y + layer.bias

@@ -1,4 +1,5 @@
-// CPU kernels for decoding: bandwidth-bound matrix-vector products, and a fused decode step.
+// CPU kernels for decoding: bandwidth-bound matrix-vector products, a fused decode step, and a
+// weight-only int4 linear layer.
 //
 // 1. gemv / gemv_many: y = x W^T for a few rows of x, W stored (out, in) row-major.
 // Decoding one token reads every weight once, so the product is bound by memory bandwidth,
@@ -216,9 +217,174 @@ torch::Tensor decode_step(torch::Tensor x, std::vector<std::vector<torch::Tensor
   return x;
 }
 
+// 3. int4_linear: y = x W^T with W stored as 4-bit codes, two to a byte (weight 2j in the low
+// nibble, 2j+1 in the high one), and a scale and a zero point per group of `group` inputs:
+// W[r, i] = scale[r, i / group] * (code[r, i] - zero[r, i / group]).
+//
+// Decoding reads every weight once per token, so the time is the weight traffic, and 4-bit
+// moves an eighth of fp32's bytes -- provided the arithmetic keeps up, which a naive unpack
+// to fp32 does not. As llama.cpp's Q4_0 x Q8_0 kernels do, x is quantized to int8 in blocks of
+// 32 (one fp32 scale per block) and each block's dot product is done in integers: maddubs
+// multiplies 32 unsigned codes by 32 signed x's and adds neighbours (16-bit), madd adds pairs
+// again (32-bit), and only then one conversion and one FMA per 32 weights. The zero point
+// comes out of the sum once per group: sum (q - z) x = sum q x - z sum x. The packed order is
+// matched by permuting x, not the weights: a block of x is stored as its 16 even entries, then
+// its 16 odd ones, the same order as [low nibbles | high nibbles] of 16 packed bytes.
+//
+// Many rows of x (prefill) make the product compute-bound: then dequantize a tile of rows to
+// fp32 and let PyTorch's GEMM do the arithmetic; the full fp32 weight is never materialised.
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+// x (k) -> int8 codes (k, permuted as above), a scale per block, and per group of the weight
+// the sum over its blocks of scale * sum(codes), which the zero-point term needs.
+void quantize_x(const float* x, int64_t k, int64_t group, int8_t* xq, float* dx, float* group_sums) {
+  const int64_t blocks_per_group = group / kBlock;
+  for (int64_t j = 0; j < k / kBlock; ++j) {
+    const float* xb = x + j * kBlock;
+    float amax = 0.f;
+    for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float d = amax / 127.f;
+    int32_t total = 0;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      // Division, not multiplication by 1/d: the same rounding as the PyTorch reference.
+      const int32_t c = d > 0.f ? int32_t(std::nearbyint(xb[i] / d)) : 0;
+      xq[j * kBlock + (i % 2) * (kBlock / 2) + i / 2] = int8_t(c);
+      total += c;
+    }
+    dx[j] = d;
+    if (j % blocks_per_group == 0) group_sums[j / blocks_per_group] = 0.f;
+    group_sums[j / blocks_per_group] += d * float(total);
+  }
+}
+
+// One output: sum over blocks of scale_g * dx_j * (sum_i q_i xq_i), minus the zero-point term.
+template <bool Vector>
+float int4_dot(const uint8_t* w, const float* scales, const uint8_t* zeros, int64_t k, int64_t group,
+               const int8_t* xq, const float* dx, const float* group_sums) {
+  const int64_t blocks_per_group = group / kBlock, groups = k / group;
+  float correction = 0.f;
+  for (int64_t g = 0; g < groups; ++g) correction += scales[g] * float(zeros ? zeros[g] : 8) * group_sums[g];
+  float sum = 0.f;
+#ifdef SLMLAB_AVX2
+  if constexpr (Vector) {
+    const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < k / kBlock; ++j) {
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * kBlock / 2));
+      const __m128i lo = _mm_and_si128(packed, low_nibbles);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
+      const __m256i codes = _mm256_set_m128i(hi, lo);
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j * kBlock));
+      const __m256i pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones);
+      const float s = scales[j / blocks_per_group] * dx[j];
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs), _mm256_set1_ps(s), acc);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    return _mm_cvtss_f32(h) - correction;
+  }
+#endif
+  for (int64_t j = 0; j < k / kBlock; ++j) {  // the portable path: the same sums, one at a time
+    const uint8_t* wb = w + j * kBlock / 2;
+    const int8_t* xb = xq + j * kBlock;
+    int32_t total = 0;
+    for (int64_t i = 0; i < kBlock / 2; ++i)
+      total += int32_t(wb[i] & 0x0F) * xb[i] + int32_t(wb[i] >> 4) * xb[kBlock / 2 + i];
+    sum += scales[j / blocks_per_group] * dx[j] * float(total);
+  }
+  return sum - correction;
+}
+
+void dequantize_rows(const uint8_t* w, const float* scales, const uint8_t* zeros, int64_t k, int64_t group,
+                     int64_t begin, int64_t end, float* out) {
+  const int64_t groups = k / group;
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* wr = w + r * k / 2;
+    float* o = out + (r - begin) * k;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = scales[r * groups + g], z = float(zeros ? zeros[r * groups + g] : 8);
+      for (int64_t i = g * group / 2; i < (g + 1) * group / 2; ++i) {
+        o[2 * i] = s * (float(wr[i] & 0x0F) - z);
+        o[2 * i + 1] = s * (float(wr[i] >> 4) - z);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// x: (m, k) fp32; packed: (n, k/2) uint8; scales: (n, k/group) fp32; zeros: (n, k/group) uint8,
+// or empty for symmetric codes (zero point 8). `max_rows_int8`: up to this many rows of x take
+// the int8-activation path, more take dequantize-and-GEMM. `vector`: false forces the portable
+// loop (the tests compare the two).
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
+                          int64_t group, int64_t max_rows_int8, bool vector) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "int4_linear: fp32 (m, k) input expected");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(),
+              "int4_linear: contiguous uint8 (n, k/2) codes expected");
+  const int64_t m = x.size(0), n = packed.size(0), k = x.size(1);
+  TORCH_CHECK(packed.size(1) * 2 == k, "int4_linear: codes ", packed.sizes(), " do not match input width ", k);
+  TORCH_CHECK(group > 0 && group % kBlock == 0 && k % group == 0,
+              "int4_linear: group size ", group, " must be a multiple of 32 that divides ", k);
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.size(0) == n &&
+                  scales.size(1) == k / group,
+              "int4_linear: contiguous fp32 scales of shape (", n, ", ", k / group, ") expected");
+  const bool has_zeros = zeros.numel() > 0;
+  TORCH_CHECK(!has_zeros || (zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() &&
+                             zeros.sizes() == scales.sizes()),
+              "int4_linear: zeros must be contiguous uint8 of the scales' shape");
+  x = x.contiguous();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const uint8_t* zp = has_zeros ? zeros.data_ptr<uint8_t>() : nullptr;
+  const int64_t groups = k / group;
+  if (m > max_rows_int8) {
+    // y^T tile by tile: (tile, k) dequantized rows times x^T; each tile of y^T is contiguous.
+    auto yt = torch::empty({n, m}, x.options());
+    const int64_t tile = std::max<int64_t>(1, (1 << 20) / k);  // 4 MB of fp32 per tile
+    auto buffer = torch::empty({std::min(tile, n), k}, x.options());
+    auto xt = x.t();
+    for (int64_t r0 = 0; r0 < n; r0 += tile) {
+      const int64_t r1 = std::min(n, r0 + tile);
+      float* bp = buffer.data_ptr<float>();
+      at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
+        dequantize_rows(wp, sp, zp, k, group, begin, end, bp + (begin - r0) * k);
+      });
+      auto out = yt.narrow(0, r0, r1 - r0);
+      at::mm_out(out, buffer.narrow(0, 0, r1 - r0), xt);
+    }
+    return yt.t().contiguous();
+  }
+  std::vector<int8_t> xq(m * k);
+  std::vector<float> dx(m * k / kBlock), group_sums(m * groups);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t b = 0; b < m; ++b)
+    quantize_x(xp + b * k, k, group, xq.data() + b * k, dx.data() + b * k / kBlock, group_sums.data() + b * groups);
+  auto y = torch::empty({m, n}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n, grain_rows(k / 8), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t b = 0; b < m; ++b) {
+        const int8_t* xb = xq.data() + b * k;
+        const float* db = dx.data() + b * k / kBlock;
+        const float* gb = group_sums.data() + b * groups;
+        yp[b * n + r] = vector ? int4_dot<true>(wp + r * k / 2, sp + r * groups, zp ? zp + r * groups : nullptr,
+                                                k, group, xb, db, gb)
+                               : int4_dot<false>(wp + r * k / 2, sp + r * groups, zp ? zp + r * groups : nullptr,
+                                                 k, group, xb, db, gb);
+      }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x W^T for few rows of x");
   m.def("gemv_many", &gemv_many, "[x W_i^T for each W_i], in one parallel region");
   m.def("decode_step", &decode_step, "all decoder blocks for one new token per row");
+  m.def("int4_linear", &int4_linear, "y = x W^T, W as packed int4 codes with group scales and zeros");
   m.def("set_min_floats_per_thread", &set_min_floats_per_thread, "parallel grain, in weights");
 }

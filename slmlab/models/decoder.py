@@ -297,7 +297,7 @@ class DecoderLM(nn.Module):
                     start
                 )
 
-        cos, sin = self.model.rotary_emb(positions, self.model.embed_tokens.weight.dtype)
+        cos, sin = self.model.rotary_emb(positions, self.model.norm.weight.dtype)
         # Decoding one token: the compiled step runs every block in one call where it applies
         # (CPU, fp32, plain linear layers); it computes what the loop below computes.
         x = decode_step(self, input_ids, cos, sin, cache) if cache is not None and T == 1 else None

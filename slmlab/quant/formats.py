@@ -30,6 +30,8 @@ __all__ = [
     "QuantizedTensor",
     "codebook",
     "dequantize",
+    "int_codes",
+    "int_grid",
     "pack_int4",
     "quantize",
     "unpack_int4",
@@ -97,6 +99,32 @@ def _check(weight: torch.Tensor, fmt: str, bits: int, group_size: int | None) ->
     return group
 
 
+def int_grid(
+    grouped: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest's scale and zero point for each group (the last dimension).
+
+    Symmetric codes are stored offset by 2^(b−1), so both kinds dequantize as s·(q − z): the
+    symmetric zero point is the constant 2^(b−1), the asymmetric one puts min(w, 0) at code 0.
+    """
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scales = grouped.abs().amax(-1).clamp(min=1e-12) / qmax
+        return scales, torch.full_like(scales, 2 ** (bits - 1))
+    qmax = 2**bits - 1
+    low, high = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
+    scales = ((high - low) / qmax).clamp(min=1e-12)
+    return scales, (-low / scales).round().clamp(0, qmax)
+
+
+def int_codes(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, symmetric: bool
+) -> torch.Tensor:
+    """The integer codes of `w` on the grid s·(q − z): round to nearest and clamp (uint8)."""
+    low = 1 if symmetric else 0  # symmetric grids are ± (2^(b−1) − 1) steps around the zero
+    return ((w / scales).round() + zeros).clamp(low, 2**bits - 1).to(torch.uint8)
+
+
 def quantize(
     weight: torch.Tensor,
     fmt: str = "int",
@@ -117,18 +145,10 @@ def quantize(
     if per_tensor:
         grouped = w.reshape(1, 1, rows * cols)
     zeros = None
-    if fmt == "int" and symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scales = grouped.abs().amax(-1).clamp(min=1e-12) / qmax
-        codes = (grouped / scales[..., None]).round().clamp(-qmax, qmax)
-        codes = (codes + 2 ** (bits - 1)).to(torch.uint8)  # stored offset by 2^(b-1)
-    elif fmt == "int":
-        qmax = 2**bits - 1
-        low, high = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
-        scales = ((high - low) / qmax).clamp(min=1e-12)
-        zeros = (-low / scales).round().clamp(0, qmax)
-        codes = ((grouped / scales[..., None]).round() + zeros[..., None]).clamp(0, qmax)
-        codes, zeros = codes.to(torch.uint8), zeros.to(torch.uint8)
+    if fmt == "int":
+        scales, zero_points = int_grid(grouped, bits, symmetric)
+        codes = int_codes(grouped, scales[..., None], zero_points[..., None], bits, symmetric)
+        zeros = None if symmetric else zero_points.to(torch.uint8)
     elif fmt in ("nf4", "fp4"):
         values = codebook(fmt)
         scales = grouped.abs().amax(-1).clamp(min=1e-12)

@@ -1,10 +1,22 @@
-"""`quantize_(model, config)`: swap a model's linear layers for weight-quantized ones, in place.
+"""`quantize_(model, config)`: swap a model's linear layers for quantized ones, in place.
 
-The verb works on any ``nn.Module`` (torchao's style): every ``nn.Linear`` whose name is not
-skipped becomes a `QuantLinear` that stores its weight as packed codes and scales, and whose
-forward dequantizes and multiplies (the reference path every kernel is checked against).
-By default the embedding and the output head stay in full precision, as in most published
-4-bit models: they are a large share of a small model's error for a small share of its time.
+The verb works on plain ``nn.Module``s (torchao's style): every ``nn.Linear`` whose name is not
+skipped becomes a `QuantLinear` that stores its weight as codes and scales (4-bit codes packed
+two to a byte) and multiplies by the compiled int4 kernel where it applies, or else by
+dequantize-then-matmul, the reference that every kernel is tested against.
+
+`QuantConfig.method` says how the codes are chosen:
+
+* ``rtn``: round to nearest, layer by layer; needs no data.
+* ``gptq``: round one column at a time and let the others absorb the error (`gptq.py`).
+* ``awq``: scale the inputs that matter before rounding (`smoothing.py`).
+* ``smoothquant``: W8A8, moving activation outliers into the weights (`smoothing.py`).
+* ``llm_int8``: int8 weights and activations, outlier input features kept in full precision.
+
+The last three and GPTQ look at calibration data: token ids passed as ``calibration=``.
+By default the output head stays in full precision, as in most published 4-bit models.
+`embedding_bits` also quantizes the token embedding (per row), which for a small model with a
+large vocabulary is a large share of the bytes; the tied output head then shares its codes.
 """
 
 from __future__ import annotations
@@ -16,33 +28,82 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .formats import FORMATS, QuantizedTensor, dequantize, pack_int4, quantize, unpack_int4
 
-__all__ = ["QuantConfig", "QuantLinear", "quantize_"]
+__all__ = [
+    "METHODS",
+    "QuantConfig",
+    "QuantEmbedding",
+    "QuantLinear",
+    "quantize_",
+    "quantized_modules",
+]
+
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What `quantize_` does: the format, bits and granularity of round-to-nearest."""
+    """What `quantize_` does: the method, and the format, bits and granularity of the codes."""
 
+    method: str = "rtn"
     fmt: str = "int"
     bits: int = 4
     group_size: int | None = 128  # None or -1: one scale per output channel
     symmetric: bool = True
     skip: Sequence[str] = ("lm_head",)  # module names (suffixes) left in full precision
+    embedding_bits: int | None = None  # also quantize the token embedding (int, per row)
+    act_order: bool = False  # GPTQ: round the most active input columns first
+    alpha: float = 0.5  # SmoothQuant's migration strength
+    outlier_threshold: float = 6.0  # LLM.int8: inputs above this stay in full precision
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.fmt not in FORMATS:
             raise ValueError(f"unknown format {self.fmt!r}; choose from {', '.join(FORMATS)}")
+        if self.method in ("gptq", "awq") and self.fmt != "int":
+            raise ValueError(
+                f"{self.method} chooses integer codes: use fmt='int', not {self.fmt!r}"
+            )
+        if self.method in ("smoothquant", "llm_int8") and (self.fmt, self.bits) != ("int", 8):
+            raise ValueError(f"{self.method} is an int8 method: use fmt='int', bits=8")
+        if self.embedding_bits not in (None, 4, 8):
+            raise ValueError(f"embedding_bits must be None, 4 or 8, got {self.embedding_bits}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in ("gptq", "awq", "smoothquant")
+
+    @property
+    def activation_bits(self) -> int | None:
+        """W8A8 methods also round each token's activations to int8 on the fly."""
+        return 8 if self.method in ("smoothquant", "llm_int8") else None
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Each token's activations rounded to `bits`-bit integers with its own absmax scale."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax
+    return (x / scale).round().clamp(-qmax, qmax) * scale
 
 
 class QuantLinear(nn.Module):
-    """A linear layer with a quantized weight: 4-bit codes are packed two to a byte."""
+    """A linear layer with a quantized weight (and, for W8A8, quantized activations)."""
 
-    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        q: QuantizedTensor,
+        bias: torch.Tensor | None,
+        *,
+        activation_bits: int | None = None,
+        outlier_threshold: float | None = None,
+    ) -> None:
         super().__init__()
         self.fmt, self.bits, self.group_size = q.fmt, q.bits, q.group_size
         self.out_features, self.in_features = q.shape
+        self.activation_bits, self.outlier_threshold = activation_bits, outlier_threshold
         packed = self.bits == 4
         self.register_buffer("codes", pack_int4(q.codes) if packed else q.codes)
         self.register_buffer("scales", q.scales)
@@ -56,34 +117,150 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.quantized(), dtype)
 
+    def spec(self) -> dict:
+        """What a checkpoint records to rebuild this layer (see `slmlab.quant.checkpoint`)."""
+        return {
+            "fmt": self.fmt,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.zeros is None,
+            "activation_bits": self.activation_bits,
+            "outlier_threshold": self.outlier_threshold,
+        }
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_bits is not None:
+            x = self._quantize_input(x)
+        elif self.fmt == "int" and self.bits == 4:
+            y = kernels.int4_linear(x, self.codes, self.scales, self.zeros, self.group_size)
+            if y is not None:
+                return y if self.bias is None else y + self.bias
+        # The reference path, and the oracle of every kernel: dequantize, then multiply.
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        # Integer activations times integer weights, each with its scale, is the same product
+        # as these rounded real numbers times the dequantized weight: computed that way here.
+        if self.outlier_threshold is None:
+            return fake_quantize_activations(x, self.activation_bits)
+        # LLM.int8: input features where any token exceeds the threshold stay in full precision
+        # (a handful of them carry the huge values); the rest are rounded per token.
+        outliers = (x.abs() > self.outlier_threshold).reshape(-1, x.shape[-1]).any(0)
+        regular = fake_quantize_activations(x.masked_fill(outliers, 0.0), self.activation_bits)
+        return torch.where(outliers, x, regular)
+
     def extra_repr(self) -> str:
+        extra = f", activation_bits={self.activation_bits}" if self.activation_bits else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"fmt={self.fmt}, bits={self.bits}, group_size={self.group_size}"
+            f"fmt={self.fmt}, bits={self.bits}, group_size={self.group_size}{extra}"
         )
 
 
-def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """Replace every ``nn.Linear`` of `model` (except `config.skip`) by a `QuantLinear`."""
-    targets = [
+class QuantEmbedding(nn.Module):
+    """A token embedding with integer rows: a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, q: QuantizedTensor) -> None:
+        super().__init__()
+        self.linear = QuantLinear(q, None)  # (vocab, dim): the same codes serve a tied head
+        self.num_embeddings, self.embedding_dim = q.shape
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        table = self.linear
+        rows = QuantizedTensor(
+            table.quantized().codes[input_ids.reshape(-1)],
+            table.scales[input_ids.reshape(-1)],
+            None if table.zeros is None else table.zeros[input_ids.reshape(-1)],
+            table.fmt,
+            table.bits,
+            table.group_size,
+        )
+        return dequantize(rows).reshape(*input_ids.shape, self.embedding_dim)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    """Every `QuantLinear` of `model` by name (what a quantized checkpoint records)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:
+    return [
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and not any(name.endswith(s) for s in config.skip)
     ]
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+@torch.no_grad()
+def quantize_(
+    model: nn.Module, config: QuantConfig, *, calibration: torch.Tensor | None = None
+) -> nn.Module:
+    """Replace every ``nn.Linear`` of `model` (except `config.skip`) by a `QuantLinear`.
+
+    `calibration`: token ids (rows, seq_len) that GPTQ, AWQ and SmoothQuant run through the
+    model to see its activations (a few dozen rows of the training distribution suffice).
+    """
+    targets = _targets(model, config)
     if not targets:
         raise ValueError("quantize_ found no nn.Linear layers to quantize (all skipped?)")
-    for name, module in targets:
-        q = quantize(
-            module.weight,
-            config.fmt,
-            config.bits,
-            group_size=config.group_size,
-            symmetric=config.symmetric,
+    if config.needs_calibration and calibration is None:
+        raise ValueError(
+            f"{config.method} needs calibration data: quantize_(model, config, "
+            "calibration=token_ids) with a (rows, seq_len) LongTensor of representative text"
         )
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear(q, module.bias))
+    if config.method in ("awq", "smoothquant"):
+        from .smoothing import smooth_
+
+        smooth_(model, calibration, config)  # an exactly equivalent model, easier to round
+    if config.method == "gptq":
+        from .calibrate import sequential_hessians
+        from .gptq import gptq_quantize
+
+        for name, module, hessian in sequential_hessians(model, calibration, dict(targets)):
+            q = gptq_quantize(
+                module.weight,
+                hessian,
+                bits=config.bits,
+                group_size=config.group_size,
+                symmetric=config.symmetric,
+                act_order=config.act_order,
+            )
+            _replace(model, name, QuantLinear(q, module.bias))
+    else:
+        per_channel = config.method in ("smoothquant", "llm_int8")
+        for name, module in targets:
+            q = quantize(
+                module.weight,
+                config.fmt,
+                config.bits,
+                group_size=None if per_channel else config.group_size,
+                symmetric=config.symmetric,
+            )
+            layer = QuantLinear(
+                q,
+                module.bias,
+                activation_bits=config.activation_bits,
+                outlier_threshold=config.outlier_threshold if config.method == "llm_int8" else None,
+            )
+            _replace(model, name, layer)
+    if config.embedding_bits is not None:
+        _quantize_embedding(model, config)
     return model
+
+
+def _quantize_embedding(model: nn.Module, config: QuantConfig) -> None:
+    embedding = model.get_submodule("model.embed_tokens")
+    group = config.group_size if config.embedding_bits == 4 else None
+    if group is not None and embedding.weight.shape[1] % group:
+        group = None  # a width the group does not divide: one scale per row
+    q = quantize(embedding.weight, "int", config.embedding_bits, group_size=group)
+    quantized = QuantEmbedding(q)
+    _replace(model, "model.embed_tokens", quantized)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.lm_head = quantized.linear  # the tied head reads the same codes

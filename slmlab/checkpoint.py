@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .models.config import ConfigError, ModelConfig
 from .models.decoder import DecoderLM
+from .quant.linear import QuantEmbedding, apply_quantization_config, quantization_config
 
 __all__ = ["CheckpointError", "load", "load_state_dict", "load_tokenizer", "save"]
 
@@ -54,10 +55,14 @@ def save(
     try:
         config = model.config.to_hf_dict()
         config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        quantization = quantization_config(model)
+        if quantization is not None:
+            config["quantization_config"] = quantization
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight")  # the same tensor as the embedding; stored once
+            # The same tensors as the embedding's; stored once.
+            state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp / "tokenizer.json")
@@ -137,6 +142,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _is_quant_buffer(name: str) -> bool:
+    return name.endswith((".codes", ".scales", ".zeros"))
+
+
 def load(
     path: str | os.PathLike,
     *,
@@ -162,29 +171,59 @@ def load(
     tensors = load_state_dict(path)
     with torch.device("meta"):
         model = DecoderLM(config)
+        quantization = json.loads(config_file.read_text()).get("quantization_config")
+        if quantization is not None:
+            if quantization.get("quant_method") != "slmlab":
+                raise CheckpointError(
+                    f"{config_file}: quantization_config of method "
+                    f"{quantization.get('quant_method')!r}; slmlab loads its own quantized "
+                    "checkpoints (and unquantized ones of any source)"
+                )
+            try:
+                apply_quantization_config(model, quantization)
+            except (KeyError, ValueError, AttributeError) as err:
+                raise CheckpointError(
+                    f"{config_file}: malformed quantization_config ({err})"
+                ) from None
     expected = model.state_dict()
     if config.tie_word_embeddings:
         # Tied: one tensor. A file may still carry a copy of it under lm_head (transformers 4 did).
-        expected.pop("lm_head.weight")
-        tensors.pop("lm_head.weight", None)
+        expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
     files = ", ".join(f.name for f in _weight_files(path))
     for name, meta in expected.items():
         if name not in tensors:
             raise CheckpointError(
                 f"{path / files}: missing tensor {name!r} (shape {tuple(meta.shape)})"
             )
-        if tensors[name].shape != meta.shape:
+        tensor = tensors[name]
+        # Real numbers may come in any float dtype (they are cast); integer codes may not.
+        same_kind = tensor.dtype == meta.dtype or (
+            tensor.is_floating_point() and meta.is_floating_point()
+        )
+        if tensor.shape != meta.shape or not same_kind:
             raise CheckpointError(
-                f"{path / files}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                f"config.json implies {tuple(meta.shape)}"
+                f"{path / files}: tensor {name!r} is {tensor.dtype} of shape "
+                f"{tuple(tensor.shape)}, config.json implies {meta.dtype} of shape "
+                f"{tuple(meta.shape)}"
             )
     unused = [n for n in tensors if n not in expected and not n.endswith(_IGNORED_SUFFIXES)]
     if unused:
         raise CheckpointError(f"{path / files}: unexpected tensor(s) {unused[:5]} for {config}")
-    state = {name: tensors[name].to(dtype) for name in expected}
+    # Real numbers take the requested dtype; a quantized layer's codes and scales stay as stored.
+    state = {
+        name: tensors[name].to(dtype)
+        if meta.dtype == torch.float32 and not _is_quant_buffer(name)
+        else tensors[name]
+        for name, meta in expected.items()
+    }
     model.load_state_dict(state, strict=False, assign=True)
     # Buffers (the rotary tables) were created on meta: build them for real.
     model.model.rotary_emb = type(model.model.rotary_emb)(config)
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        embedding = model.model.embed_tokens
+        if isinstance(embedding, QuantEmbedding):
+            model.lm_head = embedding.linear
+        else:
+            model.lm_head.weight = embedding.weight
     return model.to(device).eval()

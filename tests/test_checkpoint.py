@@ -79,7 +79,8 @@ def test_wrong_shape_is_named(ckpt) -> None:
     corrupt(path, **{"model.norm.weight": torch.ones(3)})
     with pytest.raises(
         CheckpointError,
-        match=r"'model\.norm\.weight' has shape \(3,\), config\.json implies \(64,\)",
+        match=r"'model\.norm\.weight' is torch\.float32 of shape \(3,\), config\.json implies "
+        r"torch\.float32 of shape \(64,\)",
     ):
         slmlab.load(path)
 

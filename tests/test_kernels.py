@@ -66,3 +66,47 @@ def test_generation_same_tokens_with_and_without_kernels() -> None:
     fast = slmlab.generate(model, prompts, 24, stop_tokens=())
     with kernels.disabled():
         assert slmlab.generate(model, prompts, 24, stop_tokens=()) == fast
+
+
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the int4 kernel rounds it: int8 per block of 32, scale absmax / 127."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    codes = torch.where(scale > 0, blocks / scale, torch.zeros_like(blocks)).round()
+    return (codes * scale).reshape(x.shape)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, 128, None])
+@pytest.mark.parametrize("vector", [True, False])
+def test_int4_linear_matches_dequantize_then_matmul(symmetric, group_size, vector) -> None:
+    from slmlab.quant import dequantize, pack_int4, quantize
+
+    torch.manual_seed(0)
+    weight = torch.randn(200, 256) * 0.05
+    weight[7, 100] = 1.5  # an outlier in one group
+    q = quantize(weight, "int", 4, group_size=group_size, symmetric=symmetric)
+    packed, reference = pack_int4(q.codes), dequantize(q)
+    for rows in (1, 3):  # decoding: x rounded to int8 per block of 32, integer dot products
+        x = torch.randn(rows, 256)
+        x[0, :32] = 0.0  # an all-zero block has scale 0
+        y = kernels.int4_linear(x, packed, q.scales, q.zeros, q.group_size, vector=vector)
+        torch.testing.assert_close(y, _int8_blocks(x) @ reference.T, rtol=1e-5, atol=1e-5)
+        # ... which is within int8 rounding of the exact product
+        exact = x @ reference.T
+        assert (y - exact).abs().max() < 0.02 * exact.abs().max()
+    x = torch.randn(2, 9, 256)  # prefill: dequantized tiles and PyTorch's GEMM, exact
+    y = kernels.int4_linear(x, packed, q.scales, q.zeros, q.group_size, vector=vector)
+    torch.testing.assert_close(y, x @ reference.T, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_linear_declines_what_it_cannot_do() -> None:
+    from slmlab.quant import pack_int4, quantize
+
+    q = quantize(torch.randn(8, 96), "int", 4, group_size=48)  # a group that is not 32k
+    assert kernels.int4_linear(torch.randn(1, 96), pack_int4(q.codes), q.scales, None, 48) is None
+    q = quantize(torch.randn(8, 64), "int", 4, group_size=32)
+    x = torch.randn(1, 64, dtype=torch.float64)
+    assert kernels.int4_linear(x, pack_int4(q.codes), q.scales, None, 32) is None
+    with pytest.raises(RuntimeError, match="do not match input width"):
+        kernels.int4_linear(torch.randn(1, 128), pack_int4(q.codes), q.scales, None, 32)

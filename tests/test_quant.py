@@ -130,9 +130,9 @@ def small_model() -> DecoderLM:
 @pytest.mark.parametrize(
     "config",
     [
-        QuantConfig("int", 4, 32),
-        QuantConfig("int", 8, None, symmetric=False),
-        QuantConfig("nf4", 4, 64),
+        QuantConfig(fmt="int", bits=4, group_size=32),
+        QuantConfig(fmt="int", bits=8, group_size=None, symmetric=False),
+        QuantConfig(fmt="nf4", bits=4, group_size=64),
     ],
 )
 def test_quantize_swaps_linears_for_their_dequantized_weights(config) -> None:
@@ -158,7 +158,7 @@ def test_quantized_model_generates_with_the_kernels_bypassed_safely() -> None:
     from slmlab.infer import generate
 
     model = small_model()
-    quantize_(model, QuantConfig("int", 8, None))
+    quantize_(model, QuantConfig(fmt="int", bits=8, group_size=None))
     full = small_model()
     tokens = generate(model, [[1, 2, 3]], 6, stop_tokens=())[0]
     # 8-bit per-channel weights barely move a small model's greedy choices.

@@ -29,13 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .formats import FORMATS, QuantizedTensor, dequantize, pack_int4, quantize, unpack_int4
+from .formats import _FP8, FORMATS, QuantizedTensor, dequantize, pack_int4, quantize, unpack_int4
 
 __all__ = [
     "METHODS",
     "QuantConfig",
     "QuantEmbedding",
     "QuantLinear",
+    "apply_quantization_config",
+    "quantization_config",
     "quantize_",
     "quantized_modules",
 ]
@@ -56,7 +58,7 @@ class QuantConfig:
     embedding_bits: int | None = None  # also quantize the token embedding (int, per row)
     act_order: bool = False  # GPTQ: round the most active input columns first
     alpha: float = 0.5  # SmoothQuant's migration strength
-    outlier_threshold: float = 6.0  # LLM.int8: inputs above this stay in full precision
+    outlier_threshold: float = 6.0  # LLM.int8: input features reaching this stay unrounded
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -110,6 +112,32 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", q.zeros)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
+    @classmethod
+    def empty(
+        cls, out_features: int, in_features: int, spec: dict, *, bias: bool = False
+    ) -> QuantLinear:
+        """A layer of the shape and `spec` (see `spec()`) whose tensors a checkpoint fills."""
+        group = spec["group_size"]
+        if in_features % group:
+            raise ValueError(f"group_size {group} does not divide the input width {in_features}")
+        code_dtype = _FP8.get(spec["fmt"], torch.uint8)
+        q = QuantizedTensor(
+            torch.zeros(out_features, in_features, dtype=code_dtype),
+            torch.ones(out_features, in_features // group),
+            None
+            if spec["symmetric"]
+            else torch.zeros(out_features, in_features // group, dtype=torch.uint8),
+            spec["fmt"],
+            spec["bits"],
+            group,
+        )
+        return cls(
+            q,
+            torch.zeros(out_features) if bias else None,
+            activation_bits=spec["activation_bits"],
+            outlier_threshold=spec["outlier_threshold"],
+        )
+
     def quantized(self) -> QuantizedTensor:
         codes = unpack_int4(self.codes) if self.bits == 4 else self.codes
         return QuantizedTensor(codes, self.scales, self.zeros, self.fmt, self.bits, self.group_size)
@@ -143,11 +171,16 @@ class QuantLinear(nn.Module):
         # as these rounded real numbers times the dequantized weight: computed that way here.
         if self.outlier_threshold is None:
             return fake_quantize_activations(x, self.activation_bits)
-        # LLM.int8: input features where any token exceeds the threshold stay in full precision
-        # (a handful of them carry the huge values); the rest are rounded per token.
-        outliers = (x.abs() > self.outlier_threshold).reshape(-1, x.shape[-1]).any(0)
-        regular = fake_quantize_activations(x.masked_fill(outliers, 0.0), self.activation_bits)
-        return torch.where(outliers, x, regular)
+        # LLM.int8: the input features (columns) where some token reaches the threshold stay in
+        # full precision, times the dequantized weight columns; a handful of features carry the
+        # huge values. The rest are rounded per token, with a scale that ignores the outlying
+        # values themselves (bitsandbytes' int8_vectorwise_quant, which the tests compare with).
+        big = x.abs() >= self.outlier_threshold
+        outlier_features = big.reshape(-1, x.shape[-1]).any(0)
+        qmax = 2 ** (self.activation_bits - 1) - 1
+        scale = x.masked_fill(big, 0.0).abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax
+        regular = (x / scale).round().clamp(-qmax, qmax) * scale
+        return torch.where(outlier_features, x, regular)
 
     def extra_repr(self) -> str:
         extra = f", activation_bits={self.activation_bits}" if self.activation_bits else ""
@@ -181,6 +214,46 @@ class QuantEmbedding(nn.Module):
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     """Every `QuantLinear` of `model` by name (what a quantized checkpoint records)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def quantization_config(model: nn.Module) -> dict | None:
+    """The ``quantization_config`` section a checkpoint of `model` records, or None."""
+    layers = quantized_modules(model)
+    if not layers:
+        return None
+    embedding = next((m for m in model.modules() if isinstance(m, QuantEmbedding)), None)
+    return {
+        "quant_method": "slmlab",
+        "layers": {
+            name: layer.spec()
+            for name, layer in layers.items()
+            if embedding is None or layer is not embedding.linear
+        },
+        "embedding": None if embedding is None else embedding.linear.spec(),
+    }
+
+
+def apply_quantization_config(model: nn.Module, section: dict) -> None:
+    """Give `model` the quantized layers that `section` (from `quantization_config`) names, with
+    placeholder tensors of the right shapes, for a checkpoint's tensors to fill."""
+    for name, spec in section["layers"].items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"quantization_config names {name!r}, which is not a linear layer")
+        layer = QuantLinear.empty(
+            linear.out_features, linear.in_features, spec, bias=linear.bias is not None
+        )
+        _replace(model, name, layer)
+    if section.get("embedding") is not None:
+        table = model.get_submodule("model.embed_tokens")
+        vocab, dim = table.weight.shape
+        embedding = QuantEmbedding.__new__(QuantEmbedding)
+        nn.Module.__init__(embedding)
+        embedding.linear = QuantLinear.empty(vocab, dim, section["embedding"])
+        embedding.num_embeddings, embedding.embedding_dim = vocab, dim
+        _replace(model, "model.embed_tokens", embedding)
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.lm_head = embedding.linear
 
 
 def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:

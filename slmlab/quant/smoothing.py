@@ -68,6 +68,7 @@ def smoothquant_scales(
     return s.clamp(min=1e-5)
 
 
+@torch.no_grad()
 def awq_scales(
     inputs: torch.Tensor,
     linears: list[nn.Linear],

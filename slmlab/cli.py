@@ -135,17 +135,50 @@ def _zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_path(name_or_path: str, *, quiet: bool) -> Path:
+    """A checkpoint directory, or a zoo recipe's (trained first if needed)."""
+    from .zoo import RECIPES, ensure
+
+    return (
+        ensure(name_or_path, progress=not quiet) if name_or_path in RECIPES else Path(name_or_path)
+    )
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import load, load_tokenizer, save
+    from .eval import disk_bytes
+    from .quant import QuantConfig, quantize_
+    from .quant.calibrate import calibration_tokens
+
+    source = _checkpoint_path(args.checkpoint, quiet=args.quiet)
+    config = QuantConfig(
+        method=args.method,
+        fmt=args.fmt,
+        bits=args.bits,
+        group_size=None if args.group_size == -1 else args.group_size,
+        symmetric=not args.asymmetric,
+        embedding_bits=args.embedding_bits,
+        act_order=args.act_order,
+    )
+    model, tokenizer = load(source), load_tokenizer(source)
+    calibration = None
+    if config.needs_calibration:
+        calibration = calibration_tokens(
+            tokenizer, args.calibration, rows=args.calibration_rows, seq_len=args.seq_len
+        )
+    quantize_(model, config, calibration=calibration)
+    out = save(model, args.out, tokenizer)
+    before, after = disk_bytes(source), disk_bytes(out)
+    print(f"{out}: {after / 2**20:.2f} MiB ({after / before:.3f} of {before / 2**20:.2f} MiB)")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .checkpoint import load, load_tokenizer
     from .env import pick_device, report
     from .eval import Scorer, disk_bytes, evaluate, load_task, measure_efficiency
-    from .zoo import RECIPES, ensure
 
-    path = (
-        ensure(args.checkpoint, progress=not args.quiet)
-        if args.checkpoint in RECIPES
-        else Path(args.checkpoint)
-    )
+    path = _checkpoint_path(args.checkpoint, quiet=args.quiet)
     tasks = [load_task(spec) for spec in args.tasks.split(",") if spec]
     for task in tasks:  # every file is read and checked before any scoring starts
         task.check()
@@ -247,6 +280,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_eval)
+
+    from .quant import FORMATS, METHODS
+
+    p = verbs.add_parser("quantize", help="quantize a checkpoint's linear layers (chapter 08)")
+    p.add_argument("checkpoint", help="checkpoint directory, or a zoo recipe name")
+    p.add_argument("--method", default="rtn", choices=METHODS)
+    p.add_argument("--fmt", default="int", choices=FORMATS, help="number format (default int)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128, help="weights per scale; -1: one per row")
+    p.add_argument("--asymmetric", action="store_true", help="a zero point per group")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: most active inputs first")
+    p.add_argument(
+        "--embedding-bits", type=int, choices=[4, 8], default=None, help="quantize the embedding"
+    )
+    p.add_argument(
+        "--calibration",
+        default="stories",
+        help="calibration text: stories, python, python-docs or a file/folder/jsonl",
+    )
+    p.add_argument("--calibration-rows", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256, help="calibration row length")
+    p.add_argument("--out", required=True, help="directory of the quantized checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_quantize)
 
     p = verbs.add_parser(
         "zoo", help="the model zoo: list recipes, or print (training if needed) a model's path"

@@ -181,9 +181,41 @@ def test_malformed_quantization_config_is_named(tmp_path) -> None:
     config = json.loads(config_file.read_text())
     config["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"]["group_size"] = 48
     config_file.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="malformed quantization_config.*does not divide"):
+    with pytest.raises(CheckpointError, match=r"malformed quantization_config.*does not divide"):
         slmlab.load(tmp_path / "q")
     config["quantization_config"] = {"quant_method": "awq", "bits": 4}
     config_file.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="slmlab loads its own quantized"):
         slmlab.load(tmp_path / "q")
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_cli_quantize_writes_a_checkpoint_that_loads(
+    method, story_model, story_tokenizer, tmp_path, capsys
+) -> None:
+    from slmlab.cli import main
+    from slmlab.quant import calibration_tokens
+
+    slmlab.save(story_model, tmp_path / "fp32", story_tokenizer)
+    args = ["quantize", str(tmp_path / "fp32"), "--method", method, "--bits", "4"]
+    args += ["--group-size", "16", "--calibration-rows", "4", "--seq-len", "64"]
+    assert main([*args, "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    assert "of" in capsys.readouterr().out  # the size, and its share of the original
+    loaded = slmlab.load(tmp_path / "q")
+    config = QuantConfig(method=method, bits=4, group_size=16)
+    calibration = calibration_tokens(story_tokenizer, rows=4, seq_len=64)
+    expected = quantize_(copy.deepcopy(story_model), config, calibration=calibration)
+    with torch.no_grad():
+        assert torch.equal(loaded(calibration), expected(calibration))
+    assert calibration.shape == (4, 64)
+
+
+def test_cli_quantize_reports_a_bad_group_size(story_model, story_tokenizer, tmp_path) -> None:
+    from slmlab.cli import main
+
+    slmlab.save(story_model, tmp_path / "fp32", story_tokenizer)
+    with pytest.raises(SystemExit) as stop:
+        main(
+            ["quantize", str(tmp_path / "fp32"), "--group-size", "20", "--out", str(tmp_path / "q")]
+        )
+    assert stop.value.code == 1

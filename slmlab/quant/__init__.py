@@ -1,10 +1,15 @@
-"""Quantization (chapter 08): number formats, round-to-nearest, packed storage, `quantize_`.
+"""Quantization (chapter 08): number formats, algorithms, packed storage and kernels.
 
-Started: the formats (int2..8 symmetric/asymmetric per tensor, channel or group; NF4 and FP4
-codebooks; FP8), int4 packing, and `quantize_` with round-to-nearest. GPTQ, AWQ, SmoothQuant,
-LLM.int8, QAT, ternary weights, quantized checkpoints and the packed int4 kernels come next.
+* `formats`: integers with scales (2–8 bits, symmetric or not, per tensor, channel or group),
+  the NF4 and FP4 codebooks, FP8, int4 packing.
+* `linear`: `quantize_(model, QuantConfig(...))`, the one verb; `QuantLinear`, whose int4
+  weights multiply through the compiled kernel (`slmlab.kernels.int4_linear`).
+* `gptq`, `smoothing` (AWQ, SmoothQuant), `calibrate`: the methods that look at data.
+* Quantized models save and load with `slmlab.save`/`slmlab.load` (safetensors, with a
+  ``quantization_config`` section in config.json).
 """
 
+from .calibrate import calibration_tokens
 from .formats import (
     FORMATS,
     QuantizedTensor,
@@ -14,15 +19,20 @@ from .formats import (
     quantize,
     unpack_int4,
 )
-from .linear import QuantConfig, QuantLinear, quantize_
+from .gptq import gptq_quantize
+from .linear import METHODS, QuantConfig, QuantEmbedding, QuantLinear, quantize_
 
 __all__ = [
     "FORMATS",
+    "METHODS",
     "QuantConfig",
+    "QuantEmbedding",
     "QuantLinear",
     "QuantizedTensor",
+    "calibration_tokens",
     "codebook",
     "dequantize",
+    "gptq_quantize",
     "pack_int4",
     "quantize",
     "quantize_",

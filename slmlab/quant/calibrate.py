@@ -15,7 +15,45 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["block_inputs", "blocks", "run_until", "sequential_hessians"]
+__all__ = ["block_inputs", "blocks", "calibration_tokens", "run_until", "sequential_hessians"]
+
+
+def calibration_tokens(
+    tokenizer, source: str = "stories", *, rows: int = 32, seq_len: int = 256
+) -> torch.Tensor:
+    """(rows, seq_len) token ids of representative text, documents separated as in training.
+
+    `source`: ``stories`` (generated with seed 3: neither the training stories, seeds 1 and 2,
+    nor the evaluation suites'), ``python`` or ``python-docs`` (training splits), or the
+    reader's file, folder or jsonl (`slmlab.data.load_texts`).
+    """
+    from ..data import load_texts, pack, python_docs, python_source, stories
+    from ..train import SEPARATOR
+
+    separator = tokenizer.token_to_id(SEPARATOR)
+    if separator is None:
+        raise ValueError(f"the tokenizer has no {SEPARATOR!r} token to separate documents")
+    if source == "stories":
+        texts = stories(rows * seq_len // 20, seed=3)  # stories are longer than 20 tokens
+    elif source == "python":
+        texts = python_source("train")
+    elif source == "python-docs":
+        texts = python_docs("train")
+    else:
+        texts = load_texts(source)
+    documents, tokens = [], 0
+    for text in texts:  # tokenize only as much as the rows need
+        documents.append(tokenizer.encode(text).ids)
+        tokens += len(documents[-1]) + 1
+        if tokens >= rows * (seq_len + 1):
+            break
+    packed = pack(documents, seq_len - 1, separator)  # pack's rows are seq_len long here
+    if packed.shape[0] < rows:
+        raise ValueError(
+            f"calibration source {source!r} holds {tokens} tokens, fewer than {rows} rows of "
+            f"{seq_len}: give more text or fewer rows"
+        )
+    return packed[:rows]
 
 
 class _Stop(Exception):

@@ -1,0 +1,135 @@
+"""One weight-only quantized linear layer on CPU, every path in the same run.
+
+    python -m benchmarks.quant_speed [--size 4096] [--batches 1,4,64] [--repeats 20]
+
+Times y = x Wᵀ for a square fp32 weight and for the same weight in 4 bits (group 128): fp32
+``F.linear`` (MKL) and slmlab's fp32 gemv, slmlab's int4 kernel, PyTorch's own
+``_weight_int4pack_mm_for_cpu``, and bitsandbytes' ``Linear4bit`` (NF4) and ``Linear8bitLt``,
+at batch 1 (decoding) and larger batches (prefill). The goal: int4 at batch 1 ≥ 3× faster
+than fp32, and at batch 64 no slower than 1.5× fp32. Writes benchmarks/results/quant_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import read_bandwidth_gbs, write
+from slmlab import kernels
+from slmlab.quant import pack_int4, quantize
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def torch_int4(weight: torch.Tensor, group: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """PyTorch's CPU int4 matmul (what torchao's int4 layout calls), or None if absent."""
+    try:
+        q = quantize(weight, "int", 4, group_size=group, symmetric=False)
+        codes = q.codes.to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        # PyTorch's int4 grid: w = (q − 8) · scale + zero, per group of the input dimension.
+        scales = q.scales.t().contiguous()
+        zeros = ((8 - q.zeros.float()) * q.scales).t().contiguous()
+        scales_and_zeros = torch.stack([scales, zeros], dim=-1).contiguous()
+        fn = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(  # noqa: E731
+            x, packed, group, scales_and_zeros
+        )
+        fn(torch.randn(1, weight.shape[1]))
+        return fn
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def bitsandbytes_layers(weight: torch.Tensor) -> dict[str, torch.nn.Module]:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return {}
+    out, inp = weight.shape
+    layers = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        four = bnb.nn.Linear4bit(
+            inp, out, bias=False, quant_type="nf4", compute_dtype=torch.float32
+        )
+        four.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
+        layers["bitsandbytes Linear4bit nf4"] = four.to("cpu").eval()
+        eight = bnb.nn.Linear8bitLt(inp, out, bias=False, has_fp16_weights=False, threshold=6.0)
+        eight.load_state_dict({"weight": weight.clone()})
+        layers["bitsandbytes Linear8bitLt"] = eight.to("cpu").eval()
+    return layers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--batches", default="1,4,64")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    n = args.size
+    weight = torch.randn(n, n) * 0.02
+    q = quantize(weight, "int", 4, group_size=args.group_size)
+    packed = pack_int4(q.codes)
+    paths: dict[str, Callable[[torch.Tensor], object]] = {
+        "fp32 F.linear": lambda x: F.linear(x, weight),
+        "slmlab fp32 gemv": lambda x: kernels.gemv(x, weight),
+        "slmlab int4": lambda x: kernels.int4_linear(x, packed, q.scales, None, args.group_size),
+    }
+    pytorch_int4 = torch_int4(weight, args.group_size)
+    if pytorch_int4 is not None:
+        paths["PyTorch _weight_int4pack_mm_for_cpu"] = pytorch_int4
+    for name, layer in bitsandbytes_layers(weight).items():
+        paths[name] = layer
+    bandwidth = read_bandwidth_gbs()
+    results: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(batch, n)
+            row = {}
+            for name, fn in paths.items():
+                if name == "slmlab fp32 gemv" and batch > 4:
+                    continue  # not the kernel's domain: it would time F.linear again
+                repeats = args.repeats if "bitsandbytes" not in name else max(3, args.repeats // 4)
+                row[name] = round(median_ms(lambda fn=fn, x=x: fn(x), repeats), 3)
+            row["int4 speed-up over fp32"] = round(row["fp32 F.linear"] / row["slmlab int4"], 2)
+            results[f"batch {batch}"] = row
+            print(f"batch {batch}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    weight_mb = {"fp32": n * n * 4 / 1e6, "int4": (packed.numel() + q.scales.numel() * 4) / 1e6}
+    path = write(
+        "quant_speed",
+        {
+            "settings": {
+                "size": n,
+                "group_size": args.group_size,
+                "threads": torch.get_num_threads(),
+            },
+            "read_bandwidth_gbs": round(bandwidth, 1),
+            "weight_megabytes": weight_mb,
+            # MB ÷ GB/s = ms: the time to read the weight once, the floor of a batch-1 product
+            "roofline_ms_batch1": {k: round(v / bandwidth, 3) for k, v in weight_mb.items()},
+            "milliseconds": results,
+            "goal": "int4 >= 3x fp32 at batch 1; int4 <= 1.5x fp32 time at batch 64",
+        },
+    )
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

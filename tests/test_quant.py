@@ -163,3 +163,41 @@ def test_quantized_model_generates_with_the_kernels_bypassed_safely() -> None:
     tokens = generate(model, [[1, 2, 3]], 6, stop_tokens=())[0]
     # 8-bit per-channel weights barely move a small model's greedy choices.
     assert tokens == generate(full, [[1, 2, 3]], 6, stop_tokens=())[0]
+
+
+def test_int8_kv_cache_stores_a_third_of_the_bytes_and_rounds_per_vector() -> None:
+    from slmlab.infer import KVCache
+    from slmlab.quant import Int8KVCache
+
+    config = small_model().config  # head_dim 16: 16 bytes of codes + 4 of scale per vector
+    full, int8 = KVCache(config, 2, 20), Int8KVCache(config, 2, 20)
+    assert int8.nbytes() / full.nbytes() == pytest.approx((16 + 4) / (16 * 4))
+    k, v = torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16) * 10
+    keys, values = int8.update(0, k, v)
+    for exact, stored in ((k, keys), (v, values)):
+        half_step = exact.abs().amax(-1, keepdim=True) / 127 / 2
+        assert ((stored - exact).abs() <= half_step + 1e-6).all()
+
+
+def test_decoding_with_an_int8_kv_cache_stays_close_to_the_full_cache() -> None:
+    from slmlab.infer import KVCache, generate
+    from slmlab.quant import Int8KVCache
+
+    model = small_model()
+    ids = torch.randint(0, 300, (2, 14), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    with torch.no_grad():
+        for name, cache in (
+            ("full", KVCache(model.config, 2, 14)),
+            ("int8", Int8KVCache(model.config, 2, 14)),
+        ):
+            steps = [model(ids[:, :6], cache=cache)]  # the prompt, then one token at a time
+            steps += [model(ids[:, t : t + 1], cache=cache) for t in range(6, 14)]
+            logits[name] = torch.cat(steps, dim=1)
+    torch.testing.assert_close(logits["full"], model(ids))  # the fp32 cache is exact
+    error = (logits["int8"] - logits["full"]).abs().max()
+    assert 0 < error < 0.02 * logits["full"].std()
+    tokens = generate(model, [[5, 17, 42]], 4, stop_tokens=(), kv_cache_dtype=torch.int8)
+    assert len(tokens[0]) == 7
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        generate(model, [[5, 17]], 2, kv_cache_dtype=torch.float16)

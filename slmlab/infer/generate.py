@@ -73,6 +73,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
     use_cache: bool = True,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; return the ids, prompt included.
 
@@ -83,7 +84,8 @@ def generate(
 
     `stop_tokens` defaults to the config's ``eos_token_id``; pass ``()`` to never stop early.
     Sampling (temperature > 0) draws from a generator seeded with `seed`, so the same call gives
-    the same tokens.
+    the same tokens. `kv_cache_dtype` ``torch.int8`` keeps the cache in int8 (chapter 08's
+    `slmlab.quant.Int8KVCache`); by default it has the model's dtype.
     """
     config = model.config
     if max_new_tokens < 0:
@@ -129,11 +131,20 @@ def generate(
     full_mask[:, :T] = mask
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
-    cache = (
-        KVCache(config, B, T + max_new_tokens, dtype=next(model.parameters()).dtype, device=device)
-        if use_cache
-        else None
-    )
+    cache = None
+    if use_cache:
+        dtype = next(model.parameters()).dtype
+        if kv_cache_dtype is torch.int8:
+            from ..quant.kv_cache import Int8KVCache
+
+            cache = Int8KVCache(config, B, T + max_new_tokens, dtype=dtype, device=device)
+        elif kv_cache_dtype in (None, dtype):
+            cache = KVCache(config, B, T + max_new_tokens, dtype=dtype, device=device)
+        else:
+            raise ValueError(
+                f"kv_cache_dtype {kv_cache_dtype} is not supported: use None (the model's "
+                f"dtype, {dtype}) or torch.int8"
+            )
 
     step_ids, step_mask = ids, mask
     length = T

@@ -5,6 +5,7 @@
 * `linear`: `quantize_(model, QuantConfig(...))`, the one verb; `QuantLinear`, whose int4
   weights multiply through the compiled kernel (`slmlab.kernels.int4_linear`).
 * `gptq`, `smoothing` (AWQ, SmoothQuant), `calibrate`: the methods that look at data.
+* `kv_cache`: `Int8KVCache` (``generate(..., kv_cache_dtype=torch.int8)``).
 * Quantized models save and load with `slmlab.save`/`slmlab.load` (safetensors, with a
   ``quantization_config`` section in config.json).
 """
@@ -20,10 +21,12 @@ from .formats import (
     unpack_int4,
 )
 from .gptq import gptq_quantize
+from .kv_cache import Int8KVCache
 from .linear import METHODS, QuantConfig, QuantEmbedding, QuantLinear, quantize_
 
 __all__ = [
     "FORMATS",
+    "Int8KVCache",
     "METHODS",
     "QuantConfig",
     "QuantEmbedding",

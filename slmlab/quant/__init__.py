@@ -26,8 +26,8 @@ from .linear import METHODS, QuantConfig, QuantEmbedding, QuantLinear, quantize_
 
 __all__ = [
     "FORMATS",
-    "Int8KVCache",
     "METHODS",
+    "Int8KVCache",
     "QuantConfig",
     "QuantEmbedding",
     "QuantLinear",

@@ -93,10 +93,30 @@ def test_int4_packing_round_trips_and_halves_the_bytes() -> None:
     assert packed.shape == (7, 32) and packed.dtype == torch.uint8
     assert torch.equal(unpack_int4(packed), codes)
     assert packed[0, 0] == codes[0, 0] | (codes[0, 1] << 4)  # the documented nibble order
-    with pytest.raises(ValueError, match="even last dimension"):
+    with pytest.raises(ValueError, match="last dimension divisible by 2"):
         pack_int4(codes[:, :3])
     with pytest.raises(ValueError, match=r"0\.\.15"):
         pack_int4(codes + 16)
+
+
+def test_two_bit_packing_holds_four_codes_a_byte() -> None:
+    from slmlab.quant.formats import pack_codes, unpack_codes
+
+    codes = torch.randint(0, 4, (5, 64), dtype=torch.uint8)
+    packed = pack_codes(codes, 2)
+    assert packed.shape == (5, 16)
+    assert torch.equal(unpack_codes(packed, 2), codes)
+    assert packed[1, 0] == codes[1, 0] | codes[1, 1] << 2 | codes[1, 2] << 4 | codes[1, 3] << 6
+
+
+def test_ternary_weights_are_minus_one_zero_one_times_the_mean_magnitude(weight) -> None:
+    q = quantize(weight, "ternary", 2, group_size=None)
+    values = dequantize(q) / q.scales  # per row: exactly −1, 0 or +1
+    assert set(values.round().unique().tolist()) <= {-1.0, 0.0, 1.0}
+    torch.testing.assert_close(q.scales[:, 0], weight.abs().mean(1))
+    # a weight below half the mean magnitude rounds to 0, above it to ±1
+    small = weight.abs() < 0.5 * weight.abs().mean(1, keepdim=True)
+    assert (values[small] == 0).all() and (values[~small].abs() == 1).all()
 
 
 @pytest.mark.parametrize(

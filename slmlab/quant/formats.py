@@ -9,6 +9,7 @@ cost more scales: 16 bits of scale per 128 weights is 0.125 extra bits per weigh
 * ``int``, symmetric: q = round(w / s) in [−(2^(b−1) − 1), 2^(b−1) − 1], s = absmax / (2^(b−1) − 1);
   asymmetric: q = round(w / s) + z in [0, 2^b − 1], with s = (max − min) / (2^b − 1) and z the
   integer that puts min at 0 (round-to-nearest, "RTN").
+* ``ternary``: {−1, 0, +1} times each group's mean |w| (BitNet b1.58), stored as 2-bit codes.
 * ``nf4``: 16 values at the quantiles of a normal distribution (QLoRA), scaled by the group's
   absmax: bitsandbytes' codebook, built here from the inverse normal CDF.
 * ``fp4``: bitsandbytes' 4-bit float (sign, 2-bit exponent, 1-bit mantissa), scaled by absmax.
@@ -32,12 +33,14 @@ __all__ = [
     "dequantize",
     "int_codes",
     "int_grid",
+    "pack_codes",
     "pack_int4",
     "quantize",
+    "unpack_codes",
     "unpack_int4",
 ]
 
-FORMATS = ("int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2")
+FORMATS = ("int", "ternary", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2")
 _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
@@ -85,6 +88,8 @@ def _check(weight: torch.Tensor, fmt: str, bits: int, group_size: int | None) ->
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fmt == "int" and not 2 <= bits <= 8:
         raise ValueError(f"int formats take 2 to 8 bits, got {bits}")
+    if fmt == "ternary" and bits != 2:
+        raise ValueError(f"ternary weights take 2 bits of storage (log2 3 = 1.58), got bits={bits}")
     if fmt in ("nf4", "fp4") and bits != 4:
         raise ValueError(f"{fmt} is a 4-bit format, got bits={bits}")
     if fmt in _FP8 and bits != 8:
@@ -149,6 +154,11 @@ def quantize(
         scales, zero_points = int_grid(grouped, bits, symmetric)
         codes = int_codes(grouped, scales[..., None], zero_points[..., None], bits, symmetric)
         zeros = None if symmetric else zero_points.to(torch.uint8)
+    elif fmt == "ternary":
+        # BitNet b1.58: {−1, 0, +1} times the mean magnitude (absmean), not the maximum, so
+        # that small weights become 0 and the rest ±1 (stored offset by 2, as 2-bit ints).
+        scales = grouped.abs().mean(-1).clamp(min=1e-12)
+        codes = ((grouped / scales[..., None]).round().clamp(-1, 1) + 2).to(torch.uint8)
     elif fmt in ("nf4", "fp4"):
         values = codebook(fmt)
         scales = grouped.abs().amax(-1).clamp(min=1e-12)
@@ -173,7 +183,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     """The real-valued weight that `q` stands for."""
     rows, cols = q.shape
     codes = q.codes.reshape(rows, cols // q.group_size, q.group_size)
-    if q.fmt == "int":
+    if q.fmt in ("int", "ternary"):
         offset = q.zeros.float()[..., None] if q.zeros is not None else float(2 ** (q.bits - 1))
         values = codes.float() - offset
     elif q.fmt in ("nf4", "fp4"):
@@ -183,18 +193,39 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     return (values * q.scales[..., None]).reshape(rows, cols).to(dtype)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte along the last dimension: (…, n) uint8 → (…, n/2) uint8, the
-    even-indexed code in the low nibble."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"packing int4 needs an even last dimension, got {codes.shape[-1]}")
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """8 / `bits` codes per byte along the last dimension (bits 2 or 4): (…, n) uint8 →
+    (…, n·bits/8) uint8, the code of the lowest index in the lowest bits."""
+    per_byte = 8 // bits
+    if bits not in (2, 4):
+        raise ValueError(f"packing takes 2- or 4-bit codes, got {bits} bits")
+    if codes.shape[-1] % per_byte:
+        raise ValueError(
+            f"packing {bits}-bit codes needs a last dimension divisible by {per_byte}, "
+            f"got {codes.shape[-1]}"
+        )
     checkable = codes.numel() and codes.device.type != "meta"  # meta: shapes only
-    if codes.dtype != torch.uint8 or (checkable and int(codes.max()) > 15):
-        raise ValueError("pack_int4 takes uint8 codes in 0..15")
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    if codes.dtype != torch.uint8 or (checkable and int(codes.max()) >= 2**bits):
+        raise ValueError(f"packing takes uint8 codes in 0..{2**bits - 1}")
+    packed = torch.zeros_like(codes[..., 0::per_byte])
+    for i in range(per_byte):
+        packed |= codes[..., i::per_byte] << (bits * i)
+    return packed
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack_codes`."""
+    per_byte, mask = 8 // bits, 2**bits - 1
+    parts = [(packed >> (bits * i)) & mask for i in range(per_byte)]
+    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte, the even-indexed one in the low nibble (the int4 kernel's
+    layout): ``pack_codes(codes, 4)``."""
+    return pack_codes(codes, 4)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of `pack_int4`."""
-    low, high = packed & 0x0F, packed >> 4
-    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return unpack_codes(packed, 4)

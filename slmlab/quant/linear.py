@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .formats import _FP8, FORMATS, QuantizedTensor, dequantize, pack_int4, quantize, unpack_int4
+from .formats import _FP8, FORMATS, QuantizedTensor, dequantize, pack_codes, quantize, unpack_codes
 
 __all__ = [
     "METHODS",
@@ -59,6 +59,7 @@ class QuantConfig:
     act_order: bool = False  # GPTQ: round the most active input columns first
     alpha: float = 0.5  # SmoothQuant's migration strength
     outlier_threshold: float = 6.0  # LLM.int8: input features reaching this stay unrounded
+    activation_bits: int | None = None  # also round each token's activations (8 for W8A8)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -71,17 +72,16 @@ class QuantConfig:
             )
         if self.method in ("smoothquant", "llm_int8") and (self.fmt, self.bits) != ("int", 8):
             raise ValueError(f"{self.method} is an int8 method: use fmt='int', bits=8")
+        if self.method in ("smoothquant", "llm_int8") and self.activation_bits is None:
+            object.__setattr__(self, "activation_bits", 8)  # W8A8 by definition
+        if self.activation_bits not in (None, 8):
+            raise ValueError(f"activation_bits must be None or 8, got {self.activation_bits}")
         if self.embedding_bits not in (None, 4, 8):
             raise ValueError(f"embedding_bits must be None, 4 or 8, got {self.embedding_bits}")
 
     @property
     def needs_calibration(self) -> bool:
         return self.method in ("gptq", "awq", "smoothquant")
-
-    @property
-    def activation_bits(self) -> int | None:
-        """W8A8 methods also round each token's activations to int8 on the fly."""
-        return 8 if self.method in ("smoothquant", "llm_int8") else None
 
 
 def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -106,8 +106,9 @@ class QuantLinear(nn.Module):
         self.fmt, self.bits, self.group_size = q.fmt, q.bits, q.group_size
         self.out_features, self.in_features = q.shape
         self.activation_bits, self.outlier_threshold = activation_bits, outlier_threshold
-        packed = self.bits == 4
-        self.register_buffer("codes", pack_int4(q.codes) if packed else q.codes)
+        # 4- and 2-bit codes are packed two and four to a byte; 3-bit ones take a byte each.
+        packed = self.bits in (2, 4) and q.codes.dtype == torch.uint8
+        self.register_buffer("codes", pack_codes(q.codes, self.bits) if packed else q.codes)
         self.register_buffer("scales", q.scales)
         self.register_buffer("zeros", q.zeros)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
@@ -139,7 +140,8 @@ class QuantLinear(nn.Module):
         )
 
     def quantized(self) -> QuantizedTensor:
-        codes = unpack_int4(self.codes) if self.bits == 4 else self.codes
+        packed = self.bits in (2, 4) and self.codes.dtype == torch.uint8
+        codes = unpack_codes(self.codes, self.bits) if packed else self.codes
         return QuantizedTensor(codes, self.scales, self.zeros, self.fmt, self.bits, self.group_size)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -166,6 +166,11 @@ def train(
         data.tokenizer.vocab_size, data.tokenizer.token_id(SEPARATOR)
     )
     model = DecoderLM(model_config).to(device)
+    if "qat" in config.extra:  # chapter 08: train through the rounding the model is stored with
+        from ..quant import QuantConfig
+        from ..quant.qat import prepare_qat_
+
+        prepare_qat_(model, QuantConfig(**config.extra["qat"]))
     optimizer = _optimizer(model, config)
     start = 0
     if resume:

@@ -91,6 +91,16 @@ RECIPES: dict[str, TrainConfig] = {
     ),
 }
 
+# stories-1m with BitNet b1.58 layers, trained from scratch (chapter 08): every linear layer's
+# weights are {-1, 0, +1} times their row's mean magnitude, and its inputs int8, in every
+# forward pass; the embedding and the output head stay in full precision, as in BitNet.
+RECIPES["stories-1m-ternary"] = RECIPES["stories-1m"].replace(
+    extra={
+        "quick_steps": 60,
+        "qat": {"fmt": "ternary", "bits": 2, "group_size": None, "activation_bits": 8},
+    }
+)
+
 
 def quick_mode() -> bool:
     """Whether zoo recipes (and chapters that train) run their quick variants (SLMLAB_QUICK=1)."""
@@ -123,7 +133,14 @@ def load(name: str, *, quick: bool | None = None, progress: bool = True):  # -> 
     """The trained model of recipe `name`, training and caching it first if needed."""
     from ..checkpoint import load as load_checkpoint
 
-    return load_checkpoint(ensure(name, quick=quick, progress=progress))
+    model = load_checkpoint(ensure(name, quick=quick, progress=progress))
+    qat = recipe(name, quick=quick).extra.get("qat")
+    if qat is not None:  # trained through rounding: hand out the quantized model it learnt to be
+        from ..quant import QuantConfig
+        from ..quant.qat import convert_qat_, prepare_qat_
+
+        convert_qat_(prepare_qat_(model, QuantConfig(**qat)))
+    return model
 
 
 def ensure(name: str, *, quick: bool | None = None, progress: bool = True) -> Path:

@@ -44,7 +44,11 @@ def main() -> None:
     result: dict = {"peak_fp32_gflops": peak}
 
     config = zoo.recipe(args.recipe, quick=False)
-    with tempfile.TemporaryDirectory() as folder:
+    cached = zoo.path(args.recipe, quick=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        # Train into the zoo's cache when the model is not there yet (later chapters and
+        # benchmarks then use this very run); a cached model is trained again elsewhere.
+        folder = scratch if (cached / "last" / "trainer.json").is_file() else cached
         run = train(config, folder)
         ckpt = run.checkpoint
         tokenizer, model = load_tokenizer(ckpt), load(ckpt)

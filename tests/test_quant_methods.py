@@ -219,3 +219,24 @@ def test_cli_quantize_reports_a_bad_group_size(story_model, story_tokenizer, tmp
             ["quantize", str(tmp_path / "fp32"), "--group-size", "20", "--out", str(tmp_path / "q")]
         )
     assert stop.value.code == 1
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_a_model_on_bitsandbytes_4bit_layers_computes_what_slmlab_computes(kind) -> None:
+    """(Its int8 layers compute in fp16, which inside a model moves activations by as much as
+    rounding them to int8 does: LLM.int8 is compared layer by layer above, on fp16 inputs.)"""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is the reference")
+    from slmlab.quant.bnb import bitsandbytes_
+
+    model = small_model(tied=False)
+    theirs = bitsandbytes_(copy.deepcopy(model), kind)
+    ours = quantize_(copy.deepcopy(model), QuantConfig(fmt=kind, bits=4, group_size=64))
+    assert sum(type(m).__name__ == "Linear4bit" for m in theirs.modules()) == 14
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact, mine, reference = model(ids), ours(ids), theirs(ids)
+    rounding = (exact - mine).abs().max()
+    assert rounding > 1e-2  # 4 bits really changed the model...
+    # ...and bitsandbytes changed it the same way, up to its block scales, which it keeps in
+    # bf16 on CPU (slmlab keeps fp32; test_quant.py compares the codes themselves exactly).
+    assert (reference - mine).abs().max() < 0.1 * rounding

@@ -25,16 +25,21 @@ def main() -> None:
     parser.add_argument("--model", default="stories-8m")
     parser.add_argument("--group-size", type=int, default=96)
     parser.add_argument("--limit", type=int, default=None, help="suite items per task")
+    parser.add_argument("--texts", type=int, default=200, help="held-out stories scored")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated method labels (default: every method)"
+    )
     args = parser.parse_args()
     checkpoint = zoo.ensure(args.model, quick=False)
-    texts = list(data.stories(200, seed=2))
-    rows = compare_methods(
-        checkpoint, standard_methods(args.group_size), texts=texts, limit=args.limit
-    )
+    texts = list(data.stories(args.texts, seed=2))
+    methods = standard_methods(args.group_size)
+    if args.only:
+        methods = {k: methods[k] for k in args.only.split(",")}
+    rows = compare_methods(checkpoint, methods, texts=texts, limit=args.limit)
     by_name = {row["method"]: row for row in rows}
     g = args.group_size
     base = by_name["fp32"]["perplexity"]
-    rtn_loss = by_name[f"int4 RTN g{g}"]["perplexity"] - base
+    rtn_loss = by_name[f"int4 RTN g{g}"]["perplexity"] - base  # (the goals' rows are required)
     gptq_loss = by_name[f"int4 GPTQ g{g}"]["perplexity"] - base
     size_ratio = (
         by_name[f"int4 GPTQ g{g} + int8 embedding"]["disk_bytes"] / by_name["fp32"]["disk_bytes"]

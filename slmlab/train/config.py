@@ -123,11 +123,17 @@ class TrainConfig:
         """The config as TOML (run settings, then ``[model]`` and ``[extra]`` tables): what
         `from_file` reads, for ``slmlab train --config`` and ``torchrun``."""
 
+        def value(v: Any) -> str:  # TOML's inline tables and arrays; strings and numbers as JSON
+            if isinstance(v, dict):
+                return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
+            if isinstance(v, list | tuple):
+                return "[" + ", ".join(value(x) for x in v) + "]"
+            if v is None:
+                raise ConfigError("TOML has no null: leave the field out or give it a value")
+            return json.dumps(v)
+
         def lines(table: dict[str, Any]) -> list[str]:
-            return [
-                f"{key} = {json.dumps(list(v) if isinstance(v, tuple) else v)}"
-                for key, v in table.items()
-            ]
+            return [f"{key} = {value(v)}" for key, v in table.items()]
 
         top = {k: v for k, v in self.to_dict().items() if k not in ("model", "extra")}
         text = [*lines(top), "", "[model]", *lines(self.model)]

@@ -97,7 +97,7 @@ RECIPES: dict[str, TrainConfig] = {
 RECIPES["stories-1m-ternary"] = RECIPES["stories-1m"].replace(
     extra={
         "quick_steps": 60,
-        "qat": {"fmt": "ternary", "bits": 2, "group_size": None, "activation_bits": 8},
+        "qat": {"fmt": "ternary", "bits": 2, "group_size": -1, "activation_bits": 8},
     }
 )
 

@@ -104,13 +104,18 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def span(self, count: int) -> tuple[int, int]:
+        """The positions [start, end) that `count` new tokens will fill; an error if full."""
+        start, end = self.length, self.length + count
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        return start, end
+
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new k, v (B, K, T, D) of `layer`; return every key and value so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        start, end = self.span(k.shape[2])
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]

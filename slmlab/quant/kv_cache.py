@@ -48,9 +48,7 @@ class Int8KVCache(KVCache):
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        start, end = self.span(k.shape[2])
         for codes, scales, x in (
             (self.keys[layer], self.key_scales[layer], k),
             (self.values[layer], self.value_scales[layer], v),

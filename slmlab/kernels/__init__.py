@@ -30,6 +30,7 @@ __all__ = [
     "int4_linear",
     "linear",
     "linear_many",
+    "triton_available",
 ]
 
 _HERE = Path(__file__).resolve().parent
@@ -93,6 +94,16 @@ def _build_cpu_kernels() -> ModuleType | None:
         return None
 
 
+@cache
+def triton_available() -> bool:
+    """Whether Triton can be imported (the CUDA kernels are written in it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The kernel wins for a few rows of fp32 on CPU, outside autograd; PyTorch otherwise.
 
@@ -151,7 +162,16 @@ def int4_linear(
     it is exact up to fp32 summation order. Returns None where the kernel does not apply (not
     fp32 on CPU, autograd, a group size that is not a multiple of 32, no compiled kernels):
     the caller dequantizes and multiplies instead. `vector=False` runs the portable loop.
+
+    On a CUDA device the Triton kernel (`slmlab.kernels.triton_int4`) does the work, in x's
+    dtype, where Triton is installed (``pip install 'slmlab[gpu]'``).
     """
+    if x.is_cuda:
+        if not (_enabled and triton_available()) or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        from .triton_int4 import int4_linear as triton_int4_linear
+
+        return triton_int4_linear(x, codes, scales, zeros, group_size)
     if not (
         x.dtype is torch.float32
         and x.device.type == "cpu"

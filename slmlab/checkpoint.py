@@ -41,13 +41,15 @@ def save(
     tokenizer: Any = None,
     *,
     extra_files: dict[str, bytes] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` (and `tokenizer`, if given) as a checkpoint directory at `path`.
 
     Everything is written to a temporary directory beside `path` and renamed into place, so a
     crash never leaves a half-written checkpoint; an existing directory at `path` is replaced.
     `extra_files` (name → bytes) go into the same directory in the same atomic step: a training
-    run keeps its optimizer state beside the weights that way.
+    run keeps its optimizer state beside the weights that way. `state_dict` replaces
+    ``model.state_dict()`` where the caller has gathered the weights itself (a sharded model).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +61,8 @@ def save(
         if quantization is not None:
             config["quantization_config"] = quantization
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        state = state_dict if state_dict is not None else model.state_dict()
+        state = {k: v.detach().contiguous() for k, v in state.items()}
         if model.config.tie_word_embeddings:
             # The same tensors as the embedding's; stored once.
             state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}

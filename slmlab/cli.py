@@ -106,7 +106,12 @@ def _train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         config = config.replace(seed=args.seed)
     result = train(
-        config, args.out, max_steps=args.max_steps, resume=args.resume, progress=not args.quiet
+        config,
+        args.out,
+        max_steps=args.max_steps,
+        resume=args.resume,
+        progress=not args.quiet,
+        parallel=args.parallel,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process reports
         print(
@@ -263,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--parallel",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="under torchrun: replicate the model (ddp) or shard it across processes (fsdp)",
+    )
     p.set_defaults(func=_train)
 
     p = verbs.add_parser("eval", help="score a model on tasks, perplexity and efficiency")

@@ -146,35 +146,54 @@ def test_toml_round_trip(tmp_path) -> None:
         assert TrainConfig.from_file(tmp_path / "run.toml") == config
 
 
+def _cli_train(tmp_path, config: TrainConfig, out: str, *args: str, processes: int = 1) -> None:
+    """`slmlab train --config` on `config`, in one process or under torchrun with several."""
+    (tmp_path / "run.toml").write_text(config.to_toml())
+    assert TrainConfig.from_file(tmp_path / "run.toml") == config
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        if processes > 1
+        else []
+    )
+    command = ["-m", "slmlab", "train", "--config", str(tmp_path / "run.toml"), "--quiet"]
+    result = subprocess.run(
+        [sys.executable, *launcher, *command, "--out", str(tmp_path / out), *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _assert_same_weights(a, b) -> None:
+    a, b = weights(a), weights(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5)
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process(tmp_path) -> None:
     """DDP on 2 CPU processes (gloo) gives the model of 1 process with the same global batch."""
     config = TINY.replace(steps=4, eval_every=0)
-    (tmp_path / "run.toml").write_text(config.to_toml())
-    assert TrainConfig.from_file(tmp_path / "run.toml") == config
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["-m", "slmlab", "train", "--config", str(tmp_path / "run.toml"), "--quiet", "--out"]
-    single = subprocess.run(
-        [sys.executable, *common, str(tmp_path / "one")], env=env, capture_output=True, text=True
-    )
-    assert single.returncode == 0, single.stderr
-    double = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            *common,
-            str(tmp_path / "two"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert double.returncode == 0, double.stderr[-3000:]
+    _cli_train(tmp_path, config, "one")
+    _cli_train(tmp_path, config, "two", processes=2)
     state = json.loads((tmp_path / "two" / "last" / "trainer.json").read_text())
-    assert state["world_size"] == 2
-    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5)
+    assert (state["world_size"], state["parallel"]) == (2, "ddp")
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_stopped_and_resumed_equals_one_process(tmp_path) -> None:
+    """FSDP on 2 processes, with gradient accumulation, stopped after 2 steps and resumed
+    (weights and AdamW state gathered to whole tensors, then sharded again) ends with the
+    model of one process trained straight through."""
+    config = TINY.replace(steps=4, eval_every=2, grad_accum=2)
+    _cli_train(tmp_path, config, "one")
+    _cli_train(tmp_path, config, "two", "--parallel", "fsdp", "--max-steps", "2", processes=2)
+    halfway = load_file(tmp_path / "two" / "last" / "optimizer.safetensors")
+    assert halfway["model.embed_tokens.weight::exp_avg"].shape == (300, 64)  # whole, not shards
+    _cli_train(tmp_path, config, "two", "--parallel", "fsdp", "--resume", processes=2)
+    state = json.loads((tmp_path / "two" / "last" / "trainer.json").read_text())
+    assert (state["step"], state["world_size"], state["parallel"]) == (4, 2, "fsdp")
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")

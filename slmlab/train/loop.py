@@ -1,8 +1,16 @@
 """The training loop: AdamW, warm-up and cosine decay, accumulation, clipping, exact resume.
 
 One loop serves one process and many: under ``torchrun`` each process takes its share of every
-global batch and DistributedDataParallel averages the gradients, so the same recipe gives the
-same model (up to the order of floating-point sums) on one machine or several.
+global batch and the gradients are averaged, so the same recipe gives the same model (up to the
+order of floating-point sums) on one machine or several. Two ways to split the work:
+
+* ``parallel="ddp"`` (DistributedDataParallel): every process holds the whole model and
+  optimizer; gradients are all-reduced. Right while the model fits on one device.
+* ``parallel="fsdp"`` (PyTorch's FSDP2, ``fully_shard``): each block's parameters, gradients
+  and AdamW state are split across the processes and gathered only for the block's forward and
+  backward, so memory per process falls with their number. Right when the model does not fit.
+
+Checkpoints are always whole (gathered) state dicts, so a run can resume either way.
 """
 
 from __future__ import annotations
@@ -19,6 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ..checkpoint import load_state_dict
 from ..checkpoint import save as save_checkpoint
@@ -31,6 +45,9 @@ __all__ = ["TrainResult", "lr_at", "train"]
 
 LAST = "last"  # the checkpoint directory inside a run's folder
 METRICS = "metrics.jsonl"
+PARALLEL = ("ddp", "fsdp")
+# Whole tensors on every process, whatever the sharding: what a checkpoint stores.
+_WHOLE = StateDictOptions(full_state_dict=True)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -77,23 +94,28 @@ def _optimizer(model: DecoderLM, config: TrainConfig) -> torch.optim.AdamW:
 def _optimizer_tensors(
     model: DecoderLM, optimizer: torch.optim.Optimizer
 ) -> dict[str, torch.Tensor]:
-    """AdamW's state by parameter name, ready for safetensors (no pickle anywhere)."""
-    out = {}
-    for name, p in model.named_parameters():
-        for key, value in optimizer.state.get(p, {}).items():
-            out[f"{name}::{key}"] = value.detach().clone().contiguous()
-    return out
+    """AdamW's whole state as ``{"PARAMETER::KEY": tensor}``, ready for safetensors (no
+    pickle anywhere). A collective under FSDP: every process calls it."""
+    state = get_optimizer_state_dict(model, optimizer, options=_WHOLE)["state"]
+    return {
+        f"{name}::{key}": value.detach().clone().contiguous()
+        for name, values in state.items()
+        for key, value in values.items()
+    }
 
 
 def _restore_optimizer(
     model: DecoderLM, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 ) -> None:
-    for name, p in model.named_parameters():
-        state = {
-            key.split("::", 1)[1]: t for key, t in tensors.items() if key.split("::", 1)[0] == name
-        }
-        if state:
-            optimizer.state[p] = state
+    """The inverse of `_optimizer_tensors` (each process takes its shard under FSDP)."""
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, field = key.split("::", 1)
+        state.setdefault(name, {})[field] = value
+    groups = get_optimizer_state_dict(model, optimizer, options=_WHOLE)["param_groups"]
+    set_optimizer_state_dict(
+        model, optimizer, {"state": state, "param_groups": groups}, options=_WHOLE
+    )
 
 
 def _precision(config: TrainConfig, device: torch.device) -> str:
@@ -145,14 +167,18 @@ def train(
     resume: bool = False,
     progress: bool = True,
     data: TrainData | None = None,
+    parallel: str = "ddp",
 ) -> TrainResult:
     """Train the model `config` describes; write checkpoints, metrics and a loss plot to `out`.
 
     `max_steps` stops early (the schedule still runs to ``config.steps``), and `resume`
     continues from ``out/last``: a run stopped at step k and resumed ends with the very
-    weights of a run that was never stopped.
+    weights of a run that was never stopped. Under ``torchrun``, `parallel` chooses how the
+    processes share the work: ``"ddp"`` or ``"fsdp"`` (see the module's docstring).
     """
     out = Path(out)
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     rank, world, device = _distributed()
     if config.batch_size % (world * config.grad_accum):
         raise ValueError(
@@ -171,7 +197,6 @@ def train(
         from ..quant.qat import prepare_qat_
 
         prepare_qat_(model, QuantConfig(**config.extra["qat"]))
-    optimizer = _optimizer(model, config)
     start = 0
     if resume:
         state_file = out / LAST / "trainer.json"
@@ -188,15 +213,29 @@ def train(
         if model_config.tie_word_embeddings:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
         model.load_state_dict(weights)
-        _restore_optimizer(model, optimizer, load_file(out / LAST / "optimizer.safetensors"))
         start = state["step"]
+    if world > 1 and parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # One unit per block (its weights gathered for its own forward and backward only), and
+        # the root for the rest: the embedding, the final norm and the (tied) output head.
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        runner: torch.nn.Module = model
+    elif world > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        runner = model
+    optimizer = _optimizer(model, config)  # after sharding: it holds the shards
+    if resume:
+        _restore_optimizer(model, optimizer, load_file(out / LAST / "optimizer.safetensors"))
     precision = _precision(config, device)
     autocast = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
         if precision == "bf16"
         else nullcontext
     )
-    runner = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     model.train()
 
     metrics_path = out / METRICS
@@ -214,6 +253,9 @@ def train(
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def checkpoint(step: int) -> None:
+        # Every process gathers (a collective under FSDP); the first one writes.
+        weights = get_model_state_dict(model, options=_WHOLE)
+        optimizer_state = _optimizer_tensors(model, optimizer)
         if rank != 0:
             return
         trainer = {
@@ -221,13 +263,15 @@ def train(
             "config": config.to_dict(),
             "precision": precision,
             "world_size": world,
+            "parallel": parallel if world > 1 else None,
         }
         save_checkpoint(
             model,
             out / LAST,
             tokenizer=data.tokenizer,
+            state_dict=weights,
             extra_files={
-                "optimizer.safetensors": save(_optimizer_tensors(model, optimizer)),
+                "optimizer.safetensors": save(optimizer_state),
                 "trainer.json": json.dumps(trainer, indent=2).encode(),
             },
         )
@@ -254,7 +298,13 @@ def train(
         ].to(device)
         loss_sum = torch.zeros((), device=device)
         for i, chunk in enumerate(rows.split(micro)):
-            sync = nullcontext() if world == 1 or i == config.grad_accum - 1 else runner.no_sync()
+            last = i == config.grad_accum - 1  # average gradients across processes only then
+            if isinstance(runner, torch.nn.parallel.DistributedDataParallel) and not last:
+                sync = runner.no_sync()
+            else:
+                sync = nullcontext()
+                if world > 1 and parallel == "fsdp":
+                    model.set_requires_gradient_sync(last)
             with sync:
                 loss = _loss(runner, chunk, autocast) / config.grad_accum
                 loss.backward()
@@ -269,7 +319,10 @@ def train(
                 "raise warmup_steps, or check the data; the last good checkpoint is in "
                 f"{out / LAST}"
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced over shards
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1

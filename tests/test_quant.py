@@ -109,6 +109,31 @@ def test_two_bit_packing_holds_four_codes_a_byte() -> None:
     assert packed[1, 0] == codes[1, 0] | codes[1, 1] << 2 | codes[1, 2] << 4 | codes[1, 3] << 6
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
+def test_packing_is_one_bit_stream_of_any_width(bits: int) -> None:
+    from slmlab.quant.formats import pack_codes, unpack_codes
+
+    codes = torch.randint(0, 2**bits, (3, 40), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (3, 40 * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_codes(packed, bits), codes)
+    # The layout, independently: code i is bits i·b .. i·b + b − 1 of the row, read as one
+    # little-endian integer.
+    row = int.from_bytes(bytes(packed[1].tolist()), "little")
+    assert [(row >> (i * bits)) & (2**bits - 1) for i in range(40)] == codes[1].tolist()
+
+
+def test_three_bit_layers_store_three_eighths_of_a_byte_per_weight(weight) -> None:
+    from slmlab.quant import QuantLinear
+
+    q = quantize(weight, "int", 3, group_size=32)
+    layer = QuantLinear(q, None)
+    assert layer.codes.shape == (weight.shape[0], weight.shape[1] * 3 // 8)
+    assert torch.equal(layer.dequantized_weight(), dequantize(q))
+    rows = torch.tensor([5, 0, 5])  # the rows an embedding lookup reads, unpacked alone
+    assert torch.equal(dequantize(layer.quantized(rows)), dequantize(q)[rows])
+
+
 def test_ternary_weights_are_minus_one_zero_one_times_the_mean_magnitude(weight) -> None:
     q = quantize(weight, "ternary", 2, group_size=None)
     values = dequantize(q) / q.scales  # per row: exactly −1, 0 or +1

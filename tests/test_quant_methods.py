@@ -145,8 +145,9 @@ def test_llm_int8_matches_bitsandbytes() -> None:
         QuantConfig(method="rtn", fmt="fp8_e4m3", bits=8, group_size=None),
         QuantConfig(method="smoothquant", bits=8, group_size=None),
         QuantConfig(method="llm_int8", bits=8, group_size=None),
+        QuantConfig(method="gptq", bits=3, group_size=32),
     ],
-    ids=["rtn-int4-emb8", "gptq-int4-emb4", "nf4", "fp8", "smoothquant", "llm_int8"],
+    ids=["rtn-int4-emb8", "gptq-int4-emb4", "nf4", "fp8", "smoothquant", "llm_int8", "gptq-int3"],
 )
 def test_quantized_checkpoint_loads_to_identical_outputs(config, calibration, tmp_path) -> None:
     model = quantize_(small_model(), config, calibration=calibration)

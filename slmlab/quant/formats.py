@@ -22,6 +22,7 @@ Error bound (tested): for round-to-nearest integers, every weight is off by at m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -194,30 +195,45 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """8 / `bits` codes per byte along the last dimension (bits 2 or 4): (…, n) uint8 →
-    (…, n·bits/8) uint8, the code of the lowest index in the lowest bits."""
-    per_byte = 8 // bits
-    if bits not in (2, 4):
-        raise ValueError(f"packing takes 2- or 4-bit codes, got {bits} bits")
-    if codes.shape[-1] % per_byte:
+    """`bits`-bit codes (1 to 7) packed tightly along the last dimension: (…, n) uint8 →
+    (…, n·bits/8) uint8. The codes form one little-endian bit stream, code i in bits
+    [i·bits, (i+1)·bits): four 2-bit or two 4-bit codes fill a byte, the lowest index in the
+    lowest bits, and eight 3-bit codes fill three bytes, one of them across a byte boundary."""
+    if not 1 <= bits <= 7:
+        raise ValueError(f"packing takes 1- to 7-bit codes, got {bits} bits")
+    per_word = 8 // math.gcd(bits, 8)  # codes that fill a whole number of bytes
+    if codes.shape[-1] % per_word:
         raise ValueError(
-            f"packing {bits}-bit codes needs a last dimension divisible by {per_byte}, "
+            f"packing {bits}-bit codes needs a last dimension divisible by {per_word}, "
             f"got {codes.shape[-1]}"
         )
     checkable = codes.numel() and codes.device.type != "meta"  # meta: shapes only
     if codes.dtype != torch.uint8 or (checkable and int(codes.max()) >= 2**bits):
         raise ValueError(f"packing takes uint8 codes in 0..{2**bits - 1}")
-    packed = torch.zeros_like(codes[..., 0::per_byte])
-    for i in range(per_byte):
-        packed |= codes[..., i::per_byte] << (bits * i)
-    return packed
+    if 8 % bits == 0:  # whole codes per byte: shift and OR, no bit stream needed
+        per_byte = 8 // bits
+        packed = torch.zeros_like(codes[..., 0::per_byte])
+        for i in range(per_byte):
+            packed |= codes[..., i::per_byte] << (bits * i)
+        return packed
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    stream = (codes[..., None] >> shifts) & 1  # (…, n, bits): each code's bits, lowest first
+    stream = stream.reshape(*codes.shape[:-1], -1, 8)
+    weights = (1 << torch.arange(8, device=codes.device)).to(torch.uint8)
+    return (stream * weights).sum(-1, dtype=torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """The inverse of `pack_codes`."""
-    per_byte, mask = 8 // bits, 2**bits - 1
-    parts = [(packed >> (bits * i)) & mask for i in range(per_byte)]
-    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+    mask = 2**bits - 1
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        parts = [(packed >> (bits * i)) & mask for i in range(per_byte)]
+        return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    stream = ((packed[..., None] >> shifts) & 1).reshape(*packed.shape[:-1], -1, bits)
+    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.uint8)
+    return (stream * weights).sum(-1, dtype=torch.uint8)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

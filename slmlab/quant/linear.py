@@ -1,8 +1,8 @@
 """`quantize_(model, config)`: swap a model's linear layers for quantized ones, in place.
 
 The verb works on plain ``nn.Module``s (torchao's style): every ``nn.Linear`` whose name is not
-skipped becomes a `QuantLinear` that stores its weight as codes and scales (4-bit codes packed
-two to a byte) and multiplies by the compiled int4 kernel where it applies, or else by
+skipped becomes a `QuantLinear` that stores its weight as codes and scales (codes under 8 bits
+packed tightly: two 4-bit codes a byte, eight 3-bit ones in three) and multiplies by the compiled int4 kernel where it applies, or else by
 dequantize-then-matmul, the reference that every kernel is tested against.
 
 `QuantConfig.method` says how the codes are chosen:
@@ -91,6 +91,11 @@ def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return (x / scale).round().clamp(-qmax, qmax) * scale
 
 
+def _packed(codes: torch.Tensor, bits: int) -> bool:
+    """Whether a layer stores these codes packed: under 8 bits, when the row packs exactly."""
+    return bits < 8 and codes.dtype == torch.uint8 and codes.shape[-1] * bits % 8 == 0
+
+
 class QuantLinear(nn.Module):
     """A linear layer with a quantized weight (and, for W8A8, quantized activations)."""
 
@@ -106,8 +111,9 @@ class QuantLinear(nn.Module):
         self.fmt, self.bits, self.group_size = q.fmt, q.bits, q.group_size
         self.out_features, self.in_features = q.shape
         self.activation_bits, self.outlier_threshold = activation_bits, outlier_threshold
-        # 4- and 2-bit codes are packed two and four to a byte; 3-bit ones take a byte each.
-        packed = self.bits in (2, 4) and q.codes.dtype == torch.uint8
+        # Integer codes under 8 bits are packed tightly (two 4-bit codes a byte, eight 3-bit
+        # codes in three bytes), so the buffer, the checkpoint and the memory are bits/8 bytes.
+        packed = _packed(q.codes, self.bits)
         self.register_buffer("codes", pack_codes(q.codes, self.bits) if packed else q.codes)
         self.register_buffer("scales", q.scales)
         self.register_buffer("zeros", q.zeros)
@@ -139,10 +145,15 @@ class QuantLinear(nn.Module):
             outlier_threshold=spec["outlier_threshold"],
         )
 
-    def quantized(self) -> QuantizedTensor:
-        packed = self.bits in (2, 4) and self.codes.dtype == torch.uint8
-        codes = unpack_codes(self.codes, self.bits) if packed else self.codes
-        return QuantizedTensor(codes, self.scales, self.zeros, self.fmt, self.bits, self.group_size)
+    def quantized(self, rows: torch.Tensor | None = None) -> QuantizedTensor:
+        """The weight's codes (unpacked) and scales: all rows, or only those `rows` index."""
+        codes, scales, zeros = self.codes, self.scales, self.zeros
+        if rows is not None:  # select before unpacking: an embedding lookup reads few rows
+            codes, scales = codes[rows], scales[rows]
+            zeros = None if zeros is None else zeros[rows]
+        if codes.dtype == torch.uint8 and codes.shape[-1] != self.in_features:  # packed
+            codes = unpack_codes(codes, self.bits)
+        return QuantizedTensor(codes, scales, zeros, self.fmt, self.bits, self.group_size)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.quantized(), dtype)
@@ -201,16 +212,8 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = q.shape
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        table = self.linear
-        rows = QuantizedTensor(
-            table.quantized().codes[input_ids.reshape(-1)],
-            table.scales[input_ids.reshape(-1)],
-            None if table.zeros is None else table.zeros[input_ids.reshape(-1)],
-            table.fmt,
-            table.bits,
-            table.group_size,
-        )
-        return dequantize(rows).reshape(*input_ids.shape, self.embedding_dim)
+        rows = dequantize(self.linear.quantized(input_ids.reshape(-1)))
+        return rows.reshape(*input_ids.shape, self.embedding_dim)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:

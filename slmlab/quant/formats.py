@@ -194,14 +194,26 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     return (values * q.scales[..., None]).reshape(rows, cols).to(dtype)
 
 
+def _word(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of the smallest run of `bits`-bit codes that fills whole bytes: (2, 1)
+    for 4 bits, (4, 1) for 2, (8, 3) for 3. At most 7 bytes, so a word fits in an int64."""
+    common = math.gcd(bits, 8)
+    return 8 // common, bits // common
+
+
+def _wide(word_bytes: int) -> torch.dtype:
+    """The narrowest integer that holds a word (int32 is faster than int64 where it fits)."""
+    return torch.int32 if word_bytes <= 3 else torch.int64
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """`bits`-bit codes (1 to 7) packed tightly along the last dimension: (…, n) uint8 →
     (…, n·bits/8) uint8. The codes form one little-endian bit stream, code i in bits
-    [i·bits, (i+1)·bits): four 2-bit or two 4-bit codes fill a byte, the lowest index in the
-    lowest bits, and eight 3-bit codes fill three bytes, one of them across a byte boundary."""
+    [i·bits, (i+1)·bits): two 4-bit or four 2-bit codes fill a byte, the lowest index in the
+    lowest bits, and eight 3-bit codes fill three bytes, two of them across a byte boundary."""
     if not 1 <= bits <= 7:
         raise ValueError(f"packing takes 1- to 7-bit codes, got {bits} bits")
-    per_word = 8 // math.gcd(bits, 8)  # codes that fill a whole number of bytes
+    per_word, word_bytes = _word(bits)
     if codes.shape[-1] % per_word:
         raise ValueError(
             f"packing {bits}-bit codes needs a last dimension divisible by {per_word}, "
@@ -210,30 +222,25 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     checkable = codes.numel() and codes.device.type != "meta"  # meta: shapes only
     if codes.dtype != torch.uint8 or (checkable and int(codes.max()) >= 2**bits):
         raise ValueError(f"packing takes uint8 codes in 0..{2**bits - 1}")
-    if 8 % bits == 0:  # whole codes per byte: shift and OR, no bit stream needed
-        per_byte = 8 // bits
-        packed = torch.zeros_like(codes[..., 0::per_byte])
-        for i in range(per_byte):
-            packed |= codes[..., i::per_byte] << (bits * i)
-        return packed
-    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
-    stream = (codes[..., None] >> shifts) & 1  # (…, n, bits): each code's bits, lowest first
-    stream = stream.reshape(*codes.shape[:-1], -1, 8)
-    weights = (1 << torch.arange(8, device=codes.device)).to(torch.uint8)
-    return (stream * weights).sum(-1, dtype=torch.uint8)
+    # Each word's codes into one integer, then that integer's bytes, lowest first.
+    grouped = codes.reshape(*codes.shape[:-1], -1, per_word).to(_wide(word_bytes))
+    word = sum(grouped[..., i] << (bits * i) for i in range(per_word))
+    parts = [((word >> (8 * j)) & 0xFF).to(torch.uint8) for j in range(word_bytes)]
+    return torch.stack(parts, dim=-1).reshape(*codes.shape[:-1], -1)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """The inverse of `pack_codes`."""
+    per_word, word_bytes = _word(bits)
+    grouped = packed.reshape(*packed.shape[:-1], -1, word_bytes)
+    if word_bytes == 1:  # 1, 2 or 4 bits: shift the bytes themselves, no wider integer
+        word = grouped[..., 0]
+    else:
+        grouped = grouped.to(_wide(word_bytes))
+        word = sum(grouped[..., j] << (8 * j) for j in range(word_bytes))
     mask = 2**bits - 1
-    if 8 % bits == 0:
-        per_byte = 8 // bits
-        parts = [(packed >> (bits * i)) & mask for i in range(per_byte)]
-        return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    stream = ((packed[..., None] >> shifts) & 1).reshape(*packed.shape[:-1], -1, bits)
-    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.uint8)
-    return (stream * weights).sum(-1, dtype=torch.uint8)
+    parts = [((word >> (bits * i)) & mask).to(torch.uint8) for i in range(per_word)]
+    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -100,8 +100,6 @@ RECIPES: dict[str, TrainConfig] = {
 # weights are {-1, 0, +1} times their row's mean magnitude, and its inputs int8, in every
 # forward pass; the embedding and the output head stay in full precision, as in BitNet.
 RECIPES["stories-1m-ternary"] = RECIPES["stories-1m"].replace(
-    lr=3e-3,  # measured at this rate (chapter 08); the full-precision recipe's 6e-3 came later
-    min_lr=3e-4,
     extra={
         "quick_steps": 60,
         "qat": {"fmt": "ternary", "bits": 2, "group_size": -1, "activation_bits": 8},

@@ -97,6 +97,29 @@ def test_a_non_finite_loss_names_the_step(tmp_path, data) -> None:
         )
 
 
+def test_init_from_starts_from_a_trained_model_and_checks_it_fits(tmp_path, data) -> None:
+    train(TINY, tmp_path / "base", progress=False, data=data)
+    base = weights(tmp_path / "base")
+    # QAT as fine-tuning: the run's step 0 is the trained model, with fake-quantized linears.
+    qat = {"bits": 4, "group_size": 32}
+    tuned = TINY.replace(extra={"init_from": str(tmp_path / "base" / "last"), "qat": qat})
+    train(tuned, tmp_path / "tuned", max_steps=0, progress=False, data=data)
+    start = weights(tmp_path / "tuned")
+    assert start.keys() == base.keys()
+    assert all(torch.equal(start[k], base[k]) for k in base)
+    train(tuned, tmp_path / "tuned", progress=False, data=data)
+    assert not torch.equal(
+        weights(tmp_path / "tuned")["model.norm.weight"], base["model.norm.weight"]
+    )
+    with pytest.raises(ValueError, match="tokenizer is not the one"):
+        train(tuned.replace(vocab_size=280), tmp_path / "other", progress=False)
+    wider = tuned.replace(model={**TINY.model, "intermediate_size": 192})
+    with pytest.raises(ValueError, match="weights do not fit"):
+        train(wider, tmp_path / "wider", progress=False, data=data)
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint directory nor a zoo"):
+        train(TINY.replace(extra={"init_from": "nowhere"}), tmp_path / "x", data=data)
+
+
 def test_resume_needs_a_checkpoint_and_the_same_recipe(tmp_path, data) -> None:
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(TINY, tmp_path / "none", resume=True, progress=False, data=data)

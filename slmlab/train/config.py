@@ -25,6 +25,9 @@ class TrainConfig:
     `data` is ``stories`` (the generated corpus, `data_size` stories), ``python`` (the standard
     library's source) or a path / ``hf:NAME`` for the reader's own text. `batch_size` is the
     number of sequences per optimizer step across all processes and micro-batches.
+    `extra` holds what only some runs need: ``init_from`` (a checkpoint directory or zoo
+    recipe whose weights the run starts from: fine-tuning), ``qat`` (a `QuantConfig`'s fields:
+    train through rounding), ``quick_steps`` (the zoo's quick variant).
     """
 
     model: dict[str, Any]

@@ -118,6 +118,35 @@ def _restore_optimizer(
     )
 
 
+def _initialise_from(model: DecoderLM, source: str, data: TrainData) -> None:
+    """Load into `model` the weights of `source`: a checkpoint directory or a zoo recipe."""
+    from ..checkpoint import load_tokenizer
+
+    path = Path(source)
+    if not path.is_dir():
+        from .. import zoo
+
+        if source not in zoo.RECIPES:
+            raise FileNotFoundError(
+                f"init_from {source!r} is neither a checkpoint directory nor a zoo recipe "
+                f"({', '.join(sorted(zoo.RECIPES))})"
+            )
+        path = zoo.ensure(source)
+    if load_tokenizer(path).get_vocab() != data.tokenizer.to_hf().get_vocab():
+        raise ValueError(
+            f"{path}: its tokenizer is not the one this config's data builds, so the token ids "
+            "would mean other things; fine-tune with the data and vocab_size of the run that "
+            "made it"
+        )
+    weights = load_state_dict(path)
+    if model.config.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: its weights do not fit this config's model: {err}") from None
+
+
 def _precision(config: TrainConfig, device: torch.device) -> str:
     if config.precision == "auto":
         return "bf16" if bf16_is_fast(device.type) else "fp32"
@@ -192,6 +221,8 @@ def train(
         data.tokenizer.vocab_size, data.tokenizer.token_id(SEPARATOR)
     )
     model = DecoderLM(model_config).to(device)
+    if "init_from" in config.extra:  # fine-tuning (QAT, say): start from a trained model
+        _initialise_from(model, config.extra["init_from"], data)
     if "qat" in config.extra:  # chapter 08: train through the rounding the model is stored with
         from ..quant import QuantConfig
         from ..quant.qat import prepare_qat_

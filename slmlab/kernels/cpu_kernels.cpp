@@ -272,15 +272,20 @@ float int4_dot(const uint8_t* w, const float* scales, const uint8_t* zeros, int6
     const __m128i low_nibbles = _mm_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < k / kBlock; ++j) {
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * kBlock / 2));
-      const __m128i lo = _mm_and_si128(packed, low_nibbles);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
-      const __m256i codes = _mm256_set_m128i(hi, lo);
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j * kBlock));
-      const __m256i pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones);
-      const float s = scales[j / blocks_per_group] * dx[j];
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs), _mm256_set1_ps(s), acc);
+    // Groups outside, blocks inside: the group's scale multiplies once per group, and no
+    // integer division finds a block's group (a division per block cost more than the block).
+    for (int64_t g = 0, j = 0; g < groups; ++g) {
+      __m256 group_acc = _mm256_setzero_ps();
+      for (const int64_t end = j + blocks_per_group; j < end; ++j) {
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * kBlock / 2));
+        const __m128i lo = _mm_and_si128(packed, low_nibbles);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
+        const __m256i codes = _mm256_set_m128i(hi, lo);
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j * kBlock));
+        const __m256i pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones);
+        group_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs), _mm256_set1_ps(dx[j]), group_acc);
+      }
+      acc = _mm256_fmadd_ps(group_acc, _mm256_set1_ps(scales[g]), acc);
     }
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     h = _mm_hadd_ps(h, h);
@@ -288,13 +293,17 @@ float int4_dot(const uint8_t* w, const float* scales, const uint8_t* zeros, int6
     return _mm_cvtss_f32(h) - correction;
   }
 #endif
-  for (int64_t j = 0; j < k / kBlock; ++j) {  // the portable path: the same sums, one at a time
-    const uint8_t* wb = w + j * kBlock / 2;
-    const int8_t* xb = xq + j * kBlock;
-    int32_t total = 0;
-    for (int64_t i = 0; i < kBlock / 2; ++i)
-      total += int32_t(wb[i] & 0x0F) * xb[i] + int32_t(wb[i] >> 4) * xb[kBlock / 2 + i];
-    sum += scales[j / blocks_per_group] * dx[j] * float(total);
+  for (int64_t g = 0, j = 0; g < groups; ++g) {  // the portable path: the same sums, one at a time
+    float group_sum = 0.f;
+    for (const int64_t end = j + blocks_per_group; j < end; ++j) {
+      const uint8_t* wb = w + j * kBlock / 2;
+      const int8_t* xb = xq + j * kBlock;
+      int32_t total = 0;
+      for (int64_t i = 0; i < kBlock / 2; ++i)
+        total += int32_t(wb[i] & 0x0F) * xb[i] + int32_t(wb[i] >> 4) * xb[kBlock / 2 + i];
+      group_sum += dx[j] * float(total);
+    }
+    sum += scales[g] * group_sum;
   }
   return sum - correction;
 }

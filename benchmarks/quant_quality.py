@@ -33,13 +33,21 @@ def main() -> None:
     checkpoint = zoo.ensure(args.model, quick=False)
     texts = list(data.stories(args.texts, seed=2))
     methods = standard_methods(args.group_size)
+    g = args.group_size
+    goal_rows = ["fp32", f"int4 RTN g{g}", f"int4 GPTQ g{g}", f"int4 GPTQ g{g} + int8 embedding"]
     if args.only:
-        methods = {k: methods[k] for k in args.only.split(",")}
+        chosen = args.only.split(",")
+        unknown = [name for name in chosen if name not in methods]
+        if unknown:
+            parser.error(f"--only: no method {unknown}; the methods are {list(methods)}")
+        missing = [name for name in goal_rows if name not in chosen]
+        if missing:
+            parser.error(f"--only must include the rows the goals compare: {missing}")
+        methods = {name: methods[name] for name in chosen}
     rows = compare_methods(checkpoint, methods, texts=texts, limit=args.limit)
     by_name = {row["method"]: row for row in rows}
-    g = args.group_size
     base = by_name["fp32"]["perplexity"]
-    rtn_loss = by_name[f"int4 RTN g{g}"]["perplexity"] - base  # (the goals' rows are required)
+    rtn_loss = by_name[f"int4 RTN g{g}"]["perplexity"] - base
     gptq_loss = by_name[f"int4 GPTQ g{g}"]["perplexity"] - base
     size_ratio = (
         by_name[f"int4 GPTQ g{g} + int8 embedding"]["disk_bytes"] / by_name["fp32"]["disk_bytes"]

@@ -85,19 +85,11 @@ def test_triton_int4_on_cuda(dtype: torch.dtype, tolerance: float) -> None:
 def test_quantized_model_on_cuda_runs_the_kernel(monkeypatch) -> None:
     """A 4-bit model on the GPU gives the logits of its dequantized weights, through Triton."""
     from slmlab.kernels import triton_int4
-    from slmlab.models import DecoderLM, ModelConfig
     from slmlab.quant import QuantConfig, quantize_
 
-    torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = quantize_(DecoderLM(config), QuantConfig(bits=4, group_size=64)).eval()
+    from .test_quant_methods import small_model  # widths 64 and 128: groups of 64 divide both
+
+    model = quantize_(small_model(), QuantConfig(bits=4, group_size=64)).eval()
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad(), kernels.disabled():
         reference = model(ids)  # CPU, dequantize then multiply

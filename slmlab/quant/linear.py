@@ -2,8 +2,9 @@
 
 The verb works on plain ``nn.Module``s (torchao's style): every ``nn.Linear`` whose name is not
 skipped becomes a `QuantLinear` that stores its weight as codes and scales (codes under 8 bits
-packed tightly: two 4-bit codes a byte, eight 3-bit ones in three) and multiplies by the compiled int4 kernel where it applies, or else by
-dequantize-then-matmul, the reference that every kernel is tested against.
+packed tightly: two 4-bit codes a byte, eight 3-bit ones in three) and multiplies by a 4-bit
+kernel where one applies (C++ on CPU, Triton on CUDA), or else by dequantize-then-matmul, the
+reference that every kernel is tested against.
 
 `QuantConfig.method` says how the codes are chosen:
 

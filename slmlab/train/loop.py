@@ -138,13 +138,18 @@ def _initialise_from(model: DecoderLM, source: str, data: TrainData) -> None:
             "would mean other things; fine-tune with the data and vocab_size of the run that "
             "made it"
         )
+    try:
+        _load_weights(model, path)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: its weights do not fit this config's model: {err}") from None
+
+
+def _load_weights(model: DecoderLM, path: Path) -> None:
+    """The weights of checkpoint `path` into `model` (which stores a tied head once)."""
     weights = load_state_dict(path)
     if model.config.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: its weights do not fit this config's model: {err}") from None
+    model.load_state_dict(weights)
 
 
 def _precision(config: TrainConfig, device: torch.device) -> str:
@@ -240,12 +245,10 @@ def train(
             raise ValueError(
                 f"{state_file}: was written by a different recipe; resume needs the same config"
             )
-        weights = load_state_dict(out / LAST)
-        if model_config.tie_word_embeddings:
-            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-        model.load_state_dict(weights)
+        _load_weights(model, out / LAST)
         start = state["step"]
-    if world > 1 and parallel == "fsdp":
+    sharded = world > 1 and parallel == "fsdp"
+    if sharded:
         from torch.distributed.fsdp import fully_shard
 
         # One unit per block (its weights gathered for its own forward and backward only), and
@@ -284,7 +287,10 @@ def train(
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def checkpoint(step: int) -> None:
-        # Every process gathers (a collective under FSDP); the first one writes.
+        if rank != 0 and not sharded:
+            return
+        # Under FSDP gathering the shards is a collective: every process takes part; the
+        # first one writes.
         weights = get_model_state_dict(model, options=_WHOLE)
         optimizer_state = _optimizer_tensors(model, optimizer)
         if rank != 0:
@@ -330,12 +336,10 @@ def train(
         loss_sum = torch.zeros((), device=device)
         for i, chunk in enumerate(rows.split(micro)):
             last = i == config.grad_accum - 1  # average gradients across processes only then
-            if isinstance(runner, torch.nn.parallel.DistributedDataParallel) and not last:
-                sync = runner.no_sync()
-            else:
-                sync = nullcontext()
-                if world > 1 and parallel == "fsdp":
-                    model.set_requires_gradient_sync(last)
+            if sharded:
+                model.set_requires_gradient_sync(last)
+            ddp = isinstance(runner, torch.nn.parallel.DistributedDataParallel)
+            sync = runner.no_sync() if ddp and not last else nullcontext()
             with sync:
                 loss = _loss(runner, chunk, autocast) / config.grad_accum
                 loss.backward()

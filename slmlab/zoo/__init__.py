@@ -23,9 +23,9 @@ RECIPES: dict[str, TrainConfig] = {
     # ~1M parameters; about 3 minutes on 2 CPU cores. Rows of 256 tokens hold a whole story
     # (a quarter of them are longer than 128), so the model learns to copy names from the
     # opening: at the same tokens per step, 128-token rows gave 0.305 bits/char and chance on
-    # stories_who, 256-token rows 0.233 and 96%. Copying appears after a plateau, and a higher
-    # learning rate reaches it sooner: lr 6e-3 gave 0.209 (1e-2: 0.2085; 3e-3: 0.233), and
-    # half the batch for twice the steps delayed it (0.281 at 3e-3).
+    # stories_who, 256-token rows 0.233 and 96%. Copying appears after a plateau (chapter 05):
+    # lr 6e-3 left it about when 3e-3 did but learnt faster after it, 0.209 (3e-3: 0.233;
+    # 1e-2 left it sooner, 0.2085), and half the batch for twice the steps delayed it (0.281).
     "stories-1m": TrainConfig(
         model=dict(
             hidden_size=128,

@@ -112,6 +112,7 @@ def _train(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet,
         parallel=args.parallel,
+        device=args.device,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process reports
         print(
@@ -273,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("ddp", "fsdp"),
         default="ddp",
         help="under torchrun: replicate the model (ddp) or shard it across processes (fsdp)",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="cpu, cuda or auto (default cpu; torchrun: one GPU each)"
     )
     p.set_defaults(func=_train)
 

@@ -220,3 +220,33 @@ def test_fsdp_sharded_stopped_and_resumed_equals_one_process(tmp_path) -> None:
     state = json.loads((tmp_path / "two" / "last" / "trainer.json").read_text())
     assert (state["step"], state["world_size"], state["parallel"]) == (4, 2, "fsdp")
     _assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+def test_training_on_an_absent_gpu_says_so(tmp_path, data, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"no CUDA device is available.*--device cpu"):
+        train(TINY, tmp_path / "run", progress=False, data=data, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_matches_cpu_and_resumes(tmp_path, data) -> None:
+    """The same recipe on the GPU (fp32, TF32 off) follows the CPU run's losses, and a run
+    stopped and resumed on the GPU ends where a straight one does."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = TINY.replace(steps=6, eval_every=6)
+    cpu = train(config, tmp_path / "cpu", progress=False, data=data)
+    gpu = train(config, tmp_path / "gpu", progress=False, data=data, device="cuda")
+    train(config, tmp_path / "resumed", max_steps=3, progress=False, data=data, device="cuda")
+    resumed = train(
+        config, tmp_path / "resumed", resume=True, progress=False, data=data, device="cuda"
+    )
+
+    def losses(run) -> list[float]:
+        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(gpu.out) == pytest.approx(losses(cpu.out), rel=1e-4)
+    a, b, c = weights(cpu.out), weights(gpu.out), weights(resumed.out)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(c[k], b[k], rtol=1e-5, atol=1e-6)

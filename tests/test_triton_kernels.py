@@ -22,15 +22,25 @@ needs_triton = pytest.mark.skipif(
     reason="Triton is not installed (pip install 'slmlab[gpu]'): the CUDA int4 kernel is not checked",
 )
 
-# (rows, out, in, group): one row and a few (decoding), many rows, widths that do not fill a
-# tile, and groups narrower and wider than the kernel's 64 columns per step.
-SHAPES = [(1, 40, 96, 32), (3, 130, 256, 128), (20, 64, 192, 64), (70, 200, 512, 256)]
+# (rows, out, in, group): one row and a few (decoding, split over the inputs), many rows, widths
+# that do not fill a tile, groups that span whole tiles (scaled per output), and groups that do
+# not (48: scaled per weight; 21: odd, so a byte's two inputs can belong to different groups).
+SHAPES = [
+    (1, 40, 96, 32),
+    (3, 130, 256, 128),
+    (20, 64, 192, 64),
+    (70, 200, 512, 256),
+    (5, 48, 192, 48),
+    (2, 24, 42, 21),
+]
 
 
 def check_against_dequantize(device: str, dtype: torch.dtype, tolerance: float) -> None:
     """The kernel's output equals x @ dequantize(W).T (computed in fp64) within `tolerance`
-    of the output's scale, for symmetric and asymmetric codes and every shape above."""
-    from slmlab.kernels.triton_int4 import int4_linear
+    of the output's scale, for symmetric and asymmetric codes and every shape above, both by
+    the path `int4_linear` picks and by the fused kernel forced; and `dequantize_int4` gives
+    exactly `slmlab.quant.dequantize`'s weight, rounded once to fp32, fp16 or bf16."""
+    from slmlab.kernels.triton_int4 import dequantize_int4, int4_linear, launch_config
     from slmlab.quant import dequantize, pack_int4, quantize
 
     torch.manual_seed(0)
@@ -41,16 +51,22 @@ def check_against_dequantize(device: str, dtype: torch.dtype, tolerance: float) 
             q = quantize(weight, "int", 4, group_size=group, symmetric=symmetric)
             x = torch.randn(rows, width)
             exact = x.double() @ dequantize(q).double().T
-            y = int4_linear(
-                x.to(device, dtype),
+            packed = (
                 pack_int4(q.codes).to(device),
                 q.scales.to(device),
                 None if q.zeros is None else q.zeros.to(device),
                 group,
             )
-            assert y.dtype == dtype and y.shape == (rows, out)
-            error = (y.double().cpu() - exact).abs().max() / exact.abs().max()
-            assert error < tolerance, (symmetric, rows, out, width, group, float(error))
+            # (Triton's CPU interpreter rounds to bf16 by truncation; the GPU rounds to nearest.)
+            dtypes = [torch.float32, torch.float16] + [torch.bfloat16] * (device == "cuda")
+            for weight_dtype in dtypes:
+                w = dequantize_int4(*packed, weight_dtype).cpu()
+                assert torch.equal(w, dequantize(q).to(weight_dtype)), weight_dtype
+            for config in (None, launch_config(rows, out, width, group)):
+                y = int4_linear(x.to(device, dtype), *packed, config)
+                assert y.dtype == dtype and y.shape == (rows, out)
+                error = (y.double().cpu() - exact).abs().max() / exact.abs().max()
+                assert error < tolerance, (symmetric, rows, out, width, group, config, float(error))
 
 
 @needs_triton

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..checkpoint import load_state_dict
 from ..checkpoint import save as save_checkpoint
-from ..env import bf16_is_fast
+from ..env import bf16_is_fast, pick_device
 from ..models.decoder import DecoderLM
 from .config import TrainConfig
 from .data import SEPARATOR, TrainData, build_data
@@ -168,7 +168,8 @@ def _loss(model: torch.nn.Module, rows: torch.Tensor, autocast) -> torch.Tensor:
 def evaluate(model: DecoderLM, data: TrainData, config: TrainConfig) -> float:
     """Mean loss (nats per token) over the first `eval_batches` batches of validation rows."""
     model.eval()
-    rows = data.val[: config.eval_batches * config.batch_size]
+    device = next(model.parameters()).device
+    rows = data.val[: config.eval_batches * config.batch_size].to(device)
     total, count = 0.0, 0
     for chunk in rows.split(config.batch_size):
         logits = model(chunk[:, :-1])
@@ -180,14 +181,23 @@ def evaluate(model: DecoderLM, data: TrainData, config: TrainConfig) -> float:
     return total / count
 
 
-def _distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) — initialising the process group when run under torchrun."""
+def _distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) — initialising the process group when run under torchrun.
+    On CUDA each process takes the GPU of its local rank and the processes talk over NCCL;
+    on CPU, over gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = (
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    device = pick_device(device_name)
+    if device.type == "cuda" and device.index is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"process {local_rank} on this machine has no GPU of its own "
+                f"({torch.cuda.device_count()} visible): start at most that many processes "
+                "per machine (torchrun --nproc-per-node), or train on --device cpu"
+            )
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank() if world > 1 else 0), world, device
@@ -202,6 +212,7 @@ def train(
     progress: bool = True,
     data: TrainData | None = None,
     parallel: str = "ddp",
+    device: str = "cpu",
 ) -> TrainResult:
     """Train the model `config` describes; write checkpoints, metrics and a loss plot to `out`.
 
@@ -209,11 +220,13 @@ def train(
     continues from ``out/last``: a run stopped at step k and resumed ends with the very
     weights of a run that was never stopped. Under ``torchrun``, `parallel` chooses how the
     processes share the work: ``"ddp"`` or ``"fsdp"`` (see the module's docstring).
+    `device` is ``"cpu"`` (the default, so that a recipe gives the same numbers on every
+    machine), ``"cuda"`` or ``"auto"``; under torchrun, CUDA means each process's own GPU.
     """
     out = Path(out)
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
-    rank, world, device = _distributed()
+    rank, world, device = _distributed(device)
     if config.batch_size % (world * config.grad_accum):
         raise ValueError(
             f"batch_size ({config.batch_size}) must divide evenly over {world} processes × "

@@ -110,3 +110,45 @@ def test_int4_linear_declines_what_it_cannot_do() -> None:
     assert kernels.int4_linear(x, pack_int4(q.codes), q.scales, None, 32) is None
     with pytest.raises(RuntimeError, match="do not match input width"):
         kernels.int4_linear(torch.randn(1, 128), pack_int4(q.codes), q.scales, None, 32)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_decode_step_with_int4_layers_matches_the_layers(symmetric, monkeypatch) -> None:
+    """A 4-bit model (q, k, v biased, so the biases are added too) decodes in the fused step
+    to the logits and cache of its layers run one by one through the int4 kernel, for every
+    row count the kernel computes in integers; more rows fall back to the layers."""
+    import slmlab.models.decoder as decoder
+    from slmlab.quant import QuantConfig, quantize_
+
+    config = VARIANTS["qwen2-bias"]
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    perturb_norms_and_biases(model)
+    quantize_(model, QuantConfig(bits=4, group_size=32, symmetric=symmetric))
+    fused_step = decoder.decode_step
+    ran: list[bool] = []
+
+    def watched(*args):
+        out = fused_step(*args)
+        ran.append(out is not None)
+        return out
+
+    def run(ids: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(decoder, "decode_step", step)
+        cache = KVCache(config, ids.shape[0], 16)
+        with torch.no_grad():
+            model(ids[:, :6], cache=cache)
+            steps = [model(ids[:, t : t + 1], cache=cache) for t in range(6, ids.shape[1])]
+        return torch.cat(steps, 1), cache.keys[-1][:, :, : ids.shape[1]]
+
+    for rows in (1, kernels.INT4_MAX_ROWS_INT8):
+        ids = torch.randint(0, config.vocab_size, (rows, 10))
+        ran.clear()
+        fast = run(ids, watched)
+        assert ran == [True] * 4
+        reference = run(ids, lambda *args: None)  # the fused step declined: layer by layer
+        for a, b in zip(fast, reference, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    ran.clear()
+    run(torch.randint(0, config.vocab_size, (kernels.INT4_MAX_ROWS_INT8 + 1, 8)), watched)
+    assert ran == [False] * 2

@@ -220,14 +220,38 @@ def linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     return linear_many(x, [layer])[0]
 
 
+def _fused_linear(layer: torch.nn.Module, rows: int) -> list[torch.Tensor] | None:
+    """The three tensors the fused step takes for one projection (see cpu_kernels.cpp), or None
+    where it would not compute exactly what the layer computes on its own."""
+    from ..quant.linear import QuantLinear
+
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return None  # calibration, say: the hook must see the call
+    none = torch.empty(0)
+    if type(layer) is torch.nn.Linear and layer.weight.dtype is torch.float32:
+        return [layer.weight, none, none]
+    if (
+        type(layer) is QuantLinear
+        and layer.fmt == "int"
+        and layer.bits == 4
+        and layer.activation_bits is None
+        and layer.codes.shape[-1] * 2 == layer.in_features  # packed
+        and layer.group_size % 32 == 0
+        and rows <= INT4_MAX_ROWS_INT8  # the rows int4_linear also computes in integers
+    ):
+        return [layer.codes, layer.scales, none if layer.zeros is None else layer.zeros]
+    return None
+
+
 def decode_step(
     model: torch.nn.Module, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache
 ) -> torch.Tensor | None:
     """All blocks of `model` for one new token per row, in one compiled call.
 
     Returns the residual stream (B, 1, d) after the last block and fills the cache, exactly as
-    the blocks' own forward would; or None where the kernel does not apply (a layer that is not
-    a plain fp32 ``nn.Linear``, autograd, another device), and the caller runs the blocks itself.
+    the blocks' own forward would; or None where the kernel does not apply (autograd, another
+    device, a projection that is neither a plain fp32 ``nn.Linear`` nor a 4-bit `QuantLinear`
+    that `int4_linear` computes in integers), and the caller runs the blocks itself.
     """
     if torch.is_grad_enabled() or input_ids.device.type != "cpu" or input_ids.shape[1] != 1:
         return None
@@ -238,32 +262,29 @@ def decode_step(
     layers = []
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
-        linears = (
-            attn.q_proj,
-            attn.k_proj,
-            attn.v_proj,
-            attn.o_proj,
-            mlp.gate_proj,
-            mlp.up_proj,
-            mlp.down_proj,
-        )
-        if any(
-            type(m) is not torch.nn.Linear or m.weight.dtype is not torch.float32 for m in linears
-        ):
+        unbiased = (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(m.bias is not None for m in unbiased):
+            return None  # the step adds biases to q, k and v only, as the architectures do
+        projections = [
+            _fused_linear(m, input_ids.shape[0])
+            for m in (attn.q_proj, attn.k_proj, attn.v_proj, *unbiased)
+        ]
+        if any(p is None for p in projections):
             return None
-        bias = [none if m.bias is None else m.bias for m in linears[:3]]
+        q, k, v, o, gate, up, down = projections
+        bias = [none if m.bias is None else m.bias for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
         layers.append(
             [
                 block.input_layernorm.weight,
-                attn.q_proj.weight,
-                attn.k_proj.weight,
-                attn.v_proj.weight,
+                *q,
+                *k,
+                *v,
                 *bias,
-                attn.o_proj.weight,
+                *o,
                 block.post_attention_layernorm.weight,
-                mlp.gate_proj.weight,
-                mlp.up_proj.weight,
-                mlp.down_proj.weight,
+                *gate,
+                *up,
+                *down,
             ]
         )
     config = model.config

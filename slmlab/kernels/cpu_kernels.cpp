@@ -1,5 +1,5 @@
-// CPU kernels for decoding: bandwidth-bound matrix-vector products, a fused decode step, and a
-// weight-only int4 linear layer.
+// CPU kernels for decoding: bandwidth-bound matrix-vector products, a weight-only int4 linear
+// layer, and a fused decode step over layers of either kind.
 //
 // 1. gemv / gemv_many: y = x W^T for a few rows of x, W stored (out, in) row-major.
 // Decoding one token reads every weight once, so the product is bound by memory bandwidth,
@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <memory>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -95,129 +96,7 @@ std::vector<torch::Tensor> gemv_many(torch::Tensor x, std::vector<torch::Tensor>
   return ys;
 }
 
-// 2. decode_step: every block of a Llama-family decoder for one new token per row.
-//
-// The same computation as DecoderBlock.forward in slmlab/models/decoder.py, which is its
-// reference in the tests, written as one call so that a token costs one trip from Python
-// instead of dozens of small operator dispatches. Weights stay where PyTorch keeps them.
-namespace {
-
-void rms_norm(const float* x, const float* w, float* out, int64_t d, float eps) {
-  double ss = 0.0;
-  for (int64_t i = 0; i < d; ++i) ss += double(x[i]) * x[i];
-  const float r = 1.0f / std::sqrt(float(ss / d) + eps);
-  for (int64_t i = 0; i < d; ++i) out[i] = w[i] * (x[i] * r);
-}
-
-// x (D) rotated in place: x*cos + roll(x, D/2)*signed_sin, as apply_rope in rope.py.
-void rope(float* x, const float* cos, const float* sin, int64_t D, float* tmp) {
-  const int64_t h = D / 2;
-  for (int64_t i = 0; i < D; ++i) tmp[i] = x[i] * cos[i] + x[(i + h) % D] * sin[i];
-  std::copy(tmp, tmp + D, x);
-}
-
-// y[m, n] = x[m, k] W[n, k]^T (+ bias), over the rows of several weights at once.
-void project(const float* x, int64_t m, int64_t k, const std::vector<const float*>& w,
-             const std::vector<int64_t>& rows, const std::vector<const float*>& bias,
-             const std::vector<float*>& y) {
-  std::vector<int64_t> offsets{0};
-  for (auto r : rows) offsets.push_back(offsets.back() + r);
-  at::parallel_for(0, offsets.back(), grain_rows(k), [&](int64_t begin, int64_t end) {
-    size_t j = 0;
-    for (int64_t r = begin; r < end; ++r) {
-      while (r >= offsets[j + 1]) ++j;
-      const int64_t row = r - offsets[j], n = rows[j];
-      for (int64_t b = 0; b < m; ++b) {
-        float v = dot_row(w[j] + row * k, x + b * k, k);
-        y[j][b * n + row] = bias[j] ? v + bias[j][row] : v;
-      }
-    }
-  });
-}
-
-const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
-
-}  // namespace
-
-// x: (B, d) embeddings of the new tokens; returns the residual stream after the last block.
-// layers[i] = {input_norm, wq, wk, wv, bq, bk, bv, wo, post_norm, w_gate, w_up, w_down}
-// (empty tensors where there is no bias); caches[i] = {keys, values}, each (B, K, max_len, D).
-torch::Tensor decode_step(torch::Tensor x, std::vector<std::vector<torch::Tensor>> layers,
-                          std::vector<std::vector<torch::Tensor>> caches, torch::Tensor key_mask,
-                          torch::Tensor cos, torch::Tensor sin, int64_t length, double eps,
-                          int64_t n_heads, int64_t n_kv_heads) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
-              "decode_step: contiguous fp32 (B, d) input expected");
-  TORCH_CHECK(key_mask.scalar_type() == torch::kBool && key_mask.is_contiguous(), "decode_step: bool key_mask");
-  x = x.clone();
-  const int64_t B = x.size(0), d = x.size(1);
-  const int64_t D = cos.size(1), H = n_heads, K = n_kv_heads, group = H / K;
-  const int64_t q_size = H * D, kv_size = K * D;
-  const int64_t ff = layers[0][9].size(0), max_len = caches[0][0].size(2), S = length + 1;
-  const float scale = 1.0f / std::sqrt(float(D));
-  std::vector<float> h(B * d), q(B * q_size), k(B * kv_size), v(B * kv_size), o(B * q_size);
-  std::vector<float> gate(B * ff), up(B * ff), out(B * d);
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  const bool* mask = key_mask.data_ptr<bool>();
-  float* xp = x.data_ptr<float>();
-  for (size_t li = 0; li < layers.size(); ++li) {
-    auto& L = layers[li];
-    for (auto& t : L) TORCH_CHECK(!t.numel() || (t.scalar_type() == torch::kFloat32 && t.is_contiguous()),
-                                  "decode_step: contiguous fp32 weights expected");
-    for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * d, L[0].data_ptr<float>(), h.data() + b * d, d, float(eps));
-    project(h.data(), B, d, {L[1].data_ptr<float>(), L[2].data_ptr<float>(), L[3].data_ptr<float>()},
-            {q_size, kv_size, kv_size}, {opt(L[4]), opt(L[5]), opt(L[6])}, {q.data(), k.data(), v.data()});
-    float* kc = caches[li][0].data_ptr<float>();
-    float* vc = caches[li][1].data_ptr<float>();
-    std::vector<float> tmp(D);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t hh = 0; hh < H; ++hh) rope(q.data() + b * q_size + hh * D, cp + b * D, sp + b * D, D, tmp.data());
-      for (int64_t g = 0; g < K; ++g) {
-        rope(k.data() + b * kv_size + g * D, cp + b * D, sp + b * D, D, tmp.data());
-        const int64_t at = ((b * K + g) * max_len + length) * D;
-        std::copy(k.data() + b * kv_size + g * D, k.data() + b * kv_size + (g + 1) * D, kc + at);
-        std::copy(v.data() + b * kv_size + g * D, v.data() + b * kv_size + (g + 1) * D, vc + at);
-      }
-    }
-    // Attention of each (row, head) to the S cached positions that are not padding.
-    at::parallel_for(0, B * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(S * D, 1)), [&](int64_t begin, int64_t end) {
-      std::vector<float> p(S);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / H, hh = bh % H, g = hh / group;
-        const float* qv = q.data() + b * q_size + hh * D;
-        const float* kb = kc + (b * K + g) * max_len * D;
-        const float* vb = vc + (b * K + g) * max_len * D;
-        float best = -INFINITY;
-        for (int64_t j = 0; j < S; ++j) {
-          p[j] = mask[b * max_len + j] ? dot_row(kb + j * D, qv, D) * scale : -INFINITY;
-          best = std::max(best, p[j]);
-        }
-        float total = 0.f;
-        for (int64_t j = 0; j < S; ++j) total += (p[j] = p[j] == -INFINITY ? 0.f : std::exp(p[j] - best));
-        float* ov = o.data() + b * q_size + hh * D;
-        std::fill(ov, ov + D, 0.f);
-        for (int64_t j = 0; j < S; ++j) {
-          if (p[j] == 0.f) continue;
-          const float w = p[j] / total;
-          const float* vj = vb + j * D;
-          for (int64_t i = 0; i < D; ++i) ov[i] += w * vj[i];
-        }
-      }
-    });
-    project(o.data(), B, q_size, {L[7].data_ptr<float>()}, {d}, {nullptr}, {out.data()});
-    for (int64_t i = 0; i < B * d; ++i) xp[i] += out[i];
-    for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * d, L[8].data_ptr<float>(), h.data() + b * d, d, float(eps));
-    project(h.data(), B, d, {L[9].data_ptr<float>(), L[10].data_ptr<float>()}, {ff, ff}, {nullptr, nullptr},
-            {gate.data(), up.data()});
-    for (int64_t i = 0; i < B * ff; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-    project(gate.data(), B, ff, {L[11].data_ptr<float>()}, {d}, {nullptr}, {out.data()});
-    for (int64_t i = 0; i < B * d; ++i) xp[i] += out[i];
-  }
-  return x;
-}
-
-// 3. int4_linear: y = x W^T with W stored as 4-bit codes, two to a byte (weight 2j in the low
+// 2. int4_linear: y = x W^T with W stored as 4-bit codes, two to a byte (weight 2j in the low
 // nibble, 2j+1 in the high one), and a scale and a zero point per group of `group` inputs:
 // W[r, i] = scale[r, i / group] * (code[r, i] - zero[r, i / group]).
 //
@@ -237,10 +116,9 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 
-// x (k) -> int8 codes (k, permuted as above), a scale per block, and per group of the weight
-// the sum over its blocks of scale * sum(codes), which the zero-point term needs.
-void quantize_x(const float* x, int64_t k, int64_t group, int8_t* xq, float* dx, float* group_sums) {
-  const int64_t blocks_per_group = group / kBlock;
+// x (k) -> int8 codes (k, permuted as above), a scale per block, and per block its scale times
+// the sum of its codes, which the zero-point term needs.
+void quantize_x(const float* x, int64_t k, int8_t* xq, float* dx, float* block_sums) {
   for (int64_t j = 0; j < k / kBlock; ++j) {
     const float* xb = x + j * kBlock;
     float amax = 0.f;
@@ -254,10 +132,35 @@ void quantize_x(const float* x, int64_t k, int64_t group, int8_t* xq, float* dx,
       total += c;
     }
     dx[j] = d;
-    if (j % blocks_per_group == 0) group_sums[j / blocks_per_group] = 0.f;
-    group_sums[j / blocks_per_group] += d * float(total);
+    block_sums[j] = d * float(total);
   }
 }
+
+// The block sums added up per group of the weight: (groups) from (k / kBlock).
+void sum_groups(const float* block_sums, int64_t k, int64_t group, float* group_sums) {
+  const int64_t blocks_per_group = group / kBlock;
+  for (int64_t g = 0; g < k / group; ++g) {
+    group_sums[g] = 0.f;
+    for (int64_t j = g * blocks_per_group; j < (g + 1) * blocks_per_group; ++j) group_sums[g] += block_sums[j];
+  }
+}
+
+// x (m, k) quantized once for every int4 weight that multiplies it.
+struct QuantizedX {
+  int64_t m, k;
+  std::vector<int8_t> xq;
+  std::vector<float> dx, block_sums;
+  QuantizedX(const float* x, int64_t m, int64_t k)
+      : m(m), k(k), xq(m * k), dx(m * k / kBlock), block_sums(m * k / kBlock) {
+    for (int64_t b = 0; b < m; ++b)
+      quantize_x(x + b * k, k, xq.data() + b * k, dx.data() + b * k / kBlock, block_sums.data() + b * k / kBlock);
+  }
+  std::vector<float> group_sums(int64_t group) const {  // (m, k / group)
+    std::vector<float> out(m * (k / group));
+    for (int64_t b = 0; b < m; ++b) sum_groups(block_sums.data() + b * k / kBlock, k, group, out.data() + b * (k / group));
+    return out;
+  }
+};
 
 // One output: sum over blocks of scale_g * dx_j * (sum_i q_i xq_i), minus the zero-point term.
 template <bool Vector>
@@ -326,6 +229,189 @@ void dequantize_rows(const uint8_t* w, const float* scales, const uint8_t* zeros
 
 }  // namespace
 
+// 3. decode_step: every block of a Llama-family decoder for one new token per row.
+//
+// The same computation as DecoderBlock.forward in slmlab/models/decoder.py, which is its
+// reference in the tests, written as one call so that a token costs one trip from Python
+// instead of dozens of small operator dispatches. Weights stay where PyTorch keeps them.
+namespace {
+
+void rms_norm(const float* x, const float* w, float* out, int64_t d, float eps) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < d; ++i) ss += double(x[i]) * x[i];
+  const float r = 1.0f / std::sqrt(float(ss / d) + eps);
+  for (int64_t i = 0; i < d; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+// x (D) rotated in place: x*cos + roll(x, D/2)*signed_sin, as apply_rope in rope.py.
+void rope(float* x, const float* cos, const float* sin, int64_t D, float* tmp) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < D; ++i) tmp[i] = x[i] * cos[i] + x[(i + h) % D] * sin[i];
+  std::copy(tmp, tmp + D, x);
+}
+
+// One linear layer of a block: an fp32 weight (n, k), or int4 codes (n, k/2) with their group
+// scales and zero points (section 2), passed as three tensors: {weight, empty, empty} or
+// {codes, scales, zeros or empty}. The group size is k / (scales per row).
+struct Linear {
+  int64_t rows = 0, group = 0;
+  const float* weight = nullptr;
+  const uint8_t* codes = nullptr;
+  const float* scales = nullptr;
+  const uint8_t* zeros = nullptr;
+};
+
+Linear as_linear(const std::vector<torch::Tensor>& L, size_t at, int64_t k) {
+  const torch::Tensor& w = L[at];
+  Linear out;
+  out.rows = w.size(0);
+  if (w.scalar_type() == torch::kUInt8) {
+    const torch::Tensor &scales = L[at + 1], &zeros = L[at + 2];
+    TORCH_CHECK(w.is_contiguous() && w.size(1) * 2 == k, "decode_step: int4 codes ", w.sizes(), " for width ", k);
+    TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.size(0) == w.size(0) &&
+                    k % scales.size(1) == 0 && (k / scales.size(1)) % kBlock == 0,
+                "decode_step: int4 scales ", scales.sizes(), " must be fp32 with a group size that is a multiple of 32");
+    TORCH_CHECK(!zeros.numel() || (zeros.scalar_type() == torch::kUInt8 && zeros.sizes() == scales.sizes() &&
+                                   zeros.is_contiguous()),
+                "decode_step: int4 zeros must be uint8 of the scales' shape");
+    out.codes = w.data_ptr<uint8_t>();
+    out.scales = scales.data_ptr<float>();
+    out.zeros = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
+    out.group = k / scales.size(1);
+  } else {
+    TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.size(1) == k,
+                "decode_step: contiguous fp32 weights expected");
+    out.weight = w.data_ptr<float>();
+  }
+  return out;
+}
+
+// y[m, n] = x[m, k] W[n, k]^T (+ bias), over the rows of several weights at once. x is
+// quantized to int8 blocks once for all the int4 weights among them.
+void project(const float* x, int64_t m, int64_t k, const std::vector<Linear>& w,
+             const std::vector<const float*>& bias, const std::vector<float*>& y) {
+  std::vector<int64_t> offsets{0};
+  bool any_int4 = false, all_int4 = true;
+  for (auto& l : w) {
+    offsets.push_back(offsets.back() + l.rows);
+    any_int4 |= l.codes != nullptr;
+    all_int4 &= l.codes != nullptr;
+  }
+  std::unique_ptr<QuantizedX> qx;
+  std::vector<std::vector<float>> group_sums(w.size());
+  if (any_int4) {
+    qx = std::make_unique<QuantizedX>(x, m, k);
+    for (size_t j = 0; j < w.size(); ++j)
+      if (w[j].codes) group_sums[j] = qx->group_sums(w[j].group);
+  }
+  at::parallel_for(0, offsets.back(), grain_rows(all_int4 ? k / 8 : k), [&](int64_t begin, int64_t end) {
+    size_t j = 0;
+    for (int64_t r = begin; r < end; ++r) {
+      while (r >= offsets[j + 1]) ++j;
+      const Linear& l = w[j];
+      const int64_t row = r - offsets[j], n = l.rows;
+      for (int64_t b = 0; b < m; ++b) {
+        float v;
+        if (l.codes) {
+          const int64_t groups = k / l.group;
+          v = int4_dot<true>(l.codes + row * k / 2, l.scales + row * groups, l.zeros ? l.zeros + row * groups : nullptr,
+                             k, l.group, qx->xq.data() + b * k, qx->dx.data() + b * k / kBlock,
+                             group_sums[j].data() + b * groups);
+        } else {
+          v = dot_row(l.weight + row * k, x + b * k, k);
+        }
+        y[j][b * n + row] = bias[j] ? v + bias[j][row] : v;
+      }
+    }
+  });
+}
+
+const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+}  // namespace
+
+// x: (B, d) embeddings of the new tokens; returns the residual stream after the last block.
+// layers[i] = {input_norm, q, k, v, bq, bk, bv, o, post_norm, gate, up, down}, where each
+// projection is three tensors (see Linear) and the biases are empty where there are none;
+// caches[i] = {keys, values}, each (B, K, max_len, D).
+torch::Tensor decode_step(torch::Tensor x, std::vector<std::vector<torch::Tensor>> layers,
+                          std::vector<std::vector<torch::Tensor>> caches, torch::Tensor key_mask,
+                          torch::Tensor cos, torch::Tensor sin, int64_t length, double eps,
+                          int64_t n_heads, int64_t n_kv_heads) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "decode_step: contiguous fp32 (B, d) input expected");
+  TORCH_CHECK(key_mask.scalar_type() == torch::kBool && key_mask.is_contiguous(), "decode_step: bool key_mask");
+  x = x.clone();
+  const int64_t B = x.size(0), d = x.size(1);
+  const int64_t D = cos.size(1), H = n_heads, K = n_kv_heads, group = H / K;
+  const int64_t q_size = H * D, kv_size = K * D;
+  const int64_t ff = layers[0][17].size(0), max_len = caches[0][0].size(2), S = length + 1;
+  const float scale = 1.0f / std::sqrt(float(D));
+  std::vector<float> h(B * d), q(B * q_size), k(B * kv_size), v(B * kv_size), o(B * q_size);
+  std::vector<float> gate(B * ff), up(B * ff), out(B * d);
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  const bool* mask = key_mask.data_ptr<bool>();
+  float* xp = x.data_ptr<float>();
+  for (size_t li = 0; li < layers.size(); ++li) {
+    auto& L = layers[li];
+    TORCH_CHECK(L.size() == 26, "decode_step: 26 tensors per layer expected, got ", L.size());
+    for (size_t i : {0, 10, 11, 12, 16})
+      TORCH_CHECK(!L[i].numel() || (L[i].scalar_type() == torch::kFloat32 && L[i].is_contiguous()),
+                  "decode_step: contiguous fp32 norms and biases expected");
+    for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * d, L[0].data_ptr<float>(), h.data() + b * d, d, float(eps));
+    project(h.data(), B, d, {as_linear(L, 1, d), as_linear(L, 4, d), as_linear(L, 7, d)},
+            {opt(L[10]), opt(L[11]), opt(L[12])}, {q.data(), k.data(), v.data()});
+    float* kc = caches[li][0].data_ptr<float>();
+    float* vc = caches[li][1].data_ptr<float>();
+    std::vector<float> tmp(D);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t hh = 0; hh < H; ++hh) rope(q.data() + b * q_size + hh * D, cp + b * D, sp + b * D, D, tmp.data());
+      for (int64_t g = 0; g < K; ++g) {
+        rope(k.data() + b * kv_size + g * D, cp + b * D, sp + b * D, D, tmp.data());
+        const int64_t at = ((b * K + g) * max_len + length) * D;
+        std::copy(k.data() + b * kv_size + g * D, k.data() + b * kv_size + (g + 1) * D, kc + at);
+        std::copy(v.data() + b * kv_size + g * D, v.data() + b * kv_size + (g + 1) * D, vc + at);
+      }
+    }
+    // Attention of each (row, head) to the S cached positions that are not padding.
+    at::parallel_for(0, B * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(S * D, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<float> p(S);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, hh = bh % H, g = hh / group;
+        const float* qv = q.data() + b * q_size + hh * D;
+        const float* kb = kc + (b * K + g) * max_len * D;
+        const float* vb = vc + (b * K + g) * max_len * D;
+        float best = -INFINITY;
+        for (int64_t j = 0; j < S; ++j) {
+          p[j] = mask[b * max_len + j] ? dot_row(kb + j * D, qv, D) * scale : -INFINITY;
+          best = std::max(best, p[j]);
+        }
+        float total = 0.f;
+        for (int64_t j = 0; j < S; ++j) total += (p[j] = p[j] == -INFINITY ? 0.f : std::exp(p[j] - best));
+        float* ov = o.data() + b * q_size + hh * D;
+        std::fill(ov, ov + D, 0.f);
+        for (int64_t j = 0; j < S; ++j) {
+          if (p[j] == 0.f) continue;
+          const float w = p[j] / total;
+          const float* vj = vb + j * D;
+          for (int64_t i = 0; i < D; ++i) ov[i] += w * vj[i];
+        }
+      }
+    });
+    project(o.data(), B, q_size, {as_linear(L, 13, q_size)}, {nullptr}, {out.data()});
+    for (int64_t i = 0; i < B * d; ++i) xp[i] += out[i];
+    for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * d, L[16].data_ptr<float>(), h.data() + b * d, d, float(eps));
+    project(h.data(), B, d, {as_linear(L, 17, d), as_linear(L, 20, d)}, {nullptr, nullptr},
+            {gate.data(), up.data()});
+    for (int64_t i = 0; i < B * ff; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    project(gate.data(), B, ff, {as_linear(L, 23, ff)}, {nullptr}, {out.data()});
+    for (int64_t i = 0; i < B * d; ++i) xp[i] += out[i];
+  }
+  return x;
+}
+
+
 // x: (m, k) fp32; packed: (n, k/2) uint8; scales: (n, k/group) fp32; zeros: (n, k/group) uint8,
 // or empty for symmetric codes (zero point 8). `max_rows_int8`: up to this many rows of x take
 // the int8-activation path, more take dequantize-and-GEMM. `vector`: false forces the portable
@@ -368,18 +454,15 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
     }
     return yt.t().contiguous();
   }
-  std::vector<int8_t> xq(m * k);
-  std::vector<float> dx(m * k / kBlock), group_sums(m * groups);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t b = 0; b < m; ++b)
-    quantize_x(xp + b * k, k, group, xq.data() + b * k, dx.data() + b * k / kBlock, group_sums.data() + b * groups);
+  const QuantizedX qx(x.data_ptr<float>(), m, k);
+  const std::vector<float> group_sums = qx.group_sums(group);
   auto y = torch::empty({m, n}, x.options());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n, grain_rows(k / 8), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       for (int64_t b = 0; b < m; ++b) {
-        const int8_t* xb = xq.data() + b * k;
-        const float* db = dx.data() + b * k / kBlock;
+        const int8_t* xb = qx.xq.data() + b * k;
+        const float* db = qx.dx.data() + b * k / kBlock;
         const float* gb = group_sums.data() + b * groups;
         yp[b * n + r] = vector ? int4_dot<true>(wp + r * k / 2, sp + r * groups, zp ? zp + r * groups : nullptr,
                                                 k, group, xb, db, gb)

@@ -79,15 +79,19 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group_size", [32, 128, None])
 @pytest.mark.parametrize("vector", [True, False])
-def test_int4_linear_matches_dequantize_then_matmul(symmetric, group_size, vector) -> None:
+def test_int4_linear_matches_dequantize_then_matmul(
+    symmetric, group_size, vector, monkeypatch
+) -> None:
     from slmlab.quant import dequantize, pack_int4, quantize
+
+    monkeypatch.setattr(kernels, "INT4_MAX_ROWS_INT8", 8)  # rows in chunks of 4: 4 + 2 below
 
     torch.manual_seed(0)
     weight = torch.randn(200, 256) * 0.05
     weight[7, 100] = 1.5  # an outlier in one group
     q = quantize(weight, "int", 4, group_size=group_size, symmetric=symmetric)
     packed, reference = pack_int4(q.codes), dequantize(q)
-    for rows in (1, 3):  # decoding: x rounded to int8 per block of 32, integer dot products
+    for rows in (1, 3, 6):  # decoding: x rounded to int8 per block of 32, integer dot products
         x = torch.randn(rows, 256)
         x[0, :32] = 0.0  # an all-zero block has scale 0
         y = kernels.int4_linear(x, packed, q.scales, q.zeros, q.group_size, vector=vector)

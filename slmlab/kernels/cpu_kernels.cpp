@@ -105,7 +105,8 @@ std::vector<torch::Tensor> gemv_many(torch::Tensor x, std::vector<torch::Tensor>
 // to fp32 does not. As llama.cpp's Q4_0 x Q8_0 kernels do, x is quantized to int8 in blocks of
 // 32 (one fp32 scale per block) and each block's dot product is done in integers: maddubs
 // multiplies 32 unsigned codes by 32 signed x's and adds neighbours (16-bit), madd adds pairs
-// again (32-bit), and only then one conversion and one FMA per 32 weights. The zero point
+// again (32-bit) -- or one VNNI instruction does both, where the CPU has it -- and only then
+// one conversion and one FMA per 32 weights. A few rows of x share each unpacked block. The zero point
 // comes out of the sum once per group: sum (q - z) x = sum q x - z sum x. The packed order is
 // matched by permuting x, not the weights: a block of x is stored as its 16 even entries, then
 // its 16 odd ones, the same order as [low nibbles | high nibbles] of 16 packed bytes.
@@ -162,41 +163,62 @@ struct QuantizedX {
   }
 };
 
-// One output: sum over blocks of scale_g * dx_j * (sum_i q_i xq_i), minus the zero-point term.
-template <bool Vector>
-float int4_dot(const uint8_t* w, const float* scales, const uint8_t* zeros, int64_t k, int64_t group,
-               const int8_t* xq, const float* dx, const float* group_sums) {
-  const int64_t blocks_per_group = group / kBlock, groups = k / group;
-  float correction = 0.f;
-  for (int64_t g = 0; g < groups; ++g) correction += scales[g] * float(zeros ? zeros[g] : 8) * group_sums[g];
-  float sum = 0.f;
+// One weight row against up to kRows rows of x at once: each block of codes is unpacked once
+// and multiplied with every row, so a few rows cost little more than one. For row b, output
+// sum over blocks of scale_g * dx_bj * (sum_i q_i xq_bi), minus the zero-point term.
+constexpr int64_t kRows = 4;
+
 #ifdef SLMLAB_AVX2
-  if constexpr (Vector) {
-    const __m128i low_nibbles = _mm_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_setzero_ps();
-    // Groups outside, blocks inside: the group's scale multiplies once per group, and no
-    // integer division finds a block's group (a division per block cost more than the block).
-    for (int64_t g = 0, j = 0; g < groups; ++g) {
-      __m256 group_acc = _mm256_setzero_ps();
-      for (const int64_t end = j + blocks_per_group; j < end; ++j) {
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * kBlock / 2));
-        const __m128i lo = _mm_and_si128(packed, low_nibbles);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
-        const __m256i codes = _mm256_set_m128i(hi, lo);
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j * kBlock));
-        const __m256i pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones);
-        group_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs), _mm256_set1_ps(dx[j]), group_acc);
-      }
-      acc = _mm256_fmadd_ps(group_acc, _mm256_set1_ps(scales[g]), acc);
-    }
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_hadd_ps(h, h);
-    h = _mm_hadd_ps(h, h);
-    return _mm_cvtss_f32(h) - correction;
-  }
+// Eight int32 sums of four products each, u8 codes times s8 x: one VNNI instruction where the
+// CPU has it, else maddubs (pairs, 16-bit; no overflow: 2 * 15 * 127 < 2^15) and madd.
+static inline __m256i dot_u8_s8(__m256i codes, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1));
 #endif
-  for (int64_t g = 0, j = 0; g < groups; ++g) {  // the portable path: the same sums, one at a time
+}
+
+template <int M>
+void int4_rows_avx2(const uint8_t* w, const float* scales, int64_t k, int64_t group, const int8_t* xq,
+                    const float* dx, float* sums) {
+  const int64_t blocks_per_group = group / kBlock, groups = k / group;
+  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  __m256 acc[M];
+  for (int b = 0; b < M; ++b) acc[b] = _mm256_setzero_ps();
+  // Groups outside, blocks inside: the group's scale multiplies once per group, and no
+  // integer division finds a block's group (a division per block cost more than the block).
+  for (int64_t g = 0, j = 0; g < groups; ++g) {
+    __m256 group_acc[M];
+    for (int b = 0; b < M; ++b) group_acc[b] = _mm256_setzero_ps();
+    for (const int64_t end = j + blocks_per_group; j < end; ++j) {
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * kBlock / 2));
+      const __m128i lo = _mm_and_si128(packed, low_nibbles);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
+      const __m256i codes = _mm256_set_m128i(hi, lo);
+      for (int b = 0; b < M; ++b) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * k + j * kBlock));
+        group_acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8_s8(codes, xv)),
+                                       _mm256_set1_ps(dx[b * (k / kBlock) + j]), group_acc[b]);
+      }
+    }
+    for (int b = 0; b < M; ++b) acc[b] = _mm256_fmadd_ps(group_acc[b], _mm256_set1_ps(scales[g]), acc[b]);
+  }
+  for (int b = 0; b < M; ++b) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[b]), _mm256_extractf128_ps(acc[b], 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    sums[b] = _mm_cvtss_f32(h);
+  }
+}
+#endif
+
+// The portable path: the same sums, one at a time.
+float int4_row_portable(const uint8_t* w, const float* scales, int64_t k, int64_t group, const int8_t* xq,
+                        const float* dx) {
+  const int64_t blocks_per_group = group / kBlock, groups = k / group;
+  float sum = 0.f;
+  for (int64_t g = 0, j = 0; g < groups; ++g) {
     float group_sum = 0.f;
     for (const int64_t end = j + blocks_per_group; j < end; ++j) {
       const uint8_t* wb = w + j * kBlock / 2;
@@ -208,7 +230,45 @@ float int4_dot(const uint8_t* w, const float* scales, const uint8_t* zeros, int6
     }
     sum += scales[g] * group_sum;
   }
-  return sum - correction;
+  return sum;
+}
+
+// Output `row` of W (n rows) for every row of the quantized x: y[b * n + row], plus `bias`.
+void int4_outputs(const uint8_t* codes, const float* scales, const uint8_t* zeros, int64_t k, int64_t group,
+                  int64_t row, int64_t n, const QuantizedX& qx, const float* group_sums, const float* bias,
+                  bool vector, float* y) {
+  const int64_t groups = k / group;
+  const uint8_t* w = codes + row * k / 2;
+  const float* s = scales + row * groups;
+  const uint8_t* z = zeros ? zeros + row * groups : nullptr;
+  float sums[kRows];
+  for (int64_t b0 = 0; b0 < qx.m; b0 += kRows) {
+    const int64_t rows = std::min(kRows, qx.m - b0);
+    const int8_t* xq = qx.xq.data() + b0 * k;
+    const float* dx = qx.dx.data() + b0 * (k / kBlock);
+    bool done = false;
+#ifdef SLMLAB_AVX2
+    if (vector) {
+      switch (rows) {
+        case 1: int4_rows_avx2<1>(w, s, k, group, xq, dx, sums); break;
+        case 2: int4_rows_avx2<2>(w, s, k, group, xq, dx, sums); break;
+        case 3: int4_rows_avx2<3>(w, s, k, group, xq, dx, sums); break;
+        default: int4_rows_avx2<4>(w, s, k, group, xq, dx, sums); break;
+      }
+      done = true;
+    }
+#endif
+    if (!done)
+      for (int64_t b = 0; b < rows; ++b) sums[b] = int4_row_portable(w, s, k, group, xq + b * k, dx + b * (k / kBlock));
+    for (int64_t b = 0; b < rows; ++b) {
+      // sum (q - z) x = sum q x - z sum x, the second term per group.
+      const float* gs = group_sums + (b0 + b) * groups;
+      float correction = 0.f;
+      for (int64_t g = 0; g < groups; ++g) correction += s[g] * float(z ? z[g] : 8) * gs[g];
+      const float v = sums[b] - correction;
+      y[(b0 + b) * n + row] = bias ? v + bias[row] : v;
+    }
+  }
 }
 
 void dequantize_rows(const uint8_t* w, const float* scales, const uint8_t* zeros, int64_t k, int64_t group,
@@ -310,16 +370,12 @@ void project(const float* x, int64_t m, int64_t k, const std::vector<Linear>& w,
       while (r >= offsets[j + 1]) ++j;
       const Linear& l = w[j];
       const int64_t row = r - offsets[j], n = l.rows;
+      if (l.codes) {
+        int4_outputs(l.codes, l.scales, l.zeros, k, l.group, row, n, *qx, group_sums[j].data(), bias[j], true, y[j]);
+        continue;
+      }
       for (int64_t b = 0; b < m; ++b) {
-        float v;
-        if (l.codes) {
-          const int64_t groups = k / l.group;
-          v = int4_dot<true>(l.codes + row * k / 2, l.scales + row * groups, l.zeros ? l.zeros + row * groups : nullptr,
-                             k, l.group, qx->xq.data() + b * k, qx->dx.data() + b * k / kBlock,
-                             group_sums[j].data() + b * groups);
-        } else {
-          v = dot_row(l.weight + row * k, x + b * k, k);
-        }
+        const float v = dot_row(l.weight + row * k, x + b * k, k);
         y[j][b * n + row] = bias[j] ? v + bias[j][row] : v;
       }
     }
@@ -459,16 +515,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   auto y = torch::empty({m, n}, x.options());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n, grain_rows(k / 8), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t b = 0; b < m; ++b) {
-        const int8_t* xb = qx.xq.data() + b * k;
-        const float* db = qx.dx.data() + b * k / kBlock;
-        const float* gb = group_sums.data() + b * groups;
-        yp[b * n + r] = vector ? int4_dot<true>(wp + r * k / 2, sp + r * groups, zp ? zp + r * groups : nullptr,
-                                                k, group, xb, db, gb)
-                               : int4_dot<false>(wp + r * k / 2, sp + r * groups, zp ? zp + r * groups : nullptr,
-                                                 k, group, xb, db, gb);
-      }
+    for (int64_t r = begin; r < end; ++r) int4_outputs(wp, sp, zp, k, group, r, n, qx, group_sums.data(), nullptr, vector, yp);
   });
   return y;
 }

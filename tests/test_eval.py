@@ -281,6 +281,19 @@ def test_efficiency_reports_every_figure(model, tmp_path) -> None:
         measure_efficiency(model, prompt_tokens=60, new_tokens=8)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_efficiency_on_cuda_reports_the_allocator_peak(model) -> None:
+    import copy
+
+    gpu = copy.deepcopy(model).cuda()
+    result = measure_efficiency(gpu, prompt_tokens=8, new_tokens=4, batch_sizes=(1, 2), repeats=1)
+    assert result["settings"]["device"].startswith("cuda")
+    # the weights were on the GPU all along, and decoding allocated more (the KV cache)
+    assert result["cuda_peak_bytes"] > result["model_bytes"]
+    assert all(v > 0 for v in result["tokens_per_s"].values())
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line
 

@@ -126,3 +126,24 @@ def test_sample_next_filters_like_transformers() -> None:
 def test_bad_sampling_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         sample_next(torch.randn(1, 10), **kwargs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generation_on_cuda_gives_the_cpu_tokens() -> None:
+    """Greedy decoding on the GPU gives the CPU's tokens, in fp32 (TF32 off) and for a 4-bit
+    copy, whose layers run the Triton kernel there and dequantize-then-multiply on the CPU."""
+    import copy
+
+    from slmlab import kernels
+    from slmlab.quant import QuantConfig, quantize_
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = DecoderLM(VARIANTS["qwen2-bias"]).eval()
+    cpu = slmlab.generate(model, PROMPTS, 16, stop_tokens=())
+    assert slmlab.generate(copy.deepcopy(model).cuda(), PROMPTS, 16, stop_tokens=()) == cpu
+    quantized = quantize_(copy.deepcopy(model), QuantConfig(bits=4, group_size=32))
+    with kernels.disabled():
+        cpu = slmlab.generate(quantized, PROMPTS, 16, stop_tokens=())
+    assert slmlab.generate(quantized.cuda(), PROMPTS, 16, stop_tokens=()) == cpu

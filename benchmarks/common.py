@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +36,26 @@ def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def bitsandbytes_layer(weight: torch.Tensor, kind: str) -> torch.nn.Module | None:
+    """`weight` (out, in) as bitsandbytes' layer of `kind` (``nf4``, ``int8``), made by
+    `slmlab.quant.bnb.bitsandbytes_` on the weight's device and in its dtype; None without
+    bitsandbytes installed."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return None
+    from slmlab.quant.bnb import bitsandbytes_
+
+    linear = torch.nn.Linear(
+        weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype
+    )
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its notices about casting inputs
+        return bitsandbytes_(torch.nn.Sequential(linear), kind, skip=())[0]
 
 
 def write(name: str, result: dict) -> Path:

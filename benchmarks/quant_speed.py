@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import read_bandwidth_gbs, write
+from benchmarks.common import bitsandbytes_layer, read_bandwidth_gbs, write
 from slmlab import kernels
 from slmlab.quant import pack_int4, quantize
 
@@ -55,26 +54,6 @@ def torch_int4(weight: torch.Tensor, group: int) -> Callable[[torch.Tensor], tor
         return None
 
 
-def bitsandbytes_layers(weight: torch.Tensor) -> dict[str, torch.nn.Module]:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return {}
-    out, inp = weight.shape
-    layers = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        four = bnb.nn.Linear4bit(
-            inp, out, bias=False, quant_type="nf4", compute_dtype=torch.float32
-        )
-        four.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
-        layers["bitsandbytes Linear4bit nf4"] = four.to("cpu").eval()
-        eight = bnb.nn.Linear8bitLt(inp, out, bias=False, has_fp16_weights=False, threshold=6.0)
-        eight.load_state_dict({"weight": weight.clone()})
-        layers["bitsandbytes Linear8bitLt"] = eight.to("cpu").eval()
-    return layers
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
@@ -95,8 +74,13 @@ def main() -> None:
     pytorch_int4 = torch_int4(weight, args.group_size)
     if pytorch_int4 is not None:
         paths["PyTorch _weight_int4pack_mm_for_cpu"] = pytorch_int4
-    for name, layer in bitsandbytes_layers(weight).items():
-        paths[name] = layer
+    for name, kind in (
+        ("bitsandbytes Linear4bit nf4", "nf4"),
+        ("bitsandbytes Linear8bitLt", "int8"),
+    ):
+        layer = bitsandbytes_layer(weight, kind)
+        if layer is not None:
+            paths[name] = layer
     bandwidth = read_bandwidth_gbs()
     results: dict[str, dict[str, float]] = {}
     with torch.no_grad():

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import write
+from benchmarks.common import bitsandbytes_layer, write
 from slmlab.quant import QuantConfig, quantize_
 
 
@@ -66,22 +65,6 @@ def graph_ms_per_layer(step: Callable[[torch.Tensor], object], x: torch.Tensor, 
         return f"not capturable: {type(error).__name__}"
     ms = triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
     return round(ms / layers, 4)
-
-
-def bitsandbytes_nf4(weights: list[torch.Tensor], dtype: torch.dtype) -> list | None:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
-    layers = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for w in weights:
-            out, inp = w.shape
-            layer = bnb.nn.Linear4bit(inp, out, bias=False, quant_type="nf4", compute_dtype=dtype)
-            layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4")
-            layers.append(layer.cuda().eval())  # moving to the GPU is what quantizes
-    return layers
 
 
 def layer_paths(layers: list, dense: list, nf4: list | None, group: int, dtype) -> dict:
@@ -152,7 +135,7 @@ def main() -> None:
     linears = [torch.nn.Linear(n, n, bias=False) for _ in range(count)]
     for linear in linears:
         torch.nn.init.normal_(linear.weight, std=0.02)
-    weights = [linear.weight.detach().clone() for linear in linears]
+    weights = [linear.weight.detach().cuda() for linear in linears]
     config = QuantConfig(bits=4, group_size=group)
     layers = [quantize_(torch.nn.Sequential(lin), config)[0].cuda() for lin in linears]
     bench = lambda step, x: graph_ms_per_layer(step, x, count)  # noqa: E731
@@ -163,7 +146,9 @@ def main() -> None:
         for dtype in (torch.float16, torch.bfloat16):
             name = str(dtype).removeprefix("torch.")
             dense = [m.dequantized_weight(dtype) for m in layers]  # the same numbers, 16-bit
-            nf4 = bitsandbytes_nf4(weights, dtype)
+            nf4 = [bitsandbytes_layer(w.to(dtype), "nf4") for w in weights]
+            if any(layer is None for layer in nf4):
+                nf4 = None  # bitsandbytes is not installed
 
             paths = layer_paths(layers, dense, nf4, group, dtype)
             for batch in (int(b) for b in args.batches.split(",")):

@@ -130,7 +130,7 @@ def test_bad_sampling_arguments(kwargs: dict, message: str) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_generation_on_cuda_gives_the_cpu_tokens() -> None:
+def test_generation_on_cuda_gives_the_cpu_tokens(monkeypatch) -> None:
     """Greedy decoding on the GPU gives the CPU's tokens, in fp32 (TF32 off) and for a 4-bit
     copy, whose layers run the Triton kernel there and dequantize-then-multiply on the CPU."""
     import copy
@@ -138,7 +138,7 @@ def test_generation_on_cuda_gives_the_cpu_tokens() -> None:
     from slmlab import kernels
     from slmlab.quant import QuantConfig, quantize_
 
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # for this test only
     torch.manual_seed(0)
     model = DecoderLM(VARIANTS["qwen2-bias"]).eval()
     cpu = slmlab.generate(model, PROMPTS, 16, stop_tokens=())

@@ -230,10 +230,10 @@ def test_training_on_an_absent_gpu_says_so(tmp_path, data, monkeypatch) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_training_on_cuda_matches_cpu_and_resumes(tmp_path, data) -> None:
+def test_training_on_cuda_matches_cpu_and_resumes(tmp_path, data, monkeypatch) -> None:
     """The same recipe on the GPU (fp32, TF32 off) follows the CPU run's losses, and a run
     stopped and resumed on the GPU ends where a straight one does."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # for this test only
     config = TINY.replace(steps=6, eval_every=6)
     cpu = train(config, tmp_path / "cpu", progress=False, data=data)
     gpu = train(config, tmp_path / "gpu", progress=False, data=data, device="cuda")

@@ -106,16 +106,34 @@ std::vector<torch::Tensor> gemv_many(torch::Tensor x, std::vector<torch::Tensor>
 // 32 (one fp32 scale per block) and each block's dot product is done in integers: maddubs
 // multiplies 32 unsigned codes by 32 signed x's and adds neighbours (16-bit), madd adds pairs
 // again (32-bit) -- or one VNNI instruction does both, where the CPU has it -- and only then
-// one conversion and one FMA per 32 weights. A few rows of x share each unpacked block. The zero point
-// comes out of the sum once per group: sum (q - z) x = sum q x - z sum x. The packed order is
-// matched by permuting x, not the weights: a block of x is stored as its 16 even entries, then
-// its 16 odd ones, the same order as [low nibbles | high nibbles] of 16 packed bytes.
+// one conversion and one FMA per 32 weights. A few rows of x share each unpacked block. The
+// zero point comes out of the sum once per group: sum (q - z) x = sum q x - z sum x. The
+// packed order is matched by permuting x, not the weights: a block of x is stored as its 16
+// even entries, then its 16 odd ones, the same order as [low nibbles | high nibbles] of 16
+// packed bytes.
 //
 // Many rows of x (prefill) make the product compute-bound: then dequantize a tile of rows to
 // fp32 and let PyTorch's GEMM do the arithmetic; the full fp32 weight is never materialised.
 namespace {
 
 constexpr int64_t kBlock = 32;
+
+// The packed weight's tensors, checked once for every entry point: (n, k/2) uint8 codes,
+// (n, k/group) fp32 scales, and zeros of the scales' shape or empty (symmetric codes).
+void check_int4(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t k,
+                int64_t group, const char* who) {
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(), who,
+              ": contiguous uint8 (n, k/2) codes expected");
+  TORCH_CHECK(packed.size(1) * 2 == k, who, ": codes ", packed.sizes(), " do not match input width ", k);
+  TORCH_CHECK(group > 0 && group % kBlock == 0 && k % group == 0, who, ": group size ", group,
+              " must be a multiple of 32 that divides ", k);
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == packed.size(0) && scales.size(1) == k / group,
+              who, ": contiguous fp32 scales of shape (", packed.size(0), ", ", k / group, ") expected");
+  TORCH_CHECK(!zeros.numel() || (zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() &&
+                                 zeros.sizes() == scales.sizes()),
+              who, ": zeros must be contiguous uint8 of the scales' shape");
+}
 
 // x (k) -> int8 codes (k, permuted as above), a scale per block, and per block its scale times
 // the sum of its codes, which the zero-point term needs.
@@ -327,17 +345,12 @@ Linear as_linear(const std::vector<torch::Tensor>& L, size_t at, int64_t k) {
   out.rows = w.size(0);
   if (w.scalar_type() == torch::kUInt8) {
     const torch::Tensor &scales = L[at + 1], &zeros = L[at + 2];
-    TORCH_CHECK(w.is_contiguous() && w.size(1) * 2 == k, "decode_step: int4 codes ", w.sizes(), " for width ", k);
-    TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.size(0) == w.size(0) &&
-                    k % scales.size(1) == 0 && (k / scales.size(1)) % kBlock == 0,
-                "decode_step: int4 scales ", scales.sizes(), " must be fp32 with a group size that is a multiple of 32");
-    TORCH_CHECK(!zeros.numel() || (zeros.scalar_type() == torch::kUInt8 && zeros.sizes() == scales.sizes() &&
-                                   zeros.is_contiguous()),
-                "decode_step: int4 zeros must be uint8 of the scales' shape");
+    TORCH_CHECK(scales.dim() == 2 && scales.size(1) > 0, "decode_step: int4 scales must be (n, groups)");
+    out.group = k / scales.size(1);
+    check_int4(w, scales, zeros, k, out.group, "decode_step");
     out.codes = w.data_ptr<uint8_t>();
     out.scales = scales.data_ptr<float>();
     out.zeros = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
-    out.group = k / scales.size(1);
   } else {
     TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.size(1) == k,
                 "decode_step: contiguous fp32 weights expected");
@@ -475,24 +488,13 @@ torch::Tensor decode_step(torch::Tensor x, std::vector<std::vector<torch::Tensor
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zeros,
                           int64_t group, int64_t max_rows_int8, bool vector) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "int4_linear: fp32 (m, k) input expected");
-  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(),
-              "int4_linear: contiguous uint8 (n, k/2) codes expected");
-  const int64_t m = x.size(0), n = packed.size(0), k = x.size(1);
-  TORCH_CHECK(packed.size(1) * 2 == k, "int4_linear: codes ", packed.sizes(), " do not match input width ", k);
-  TORCH_CHECK(group > 0 && group % kBlock == 0 && k % group == 0,
-              "int4_linear: group size ", group, " must be a multiple of 32 that divides ", k);
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.size(0) == n &&
-                  scales.size(1) == k / group,
-              "int4_linear: contiguous fp32 scales of shape (", n, ", ", k / group, ") expected");
-  const bool has_zeros = zeros.numel() > 0;
-  TORCH_CHECK(!has_zeros || (zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() &&
-                             zeros.sizes() == scales.sizes()),
-              "int4_linear: zeros must be contiguous uint8 of the scales' shape");
+  const int64_t m = x.size(0), k = x.size(1);
+  check_int4(packed, scales, zeros, k, group, "int4_linear");
+  const int64_t n = packed.size(0);
   x = x.contiguous();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
-  const uint8_t* zp = has_zeros ? zeros.data_ptr<uint8_t>() : nullptr;
-  const int64_t groups = k / group;
+  const uint8_t* zp = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
   if (m > max_rows_int8) {
     // y^T tile by tile: (tile, k) dequantized rows times x^T; each tile of y^T is contiguous.
     auto yt = torch::empty({n, m}, x.options());

@@ -44,6 +44,8 @@ __all__ = ["FUSED_MAX_ROWS", "LaunchConfig", "dequantize_int4", "int4_linear", "
 # 33.4 µs (``python -m benchmarks.quant_speed_cuda``, the two forced paths' rows).
 FUSED_MAX_ROWS = 64
 
+_TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
 
 @triton.jit
 def _int4_linear_kernel(
@@ -288,6 +290,3 @@ def dequantize_int4(
         BLOCK_BYTES=block_bytes,
     )
     return w
-
-
-_TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

@@ -109,7 +109,8 @@ RECIPES["stories-1m-ternary"] = RECIPES["stories-1m"].replace(
 # stories-1m given stories-8m's 20 minutes: compute-optimal for that budget (C ≈ 6·N·D with
 # ~1.5e14 FLOPs gives N ≈ 1M, D ≈ 20M tokens). 16.4M tokens: 0.1769 bits/char on 300 held-out
 # stories, +9.6% above the floor, stories_who/where/what all 1.0 (stories-8m: 0.2269, +41%).
-# About 18 minutes on 2 cores alone (15.5k tok/s).
+# Not timed alone: that run shared the cores with another job for its first half; its last
+# 2600 steps ran at 15.5k tok/s, i.e. about 18 minutes for the whole run (an extrapolation).
 RECIPES["stories-1m-20min"] = RECIPES["stories-1m"].replace(
     steps=4000, data_size=150_000, eval_every=500
 )

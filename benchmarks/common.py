@@ -28,6 +28,16 @@ def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
+    """The largest CPU cache's size (Linux sysfs); `default` where it cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=default)
+
+
 def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
     fn()  # warm-up
     best = float("inf")
@@ -38,10 +48,13 @@ def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
     return best
 
 
-def bitsandbytes_layer(weight: torch.Tensor, kind: str) -> torch.nn.Module | None:
+def bitsandbytes_layer(
+    weight: torch.Tensor, kind: str, *, avx512_bf16: bool = True
+) -> torch.nn.Module | None:
     """`weight` (out, in) as bitsandbytes' layer of `kind` (``nf4``, ``int8``), made by
     `slmlab.quant.bnb.bitsandbytes_` on the weight's device and in its dtype; None without
-    bitsandbytes installed."""
+    bitsandbytes installed. ``avx512_bf16=False`` keeps a 4-bit layer off bitsandbytes' fused
+    AVX-512-BF16 CPU kernel, on the path it takes on CPUs without that instruction set."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -55,7 +68,12 @@ def bitsandbytes_layer(weight: torch.Tensor, kind: str) -> torch.nn.Module | Non
         linear.weight.copy_(weight)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its notices about casting inputs
-        return bitsandbytes_(torch.nn.Sequential(linear), kind, skip=())[0]
+        layer = bitsandbytes_(torch.nn.Sequential(linear), kind, skip=())[0]
+    if not avx512_bf16 and hasattr(layer, "support_avx512bf16_for_cpu"):
+        # Linear4bit asks the CPU once, at construction, and repacks for that kernel on its
+        # first forward; with the flag off it dequantizes and multiplies, as on AVX2 CPUs.
+        layer.support_avx512bf16_for_cpu = False
+    return layer
 
 
 def write(name: str, result: dict) -> Path:

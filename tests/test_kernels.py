@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import slmlab
 from slmlab import kernels
@@ -114,6 +121,59 @@ def test_int4_linear_declines_what_it_cannot_do() -> None:
     assert kernels.int4_linear(x, pack_int4(q.codes), q.scales, None, 32) is None
     with pytest.raises(RuntimeError, match="do not match input width"):
         kernels.int4_linear(torch.randn(1, 128), pack_int4(q.codes), q.scales, None, 32)
+
+
+# The int4 products of a few layers, written to a safetensors file: run here and in a process
+# whose kernels were built for another CPU, to compare the two builds.
+_INT4_PRODUCTS = """
+import sys
+import torch
+from safetensors.torch import save_file
+from slmlab import kernels
+from slmlab.quant import pack_int4, quantize
+
+assert kernels.cpu_kernels() is not None, "no kernels built"
+out = {}
+for symmetric in (True, False):
+    torch.manual_seed(0)
+    q = quantize(torch.randn(96, 512) * 0.05, "int", 4, group_size=64, symmetric=symmetric)
+    for rows in (1, 3, 4):
+        x = torch.randn(rows, 512)
+        out[f"{symmetric}-{rows}"] = kernels.int4_linear(x, pack_int4(q.codes), q.scales, q.zeros, 64)
+save_file(out, sys.argv[1])
+"""
+
+
+def _int4_products(path: Path, arch: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "SLMLAB_CPU_ARCH"}
+    if arch:
+        env["SLMLAB_CPU_ARCH"] = arch
+    script = textwrap.dedent(_INT4_PRODUCTS)
+    return subprocess.run(
+        [sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True
+    )
+
+
+def test_kernels_built_for_an_avx2_cpu_compute_the_same(tmp_path) -> None:
+    """SLMLAB_CPU_ARCH=x86-64-v3 builds the code that AVX2 CPUs without AVX-512 run (maddubs
+    + madd where this machine may use VNNI): the same integers, so the same products."""
+    native = _int4_products(tmp_path / "native.safetensors", None)
+    assert native.returncode == 0, native.stderr
+    avx2 = _int4_products(tmp_path / "avx2.safetensors", "x86-64-v3")
+    assert avx2.returncode == 0, avx2.stderr
+    expected, got = (
+        load_file(tmp_path / "native.safetensors"),
+        load_file(tmp_path / "avx2.safetensors"),
+    )
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
+
+
+def test_a_build_target_the_compiler_does_not_know_is_named(tmp_path) -> None:
+    result = _int4_products(tmp_path / "none.safetensors", "no-such-cpu")
+    assert result.returncode != 0  # no kernels, and the warning says which setting to fix
+    assert "SLMLAB_CPU_ARCH='no-such-cpu'" in result.stderr
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

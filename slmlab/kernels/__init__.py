@@ -2,7 +2,9 @@
 
 Each kernel has a pure-PyTorch reference that tests compare it with, and that slmlab uses
 wherever the kernel cannot be built (no C++ compiler, another platform) or does not apply.
-Set ``SLMLAB_KERNELS=0`` to use the references only.
+Set ``SLMLAB_KERNELS=0`` to use the references only. The CPU kernels are compiled for this
+machine's CPU (``-march=native``); ``SLMLAB_CPU_ARCH`` names another target for GCC's
+``-march`` (``x86-64-v3``: any AVX2 CPU), to build for a fleet or to time an older CPU's path.
 """
 
 from __future__ import annotations
@@ -71,26 +73,36 @@ def _build_cpu_kernels() -> ModuleType | None:
     # key the cache on the CPU's features: a cache reused on another CPU must not be loaded there.
     from ..env import cpu_flags
 
+    arch = os.environ.get("SLMLAB_CPU_ARCH", "native")
     cpu = " ".join(sorted(cpu_flags())) or platform.processor()
-    key = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + cpu.encode())
+    key = hashlib.sha256(
+        source.read_bytes() + torch.__version__.encode() + cpu.encode() + arch.encode()
+    )
     build = cache_dir() / "kernels" / f"cpu-{key.hexdigest()[:12]}"
     build.mkdir(parents=True, exist_ok=True)
     try:
         if not any(build.glob("*.so")):
             print(
-                "slmlab: compiling CPU kernels for this machine (once, about 30 s)...",
+                f"slmlab: compiling CPU kernels for -march={arch} (once, about 30 s)...",
                 file=sys.stderr,
             )
         return load(
             name="slmlab_cpu_kernels",
             sources=[str(source)],
             build_directory=str(build),
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=["-O3", f"-march={arch}", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as err:  # no compiler, no ninja, an exotic platform: fall back, say why
-        warnings.warn(f"slmlab CPU kernels unavailable, using PyTorch instead: {err}", stacklevel=2)
+        hint = (
+            ""
+            if arch == "native"
+            else f" (is SLMLAB_CPU_ARCH={arch!r} a target GCC's -march knows?)"
+        )
+        warnings.warn(
+            f"slmlab CPU kernels unavailable, using PyTorch instead{hint}: {err}", stacklevel=2
+        )
         return None
 
 

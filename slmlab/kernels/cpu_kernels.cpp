@@ -210,6 +210,10 @@ void int4_rows_avx2(const uint8_t* w, const float* scales, int64_t k, int64_t gr
     __m256 group_acc[M];
     for (int b = 0; b < M; ++b) group_acc[b] = _mm256_setzero_ps();
     for (const int64_t end = j + blocks_per_group; j < end; ++j) {
+      // With several rows of x the arithmetic per byte is long enough for the hardware's
+      // prefetcher to fall behind memory: ask for the codes a couple of KB ahead (a 4096-wide
+      // row is 2 KB), a 64-byte line every 4 blocks. 4 rows from DRAM: 0.74 ms -> 0.55 ms.
+      if (M > 1 && (j & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + j * kBlock / 2 + 2048), _MM_HINT_T0);
       const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * kBlock / 2));
       const __m128i lo = _mm_and_si128(packed, low_nibbles);
       const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
@@ -251,6 +255,30 @@ float int4_row_portable(const uint8_t* w, const float* scales, int64_t k, int64_
   return sum;
 }
 
+// The zero-point term of one output: sum over groups of scale * zero * (the group's sum of x).
+// Per output and row of x, it is a dot product as long as the groups: vectorised, it costs a
+// few instructions instead of a tenth of the row's time.
+float zero_point_term(const float* s, const uint8_t* z, const float* group_sums, int64_t groups, bool vector) {
+  int64_t g = 0;
+  float total = 0.f;
+#ifdef SLMLAB_AVX2
+  if (vector) {
+    __m256 acc = _mm256_setzero_ps();
+    for (; g + 8 <= groups; g += 8) {
+      const __m256 zv = z ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g))))
+                          : _mm256_set1_ps(8.f);
+      acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), zv), _mm256_loadu_ps(group_sums + g), acc);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    total = _mm_cvtss_f32(h);
+  }
+#endif
+  for (; g < groups; ++g) total += s[g] * float(z ? z[g] : 8) * group_sums[g];
+  return total;
+}
+
 // Output `row` of W (n rows) for every row of the quantized x: y[b * n + row], plus `bias`.
 void int4_outputs(const uint8_t* codes, const float* scales, const uint8_t* zeros, int64_t k, int64_t group,
                   int64_t row, int64_t n, const QuantizedX& qx, const float* group_sums, const float* bias,
@@ -280,10 +308,7 @@ void int4_outputs(const uint8_t* codes, const float* scales, const uint8_t* zero
       for (int64_t b = 0; b < rows; ++b) sums[b] = int4_row_portable(w, s, k, group, xq + b * k, dx + b * (k / kBlock));
     for (int64_t b = 0; b < rows; ++b) {
       // sum (q - z) x = sum q x - z sum x, the second term per group.
-      const float* gs = group_sums + (b0 + b) * groups;
-      float correction = 0.f;
-      for (int64_t g = 0; g < groups; ++g) correction += s[g] * float(z ? z[g] : 8) * gs[g];
-      const float v = sums[b] - correction;
+      const float v = sums[b] - zero_point_term(s, z, group_sums + (b0 + b) * groups, groups, vector);
       y[(b0 + b) * n + row] = bias ? v + bias[row] : v;
     }
   }

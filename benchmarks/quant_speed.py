@@ -116,7 +116,8 @@ def main() -> None:
     # A decoder reads each layer's weights once per token, and all of them do not fit in cache:
     # one 4096² layer in 4 bits (8.9 MB) does, so timing it alone would time the cache. Each
     # pass goes through distinct layers whose 4-bit copies fill the cache several times over.
-    layers = args.layers or max(1, math.ceil(4 * last_level_cache_bytes() / int4_bytes))
+    cache_bytes = last_level_cache_bytes()
+    layers = args.layers or max(1, math.ceil(4 * cache_bytes / int4_bytes))
     per_layer = [
         layer_paths(torch.randn(n, n) * 0.02, args.group_size, args.as_avx2) for _ in range(layers)
     ]
@@ -147,7 +148,7 @@ def main() -> None:
                 "group_size": args.group_size,
                 "threads": torch.get_num_threads(),
                 "layers_per_pass": layers,
-                "last_level_cache_bytes": last_level_cache_bytes(),
+                "last_level_cache_bytes": cache_bytes,
                 "instruction_sets": (
                     {**AVX2_ONLY, "bitsandbytes": "AVX-512-BF16 kernel off"}
                     if args.as_avx2

@@ -110,9 +110,8 @@ def main() -> None:
     elif not args.skip_shakespeare:
         print(f"skipped shakespeare_char: {SHAKESPEARE} not found")
     # The default recipe's figures are the issue's; another recipe gets a file of its own.
-    path = write(
-        "train_speed" if args.recipe == "stories-8m" else f"train_speed_{args.recipe}", result
-    )
+    default = args.recipe == parser.get_default("recipe")
+    path = write("train_speed" if default else f"train_speed_{args.recipe}", result)
     print(
         f"wrote {path}; above floor {result[args.recipe]['above_floor']:+.1%}, "
         f"MFU {result[args.recipe]['mfu']:.1%}, {math.floor(run.tokens_per_second)} tok/s (last run)"

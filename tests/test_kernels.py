@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -148,9 +147,8 @@ def _int4_products(path: Path, arch: str | None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "SLMLAB_CPU_ARCH"}
     if arch:
         env["SLMLAB_CPU_ARCH"] = arch
-    script = textwrap.dedent(_INT4_PRODUCTS)
     return subprocess.run(
-        [sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True
+        [sys.executable, "-c", _INT4_PRODUCTS, str(path)], env=env, capture_output=True, text=True
     )
 
 

@@ -152,9 +152,10 @@ def gemv_many(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor
 
 # Up to this many rows of x, int4_linear quantizes x to int8 and works in integers (decoding);
 # more rows dequantize tiles of the weight to fp32 for PyTorch's GEMM (prefill, scoring), which
-# is exact. The integer path would be faster up to 64 rows too (4096², 2 cores: 10.7 against
-# 14.1 ms at 64 rows), but a sequence's numbers would then depend on its length: it is kept for
-# the few rows of a decoding step, where 4 rows share every unpacked block of codes.
+# is exact. The integer path would be faster up to 64 rows too (4096² layers read from memory,
+# 2 cores: 9.3 against 14.5 ms at 64 rows), but a sequence's numbers would then depend on its
+# length: it is kept for the few rows of a decoding step, where 4 rows share every unpacked
+# block of codes.
 INT4_MAX_ROWS_INT8 = 4
 
 

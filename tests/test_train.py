@@ -56,10 +56,12 @@ def test_schedule_warms_up_then_decays_to_min() -> None:
     assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
-def test_stopped_and_resumed_equals_uninterrupted_to_the_bit(tmp_path, data) -> None:
-    straight = train(TINY, tmp_path / "straight", progress=False, data=data)
-    train(TINY, tmp_path / "resumed", max_steps=5, progress=False, data=data)
-    resumed = train(TINY, tmp_path / "resumed", resume=True, progress=False, data=data)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_stopped_and_resumed_equals_uninterrupted_to_the_bit(tmp_path, data, optimizer) -> None:
+    config = TINY.replace(optimizer=optimizer)
+    straight = train(config, tmp_path / "straight", progress=False, data=data)
+    train(config, tmp_path / "resumed", max_steps=5, progress=False, data=data)
+    resumed = train(config, tmp_path / "resumed", resume=True, progress=False, data=data)
     a, b = weights(straight.out), weights(resumed.out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
@@ -67,10 +69,10 @@ def test_stopped_and_resumed_equals_uninterrupted_to_the_bit(tmp_path, data) -> 
     assert (resumed.out / "loss.png").is_file()
 
 
-def test_the_checkpoint_is_a_model_and_learning_happened(tmp_path, data) -> None:
-    result = train(
-        TINY.replace(steps=40, eval_every=40), tmp_path / "run", progress=False, data=data
-    )
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_checkpoint_is_a_model_and_learning_happened(tmp_path, data, optimizer) -> None:
+    config = TINY.replace(steps=40, eval_every=40, optimizer=optimizer)
+    result = train(config, tmp_path / "run", progress=False, data=data)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
     model = slmlab.load(result.checkpoint)
@@ -133,6 +135,7 @@ def test_resume_needs_a_checkpoint_and_the_same_recipe(tmp_path, data) -> None:
     [
         ({"grad_accum": 3}, r"grad_accum \(3\) must divide batch_size \(8\)"),
         ({"precision": "fp8"}, "precision must be one of"),
+        ({"optimizer": "sgd"}, r"optimizer must be one of \['adamw', 'muon'\], got 'sgd'"),
         ({"steps": 0}, "steps must be a positive integer"),
         (
             {
@@ -196,9 +199,10 @@ def _assert_same_weights(a, b) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one_process(tmp_path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_torchrun_two_processes_equal_one_process(tmp_path, optimizer) -> None:
     """DDP on 2 CPU processes (gloo) gives the model of 1 process with the same global batch."""
-    config = TINY.replace(steps=4, eval_every=0)
+    config = TINY.replace(steps=4, eval_every=0, optimizer=optimizer)
     _cli_train(tmp_path, config, "one")
     _cli_train(tmp_path, config, "two", processes=2)
     state = json.loads((tmp_path / "two" / "last" / "trainer.json").read_text())
@@ -207,15 +211,19 @@ def test_torchrun_two_processes_equal_one_process(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp_sharded_stopped_and_resumed_equals_one_process(tmp_path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_fsdp_sharded_stopped_and_resumed_equals_one_process(tmp_path, optimizer) -> None:
     """FSDP on 2 processes, with gradient accumulation, stopped after 2 steps and resumed
-    (weights and AdamW state gathered to whole tensors, then sharded again) ends with the
-    model of one process trained straight through."""
-    config = TINY.replace(steps=4, eval_every=2, grad_accum=2)
+    (weights and optimizer state gathered to whole tensors, then sharded again) ends with the
+    model of one process trained straight through. Muon orthogonalises each whole matrix,
+    which FSDP holds in halves: the halves are gathered for it."""
+    config = TINY.replace(steps=4, eval_every=2, grad_accum=2, optimizer=optimizer)
     _cli_train(tmp_path, config, "one")
     _cli_train(tmp_path, config, "two", "--parallel", "fsdp", "--max-steps", "2", processes=2)
     halfway = load_file(tmp_path / "two" / "last" / "optimizer.safetensors")
     assert halfway["model.embed_tokens.weight::exp_avg"].shape == (300, 64)  # whole, not shards
+    if optimizer == "muon":
+        assert halfway["model.layers.0.mlp.down_proj.weight::momentum_buffer"].shape == (64, 160)
     _cli_train(tmp_path, config, "two", "--parallel", "fsdp", "--resume", processes=2)
     state = json.loads((tmp_path / "two" / "last" / "trainer.json").read_text())
     assert (state["step"], state["world_size"], state["parallel"]) == (4, 2, "fsdp")

@@ -15,6 +15,7 @@ from ..models.config import ConfigError, ModelConfig
 __all__ = ["TrainConfig"]
 
 PRECISIONS = ("fp32", "bf16", "auto")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class TrainConfig:
     `data` is ``stories`` (the generated corpus, `data_size` stories), ``python`` (the standard
     library's source) or a path / ``hf:NAME`` for the reader's own text. `batch_size` is the
     number of sequences per optimizer step across all processes and micro-batches.
+    `optimizer` is ``adamw`` or ``muon`` (Muon for the blocks' matrices and AdamW for the
+    rest, one `lr` and schedule for both: see `slmlab.train.muon`).
     `extra` holds what only some runs need: ``init_from`` (a checkpoint directory or zoo
     recipe whose weights the run starts from: fine-tuning), ``qat`` (a `QuantConfig`'s fields:
     train through rounding), ``quick_steps`` (the zoo's quick variant).
@@ -38,6 +41,7 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum: int = 1
     steps: int = 1000
+    optimizer: str = "adamw"
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 50
@@ -81,6 +85,10 @@ class TrainConfig:
             raise ConfigError(
                 f"grad_accum ({self.grad_accum}) must divide batch_size ({self.batch_size}): "
                 "each micro-batch gets the same number of sequences"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}"
             )
         if self.precision not in PRECISIONS:
             raise ConfigError(

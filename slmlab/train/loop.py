@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warm-up and cosine decay, accumulation, clipping, exact resume.
+"""The training loop: AdamW or Muon, warm-up and cosine decay, accumulation, clipping, resume.
 
 One loop serves one process and many: under ``torchrun`` each process takes its share of every
 global batch and the gradients are averaged, so the same recipe gives the same model (up to the
@@ -7,7 +7,7 @@ order of floating-point sums) on one machine or several. Two ways to split the w
 * ``parallel="ddp"`` (DistributedDataParallel): every process holds the whole model and
   optimizer; gradients are all-reduced. Right while the model fits on one device.
 * ``parallel="fsdp"`` (PyTorch's FSDP2, ``fully_shard``): each block's parameters, gradients
-  and AdamW state are split across the processes and gathered only for the block's forward and
+  and optimizer state are split across the processes and gathered only for the block's forward and
   backward, so memory per process falls with their number. Right when the model does not fit.
 
 Checkpoints are always whole (gathered) state dicts, so a run can resume either way.
@@ -40,6 +40,7 @@ from ..env import bf16_is_fast, pick_device
 from ..models.decoder import DecoderLM
 from .config import TrainConfig
 from .data import SEPARATOR, TrainData, build_data
+from .muon import Muon
 
 __all__ = ["TrainResult", "lr_at", "train"]
 
@@ -74,11 +75,24 @@ class TrainResult:
         return self.out / LAST
 
 
-def _optimizer(model: DecoderLM, config: TrainConfig) -> torch.optim.AdamW:
+def _optimizer(model: DecoderLM, config: TrainConfig) -> torch.optim.Optimizer:
     # Decay matrices (and the embedding); never norms or biases (nanoGPT's and Llama's choice).
     params = dict(model.named_parameters())
     decay = [p for n, p in params.items() if p.dim() >= 2]
     no_decay = [p for n, p in params.items() if p.dim() < 2]
+    if config.optimizer == "muon":
+        # Muon for the blocks' matrices; the embedding (the tied head) stays with AdamW.
+        in_blocks = {id(p) for p in model.model.layers.parameters()}
+        return Muon(
+            [
+                {"params": [p for p in decay if id(p) in in_blocks], "muon": True},
+                {"params": [p for p in decay if id(p) not in in_blocks]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            betas=config.betas,
+        )
     return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": config.weight_decay},
@@ -94,7 +108,7 @@ def _optimizer(model: DecoderLM, config: TrainConfig) -> torch.optim.AdamW:
 def _optimizer_tensors(
     model: DecoderLM, optimizer: torch.optim.Optimizer
 ) -> dict[str, torch.Tensor]:
-    """AdamW's whole state as ``{"PARAMETER::KEY": tensor}``, ready for safetensors (no
+    """The optimizer's whole state as ``{"PARAMETER::KEY": tensor}``, ready for safetensors (no
     pickle anywhere). A collective under FSDP: every process calls it."""
     state = get_optimizer_state_dict(model, optimizer, options=_WHOLE)["state"]
     return {

@@ -33,7 +33,7 @@ __all__ = ["gptq_quantize", "layer_error"]
 def layer_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """GPTQ's objective: tr((W − Ŵ) H (W − Ŵ)ᵀ), the summed squared output error over the
     calibration inputs (H = 2 XᵀX)."""
-    delta = (weight - approx).to(hessian.dtype)
+    delta = (weight - approx).detach().to(hessian.dtype)  # a number, not part of a graph
     return float(torch.einsum("ri,ij,rj->", delta, hessian, delta))
 
 

@@ -2,7 +2,7 @@
 
 from .config import TrainConfig
 from .data import SEPARATOR, TrainData, build_data
-from .loop import TrainResult, evaluate, lr_at, train
+from .loop import TrainResult, evaluate, lr_at, next_token_loss, train
 from .plots import plot_metrics, read_metrics
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "build_data",
     "evaluate",
     "lr_at",
+    "next_token_loss",
     "plot_metrics",
     "read_metrics",
     "train",

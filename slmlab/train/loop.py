@@ -42,7 +42,7 @@ from .config import TrainConfig
 from .data import SEPARATOR, TrainData, build_data
 from .muon import Muon
 
-__all__ = ["TrainResult", "lr_at", "train"]
+__all__ = ["TrainResult", "evaluate", "lr_at", "next_token_loss", "train"]
 
 LAST = "last"  # the checkpoint directory inside a run's folder
 METRICS = "metrics.jsonl"
@@ -172,7 +172,11 @@ def _precision(config: TrainConfig, device: torch.device) -> str:
     return config.precision
 
 
-def _loss(model: torch.nn.Module, rows: torch.Tensor, autocast) -> torch.Tensor:
+def next_token_loss(
+    model: torch.nn.Module, rows: torch.Tensor, autocast=nullcontext
+) -> torch.Tensor:
+    """The pre-training objective: the mean cross-entropy (nats) of each token of `rows` given
+    the tokens before it."""
     with autocast():
         logits = model(rows[:, :-1])
     return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
@@ -186,10 +190,7 @@ def evaluate(model: DecoderLM, data: TrainData, config: TrainConfig) -> float:
     rows = data.val[: config.eval_batches * config.batch_size].to(device)
     total, count = 0.0, 0
     for chunk in rows.split(config.batch_size):
-        logits = model(chunk[:, :-1])
-        total += F.cross_entropy(
-            logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"
-        ).item()
+        total += next_token_loss(model, chunk).item() * chunk[:, 1:].numel()
         count += chunk[:, 1:].numel()
     model.train()
     return total / count
@@ -368,7 +369,7 @@ def train(
             ddp = isinstance(runner, torch.nn.parallel.DistributedDataParallel)
             sync = runner.no_sync() if ddp and not last else nullcontext()
             with sync:
-                loss = _loss(runner, chunk, autocast) / config.grad_accum
+                loss = next_token_loss(runner, chunk, autocast) / config.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         if world > 1:

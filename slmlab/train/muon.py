@@ -14,8 +14,9 @@ norms' gains stay with AdamW, as in every Muon recipe: an embedding row is a loo
 treat it as they treat AdamW.
 
 PyTorch's `torch.optim.Muon` (the tests' reference) runs the iteration in bf16: fast on GPUs
-and on CPUs with AVX-512-BF16, hundreds of times slower than fp32 on AVX2-only CPUs. This one
-runs it in fp32.
+and on CPUs with AVX-512-BF16 (half fp32's time for a 288×768 matrix), 39 times slower than
+fp32 on AVX2-only CPUs (the same matrix, with PyTorch held to its AVX2 paths). This one runs
+it in fp32.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim.adam import adam
 
 __all__ = ["COEFFICIENTS", "Muon", "orthogonalize"]
@@ -154,8 +156,6 @@ class Muon(torch.optim.Optimizer):
 def _orthogonalize_whole(update: torch.Tensor, steps: int) -> torch.Tensor:
     """`orthogonalize` of the whole matrix. Under FSDP each process holds some of its rows (a
     DTensor): gather them, orthogonalise, and keep this process's rows again."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     if isinstance(update, DTensor):
         whole = orthogonalize(update.full_tensor(), steps)
         return distribute_tensor(whole, update.device_mesh, update.placements)

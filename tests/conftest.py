@@ -25,28 +25,52 @@ def shared_data() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def story_tokenizer():
-    """A 400-token BPE trained on a few hundred stories, with the document separator."""
+def _story_tokenizer(superwords: bool):
     from slmlab.data import stories
     from slmlab.tokenizers import train_bpe
 
-    return train_bpe(list(stories(300, seed=5)), 400, special_tokens=("<|endoftext|>",)).to_hf()
+    docs = list(stories(300, seed=5))
+    special = ("<|endoftext|>",)
+    # The Python trainer for word tokens; superword training rescans whole stories, so Rust.
+    backend = "tokenizers" if superwords else "python"
+    return train_bpe(docs, 400, special_tokens=special, backend=backend, superwords=superwords)
 
 
-@pytest.fixture(scope="session")
-def story_model(story_tokenizer):
-    """A small random decoder over `story_tokenizer`, context 64 (shorter than a story)."""
+def _random_decoder(tokenizer):
+    """A small random decoder over `tokenizer`, context 64 (shorter than a story)."""
     from slmlab.models import DecoderLM, ModelConfig
 
     torch.manual_seed(0)
     config = ModelConfig(
-        vocab_size=story_tokenizer.get_vocab_size(),
+        vocab_size=tokenizer.get_vocab_size(),
         hidden_size=48,
         intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=64,
-        eos_token_id=story_tokenizer.token_to_id("<|endoftext|>"),
+        eos_token_id=tokenizer.token_to_id("<|endoftext|>"),
     )
     return DecoderLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def story_tokenizer():
+    """A 400-token BPE trained on a few hundred stories, with the document separator."""
+    return _story_tokenizer(superwords=False).to_hf()
+
+
+@pytest.fixture(scope="session")
+def story_model(story_tokenizer):
+    """A small random decoder over `story_tokenizer`, context 64 (shorter than a story)."""
+    return _random_decoder(story_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def superword_tokenizer():
+    """`story_tokenizer`'s stories and size, with merges that cross spaces."""
+    return _story_tokenizer(superwords=True).to_hf()
+
+
+@pytest.fixture(scope="session")
+def superword_model(superword_tokenizer):
+    return _random_decoder(superword_tokenizer)

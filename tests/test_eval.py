@@ -89,6 +89,24 @@ def test_request_encoding_follows_lm_eval(model, tokenizer) -> None:
     assert scorer.encode_pair("", "Mia") == ([tokenizer.token_to_id(SEP)], encode("Mia"))
 
 
+def test_superword_requests_start_the_continuation_at_the_token_that_crosses(
+    superword_model, superword_tokenizer
+) -> None:
+    scorer = Scorer(superword_model, superword_tokenizer)
+    items = story_items("stories_what", size=60)
+    requests = [(item["context"], " " + choice) for item in items for choice in item["choices"]]
+    crossing = 0
+    for context, continuation in requests:
+        context_ids, continuation_ids = scorer.encode_pair(context, continuation)
+        whole = scorer.encode(context + continuation)
+        assert context_ids + continuation_ids == whole and continuation_ids
+        assert context.startswith(scorer.decode(context_ids))
+        assert scorer.decode(continuation_ids).endswith(continuation)
+        if whole[: len(scorer.encode(context))] != scorer.encode(context):
+            crossing += 1  # lm-eval's cut at len(encode(context)) would split this token
+    assert crossing > 0, "no request has a token across the cut: the test tests nothing"
+
+
 def test_rolling_loglikelihood_uses_lm_eval_windows(model, tokenizer) -> None:
     utils = pytest.importorskip("lm_eval.utils")
     scorer = Scorer(model, tokenizer)

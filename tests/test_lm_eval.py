@@ -16,10 +16,13 @@ from slmlab.eval import Scorer, evaluate, load_task, story_items
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
 
 
-@pytest.fixture
-def scorer(story_model, story_tokenizer) -> Scorer:
-    # The model's context (64) is shorter than the items: truncation is exercised too.
-    return Scorer(story_model, story_tokenizer, batch_size=8)
+@pytest.fixture(params=["words", "superwords"])
+def scorer(request) -> Scorer:
+    # The model's context (64) is shorter than the items: truncation is exercised too. With
+    # superword tokens some choices merge with the context's last word (test_eval checks that).
+    prefix = "story" if request.param == "words" else "superword"
+    model = request.getfixturevalue(f"{prefix}_model")
+    return Scorer(model, request.getfixturevalue(f"{prefix}_tokenizer"), batch_size=8)
 
 
 def write_tasks(folder: Path) -> list[str]:

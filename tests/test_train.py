@@ -89,6 +89,22 @@ def test_accumulation_equals_the_full_batch(tmp_path, data) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+def test_a_superword_recipe_trains_a_superword_tokenizer(tmp_path) -> None:
+    # At 1000 tokens word merges have run out on these stories (672); superwords keep going.
+    words = build_data(TINY.replace(vocab_size=1000))
+    superword = build_data(TINY.replace(vocab_size=1000, superwords=True))
+    assert superword.tokenizer.superwords and not words.tokenizer.superwords
+    assert words.tokenizer.vocab_size < 1000 == superword.tokenizer.vocab_size
+    # The same documents, fewer tokens: each token carries more text.
+    assert superword.val_chars_per_token > 2 * words.val_chars_per_token
+    config = TINY.replace(vocab_size=1000, superwords=True, steps=3)
+    run = train(config, tmp_path / "run", progress=False)
+    story = superword.val_docs[0]
+    assert slmlab.load_tokenizer(run.checkpoint).encode(story).ids == superword.tokenizer.encode(
+        story
+    )
+
+
 def test_a_non_finite_loss_names_the_step(tmp_path, data) -> None:
     with pytest.raises(FloatingPointError, match=r"training loss is (nan|inf) at step \d+"):
         train(
@@ -136,6 +152,7 @@ def test_resume_needs_a_checkpoint_and_the_same_recipe(tmp_path, data) -> None:
         ({"grad_accum": 3}, r"grad_accum \(3\) must divide batch_size \(8\)"),
         ({"precision": "fp8"}, "precision must be one of"),
         ({"optimizer": "sgd"}, r"optimizer must be one of \['adamw', 'muon'\], got 'sgd'"),
+        ({"superwords": "yes"}, "superwords must be true or false, got 'yes'"),
         ({"steps": 0}, "steps must be a positive integer"),
         (
             {

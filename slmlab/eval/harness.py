@@ -76,6 +76,11 @@ class SlmlabLM(TemplateLM):
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
         return self.scorer.decode(tokens)
 
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # lm-eval's cut, and where a superword token runs across it, the cut at that token
+        # (`Scorer.encode_pair`): the same requests whichever way a task is run.
+        return self.scorer.encode_pair(context, continuation)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         return self.scorer.loglikelihood_tokens(
             [(context, continuation) for _, context, continuation in requests],

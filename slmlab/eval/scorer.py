@@ -11,7 +11,8 @@ The rules are lm-evaluation-harness's, so a number here means what it means ther
 
 * a context's trailing whitespace moves to the continuation, and the continuation's tokens are
   those of ``encode(context + continuation)`` after the context's (so "Paris" after "capital
-  is" is tokenized the way the model would have seen it in running text);
+  is" is tokenized the way the model would have seen it in running text); where a token of
+  the whole runs across the cut (superword tokens), the continuation starts at that token;
 * an empty context is the end-of-text token (the document separator the model was trained on);
 * truncation: a request longer than the model's context keeps its *last* ``max_length + 1``
   tokens (the oldest context goes). `Scorer.truncated` counts such requests, and every result
@@ -108,7 +109,17 @@ class Scorer:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = self.encode(context + continuation)
         context_ids = self.encode(context)
-        return context_ids, whole[len(context_ids) :]
+        # The continuation starts at the first token that is not the context's own. With word
+        # tokens that is lm-evaluation-harness's cut, len(context_ids). A superword tokenizer
+        # can merge the context's last words with the continuation's first ("and Luca"): the
+        # tokens then part earlier, and the scored tokens carry those few context characters,
+        # the same for every choice, where slicing at len(context_ids) would cut a token apart.
+        shared = 0
+        for a, b in zip(whole, context_ids, strict=False):
+            if a != b:
+                break
+            shared += 1
+        return whole[:shared], whole[shared:]
 
     def loglikelihood(
         self, requests: Sequence[tuple[str, str]], *, progress: bool = False

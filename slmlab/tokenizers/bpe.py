@@ -7,6 +7,11 @@ alphabet is the 256 byte values, every string can be encoded and decoded exactly
 all. Bytes are shown as printable characters (GPT-2's byte-to-unicode table) so that a
 vocabulary is readable and the file is the one Hugging Face ``tokenizers`` reads.
 
+With ``superwords=True`` nothing is split first: a document is one sequence of bytes, and
+merges may join words across spaces ("superword" tokens, as in Liu et al.'s SuperBPE, 2025).
+On a narrow domain, where whole words run out long before the vocabulary does, that is where
+the compression is (chapter 02).
+
 This implementation is the book's; `train_bpe(..., backend="tokenizers")` trains large
 vocabularies with the Rust library instead, and the tests check that both encode to the very
 same ids.
@@ -50,21 +55,27 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _pretokens(text: str) -> list[str]:
-    """GPT-2 pre-tokens of `text`, each as its bytes in printable form."""
+def _pretokens(text: str, superwords: bool = False) -> list[str]:
+    """The pieces that merges stay inside, each as its bytes in printable form: GPT-2's
+    pre-tokens, or with `superwords` the whole text."""
     table = bytes_to_unicode()
-    return ["".join(table[b] for b in piece.encode("utf-8")) for piece in GPT2_SPLIT.findall(text)]
+    pieces = ([text] if text else []) if superwords else GPT2_SPLIT.findall(text)
+    return ["".join(table[b] for b in piece.encode("utf-8")) for piece in pieces]
 
 
 class BPETokenizer:
-    """A byte-level BPE tokenizer: a vocabulary (token → id) and an ordered list of merges."""
+    """A byte-level BPE tokenizer: a vocabulary (token → id) and an ordered list of merges;
+    `superwords` says whether merges may cross GPT-2's pre-token boundaries (see the module)."""
 
     def __init__(
         self,
         vocab: dict[str, int],
         merges: Sequence[tuple[str, str]],
         special_tokens: Sequence[str] = (),
+        *,
+        superwords: bool = False,
     ) -> None:
+        self.superwords = superwords
         self.vocab = dict(vocab)
         self.merges = [tuple(m) for m in merges]
         self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
@@ -113,7 +124,8 @@ class BPETokenizer:
                     i += 1
             parts = merged
         ids = [self.vocab[p] for p in parts]
-        self._cache[piece] = ids
+        if not self.superwords:  # words repeat; whole documents would only fill memory
+            self._cache[piece] = ids
         return ids
 
     def encode(self, text: str) -> list[int]:
@@ -124,7 +136,7 @@ class BPETokenizer:
             if chunk in self.special_tokens:
                 ids.append(self.vocab[chunk])
             else:
-                for piece in _pretokens(chunk):
+                for piece in _pretokens(chunk, self.superwords):
                     ids.extend(self._bpe(piece))
         return ids
 
@@ -158,7 +170,7 @@ class BPETokenizer:
             "type": "ByteLevel",
             "add_prefix_space": False,
             "trim_offsets": True,
-            "use_regex": True,
+            "use_regex": not self.superwords,
         }
         doc = {
             "version": "1.0",
@@ -208,7 +220,7 @@ class BPETokenizer:
         vocab = dict(model["vocab"])
         for t in doc.get("added_tokens", []):
             vocab.setdefault(t["content"], t["id"])
-        return cls(vocab, merges, special)
+        return cls(vocab, merges, special, superwords=not pre.get("use_regex", True))
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:
@@ -224,13 +236,16 @@ def train_bpe(
     *,
     special_tokens: Sequence[str] = ("<|endoftext|>",),
     backend: str = "python",
+    superwords: bool = False,
 ) -> BPETokenizer:
     """Learn merges until the vocabulary has `vocab_size` tokens (256 bytes + merges + specials).
 
     ``backend="python"`` is the algorithm as the chapter tells it: count adjacent pairs over the
     pre-tokens (weighted by how often each pre-token occurs), merge the most frequent, repeat.
     ``backend="tokenizers"`` runs the same algorithm in Hugging Face's Rust implementation, for
-    large corpora and vocabularies.
+    large corpora and vocabularies. With `superwords`, merges may cross spaces and punctuation
+    (the pre-tokens are whole texts); the Python backend is then slow beyond a few hundred
+    documents, since every merge rescans every document.
     """
     base = len(bytes_to_unicode()) + len(special_tokens)
     if vocab_size < base:
@@ -238,11 +253,11 @@ def train_bpe(
             f"vocab_size must be at least {base} (256 bytes + {len(special_tokens)} special tokens)"
         )
     if backend == "tokenizers":
-        return _train_with_tokenizers(texts, vocab_size, special_tokens)
+        return _train_with_tokenizers(texts, vocab_size, special_tokens, superwords)
     if backend != "python":
         raise ValueError(f"backend must be 'python' or 'tokenizers', got {backend!r}")
 
-    words = Counter(piece for text in texts for piece in _pretokens(text))
+    words = Counter(piece for text in texts for piece in _pretokens(text, superwords))
     splits = {word: list(word) for word in words}
     vocab = {t: i for i, t in enumerate(special_tokens)}
     for char in sorted(bytes_to_unicode().values()):
@@ -272,16 +287,16 @@ def train_bpe(
                     merged.append(parts[i])
                     i += 1
             splits[word] = merged
-    return BPETokenizer(vocab, merges, special_tokens)
+    return BPETokenizer(vocab, merges, special_tokens, superwords=superwords)
 
 
 def _train_with_tokenizers(
-    texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str]
+    texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str], superwords: bool
 ) -> BPETokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not superwords)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -24,7 +24,8 @@ class TrainConfig:
 
     `model` holds the `ModelConfig` fields except ``vocab_size``, which is the tokenizer's.
     `data` is ``stories`` (the generated corpus, `data_size` stories), ``python`` (the standard
-    library's source) or a path / ``hf:NAME`` for the reader's own text. `batch_size` is the
+    library's source) or a path / ``hf:NAME`` for the reader's own text. `superwords` lets the
+    tokenizer's merges cross spaces (`slmlab.tokenizers.train_bpe`). `batch_size` is the
     number of sequences per optimizer step across all processes and micro-batches.
     `optimizer` is ``adamw`` or ``muon`` (Muon for the blocks' matrices and AdamW for the
     rest, one `lr` and schedule for both: see `slmlab.train.muon`).
@@ -37,6 +38,7 @@ class TrainConfig:
     data: str = "stories"
     data_size: int = 20_000
     vocab_size: int = 1024
+    superwords: bool = False
     seq_len: int = 128
     batch_size: int = 32
     grad_accum: int = 1
@@ -86,6 +88,8 @@ class TrainConfig:
                 f"grad_accum ({self.grad_accum}) must divide batch_size ({self.batch_size}): "
                 "each micro-batch gets the same number of sequences"
             )
+        if not isinstance(self.superwords, bool):
+            raise ConfigError(f"superwords must be true or false, got {self.superwords!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}"

@@ -55,7 +55,11 @@ def build_data(config: TrainConfig) -> TrainData:
     """Documents → tokenizer (trained on the training split) → packed rows. Deterministic."""
     train_docs, val_docs = _documents(config)
     tokenizer = train_bpe(
-        train_docs, config.vocab_size, special_tokens=(SEPARATOR,), backend="tokenizers"
+        train_docs,
+        config.vocab_size,
+        special_tokens=(SEPARATOR,),
+        backend="tokenizers",
+        superwords=config.superwords,
     )
     fast = tokenizer.to_hf()  # the same ids as tokenizer.encode (tested), much faster
     sep = tokenizer.token_id(SEPARATOR)

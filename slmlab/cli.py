@@ -127,12 +127,14 @@ def _zoo(args: argparse.Namespace) -> int:
     from . import zoo
 
     if args.action == "list":
+        width = max(map(len, zoo.RECIPES))
         for name, config in zoo.RECIPES.items():
             cached = (
                 "cached" if (zoo.path(name) / "last" / "trainer.json").is_file() else "not trained"
             )
             print(
-                f"{name:<12} {config.data:<8} {config.steps:>5} steps  seed {config.seed}  ({cached})"
+                f"{name:<{width}}  {config.data:<8} {config.steps:>5} steps  seed {config.seed}"
+                f"  ({cached})"
             )
         return 0
     if not args.name:

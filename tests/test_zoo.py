@@ -10,7 +10,8 @@ from slmlab.models import budget
 
 
 def test_recipe_sizes_are_what_their_names_say() -> None:
-    for name, approx in [("stories-1m", 1e6), ("stories-8m", 8e6), ("python-5m", 5e6)]:
+    sizes = {"stories-1m": 1e6, "stories-8m": 8e6, "stories-8m-superwords": 8e6, "python-5m": 5e6}
+    for name, approx in sizes.items():
         config = zoo.recipe(name, quick=False)
         total = budget.param_count(config.model_config(config.vocab_size)).total
         assert 0.8 * approx <= total <= 1.25 * approx, (name, total)
@@ -38,6 +39,13 @@ def test_load_trains_once_then_reads_the_cache(tmp_path, monkeypatch, capsys) ->
     )
     assert main(["zoo", "path", "stories-1m", "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == str(weights.parent)
+    assert main(["zoo", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(zoo.RECIPES)
+    assert [line.endswith("(cached)") for line in lines] == [n == "stories-1m" for n in zoo.RECIPES]
+    recipes = zip(lines, zoo.RECIPES.items(), strict=True)
+    columns = {line.index(config.data, len(name)) for line, (name, config) in recipes}
+    assert len(columns) == 1  # the data column lines up under the longest name
 
 
 def test_unknown_recipe_names_the_zoo() -> None:

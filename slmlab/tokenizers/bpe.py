@@ -55,7 +55,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _pretokens(text: str, superwords: bool = False) -> list[str]:
+def _pretokens(text: str, superwords: bool) -> list[str]:
     """The pieces that merges stay inside, each as its bytes in printable form: GPT-2's
     pre-tokens, or with `superwords` the whole text."""
     table = bytes_to_unicode()

@@ -77,21 +77,20 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .checkpoint import load, load_tokenizer
     from .env import pick_device
-    from .infer import generate
+    from .infer import TokenHealer, generate
 
     device = pick_device(args.device)
     model = load(args.checkpoint, device=device)
     tokenizer = load_tokenizer(args.checkpoint)
     prompt = tokenizer.encode(args.prompt).ids
-    ids = generate(
-        model,
-        torch.tensor([prompt]),
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
+    sampling = dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
+    if args.token_healing:
+        _, spelled = TokenHealer(tokenizer).generate(model, prompt, args.max_new_tokens, **sampling)
+        print(args.prompt + spelled.decode("utf-8", errors="replace"))
+        return 0
+    ids = generate(model, torch.tensor([prompt]), args.max_new_tokens, **sampling)
     print(tokenizer.decode(ids[0].tolist()))
     return 0
 
@@ -191,7 +190,9 @@ def _eval(args: argparse.Namespace) -> int:
     for task in tasks:  # every file is read and checked before any scoring starts
         task.check()
     model = load(path, device=pick_device(args.device))
-    scorer = Scorer(model, load_tokenizer(path), batch_size=args.batch_size)
+    scorer = Scorer(
+        model, load_tokenizer(path), batch_size=args.batch_size, token_healing=args.token_healing
+    )
     result: dict = {"model": str(path), "disk_bytes": disk_bytes(path), "tasks": {}}
     print(f"{'task':<22} {'metric':<16} {'value':>10} {'± stderr':>9} {'n':>6}")
     for task in tasks:
@@ -221,6 +222,12 @@ def _write_json(path: str | None, result: dict) -> None:
         from .io import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(result, indent=2) + "\n")
+
+
+_HEALING = "--token-healing"
+_HEALING_HELP = (
+    "regrow the prompt's last tokens when it stops inside a token (for superword tokenizers)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument(_HEALING, action="store_true", help=_HEALING_HELP)
     p.set_defaults(func=_generate)
 
     p = verbs.add_parser(
@@ -296,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(_HEALING, action="store_true", help=_HEALING_HELP)
     p.set_defaults(func=_eval)
 
     from .quant import FORMATS, METHODS

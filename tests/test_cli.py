@@ -70,6 +70,17 @@ def test_generate_from_a_checkpoint(tmp_path) -> None:
     expected = slmlab.generate(model, prompt, 5)[0]
     assert out.stdout.rstrip("\n") == tok.decode(expected)
 
+    from slmlab.infer import TokenHealer
+
+    out = run(
+        "generate", str(path), "--prompt", "once up", "--max-new-tokens", "5", "--token-healing"
+    )
+    assert out.returncode == 0, out.stderr
+    healer = TokenHealer(tok)
+    assert healer.heal(tok.encode("once up").ids)[1] == b" up"  # " upon" is one token
+    _, text = healer.generate(model, tok.encode("once up").ids, 5)
+    assert out.stdout.rstrip("\n") == "once up" + text.decode()
+
 
 def test_generate_on_a_broken_checkpoint_is_one_line(tmp_path) -> None:
     out = run("generate", str(tmp_path), "--prompt", "x")

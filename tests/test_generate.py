@@ -61,6 +61,37 @@ def test_greedy_equals_transformers_generate_batched(name: str, tmp_path) -> Non
         assert single == prompt + expected[row, width:].tolist()
 
 
+def test_allowed_tokens_constrain_like_transformers(tmp_path) -> None:
+    theirs = save_hf(VARIANTS["llama-gqa-untied"], tmp_path)
+    ours = slmlab.load(tmp_path)
+    vocab = ours.config.vocab_size
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+
+    def allowed(row: int, seq: torch.Tensor) -> list[int]:
+        step = len(seq) - width  # rows take turns: odd ids, then multiples of 3, then anything
+        if step < 4:
+            return list(range(1 + row % 2, vocab, 2 + row % 2))
+        return list(range(vocab))
+
+    expected = theirs.generate(
+        ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+        eos_token_id=None, prefix_allowed_tokens_fn=allowed,
+    )  # fmt: skip
+    got = slmlab.generate(
+        ours, ids, 8, attention_mask=mask, stop_tokens=(), pad_token_id=0,
+        prefix_allowed_tokens_fn=allowed,
+    )  # fmt: skip
+    assert torch.equal(got, expected)
+    free = slmlab.generate(ours, ids, 8, attention_mask=mask, stop_tokens=(), pad_token_id=0)
+    assert not torch.equal(got, free)
+    with pytest.raises(ValueError, match="allowed no token for row 1"):
+        slmlab.generate(
+            ours, PROMPTS, 2, prefix_allowed_tokens_fn=lambda row, _: [] if row else [1]
+        )
+
+
 def test_stop_tokens_end_each_row() -> None:
     model = DecoderLM(VARIANTS["llama-gqa-untied"]).eval()
     free = slmlab.generate(model, PROMPTS, 12, stop_tokens=())

@@ -16,13 +16,19 @@ from slmlab.eval import Scorer, evaluate, load_task, story_items
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
 
 
-@pytest.fixture(params=["words", "superwords"])
+@pytest.fixture(params=["words", "superwords", "superwords-healed"])
 def scorer(request) -> Scorer:
     # The model's context (64) is shorter than the items: truncation is exercised too. With
-    # superword tokens some choices merge with the context's last word (test_eval checks that).
+    # superword tokens some choices merge with the context's last word (test_eval checks that),
+    # and generation may heal the prompt's end (test_healing).
     prefix = "story" if request.param == "words" else "superword"
     model = request.getfixturevalue(f"{prefix}_model")
-    return Scorer(model, request.getfixturevalue(f"{prefix}_tokenizer"), batch_size=8)
+    return Scorer(
+        model,
+        request.getfixturevalue(f"{prefix}_tokenizer"),
+        batch_size=8,
+        token_healing=request.param.endswith("healed"),
+    )
 
 
 def write_tasks(folder: Path) -> list[str]:
@@ -85,3 +91,14 @@ def test_the_model_is_registered_for_the_lm_eval_command_line(tmp_path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "SlmlabLM"
+
+
+def test_model_args_reach_the_scorer(superword_model, superword_tokenizer, tmp_path) -> None:
+    import slmlab
+    from slmlab.eval.harness import SlmlabLM
+
+    path = slmlab.save(superword_model, tmp_path / "ckpt", tokenizer=superword_tokenizer)
+    plain = SlmlabLM.create_from_arg_string(f"pretrained={path},batch_size=4")
+    healed = SlmlabLM.create_from_arg_string(f"pretrained={path},token_healing=True")
+    assert plain.scorer.healer is None and plain.scorer.batch_size == 4
+    assert healed.scorer.healer is not None

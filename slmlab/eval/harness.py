@@ -32,8 +32,8 @@ __all__ = ["SlmlabLM"]
 
 @register_model("slmlab")
 class SlmlabLM(TemplateLM):
-    """``--model slmlab --model_args pretrained=DIR[,batch_size=N,max_length=N,device=cpu]``;
-    ``pretrained`` may also name a zoo recipe (``pretrained=stories-8m``)."""
+    """``--model slmlab --model_args pretrained=DIR[,batch_size=N,max_length=N,device=cpu,
+    token_healing=True]``; ``pretrained`` may also name a zoo recipe (``pretrained=stories-8m``)."""
 
     def __init__(
         self,
@@ -41,6 +41,7 @@ class SlmlabLM(TemplateLM):
         batch_size: int | str = 16,
         max_length: int | None = None,
         device: str = "cpu",
+        token_healing: bool | str = False,
         scorer: Scorer | None = None,
         **kwargs: Any,
     ) -> None:
@@ -57,6 +58,7 @@ class SlmlabLM(TemplateLM):
                 load_tokenizer(path),
                 batch_size=int(batch_size) if str(batch_size) != "auto" else 16,
                 max_length=int(max_length) if max_length else None,
+                token_healing=str(token_healing).lower() == "true",
             )
         self.scorer = scorer
 

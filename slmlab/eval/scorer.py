@@ -18,6 +18,10 @@ The rules are lm-evaluation-harness's, so a number here means what it means ther
   tokens (the oldest context goes). `Scorer.truncated` counts such requests, and every result
   that `slmlab.eval` reports carries the count; a continuation that alone does not fit is an error;
 * log-likelihoods are natural logs, summed over the continuation's tokens.
+
+One departure is offered, off by default: ``token_healing=True`` generates with token healing
+(`slmlab.infer.TokenHealer`), for tokenizers whose tokens run across the places where a task
+cuts its prompts (superwords, chapter 02).
 """
 
 from __future__ import annotations
@@ -71,9 +75,15 @@ class Scorer:
         batch_size: int = 16,
         max_length: int | None = None,
         prefix_token_id: int | None = None,
+        token_healing: bool = False,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = _as_tokenizer(tokenizer)
+        self.healer = None
+        if token_healing:
+            from ..infer import TokenHealer
+
+            self.healer = TokenHealer(self.tokenizer)
         self.encode = encoder(self.tokenizer)
         self.batch_size = batch_size
         config = model.config
@@ -184,6 +194,7 @@ class Scorer:
         Each request carries lm-evaluation-harness's ``generation_kwargs``: ``until`` (a string
         or list), ``max_gen_toks`` (default 256), and ``do_sample``/``temperature`` (sampling
         draws from seed 0). A context is cut from the left to leave room for ``max_gen_toks``.
+        With ``token_healing`` the context's last tokens are regrown first (`TokenHealer`).
         """
         from ..infer import generate
 
@@ -204,17 +215,21 @@ class Scorer:
             if len(ids) > room:
                 self.truncated += 1
                 ids = ids[-room:]
-            tokens = generate(
-                self.model,
-                [ids],
-                new,
+            sampling = dict(
                 temperature=temperature,
                 top_k=kwargs.get("top_k"),
                 top_p=kwargs.get("top_p"),
                 seed=0,
                 stop_tokens=self.prefix_token_id,
-            )[0][len(ids) :]
-            text = self.decode(tokens)
+            )
+            if self.healer is None:
+                tokens = generate(self.model, [ids], new, **sampling)[0][len(ids) :]
+                text = self.decode(tokens)
+            else:
+                if self.healer.heal(ids)[0] == []:  # all of it regrows: condition on end-of-text
+                    ids = [self.prefix_token_id, *ids]
+                _, spelled = self.healer.generate(self.model, ids, new, **sampling)
+                text = spelled.decode("utf-8", errors="replace")
             for stop in until:
                 if stop:
                     text = text.split(stop)[0]

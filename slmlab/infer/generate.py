@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -59,6 +59,24 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+def _constrain(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    allowed: Callable[[int, torch.Tensor], Sequence[int]],
+) -> torch.Tensor:
+    """`logits` with every token that `allowed` does not list for its row set to -inf."""
+    mask = torch.full_like(logits, float("-inf"))
+    for row in range(logits.shape[0]):
+        tokens = allowed(row, ids[row])
+        if len(tokens) == 0:
+            raise ValueError(
+                f"prefix_allowed_tokens_fn allowed no token for row {row}: the constraint cannot "
+                "be met; return at least one token id (every id to leave the row free)"
+            )
+        mask[row, torch.as_tensor(tokens, dtype=torch.long, device=logits.device)] = 0
+    return logits + mask
+
+
 @torch.no_grad()
 def generate(
     model: DecoderLM,
@@ -74,6 +92,7 @@ def generate(
     pad_token_id: int | None = None,
     use_cache: bool = True,
     kv_cache_dtype: torch.dtype | None = None,
+    prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], Sequence[int]] | None = None,
 ) -> torch.Tensor | list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; return the ids, prompt included.
 
@@ -86,6 +105,10 @@ def generate(
     Sampling (temperature > 0) draws from a generator seeded with `seed`, so the same call gives
     the same tokens. `kv_cache_dtype` ``torch.int8`` keeps the cache in int8 (chapter 08's
     `slmlab.quant.Int8KVCache`); by default it has the model's dtype.
+
+    `prefix_allowed_tokens_fn(row, ids)` is transformers' constraint: given a row's index and
+    its ids so far (its padded prompt included), it returns the tokens that row may produce
+    next; `slmlab.infer.TokenHealer` uses it to regrow a prompt's last word.
     """
     config = model.config
     if max_new_tokens < 0:
@@ -152,6 +175,8 @@ def generate(
         if cache is None:  # recompute the whole sequence: the reference the cache must match
             step_ids, step_mask = out[:, :length], full_mask[:, :length]
         logits = model(step_ids, step_mask, cache, last_only=True)[:, -1]
+        if prefix_allowed_tokens_fn is not None:
+            logits = _constrain(logits, out[:, :length], prefix_allowed_tokens_fn)
         token = sample_next(
             logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
         )

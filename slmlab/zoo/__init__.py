@@ -130,7 +130,8 @@ RECIPES["stories-1m-20min"] = RECIPES["stories-1m"].replace(
 # still reads each story at most once, as stories-8m does its 30,000. Its story suites
 # (python -m benchmarks.story_suites): stories_who 1.0, stories_what 0.925 (stories-8m: 0.29),
 # but stories_where 0.25, chance (stories-8m: 0.515), also when every choice is scored inside
-# a whole sentence: it has not learnt to copy the place. stories_who_gen needs token healing,
+# a whole sentence. In the opening its tokenizer merges the place into "likedĠtoĠgoĠtoĠtheĠpark"
+# (all twelve places), so copying it is not a lookup (chapter 02). stories_who_gen needs healing,
 # since its prompt stops inside a superword: 0 without, 1.0 with (stories-8m: 1.0 either way).
 RECIPES["stories-8m-superwords"] = RECIPES["stories-8m"].replace(superwords=True, data_size=60_000)
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Set up and run slmlab's jobs with nothing but Python 3.11+ and git.
 
-    python3 run.py book    # make .venv, build the book as HTML, executing every chapter (cached)
-    python3 run.py test    # make .venv, lint, check notebook pairs, run unit tests and notebooks
+    python3 run.py book    # make .venv, train the zoo models, build the book with every chapter run
+    python3 run.py test    # make .venv, lint, check notebook pairs, build the book in quick mode,
+                           # run unit tests and notebooks
     python3 run.py lab     # JupyterLab on notebooks/, in the same environment
     python3 run.py sync    # authors: regenerate notebooks/*.ipynb from book/*.md
     python3 run.py freeze  # maintainers: re-pin constraints.txt from the current .venv
@@ -58,11 +59,30 @@ def ensure_env() -> None:
     print(f"environment ready in {time.time() - t0:.0f} s", flush=True)
 
 
-def book() -> None:
+def book(output: Path = ROOT) -> None:
+    """Train the zoo models the chapters name, then build the site with every chapter executed.
+
+    The chapters then run with training off (SLMLAB_ZOO_TRAIN=0): a chapter that asks for a
+    model its front matter does not name fails at once instead of training inside a cell."""
     t0 = time.time()
-    sh(BIN / "jupyter-book", "build", ".", "--builder", "html")
-    index = ROOT / "_build" / "html" / "index.html"
-    print(f"\nbook built in {time.time() - t0:.0f} s: open {index}")
+    sh(PY, "tools/notebooks.py", "zoo")
+    t1 = time.time()
+    sh(
+        BIN / "jupyter-book",
+        "build",
+        ".",
+        "--builder",
+        "html",
+        "--path-output",
+        output,
+        env={**os.environ, "SLMLAB_ZOO_TRAIN": "0"},
+    )
+    sh(PY, "tools/notebooks.py", "times", output / "_build" / ".jupyter_cache")
+    index = output / "_build" / "html" / "index.html"
+    print(
+        f"\nbook built in {(time.time() - t0) / 60:.1f} minutes "
+        f"(zoo {(t1 - t0) / 60:.1f}, chapters and site {(time.time() - t1) / 60:.1f}): open {index}"
+    )
 
 
 def test(extra: list[str]) -> None:
@@ -70,7 +90,11 @@ def test(extra: list[str]) -> None:
     # numbers); `python3 run.py book` trains the full recipes once and caches them.
     os.environ.setdefault("SLMLAB_QUICK", "1")
     sh(BIN / "ruff", "check", ".")
+    sh(BIN / "lint-imports")  # the layers contract in pyproject.toml
     sh(PY, "tools/notebooks.py", "check")
+    # The book itself, in quick mode and apart from the reader's build: a chapter that raises,
+    # or that needs a zoo model its front matter does not name, fails the test command.
+    book(ROOT / "_build" / "quick")
     sh(
         PY,
         "-m",

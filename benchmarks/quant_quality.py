@@ -4,7 +4,7 @@
 
 Bits per parameter, size on disk, bits per character and perplexity on 200 held-out stories,
 the story suites' accuracy, and batch-1 decoding speed, for each method of
-`slmlab.quant.compare.standard_methods`. Goals: GPTQ at 4 bits loses at most half of the
+`slmlab.experiments.quantization.standard_methods`. Goals: GPTQ at 4 bits loses at most half of the
 perplexity that round-to-nearest loses; the 4-bit checkpoint (embedding in int8) is at most
 0.15× the fp32 one. The group size is the largest multiple of 32 up to 128 that divides every
 layer's width (96 for the 8M model, whose widths are 288 and 768).
@@ -17,7 +17,7 @@ import argparse
 
 from benchmarks.common import RESULTS, write
 from slmlab import data, zoo
-from slmlab.quant.compare import compare_methods, plot_methods, standard_methods
+from slmlab.experiments.quantization import compare_methods, plot_methods, standard_methods
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .layers.quantized import QuantEmbedding, apply_quantization_config, quantization_config
 from .models.config import ConfigError, ModelConfig
 from .models.decoder import DecoderLM
-from .quant.linear import QuantEmbedding, apply_quantization_config, quantization_config
 
 __all__ = ["CheckpointError", "load", "load_state_dict", "load_tokenizer", "save"]
 

@@ -96,15 +96,18 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .quant.qat import train_qat
     from .train import TrainConfig, train
-    from .zoo import recipe
+    from .zoo import RECIPES, ensure, recipe
 
     if (args.recipe is None) == (args.config is None):
         raise ValueError("give exactly one of --recipe NAME or --config FILE")
     config = recipe(args.recipe) if args.recipe else TrainConfig.from_file(args.config)
+    if config.init_from in RECIPES:  # fine-tuning a zoo model: its checkpoint, trained if need be
+        config = config.replace(init_from=str(ensure(config.init_from, progress=not args.quiet)))
     if args.seed is not None:
         config = config.replace(seed=args.seed)
-    result = train(
+    result = (train if config.qat is None else train_qat)(
         config,
         args.out,
         max_steps=args.max_steps,
@@ -127,18 +130,21 @@ def _zoo(args: argparse.Namespace) -> int:
 
     if args.action == "list":
         width = max(map(len, zoo.RECIPES))
-        for name, config in zoo.RECIPES.items():
-            cached = (
-                "cached" if (zoo.path(name) / "last" / "trainer.json").is_file() else "not trained"
-            )
+        for name, entry in zoo.RECIPES.items():
+            config = entry.config
+            cached = "cached" if zoo.is_trained(name) else "not trained"
             print(
                 f"{name:<{width}}  {config.data:<8} {config.steps:>5} steps  seed {config.seed}"
                 f"  ({cached})"
             )
         return 0
-    if not args.name:
-        raise ValueError("slmlab zoo path needs a recipe NAME")
-    print(zoo.ensure(args.name, progress=not args.quiet))
+    if not args.names:
+        raise ValueError(f"slmlab zoo {args.action} needs recipe NAMEs (see: slmlab zoo list)")
+    if args.action == "train":
+        zoo.prepare(args.names, progress=not args.quiet)
+        return 0
+    for name in args.names:
+        print(zoo.ensure(name, progress=not args.quiet))
     return 0
 
 
@@ -332,10 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_quantize)
 
     p = verbs.add_parser(
-        "zoo", help="the model zoo: list recipes, or print (training if needed) a model's path"
+        "zoo",
+        help="the model zoo: list recipes, train them, or print (training if needed) their paths",
     )
-    p.add_argument("action", choices=["list", "path"])
-    p.add_argument("name", nargs="?")
+    p.add_argument("action", choices=["list", "train", "path"])
+    p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_zoo)
     return parser

@@ -18,7 +18,21 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["bf16_is_fast", "cpu_flags", "default_dtype", "matmul_gflops", "pick_device", "report"]
+__all__ = [
+    "bf16_is_fast",
+    "cache_dir",
+    "cpu_flags",
+    "default_dtype",
+    "matmul_gflops",
+    "pick_device",
+    "report",
+]
+
+
+def cache_dir() -> Path:
+    """slmlab's cache (compiled kernels, zoo models, task files): ``$SLMLAB_HOME`` or
+    ``~/.cache/slmlab``."""
+    return Path(os.environ.get("SLMLAB_HOME", Path.home() / ".cache" / "slmlab"))
 
 
 @cache

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slmlab.layers.formats import int_codes, int_grid
 from slmlab.quant import dequantize, quantize
-from slmlab.quant.formats import int_codes, int_grid
 from slmlab.quant.gptq import gptq_quantize, layer_error
 
 

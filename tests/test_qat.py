@@ -9,8 +9,8 @@ from torch import nn
 
 import slmlab
 from slmlab.quant import QuantConfig, QuantLinear, dequantize, quantize
-from slmlab.quant.qat import FakeQuantLinear, convert_qat_, prepare_qat_
-from slmlab.train import build_data, train
+from slmlab.quant.qat import FakeQuantLinear, convert_qat_, prepare_qat_, train_qat
+from slmlab.train import build_data
 
 from .test_train import TINY
 
@@ -60,11 +60,11 @@ def test_qat_configs_that_cannot_train_are_refused() -> None:
 
 
 def test_ternary_training_runs_through_the_trainer_and_resumes_exactly(tmp_path) -> None:
-    config = TINY.replace(extra={"qat": TERNARY})
+    config = TINY.replace(qat=TERNARY)
     data = build_data(config)
-    straight = train(config, tmp_path / "straight", progress=False, data=data)
-    train(config, tmp_path / "resumed", progress=False, data=data, max_steps=5)
-    resumed = train(config, tmp_path / "resumed", progress=False, data=data, resume=True)
+    straight = train_qat(config, tmp_path / "straight", progress=False, data=data)
+    train_qat(config, tmp_path / "resumed", progress=False, data=data, max_steps=5)
+    resumed = train_qat(config, tmp_path / "resumed", progress=False, data=data, resume=True)
     assert resumed.train_loss == straight.train_loss
     model = slmlab.load(straight.checkpoint)  # the latent weights
     convert_qat_(prepare_qat_(model, QuantConfig(**TERNARY)))

@@ -100,7 +100,7 @@ def test_int4_packing_round_trips_and_halves_the_bytes() -> None:
 
 
 def test_two_bit_packing_holds_four_codes_a_byte() -> None:
-    from slmlab.quant.formats import pack_codes, unpack_codes
+    from slmlab.layers.formats import pack_codes, unpack_codes
 
     codes = torch.randint(0, 4, (5, 64), dtype=torch.uint8)
     packed = pack_codes(codes, 2)
@@ -111,7 +111,7 @@ def test_two_bit_packing_holds_four_codes_a_byte() -> None:
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
 def test_packing_is_one_bit_stream_of_any_width(bits: int) -> None:
-    from slmlab.quant.formats import pack_codes, unpack_codes
+    from slmlab.layers.formats import pack_codes, unpack_codes
 
     codes = torch.randint(0, 2**bits, (3, 40), dtype=torch.uint8)
     packed = pack_codes(codes, bits)

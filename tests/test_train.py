@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import slmlab
 from slmlab.models import ConfigError
+from slmlab.quant.qat import train_qat
 from slmlab.train import TrainConfig, build_data, lr_at, train
 
 TINY = TrainConfig(
@@ -120,22 +121,24 @@ def test_init_from_starts_from_a_trained_model_and_checks_it_fits(tmp_path, data
     base = weights(tmp_path / "base")
     # QAT as fine-tuning: the run's step 0 is the trained model, with fake-quantized linears.
     qat = {"bits": 4, "group_size": 32}
-    tuned = TINY.replace(extra={"init_from": str(tmp_path / "base" / "last"), "qat": qat})
-    train(tuned, tmp_path / "tuned", max_steps=0, progress=False, data=data)
+    tuned = TINY.replace(init_from=str(tmp_path / "base" / "last"), qat=qat)
+    with pytest.raises(ValueError, match="trains through rounding"):
+        train(tuned, tmp_path / "tuned", progress=False, data=data)
+    train_qat(tuned, tmp_path / "tuned", max_steps=0, progress=False, data=data)
     start = weights(tmp_path / "tuned")
     assert start.keys() == base.keys()
     assert all(torch.equal(start[k], base[k]) for k in base)
-    train(tuned, tmp_path / "tuned", progress=False, data=data)
+    train_qat(tuned, tmp_path / "tuned", progress=False, data=data)
     assert not torch.equal(
         weights(tmp_path / "tuned")["model.norm.weight"], base["model.norm.weight"]
     )
     with pytest.raises(ValueError, match="tokenizer is not the one"):
-        train(tuned.replace(vocab_size=280), tmp_path / "other", progress=False)
+        train_qat(tuned.replace(vocab_size=280), tmp_path / "other", progress=False)
     wider = tuned.replace(model={**TINY.model, "intermediate_size": 192})
     with pytest.raises(ValueError, match="weights do not fit"):
-        train(wider, tmp_path / "wider", progress=False, data=data)
-    with pytest.raises(FileNotFoundError, match="neither a checkpoint directory nor a zoo"):
-        train(TINY.replace(extra={"init_from": "nowhere"}), tmp_path / "x", data=data)
+        train_qat(wider, tmp_path / "wider", progress=False, data=data)
+    with pytest.raises(FileNotFoundError, match="'nowhere' is not a checkpoint directory"):
+        train(TINY.replace(init_from="nowhere"), tmp_path / "x", data=data)
 
 
 def test_resume_needs_a_checkpoint_and_the_same_recipe(tmp_path, data) -> None:
@@ -184,7 +187,7 @@ def test_config_file_errors_name_the_file(tmp_path) -> None:
 def test_toml_round_trip(tmp_path) -> None:
     from slmlab.zoo import RECIPES
 
-    for config in [TINY, *RECIPES.values()]:
+    for config in [TINY, *(entry.config for entry in RECIPES.values())]:
         (tmp_path / "run.toml").write_text(config.to_toml())
         assert TrainConfig.from_file(tmp_path / "run.toml") == config
 
@@ -275,3 +278,44 @@ def test_training_on_cuda_matches_cpu_and_resumes(tmp_path, data, monkeypatch) -
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(c[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_configs_written_with_extra_still_load(tmp_path) -> None:
+    old = {**TINY.to_dict(), "extra": {"init_from": "base", "qat": {"bits": 4}}}
+    del old["init_from"], old["qat"]
+    assert TrainConfig.from_dict(old) == TINY.replace(init_from="base", qat={"bits": 4})
+    gone = {**old, "extra": {"quick_steps": 40}}
+    with pytest.raises(ConfigError, match=r"extra\.quick_steps no longer exists.*zoo"):
+        TrainConfig.from_dict(gone)
+
+
+def test_fingerprint_covers_every_field_and_ignores_none_set() -> None:
+    changed = {
+        "data_size": 601,
+        "vocab_size": 301,
+        "superwords": True,
+        "seq_len": 32,
+        "batch_size": 4,
+        "grad_accum": 2,
+        "steps": 13,
+        "optimizer": "muon",
+        "lr": 2e-3,
+        "min_lr": 2e-4,
+        "warmup_steps": 2,
+        "weight_decay": 0.0,
+        "betas": (0.9, 0.99),
+        "grad_clip": 0.5,
+        "eval_every": 3,
+        "eval_batches": 1,
+        "checkpoint_every": 5,
+        "seed": 1,
+        "precision": "auto",
+        "init_from": "x",
+        "qat": {"bits": 4},
+        "model": {**TINY.model, "hidden_size": 128},
+    }
+    fields = {f.name for f in __import__("dataclasses").fields(TrainConfig)} - {"data"}
+    assert set(changed) == fields
+    prints = {TINY.replace(**{k: v}).fingerprint() for k, v in changed.items()}
+    assert len(prints) == len(changed) and TINY.fingerprint() not in prints
+    assert TINY.replace(qat=None).fingerprint() == TINY.fingerprint()

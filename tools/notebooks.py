@@ -2,12 +2,20 @@
 
     python tools/notebooks.py sync [NAME...]   # write notebooks/NAME.ipynb from book/NAME.md
     python tools/notebooks.py check            # fail if any pair has drifted apart
+    python tools/notebooks.py zoo              # train the zoo models the chapters name
+    python tools/notebooks.py times CACHE      # how long each chapter took in the book build
 
 The markdown is the source: it diffs well and is what the book builds from. `sync` converts it
 with jupytext, executes it (unless only the prose changed), and keeps only the outputs of cells
 marked `# NBVAL_CHECK_OUTPUT`,
 which are the outputs nbval compares; every other output is dropped so the notebooks stay small.
 `check` compares cell by cell (type and source) and names the first difference.
+
+A chapter names the zoo models it loads in its front matter, so that the book build trains them
+before any chapter runs (no cell timeout can then catch a training run):
+
+    slmlab:
+      zoo: [stories-1m, stories-8m]
 """
 
 from __future__ import annotations
@@ -26,6 +34,23 @@ CHECK = "# NBVAL_CHECK_OUTPUT"
 
 def chapters() -> list[Path]:
     return sorted(p for p in BOOK.glob("*.md") if p.read_text().startswith("---\njupytext:"))
+
+
+def zoo_models(md: Path) -> list[str]:
+    """The zoo recipes chapter `md` names under ``slmlab: zoo:`` in its front matter."""
+    from slmlab.zoo import RECIPES
+
+    where = md.relative_to(ROOT) if md.is_relative_to(ROOT) else md
+    names = jupytext.read(md).metadata.get("slmlab", {}).get("zoo", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SystemExit(f"{where}: slmlab.zoo must be a list of recipe names")
+    unknown = sorted(set(names) - set(RECIPES))
+    if unknown:
+        raise SystemExit(
+            f"{where}: slmlab.zoo names {unknown}, which the zoo does not have; "
+            f"it has {sorted(RECIPES)}"
+        )
+    return names
 
 
 def from_markdown(md: Path) -> nbformat.NotebookNode:
@@ -99,7 +124,25 @@ def main(argv: list[str]) -> int:
             if not names or md.stem in names or md.stem[:2] in names:
                 sync(md)
         return 0
+    if argv[:1] == ["zoo"]:
+        from slmlab import zoo
+
+        zoo.prepare(name for md in chapters() for name in zoo_models(md))
+        return 0
+    if argv[:1] == ["times"] and len(argv) == 2:
+        from jupyter_cache import get_cache
+
+        runs = {
+            Path(record.uri).name: record.data.get("execution_seconds")
+            for record in get_cache(argv[1]).list_cache_records()
+        }
+        for md in chapters():
+            seconds = runs.get(md.name)
+            print(f"{md.stem:<20} " + (f"{seconds:6.0f} s" if seconds else "     —"))
+        return 0
     if argv[:1] == ["check"]:
+        for md in chapters():
+            zoo_models(md)  # the names must be recipes the zoo has
         problems = [p for md in chapters() if (p := drift(md))]
         stray = {p.stem for p in NOTEBOOKS.glob("*.ipynb")} - {md.stem for md in chapters()}
         problems += [f"notebooks/{s}.ipynb has no book/{s}.md" for s in sorted(stray)]

@@ -33,7 +33,7 @@ __all__ = ["SlmlabLM"]
 @register_model("slmlab")
 class SlmlabLM(TemplateLM):
     """``--model slmlab --model_args pretrained=DIR[,batch_size=N,max_length=N,device=cpu,
-    token_healing=True]``; ``pretrained`` may also name a zoo recipe (``pretrained=stories-8m``)."""
+    token_healing=True]``; for a zoo model, ``pretrained=$(slmlab zoo path stories-8m)``."""
 
     def __init__(
         self,
@@ -48,11 +48,13 @@ class SlmlabLM(TemplateLM):
         super().__init__()
         if scorer is None:
             if pretrained is None:
-                raise ValueError("--model_args needs pretrained=DIR (a checkpoint or zoo name)")
+                raise ValueError(
+                    "--model_args needs pretrained=DIR, a checkpoint directory (a zoo model's: "
+                    "pretrained=$(slmlab zoo path NAME))"
+                )
             from ..checkpoint import load, load_tokenizer
-            from ..zoo import RECIPES, ensure
 
-            path = ensure(pretrained) if pretrained in RECIPES else pretrained
+            path = pretrained
             scorer = Scorer(
                 load(path, device=device),
                 load_tokenizer(path),

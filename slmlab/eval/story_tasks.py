@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..data.story_grammar import NAMES, PLACES, STORY_GRAMMAR_VERSION, THINGS, stories
+from ..env import cache_dir
 from ..io import atomic_write_text
-from ..kernels import cache_dir
 
 __all__ = ["STORY_TASKS", "SUITE_SIZE", "story_items", "story_task_file"]
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..models.decoder import DecoderLM, KVCache
+from .kv_cache import Int8KVCache
 
 __all__ = ["generate", "sample_next"]
 
@@ -104,7 +105,7 @@ def generate(
     `stop_tokens` defaults to the config's ``eos_token_id``; pass ``()`` to never stop early.
     Sampling (temperature > 0) draws from a generator seeded with `seed`, so the same call gives
     the same tokens. `kv_cache_dtype` ``torch.int8`` keeps the cache in int8 (chapter 08's
-    `slmlab.quant.Int8KVCache`); by default it has the model's dtype.
+    `slmlab.infer.Int8KVCache`); by default it has the model's dtype.
 
     `prefix_allowed_tokens_fn(row, ids)` is transformers' constraint: given a row's index and
     its ids so far (its padded prompt included), it returns the tokens that row may produce
@@ -158,8 +159,6 @@ def generate(
     if use_cache:
         dtype = next(model.parameters()).dtype
         if kv_cache_dtype is torch.int8:
-            from ..quant.kv_cache import Int8KVCache
-
             cache = Int8KVCache(config, B, T + max_new_tokens, dtype=dtype, device=device)
         elif kv_cache_dtype in (None, dtype):
             cache = KVCache(config, B, T + max_new_tokens, dtype=dtype, device=device)

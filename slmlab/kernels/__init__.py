@@ -19,11 +19,14 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
+from ..env import cache_dir
+
 __all__ = [
-    "cache_dir",
+    "Int4Operands",
     "cpu_kernels",
     "decode_step",
     "disabled",
@@ -36,11 +39,6 @@ __all__ = [
 ]
 
 _HERE = Path(__file__).resolve().parent
-
-
-def cache_dir() -> Path:
-    """slmlab's cache: ``$SLMLAB_HOME`` or ``~/.cache/slmlab``."""
-    return Path(os.environ.get("SLMLAB_HOME", Path.home() / ".cache" / "slmlab"))
 
 
 _enabled = os.environ.get("SLMLAB_KERNELS", "1") != "0"
@@ -235,26 +233,36 @@ def linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     return linear_many(x, [layer])[0]
 
 
+class Int4Operands(NamedTuple):
+    """A 4-bit weight as `int4_linear` takes it: codes packed two a byte along each row, one
+    scale (and, when asymmetric, one zero point) per `group_size` inputs."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    group_size: int
+
+
 def _fused_linear(layer: torch.nn.Module, rows: int) -> list[torch.Tensor] | None:
     """The three tensors the fused step takes for one projection (see cpu_kernels.cpp), or None
-    where it would not compute exactly what the layer computes on its own."""
-    from ..quant.linear import QuantLinear
+    where it would not compute exactly what the layer computes on its own.
 
+    A plain fp32 ``nn.Linear`` gives its weight; any other layer takes part by offering an
+    ``int4_operands()`` method (returning `Int4Operands`, or None when it cannot); a layer that
+    does neither makes the caller run every layer through its own ``forward``."""
     if layer._forward_hooks or layer._forward_pre_hooks:
         return None  # calibration, say: the hook must see the call
     none = torch.empty(0)
     if type(layer) is torch.nn.Linear and layer.weight.dtype is torch.float32:
         return [layer.weight, none, none]
+    offer = getattr(layer, "int4_operands", None)
+    packed = offer() if callable(offer) else None
     if (
-        type(layer) is QuantLinear
-        and layer.fmt == "int"
-        and layer.bits == 4
-        and layer.activation_bits is None
-        and layer.codes.shape[-1] * 2 == layer.in_features  # packed
-        and layer.group_size % 32 == 0
+        packed is not None
+        and packed.group_size % 32 == 0
         and rows <= INT4_MAX_ROWS_INT8  # the rows int4_linear also computes in integers
     ):
-        return [layer.codes, layer.scales, none if layer.zeros is None else layer.zeros]
+        return [packed.codes, packed.scales, none if packed.zeros is None else packed.zeros]
     return None
 
 

@@ -5,13 +5,13 @@
 * `linear`: `quantize_(model, QuantConfig(...))`, the one verb; `QuantLinear`, whose int4
   weights multiply through the compiled kernel (`slmlab.kernels.int4_linear`).
 * `gptq`, `smoothing` (AWQ, SmoothQuant), `calibrate`: the methods that look at data.
-* `kv_cache`: `Int8KVCache` (``generate(..., kv_cache_dtype=torch.int8)``).
+* `Int8KVCache` (``generate(..., kv_cache_dtype=torch.int8)``), which lives in `slmlab.infer`.
 * Quantized models save and load with `slmlab.save`/`slmlab.load` (safetensors, with a
   ``quantization_config`` section in config.json).
 """
 
-from .calibrate import calibration_tokens
-from .formats import (
+from ..infer.kv_cache import Int8KVCache  # chapter 08 teaches it; it is a cache of infer's
+from ..layers.formats import (
     FORMATS,
     QuantizedTensor,
     codebook,
@@ -20,9 +20,10 @@ from .formats import (
     quantize,
     unpack_int4,
 )
+from ..layers.quantized import QuantEmbedding, QuantLinear
+from .calibrate import calibration_tokens
 from .gptq import gptq_quantize
-from .kv_cache import Int8KVCache
-from .linear import METHODS, QuantConfig, QuantEmbedding, QuantLinear, quantize_
+from .linear import METHODS, QuantConfig, quantize_
 
 __all__ = [
     "FORMATS",

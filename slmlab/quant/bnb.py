@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .linear import QuantConfig, _replace, _targets
+from ..models.swap import replace_module
+from .linear import QuantConfig, _targets
 
 __all__ = ["bitsandbytes_"]
 
@@ -56,5 +57,5 @@ def bitsandbytes_(
             )
             if linear.bias is not None:
                 layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        _replace(model, name, layer.to(device).eval())
+        replace_module(model, name, layer.to(device).eval())
     return model

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import QuantizedTensor, _check, int_codes, int_grid
+from ..layers.formats import QuantizedTensor, _check, int_codes, int_grid
 
 __all__ = ["gptq_quantize", "layer_error"]
 

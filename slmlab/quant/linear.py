@@ -26,22 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from .formats import _FP8, FORMATS, QuantizedTensor, dequantize, pack_codes, quantize, unpack_codes
+from ..layers.formats import FORMATS, quantize
+from ..layers.quantized import QuantEmbedding, QuantLinear
+from ..models.swap import replace_module
 
-__all__ = [
-    "METHODS",
-    "QuantConfig",
-    "QuantEmbedding",
-    "QuantLinear",
-    "apply_quantization_config",
-    "quantization_config",
-    "quantize_",
-    "quantized_modules",
-]
+__all__ = ["METHODS", "QuantConfig", "quantize_"]
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8")
 
@@ -85,195 +76,12 @@ class QuantConfig:
         return self.method in ("gptq", "awq", "smoothquant")
 
 
-def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Each token's activations rounded to `bits`-bit integers with its own absmax scale."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax
-    return (x / scale).round().clamp(-qmax, qmax) * scale
-
-
-def _packed(codes: torch.Tensor, bits: int) -> bool:
-    """Whether a layer stores these codes packed: under 8 bits, when the row packs exactly."""
-    return bits < 8 and codes.dtype == torch.uint8 and codes.shape[-1] * bits % 8 == 0
-
-
-class QuantLinear(nn.Module):
-    """A linear layer with a quantized weight (and, for W8A8, quantized activations)."""
-
-    def __init__(
-        self,
-        q: QuantizedTensor,
-        bias: torch.Tensor | None,
-        *,
-        activation_bits: int | None = None,
-        outlier_threshold: float | None = None,
-    ) -> None:
-        super().__init__()
-        self.fmt, self.bits, self.group_size = q.fmt, q.bits, q.group_size
-        self.out_features, self.in_features = q.shape
-        self.activation_bits, self.outlier_threshold = activation_bits, outlier_threshold
-        # Integer codes under 8 bits are packed tightly (two 4-bit codes a byte, eight 3-bit
-        # codes in three bytes), so the buffer, the checkpoint and the memory are bits/8 bytes.
-        packed = _packed(q.codes, self.bits)
-        self.register_buffer("codes", pack_codes(q.codes, self.bits) if packed else q.codes)
-        self.register_buffer("scales", q.scales)
-        self.register_buffer("zeros", q.zeros)
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-
-    @classmethod
-    def empty(
-        cls, out_features: int, in_features: int, spec: dict, *, bias: bool = False
-    ) -> QuantLinear:
-        """A layer of the shape and `spec` (see `spec()`) whose tensors a checkpoint fills."""
-        group = spec["group_size"]
-        if in_features % group:
-            raise ValueError(f"group_size {group} does not divide the input width {in_features}")
-        code_dtype = _FP8.get(spec["fmt"], torch.uint8)
-        q = QuantizedTensor(
-            torch.zeros(out_features, in_features, dtype=code_dtype),
-            torch.ones(out_features, in_features // group),
-            None
-            if spec["symmetric"]
-            else torch.zeros(out_features, in_features // group, dtype=torch.uint8),
-            spec["fmt"],
-            spec["bits"],
-            group,
-        )
-        return cls(
-            q,
-            torch.zeros(out_features) if bias else None,
-            activation_bits=spec["activation_bits"],
-            outlier_threshold=spec["outlier_threshold"],
-        )
-
-    def quantized(self, rows: torch.Tensor | None = None) -> QuantizedTensor:
-        """The weight's codes (unpacked) and scales: all rows, or only those `rows` index."""
-        codes, scales, zeros = self.codes, self.scales, self.zeros
-        if rows is not None:  # select before unpacking: an embedding lookup reads few rows
-            codes, scales = codes[rows], scales[rows]
-            zeros = None if zeros is None else zeros[rows]
-        if codes.dtype == torch.uint8 and codes.shape[-1] != self.in_features:  # packed
-            codes = unpack_codes(codes, self.bits)
-        return QuantizedTensor(codes, scales, zeros, self.fmt, self.bits, self.group_size)
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.quantized(), dtype)
-
-    def spec(self) -> dict:
-        """What a checkpoint records to rebuild this layer (see `slmlab.quant.checkpoint`)."""
-        return {
-            "fmt": self.fmt,
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "symmetric": self.zeros is None,
-            "activation_bits": self.activation_bits,
-            "outlier_threshold": self.outlier_threshold,
-        }
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_bits is not None:
-            x = self._quantize_input(x)
-        elif self.fmt == "int" and self.bits == 4:
-            y = kernels.int4_linear(x, self.codes, self.scales, self.zeros, self.group_size)
-            if y is not None:
-                return y if self.bias is None else y + self.bias
-        # The reference path, and the oracle of every kernel: dequantize, then multiply.
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
-
-    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        # Integer activations times integer weights, each with its scale, is the same product
-        # as these rounded real numbers times the dequantized weight: computed that way here.
-        if self.outlier_threshold is None:
-            return fake_quantize_activations(x, self.activation_bits)
-        # LLM.int8: the input features (columns) where some token reaches the threshold stay in
-        # full precision, times the dequantized weight columns; a handful of features carry the
-        # huge values. The rest are rounded per token, with a scale that ignores the outlying
-        # values themselves (bitsandbytes' int8_vectorwise_quant, which the tests compare with).
-        big = x.abs() >= self.outlier_threshold
-        outlier_features = big.reshape(-1, x.shape[-1]).any(0)
-        qmax = 2 ** (self.activation_bits - 1) - 1
-        scale = x.masked_fill(big, 0.0).abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax
-        regular = (x / scale).round().clamp(-qmax, qmax) * scale
-        return torch.where(outlier_features, x, regular)
-
-    def extra_repr(self) -> str:
-        extra = f", activation_bits={self.activation_bits}" if self.activation_bits else ""
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"fmt={self.fmt}, bits={self.bits}, group_size={self.group_size}{extra}"
-        )
-
-
-class QuantEmbedding(nn.Module):
-    """A token embedding with integer rows: a lookup dequantizes only the rows it reads."""
-
-    def __init__(self, q: QuantizedTensor) -> None:
-        super().__init__()
-        self.linear = QuantLinear(q, None)  # (vocab, dim): the same codes serve a tied head
-        self.num_embeddings, self.embedding_dim = q.shape
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = dequantize(self.linear.quantized(input_ids.reshape(-1)))
-        return rows.reshape(*input_ids.shape, self.embedding_dim)
-
-
-def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    """Every `QuantLinear` of `model` by name (what a quantized checkpoint records)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def quantization_config(model: nn.Module) -> dict | None:
-    """The ``quantization_config`` section a checkpoint of `model` records, or None."""
-    layers = quantized_modules(model)
-    if not layers:
-        return None
-    embedding = next((m for m in model.modules() if isinstance(m, QuantEmbedding)), None)
-    return {
-        "quant_method": "slmlab",
-        "layers": {
-            name: layer.spec()
-            for name, layer in layers.items()
-            if embedding is None or layer is not embedding.linear
-        },
-        "embedding": None if embedding is None else embedding.linear.spec(),
-    }
-
-
-def apply_quantization_config(model: nn.Module, section: dict) -> None:
-    """Give `model` the quantized layers that `section` (from `quantization_config`) names, with
-    placeholder tensors of the right shapes, for a checkpoint's tensors to fill."""
-    for name, spec in section["layers"].items():
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"quantization_config names {name!r}, which is not a linear layer")
-        layer = QuantLinear.empty(
-            linear.out_features, linear.in_features, spec, bias=linear.bias is not None
-        )
-        _replace(model, name, layer)
-    if section.get("embedding") is not None:
-        table = model.get_submodule("model.embed_tokens")
-        vocab, dim = table.weight.shape
-        embedding = QuantEmbedding.__new__(QuantEmbedding)
-        nn.Module.__init__(embedding)
-        embedding.linear = QuantLinear.empty(vocab, dim, section["embedding"])
-        embedding.num_embeddings, embedding.embedding_dim = vocab, dim
-        _replace(model, "model.embed_tokens", embedding)
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.lm_head = embedding.linear
-
-
 def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:
     return [
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and not any(name.endswith(s) for s in config.skip)
     ]
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 @torch.no_grad()
@@ -310,7 +118,7 @@ def quantize_(
                 symmetric=config.symmetric,
                 act_order=config.act_order,
             )
-            _replace(model, name, QuantLinear(q, module.bias))
+            replace_module(model, name, QuantLinear(q, module.bias))
     else:
         per_channel = config.method in ("smoothquant", "llm_int8")
         for name, module in targets:
@@ -327,7 +135,7 @@ def quantize_(
                 activation_bits=config.activation_bits,
                 outlier_threshold=config.outlier_threshold if config.method == "llm_int8" else None,
             )
-            _replace(model, name, layer)
+            replace_module(model, name, layer)
     if config.embedding_bits is not None:
         _quantize_embedding(model, config)
     return model
@@ -340,6 +148,6 @@ def _quantize_embedding(model: nn.Module, config: QuantConfig) -> None:
         group = None  # a width the group does not divide: one scale per row
     q = quantize(embedding.weight, "int", config.embedding_bits, group_size=group)
     quantized = QuantEmbedding(q)
-    _replace(model, "model.embed_tokens", quantized)
+    replace_module(model, "model.embed_tokens", quantized)
     if getattr(model.config, "tie_word_embeddings", False):
         model.lm_head = quantized.linear  # the tied head reads the same codes

@@ -18,10 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import dequantize, quantize
-from .linear import QuantConfig, QuantLinear, _replace, _targets, fake_quantize_activations
+from ..layers.formats import dequantize, quantize
+from ..layers.quantized import QuantLinear, fake_quantize_activations
+from ..models.swap import replace_module
+from ..train.config import TrainConfig
+from ..train.loop import TrainResult
+from ..train.loop import train as _train
+from .linear import QuantConfig, _targets
 
-__all__ = ["FakeQuantLinear", "convert_qat_", "prepare_qat_"]
+__all__ = ["FakeQuantLinear", "convert_qat_", "prepare_qat_", "train_qat"]
 
 
 def _straight_through(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
@@ -72,5 +77,15 @@ def convert_qat_(model: nn.Module) -> nn.Module:
     for name, layer in layers:
         c = layer.config  # the very call the forward pass made: the same codes
         q = quantize(layer.weight, c.fmt, c.bits, group_size=c.group_size, symmetric=c.symmetric)
-        _replace(model, name, QuantLinear(q, layer.bias, activation_bits=c.activation_bits))
+        replace_module(model, name, QuantLinear(q, layer.bias, activation_bits=c.activation_bits))
     return model
+
+
+def train_qat(config: TrainConfig, out, **kwargs) -> TrainResult:
+    """`slmlab.train.train` for a config with `qat` (its `QuantConfig` fields): the model's
+    linear layers round in every forward pass (`prepare_qat_`) while the optimizer updates the
+    real-valued weights underneath. A config without `qat` trains as it would anyway."""
+    if config.qat is None:
+        return _train(config, out, **kwargs)
+    qat = QuantConfig(**config.qat)
+    return _train(config, out, prepare=lambda model: prepare_qat_(model, qat), **kwargs)

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..layers.formats import dequantize, quantize
 from .calibrate import block_inputs, blocks
-from .formats import dequantize, quantize
 
 __all__ = ["awq_scales", "fold_scales", "scale_groups", "smooth_", "smoothquant_scales"]
 

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,9 @@ class TrainConfig:
     number of sequences per optimizer step across all processes and micro-batches.
     `optimizer` is ``adamw`` or ``muon`` (Muon for the blocks' matrices and AdamW for the
     rest, one `lr` and schedule for both: see `slmlab.train.muon`).
-    `extra` holds what only some runs need: ``init_from`` (a checkpoint directory or zoo
-    recipe whose weights the run starts from: fine-tuning), ``qat`` (a `QuantConfig`'s fields:
-    train through rounding), ``quick_steps`` (the zoo's quick variant).
+    `init_from` is a checkpoint directory (or, through `slmlab.zoo`, a zoo recipe's name) whose
+    weights the run starts from: fine-tuning. `qat` holds a `QuantConfig`'s fields: train
+    through the rounding the model will be stored with (chapter 08).
     """
 
     model: dict[str, Any]
@@ -55,7 +55,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     seed: int = 0
     precision: str = "fp32"
-    extra: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    qat: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -98,6 +99,12 @@ class TrainConfig:
             raise ConfigError(
                 f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}"
             )
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise ConfigError(
+                f"init_from must be a path or a zoo recipe name, got {self.init_from!r}"
+            )
+        if self.qat is not None and not isinstance(self.qat, dict):
+            raise ConfigError(f"qat must be a table of QuantConfig fields, got {self.qat!r}")
         if "vocab_size" in self.model:
             raise ConfigError("model.vocab_size comes from the tokenizer: set vocab_size instead")
         self.model_config(self.vocab_size)  # validates the model fields
@@ -121,12 +128,31 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """A short hash of the recipe: a cached run is reused only for the very same recipe."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        """A short hash of the recipe: a cached run is reused only for the very same recipe.
+
+        It covers the fields that differ from their defaults, so a field added later with a
+        default that keeps today's behaviour leaves every existing fingerprint as it was."""
+        defaults = TrainConfig(model=self.model).to_dict()
+        changed = {k: v for k, v in self.to_dict().items() if k == "model" or v != defaults[k]}
+        return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        if "extra" in data:  # configs written before init_from and qat were fields of their own
+            data = dict(data)
+            extra = data.pop("extra") or {}
+            if not isinstance(extra, dict):
+                raise ConfigError(f"extra must be a table, got {extra!r}")
+            gone = sorted(set(extra) - {"init_from", "qat"})
+            if gone:
+                raise ConfigError(
+                    f"extra.{gone[0]} no longer exists: quick mode belongs to the zoo "
+                    "(slmlab.zoo.Recipe.quick_steps); delete it from the config"
+                    if gone[0] == "quick_steps"
+                    else f"extra.{gone[0]} is not a training config field; known: {sorted(names)}"
+                )
+            data.update(extra)
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"unknown training config field(s) {unknown}; known: {sorted(names)}")
@@ -135,7 +161,7 @@ class TrainConfig:
         return cls(**data)
 
     def to_toml(self) -> str:
-        """The config as TOML (run settings, then ``[model]`` and ``[extra]`` tables): what
+        """The config as TOML (run settings, then the ``[model]`` and ``[qat]`` tables): what
         `from_file` reads, for ``slmlab train --config`` and ``torchrun``."""
 
         def value(v: Any) -> str:  # TOML's inline tables and arrays; strings and numbers as JSON
@@ -150,10 +176,11 @@ class TrainConfig:
         def lines(table: dict[str, Any]) -> list[str]:
             return [f"{key} = {value(v)}" for key, v in table.items()]
 
-        top = {k: v for k, v in self.to_dict().items() if k not in ("model", "extra")}
+        tables = ("model", "qat")
+        top = {k: v for k, v in self.to_dict().items() if k not in tables and v is not None}
         text = [*lines(top), "", "[model]", *lines(self.model)]
-        if self.extra:
-            text += ["", "[extra]", *lines(self.extra)]
+        if self.qat:
+            text += ["", "[qat]", *lines(self.qat)]
         return "\n".join(text) + "\n"
 
     @classmethod

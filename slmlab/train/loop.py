@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,19 +134,16 @@ def _restore_optimizer(
 
 
 def _initialise_from(model: DecoderLM, source: str, data: TrainData) -> None:
-    """Load into `model` the weights of `source`: a checkpoint directory or a zoo recipe."""
+    """Load into `model` the weights of checkpoint directory `source` (``slmlab.zoo`` turns a
+    recipe's name into its directory before training starts)."""
     from ..checkpoint import load_tokenizer
 
     path = Path(source)
     if not path.is_dir():
-        from .. import zoo
-
-        if source not in zoo.RECIPES:
-            raise FileNotFoundError(
-                f"init_from {source!r} is neither a checkpoint directory nor a zoo recipe "
-                f"({', '.join(sorted(zoo.RECIPES))})"
-            )
-        path = zoo.ensure(source)
+        raise FileNotFoundError(
+            f"init_from {source!r} is not a checkpoint directory (a zoo recipe's name is "
+            "resolved by slmlab.zoo.ensure or `slmlab train`)"
+        )
     if load_tokenizer(path).get_vocab() != data.tokenizer.to_hf().get_vocab():
         raise ValueError(
             f"{path}: its tokenizer is not the one this config's data builds, so the token ids "
@@ -228,6 +226,7 @@ def train(
     data: TrainData | None = None,
     parallel: str = "ddp",
     device: str = "cpu",
+    prepare: Callable[[DecoderLM], object] | None = None,
 ) -> TrainResult:
     """Train the model `config` describes; write checkpoints, metrics and a loss plot to `out`.
 
@@ -237,6 +236,9 @@ def train(
     processes share the work: ``"ddp"`` or ``"fsdp"`` (see the module's docstring).
     `device` is ``"cpu"`` (the default, so that a recipe gives the same numbers on every
     machine), ``"cuda"`` or ``"auto"``; under torchrun, CUDA means each process's own GPU.
+    `prepare` changes the model in place once it is built (and initialised from
+    ``config.init_from``), before training: how a transform of a higher layer trains through
+    itself. A config with `qat` needs it; `slmlab.quant.qat.train_qat` passes it.
     """
     out = Path(out)
     if parallel not in PARALLEL:
@@ -254,13 +256,15 @@ def train(
         data.tokenizer.vocab_size, data.tokenizer.token_id(SEPARATOR)
     )
     model = DecoderLM(model_config).to(device)
-    if "init_from" in config.extra:  # fine-tuning (QAT, say): start from a trained model
-        _initialise_from(model, config.extra["init_from"], data)
-    if "qat" in config.extra:  # chapter 08: train through the rounding the model is stored with
-        from ..quant import QuantConfig
-        from ..quant.qat import prepare_qat_
-
-        prepare_qat_(model, QuantConfig(**config.extra["qat"]))
+    if config.init_from is not None:  # fine-tuning (QAT, say): start from a trained model
+        _initialise_from(model, config.init_from, data)
+    if prepare is not None:
+        prepare(model)
+    elif config.qat is not None:
+        raise ValueError(
+            "this config trains through rounding (qat): run it with slmlab.quant.qat.train_qat, "
+            "`slmlab train` or the zoo, which prepare the model's layers for it"
+        )
     start = 0
     if resume:
         state_file = out / LAST / "trainer.json"

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .calibrate import calibration_tokens
-from .linear import QuantConfig, quantize_
+from ..quant.calibrate import calibration_tokens
+from ..quant.linear import QuantConfig, quantize_
 
 __all__ = ["bits_per_parameter", "compare_methods", "plot_methods", "standard_methods"]
 

@@ -17,6 +17,7 @@ of its steps on less data: the same code path, minutes less, numbers that are no
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterable
@@ -205,8 +206,6 @@ def path(name: str, *, quick: bool | None = None) -> Path:
 
 def is_trained(name: str, *, quick: bool | None = None) -> bool:
     """Whether `name` is cached and complete: its checkpoint is of the recipe's last step."""
-    import json
-
     state = path(name, quick=quick) / LAST / "trainer.json"
     try:
         return json.loads(state.read_text())["step"] == recipe(name, quick=quick).steps

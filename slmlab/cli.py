@@ -96,18 +96,16 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .quant.qat import train_qat
-    from .train import TrainConfig, train
-    from .zoo import RECIPES, ensure, recipe
+    from .train import TrainConfig
+    from .zoo import recipe, resolve, train
 
     if (args.recipe is None) == (args.config is None):
         raise ValueError("give exactly one of --recipe NAME or --config FILE")
     config = recipe(args.recipe) if args.recipe else TrainConfig.from_file(args.config)
-    if config.init_from in RECIPES:  # fine-tuning a zoo model: its checkpoint, trained if need be
-        config = config.replace(init_from=str(ensure(config.init_from, progress=not args.quiet)))
+    config = resolve(config, progress=not args.quiet)  # init_from may name a zoo model
     if args.seed is not None:
         config = config.replace(seed=args.seed)
-    result = (train if config.qat is None else train_qat)(
+    result = train(
         config,
         args.out,
         max_steps=args.max_steps,

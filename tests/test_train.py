@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -289,7 +290,7 @@ def test_configs_written_with_extra_still_load(tmp_path) -> None:
         TrainConfig.from_dict(gone)
 
 
-def test_fingerprint_covers_every_field_and_ignores_none_set() -> None:
+def test_fingerprint_covers_every_field_and_ignores_defaults() -> None:
     changed = {
         "data_size": 601,
         "vocab_size": 301,
@@ -314,7 +315,7 @@ def test_fingerprint_covers_every_field_and_ignores_none_set() -> None:
         "qat": {"bits": 4},
         "model": {**TINY.model, "hidden_size": 128},
     }
-    fields = {f.name for f in __import__("dataclasses").fields(TrainConfig)} - {"data"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data"}
     assert set(changed) == fields
     prints = {TINY.replace(**{k: v}).fingerprint() for k, v in changed.items()}
     assert len(prints) == len(changed) and TINY.fingerprint() not in prints

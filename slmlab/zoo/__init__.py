@@ -41,6 +41,8 @@ __all__ = [
     "prepare",
     "quick_mode",
     "recipe",
+    "resolve",
+    "train",
     "training_allowed",
 ]
 
@@ -241,21 +243,35 @@ def ensure(name: str, *, quick: bool | None = None, progress: bool = True) -> Pa
             f"(SLMLAB_ZOO_TRAIN=0, as in the book build): name it under `slmlab: zoo:` in the "
             "chapter's front matter so that the build trains it first"
         )
-    from ..quant.qat import train_qat
-    from ..train import loop
-
-    config = recipe(name, quick=quick)
-    if config.init_from in RECIPES:  # fine-tuning a zoo model: that one first
-        config = config.replace(init_from=str(ensure(config.init_from, quick=quick)))
+    config = resolve(recipe(name, quick=quick), quick=quick, progress=progress)
     run = path(name, quick=quick)
     run.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(run.parent / f"{run.name}.lock"):
         if not is_trained(name, quick=quick):  # the process we waited for may have trained it
             resume = (run / LAST / "trainer.json").is_file()
             config = config.replace(checkpoint_every=config.checkpoint_every or CHECKPOINT_EVERY)
-            run_training = loop.train if config.qat is None else train_qat
-            run_training(config, run, resume=resume, progress=progress)
+            train(config, run, resume=resume, progress=progress)
     return run / LAST
+
+
+def resolve(
+    config: TrainConfig, *, quick: bool | None = None, progress: bool = True
+) -> TrainConfig:
+    """`config` with an `init_from` that names a zoo recipe replaced by that recipe's checkpoint
+    directory (trained first if need be): what the trainer, which knows no zoo, can open."""
+    if config.init_from in RECIPES:
+        path = ensure(config.init_from, quick=quick, progress=progress)
+        config = config.replace(init_from=str(path))
+    return config
+
+
+def train(config: TrainConfig, out: str | Path, **kwargs):  # -> TrainResult
+    """`slmlab.train.train`, or `slmlab.quant.qat.train_qat` for a config with `qat`: the one
+    place that picks between them, for the zoo and `slmlab train`."""
+    from ..quant.qat import train_qat
+    from ..train import loop
+
+    return (loop.train if config.qat is None else train_qat)(config, out, **kwargs)
 
 
 def prepare(names: Iterable[str], *, quick: bool | None = None, progress: bool = True) -> None:

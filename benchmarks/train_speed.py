@@ -26,7 +26,8 @@ from slmlab.checkpoint import load, load_tokenizer
 from slmlab.env import matmul_gflops
 from slmlab.eval import score_texts
 from slmlab.models import budget
-from slmlab.train import SEPARATOR, TrainConfig, train
+from slmlab.tokenizers import END_OF_TEXT
+from slmlab.train import TrainConfig, train
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -56,7 +57,7 @@ def main() -> None:
         tokenizer, model = load_tokenizer(ckpt), load(ckpt)
         flops = training_flops_per_token(config, model.config.vocab_size)
         held_out = list(data.stories(300, seed=2))
-        score = score_texts(model, tokenizer, held_out, separator=tokenizer.token_to_id(SEPARATOR))
+        score = score_texts(model, tokenizer, held_out, separator=tokenizer.token_to_id(END_OF_TEXT))
     floor = data.entropy().bits_per_char
     result[args.recipe] = {
         "params": model.num_parameters(),

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .layers.quantized import QuantEmbedding, apply_quantization_config, quantization_config
+from .layers.quantized import apply_quantization_config, quantization_config
 from .models.config import ConfigError, ModelConfig
 from .models.decoder import DecoderLM
 
@@ -223,10 +223,5 @@ def load(
     model.load_state_dict(state, strict=False, assign=True)
     # Buffers (the rotary tables) were created on meta: build them for real.
     model.model.rotary_emb = type(model.model.rotary_emb)(config)
-    if config.tie_word_embeddings:
-        embedding = model.model.embed_tokens
-        if isinstance(embedding, QuantEmbedding):
-            model.lm_head = embedding.linear
-        else:
-            model.lm_head.weight = embedding.weight
+    model.tie_weights()
     return model.to(device).eval()

@@ -87,3 +87,20 @@ def test_shuffle_is_a_permutation_fixed_by_seed_and_epoch() -> None:
     a, b, c = shuffled(100, seed=1), shuffled(100, seed=1), shuffled(100, seed=1, epoch=1)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert sorted(a.tolist()) == list(range(100))
+
+
+def test_one_resolver_for_named_corpora_and_the_readers_files(tmp_path) -> None:
+    from slmlab.data import NAMED_CORPORA, STORY_SEEDS, corpus_texts, stories
+
+    for split, seed in STORY_SEEDS.items():
+        assert list(corpus_texts("stories", split, stories=5)) == list(stories(5, seed=seed))
+    # Training, validation and calibration never share a story.
+    drawn = [set(corpus_texts("stories", s, stories=300)) for s in STORY_SEEDS]
+    assert not (drawn[0] & drawn[1]) and not (drawn[0] & drawn[2]) and not (drawn[1] & drawn[2])
+    assert corpus_texts("python", "validation") == python_source("validation")
+    assert corpus_texts("python-docs", "calibration") == python_docs("train")
+    (tmp_path / "mine.txt").write_text("my text")
+    assert list(corpus_texts(tmp_path / "mine.txt", "validation")) == ["my text"]
+    assert set(NAMED_CORPORA) == {"stories", "python", "python-docs"}
+    with pytest.raises(ValueError, match="split must be one of"):
+        corpus_texts("stories", "test")

@@ -187,7 +187,7 @@ def test_decode_step_with_int4_layers_matches_the_layers(symmetric, monkeypatch)
     model = DecoderLM(config).eval()
     perturb_norms_and_biases(model)
     quantize_(model, QuantConfig(bits=4, group_size=32, symmetric=symmetric))
-    fused_step = decoder.decode_step
+    fused_step = decoder.fused_decode_step
     ran: list[bool] = []
 
     def watched(*args):
@@ -196,7 +196,7 @@ def test_decode_step_with_int4_layers_matches_the_layers(symmetric, monkeypatch)
         return out
 
     def run(ids: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:
-        monkeypatch.setattr(decoder, "decode_step", step)
+        monkeypatch.setattr(decoder, "fused_decode_step", step)
         cache = KVCache(config, ids.shape[0], 16)
         with torch.no_grad():
             model(ids[:, :6], cache=cache)

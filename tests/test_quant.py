@@ -246,3 +246,17 @@ def test_decoding_with_an_int8_kv_cache_stays_close_to_the_full_cache() -> None:
     assert len(tokens[0]) == 7
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         generate(model, [[5, 17]], 2, kv_cache_dtype=torch.float16)
+
+
+def test_absmax_rounding_against_its_definition() -> None:
+    from slmlab.layers.formats import absmax_round, absmax_scale
+
+    x = torch.tensor([[0.5, -2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [300.0, 1.0, -1.0, 0.25]])
+    codes, scale = absmax_round(x, 8)
+    assert torch.equal(scale[:2, 0], torch.tensor([2.0 / 127, 1e-12 / 127]))
+    assert torch.equal(codes[0], torch.tensor([32.0, -127.0, 64.0, 0.0]))  # 0.5 * 127 / 2 = 31.75
+    assert torch.equal(codes[1], torch.zeros(4))  # an all-zero row divides safely
+    # LLM.int8's outliers are left out of the scale (and clamped in the codes).
+    codes, scale = absmax_round(x[2:], 8, ignore=x[2:].abs() >= 6)
+    assert scale.item() == pytest.approx(1 / 127) and codes.tolist() == [[127.0, 127.0, -127.0, 32.0]]
+    assert torch.equal(absmax_scale(x, 4), x.abs().amax(-1).clamp(min=1e-12) / 7)

@@ -10,10 +10,28 @@ from __future__ import annotations
 import hashlib
 import json
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["DataError", "load_texts", "python_docs", "python_source", "split_of"]
+__all__ = [
+    "NAMED_CORPORA",
+    "STORY_SEEDS",
+    "DataError",
+    "corpus_texts",
+    "load_texts",
+    "python_docs",
+    "python_source",
+    "split_of",
+]
+
+NAMED_CORPORA = {
+    "stories": "the generated story grammar (chapter 04)",
+    "python": "the source of Python's standard library",
+    "python-docs": "the documentation topics that help() shows",
+}
+# The story grammar has no files to split: each use draws its own stories with its own seed,
+# so training, validation and calibration never share a story.
+STORY_SEEDS = {"train": 1, "validation": 2, "calibration": 3}
 
 
 class DataError(ValueError):
@@ -129,3 +147,26 @@ def _field(row: object, field: str, where: str, line: int | None) -> str:
     if not isinstance(value, str):
         raise DataError(f"{at}: field {field!r} is {type(value).__name__}, not text")
     return value
+
+
+def corpus_texts(source: str | Path, split: str = "train", *, stories: int = 200) -> Iterable[str]:
+    """The texts of a named corpus (`NAMED_CORPORA`) or of the reader's data (`load_texts`).
+
+    `split` is ``train``, ``validation`` or ``calibration``. The story grammar draws `stories`
+    stories with the split's seed (`STORY_SEEDS`); Python's source and documentation are split
+    by file name (`split_of`), and calibrate on their training split; the reader's data is
+    given whole, whatever the split (the caller holds some of it out). Stories are generated
+    lazily: a caller may stop early.
+    """
+    if split not in STORY_SEEDS:
+        raise ValueError(f"split must be one of {sorted(STORY_SEEDS)}, got {split!r}")
+    if source == "stories":
+        from .story_grammar import stories as draw
+
+        return draw(stories, seed=STORY_SEEDS[split])
+    files = "validation" if split == "validation" else "train"
+    if source == "python":
+        return python_source(files)
+    if source == "python-docs":
+        return python_docs(files)
+    return load_texts(source)

@@ -7,10 +7,9 @@ with lm-evaluation-harness as ``--model slmlab``.
 
 from .efficiency import disk_bytes, measure_efficiency, model_bytes, peak_rss_bytes
 from .perplexity import TextScore, count_words, score_texts, token_bits
-from .scorer import Scorer, encoder
+from .scorer import Scorer
 from .story_tasks import STORY_TASKS, SUITE_SIZE, story_items, story_task_file
 from .tasks import (
-    PERPLEXITY_CORPORA,
     Task,
     TaskError,
     TaskResult,
@@ -21,7 +20,6 @@ from .tasks import (
 )
 
 __all__ = [
-    "PERPLEXITY_CORPORA",
     "STORY_TASKS",
     "SUITE_SIZE",
     "Scorer",
@@ -31,7 +29,6 @@ __all__ = [
     "TextScore",
     "count_words",
     "disk_bytes",
-    "encoder",
     "evaluate",
     "exact_match",
     "load_task",

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..tokenizers import encoder
+
 __all__ = ["TextScore", "count_words", "score_texts", "token_bits"]
 
 
@@ -108,8 +110,6 @@ def score_texts(
     lm-evaluation-harness's ``loglikelihood_rolling``. `tokenizer` is a ``tokenizers.Tokenizer``
     (what `slmlab.load_tokenizer` returns) or slmlab's `BPETokenizer`.
     """
-    from .scorer import encoder
-
     encode = encoder(tokenizer)
     bits = 0.0
     tokens = chars = nbytes = words = 0

@@ -27,42 +27,17 @@ cuts its prompts (superwords, chapter 02).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..tokenizers import END_OF_TEXT, as_hf_tokenizer, encoder
 from .perplexity import token_bits
 
-__all__ = ["Scorer", "encoder"]
-
-END_OF_TEXT = "<|endoftext|>"
-
-
-def _as_tokenizer(tokenizer: Any):  # -> tokenizers.Tokenizer
-    """A ``tokenizers.Tokenizer`` (what `slmlab.load_tokenizer` returns) as it is; slmlab's
-    `BPETokenizer` converted to one (the same ids, tested, and faster)."""
-    from tokenizers import Tokenizer
-
-    from ..tokenizers import BPETokenizer
-
-    if isinstance(tokenizer, BPETokenizer):
-        tokenizer = tokenizer.to_hf()
-    if not isinstance(tokenizer, Tokenizer):
-        raise TypeError(
-            f"expected a tokenizers.Tokenizer (slmlab.load_tokenizer(path) gives one) or a "
-            f"slmlab BPETokenizer, got {type(tokenizer).__name__}"
-        )
-    return tokenizer
-
-
-def encoder(tokenizer: Any) -> Callable[[str], list[int]]:
-    """``text -> ids`` for either kind of tokenizer `_as_tokenizer` takes."""
-    tokenizer = _as_tokenizer(tokenizer)
-    return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
-
+__all__ = ["Scorer"]
 
 class Scorer:
     """A model and its tokenizer, scored by lm-evaluation-harness's rules (see the module)."""
@@ -78,7 +53,7 @@ class Scorer:
         token_healing: bool = False,
     ) -> None:
         self.model = model.eval()
-        self.tokenizer = _as_tokenizer(tokenizer)
+        self.tokenizer = as_hf_tokenizer(tokenizer)
         self.healer = None
         if token_healing:
             from ..infer import TokenHealer

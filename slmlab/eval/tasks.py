@@ -43,7 +43,6 @@ from .perplexity import count_words
 from .scorer import Scorer
 
 __all__ = [
-    "PERPLEXITY_CORPORA",
     "Task",
     "TaskError",
     "TaskResult",
@@ -220,28 +219,13 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     return docs, lines
 
 
-PERPLEXITY_CORPORA = {
-    "stories": "200 held-out stories (the zoo's validation stories)",
-    "python": "the standard library's validation files",
-    "python-docs": "the documentation topics of the validation split",
-}
-
-
 def perplexity_task(source: str) -> Task:
     """``ppl:SOURCE``: word/byte perplexity and bits per byte of a built-in corpus's validation
-    split (`PERPLEXITY_CORPORA`) or of the reader's text (a file, folder or jsonl, as
+    split (`slmlab.data.NAMED_CORPORA`) or of the reader's text (a file, folder or jsonl, as
     `slmlab.data.load_texts` reads them)."""
-    from ..data import load_texts, python_docs, python_source, stories
+    from ..data import corpus_texts
 
-    if source == "stories":
-        texts = list(stories(200, seed=2))
-    elif source == "python":
-        texts = python_source("validation")
-    elif source == "python-docs":
-        texts = python_docs("validation")
-    else:
-        texts = list(load_texts(source))
-    texts = [t for t in texts if t]
+    texts = [t for t in corpus_texts(source, "validation", stories=200) if t]
     if not texts:
         raise TaskError(f"ppl:{source}: no text to score")
     return Task(

@@ -84,10 +84,10 @@ def compare_methods(
     """One row per method (None: the model as it is), measured as the module says."""
     from ..checkpoint import load, load_tokenizer, save
     from ..eval import Scorer, disk_bytes, evaluate, load_task, score_texts
-    from ..train import SEPARATOR
+    from ..tokenizers import END_OF_TEXT
 
     tokenizer, original = load_tokenizer(checkpoint), load(checkpoint)
-    separator = tokenizer.token_to_id(SEPARATOR)
+    separator = tokenizer.token_to_id(END_OF_TEXT)
     seq_len = min(seq_len, original.config.max_position_embeddings)
     calibration = calibration_tokens(tokenizer, rows=calibration_rows, seq_len=seq_len)
     loaded_tasks = [load_task(name) for name in tasks]

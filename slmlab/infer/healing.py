@@ -29,16 +29,11 @@ __all__ = ["TokenHealer"]
 def _token_bytes(tokenizer: Any) -> list[bytes | None]:
     """Each id's bytes (None for special tokens), for a byte-level BPE ``tokenizers.Tokenizer``
     or slmlab's `BPETokenizer`."""
-    from tokenizers import Tokenizer, decoders
+    from tokenizers import decoders
 
-    from ..tokenizers import BPETokenizer, bytes_to_unicode
+    from ..tokenizers import as_hf_tokenizer, bytes_to_unicode
 
-    if isinstance(tokenizer, BPETokenizer):
-        tokenizer = tokenizer.to_hf()
-    if not isinstance(tokenizer, Tokenizer):
-        raise TypeError(
-            f"expected a tokenizers.Tokenizer or a slmlab BPETokenizer, got {type(tokenizer).__name__}"
-        )
+    tokenizer = as_hf_tokenizer(tokenizer)
     if not isinstance(tokenizer.decoder, decoders.ByteLevel):
         raise ValueError(
             f"token healing needs a byte-level BPE tokenizer (GPT-2's byte alphabet, as slmlab's, "

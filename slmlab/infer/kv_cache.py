@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layers.formats import absmax_round
 from ..models.config import ModelConfig
 from ..models.decoder import KVCache
 
@@ -17,9 +18,8 @@ __all__ = ["Int8KVCache"]
 
 
 def _to_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = x.abs().amax(-1, keepdim=True).float() / 127
-    codes = torch.where(scale > 0, x / scale, torch.zeros_like(x)).round().to(torch.int8)
-    return codes, scale
+    codes, scale = absmax_round(x.float(), 8)
+    return codes.to(torch.int8), scale
 
 
 class Int8KVCache(KVCache):

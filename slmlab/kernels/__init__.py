@@ -30,6 +30,7 @@ __all__ = [
     "cpu_kernels",
     "decode_step",
     "disabled",
+    "fused_operands",
     "gemv",
     "gemv_many",
     "int4_linear",
@@ -243,7 +244,7 @@ class Int4Operands(NamedTuple):
     group_size: int
 
 
-def _fused_linear(layer: torch.nn.Module, rows: int) -> list[torch.Tensor] | None:
+def fused_operands(layer: torch.nn.Module, rows: int) -> list[torch.Tensor] | None:
     """The three tensors the fused step takes for one projection (see cpu_kernels.cpp), or None
     where it would not compute exactly what the layer computes on its own.
 
@@ -267,64 +268,38 @@ def _fused_linear(layer: torch.nn.Module, rows: int) -> list[torch.Tensor] | Non
 
 
 def decode_step(
-    model: torch.nn.Module, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache
+    x: torch.Tensor,
+    layers: list[list[torch.Tensor]],
+    caches: list[list[torch.Tensor]],
+    key_mask: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    length: int,
+    eps: float,
+    num_heads: int,
+    num_kv_heads: int,
 ) -> torch.Tensor | None:
-    """All blocks of `model` for one new token per row, in one compiled call.
+    """All blocks of a decoder for one new token per row, in one compiled call.
 
-    Returns the residual stream (B, 1, d) after the last block and fills the cache, exactly as
-    the blocks' own forward would; or None where the kernel does not apply (autograd, another
-    device, a projection that is neither a plain fp32 ``nn.Linear`` nor a 4-bit `QuantLinear`
-    that `int4_linear` computes in integers), and the caller runs the blocks itself.
-    """
-    if torch.is_grad_enabled() or input_ids.device.type != "cpu" or input_ids.shape[1] != 1:
-        return None
+    `x` (B, d) is the embedded token; `layers` holds, per block, the input norm's weight, the
+    three tensors `fused_operands` gives for each of q, k, v, q/k/v's biases (empty tensors
+    where there are none), o's operands, the post-attention norm's weight, and gate's, up's and
+    down's operands; `caches` the block's key and value caches, filled at `length`. Returns the
+    residual stream (B, 1, d) after the last block, or None where the kernels cannot be built
+    (the caller runs the blocks itself)."""
     kernels = cpu_kernels()
-    if kernels is None or cache.keys[0].dtype is not torch.float32:
+    if kernels is None:
         return None
-    none = torch.empty(0)
-    layers = []
-    for block in model.model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        unbiased = (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if any(m.bias is not None for m in unbiased):
-            return None  # the step adds biases to q, k and v only, as the architectures do
-        projections = [
-            _fused_linear(m, input_ids.shape[0])
-            for m in (attn.q_proj, attn.k_proj, attn.v_proj, *unbiased)
-        ]
-        if any(p is None for p in projections):
-            return None
-        q, k, v, o, gate, up, down = projections
-        bias = [none if m.bias is None else m.bias for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-        layers.append(
-            [
-                block.input_layernorm.weight,
-                *q,
-                *k,
-                *v,
-                *bias,
-                *o,
-                block.post_attention_layernorm.weight,
-                *gate,
-                *up,
-                *down,
-            ]
-        )
-    config = model.config
-    x = model.model.embed_tokens(input_ids)[:, 0].contiguous()
-    if x.dtype is not torch.float32:
-        return None
-    caches = [[k, v] for k, v in zip(cache.keys, cache.values, strict=True)]
     out = kernels.decode_step(
         x,
         layers,
         caches,
-        cache.key_mask,
+        key_mask,
         cos.reshape(x.shape[0], -1).contiguous(),
         sin.reshape(x.shape[0], -1).contiguous(),
-        cache.length,
-        config.rms_norm_eps,
-        config.num_attention_heads,
-        config.num_key_value_heads,
+        length,
+        eps,
+        num_heads,
+        num_kv_heads,
     )
     return out[:, None]

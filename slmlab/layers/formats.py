@@ -30,6 +30,8 @@ import torch
 __all__ = [
     "FORMATS",
     "QuantizedTensor",
+    "absmax_round",
+    "absmax_scale",
     "codebook",
     "dequantize",
     "int_codes",
@@ -105,6 +107,23 @@ def _check(weight: torch.Tensor, fmt: str, bits: int, group_size: int | None) ->
     return group
 
 
+def absmax_scale(x: torch.Tensor, bits: int, *, keepdim: bool = False) -> torch.Tensor:
+    """The symmetric scale of each row of `x` (its last dimension): the largest |x| maps to the
+    largest `bits`-bit code, 2^(b−1) − 1. Never 0, so an all-zero row divides safely."""
+    return x.abs().amax(-1, keepdim=keepdim).clamp(min=1e-12) / (2 ** (bits - 1) - 1)
+
+
+def absmax_round(
+    x: torch.Tensor, bits: int = 8, *, ignore: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of `x` rounded to symmetric `bits`-bit integers with its own absmax scale:
+    (codes as floats in ±(2^(b−1) − 1), scale with the row dimension kept). Values where
+    `ignore` is true are left out of the scale (LLM.int8's outliers); they are clamped."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = absmax_scale(x if ignore is None else x.masked_fill(ignore, 0.0), bits, keepdim=True)
+    return (x / scale).round().clamp(-qmax, qmax), scale
+
+
 def int_grid(
     grouped: torch.Tensor, bits: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,8 +133,7 @@ def int_grid(
     symmetric zero point is the constant 2^(b−1), the asymmetric one puts min(w, 0) at code 0.
     """
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scales = grouped.abs().amax(-1).clamp(min=1e-12) / qmax
+        scales = absmax_scale(grouped, bits)
         return scales, torch.full_like(scales, 2 ** (bits - 1))
     qmax = 2**bits - 1
     low, high = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)

@@ -12,7 +12,14 @@ from torch import nn
 
 from .. import kernels
 from ..models.swap import replace_module
-from .formats import _FP8, QuantizedTensor, dequantize, pack_codes, unpack_codes
+from .formats import (
+    _FP8,
+    QuantizedTensor,
+    absmax_round,
+    dequantize,
+    pack_codes,
+    unpack_codes,
+)
 
 __all__ = [
     "QuantEmbedding",
@@ -26,9 +33,8 @@ __all__ = [
 
 def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Each token's activations rounded to `bits`-bit integers with its own absmax scale."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax
-    return (x / scale).round().clamp(-qmax, qmax) * scale
+    codes, scale = absmax_round(x, bits)
+    return codes * scale
 
 
 def _packed(codes: torch.Tensor, bits: int) -> bool:
@@ -142,9 +148,8 @@ class QuantLinear(nn.Module):
         # values themselves (bitsandbytes' int8_vectorwise_quant, which the tests compare with).
         big = x.abs() >= self.outlier_threshold
         outlier_features = big.reshape(-1, x.shape[-1]).any(0)
-        qmax = 2 ** (self.activation_bits - 1) - 1
-        scale = x.masked_fill(big, 0.0).abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax
-        regular = (x / scale).round().clamp(-qmax, qmax) * scale
+        codes, scale = absmax_round(x, self.activation_bits, ignore=big)
+        regular = codes * scale
         return torch.where(outlier_features, x, regular)
 
     def extra_repr(self) -> str:
@@ -162,6 +167,10 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         self.linear = QuantLinear(q, None)  # (vocab, dim): the same codes serve a tied head
         self.num_embeddings, self.embedding_dim = q.shape
+
+    def as_head(self) -> QuantLinear:
+        """The output layer of a tied model: the same codes, as a linear layer."""
+        return self.linear
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = dequantize(self.linear.quantized(input_ids.reshape(-1)))
@@ -208,6 +217,4 @@ def apply_quantization_config(model: nn.Module, section: dict) -> None:
         nn.Module.__init__(embedding)
         embedding.linear = QuantLinear.empty(vocab, dim, section["embedding"])
         embedding.num_embeddings, embedding.embedding_dim = vocab, dim
-        replace_module(model, "model.embed_tokens", embedding)
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.lm_head = embedding.linear
+        replace_module(model, "model.embed_tokens", embedding)  # re-ties a tied head

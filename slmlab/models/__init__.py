@@ -14,9 +14,13 @@ from .budget import (
 )
 from .config import ConfigError, ModelConfig
 from .decoder import Attention, DecoderBlock, DecoderLM, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from .swap import ATTENTION, LINEAR_TARGETS, MLP, linear_layers, replace_module, swap_linears
 
 __all__ = [
+    "ATTENTION",
     "BITS",
+    "LINEAR_TARGETS",
+    "MLP",
     "Attention",
     "ConfigError",
     "DecoderBlock",
@@ -30,9 +34,12 @@ __all__ = [
     "SwiGLU",
     "flops_per_token",
     "kv_cache_bytes_per_token",
+    "linear_layers",
     "max_context_length",
     "param_count",
     "published_models",
+    "replace_module",
     "shape_for_params",
+    "swap_linears",
     "weight_bytes",
 ]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import decode_step, linear, linear_many
+from ..kernels import decode_step, fused_operands, linear, linear_many
 from .config import ModelConfig
 from .rope import apply_rope, inverse_frequencies
 
@@ -236,6 +236,65 @@ class DecoderStack(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
+def fused_decode_step(
+    model: DecoderLM, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+) -> torch.Tensor | None:
+    """Every block of `model` for one new token per row, through the compiled step
+    (`slmlab.kernels.decode_step`): the residual stream (B, 1, d) after the last block, the
+    cache filled exactly as the blocks' own forward would fill it. None where the step does not
+    apply (autograd, another device or dtype, a projection that offers no operands the step
+    takes: `slmlab.kernels.fused_operands`), and the caller runs the blocks itself."""
+    if torch.is_grad_enabled() or input_ids.device.type != "cpu" or input_ids.shape[1] != 1:
+        return None
+    if cache.keys[0].dtype is not torch.float32:
+        return None
+    none = torch.empty(0)
+    layers = []
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        unbiased = (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(getattr(m, "bias", None) is not None for m in unbiased):
+            return None  # the step adds biases to q, k and v only, as the architectures do
+        projections = [
+            fused_operands(m, input_ids.shape[0])
+            for m in (attn.q_proj, attn.k_proj, attn.v_proj, *unbiased)
+        ]
+        if any(p is None for p in projections):
+            return None
+        q, k, v, o, gate, up, down = projections
+        biases = [getattr(m, "bias", None) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        layers.append(
+            [
+                block.input_layernorm.weight,
+                *q,
+                *k,
+                *v,
+                *(none if b is None else b for b in biases),
+                *o,
+                block.post_attention_layernorm.weight,
+                *gate,
+                *up,
+                *down,
+            ]
+        )
+    x = model.model.embed_tokens(input_ids)[:, 0].contiguous()
+    if x.dtype is not torch.float32:
+        return None
+    config = model.config
+    return decode_step(
+        x,
+        layers,
+        [[k, v] for k, v in zip(cache.keys, cache.values, strict=True)],
+        cache.key_mask,
+        cos,
+        sin,
+        cache.length,
+        config.rms_norm_eps,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+    )
+
+
 class DecoderLM(nn.Module):
     """A Llama-family causal language model: token ids in, next-token logits out."""
 
@@ -245,8 +304,19 @@ class DecoderLM(nn.Module):
         self.model = DecoderStack(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters(init_std)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With a tied config, make the head read the embedding's table: the same parameter,
+        or, for an embedding that stores its table another way (quantized codes), the module
+        its ``as_head()`` returns."""
+        if not self.config.tie_word_embeddings:
+            return
+        embedding = self.model.embed_tokens
+        if hasattr(embedding, "as_head"):
+            self.lm_head = embedding.as_head()
+        else:
+            self.lm_head.weight = embedding.weight
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -305,7 +375,7 @@ class DecoderLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions, self.model.norm.weight.dtype)
         # Decoding one token: the compiled step runs every block in one call where it applies
         # (CPU, fp32, plain linear layers); it computes what the loop below computes.
-        x = decode_step(self, input_ids, cos, sin, cache) if cache is not None and T == 1 else None
+        x = fused_decode_step(self, input_ids, cos, sin, cache) if cache is not None and T == 1 else None
         if x is None:
             x = self.model.embed_tokens(input_ids)
             for layer in self.model.layers:

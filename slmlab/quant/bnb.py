@@ -14,8 +14,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..models.swap import replace_module
-from .linear import QuantConfig, _targets
+from ..models.swap import swap_linears
 
 __all__ = ["bitsandbytes_"]
 
@@ -33,7 +32,7 @@ def bitsandbytes_(
         ) from None
     if kind not in ("nf4", "fp4", "int8"):
         raise ValueError(f"kind must be nf4, fp4 or int8, got {kind!r}")
-    for name, linear in _targets(model, QuantConfig(skip=tuple(skip))):
+    def build(name: str, linear: nn.Linear) -> nn.Module:
         device = linear.weight.device
         if kind == "int8":
             layer = bnb.nn.Linear8bitLt(
@@ -57,5 +56,7 @@ def bitsandbytes_(
             )
             if linear.bias is not None:
                 layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        replace_module(model, name, layer.to(device).eval())
+        return layer.to(device).eval()
+
+    swap_linears(model, build, "all", skip=skip)
     return model

@@ -27,20 +27,14 @@ def calibration_tokens(
     nor the evaluation suites'), ``python`` or ``python-docs`` (training splits), or the
     reader's file, folder or jsonl (`slmlab.data.load_texts`).
     """
-    from ..data import load_texts, pack, python_docs, python_source, stories
-    from ..train import SEPARATOR
+    from ..data import corpus_texts, pack
+    from ..tokenizers import END_OF_TEXT
 
-    separator = tokenizer.token_to_id(SEPARATOR)
+    separator = tokenizer.token_to_id(END_OF_TEXT)
     if separator is None:
-        raise ValueError(f"the tokenizer has no {SEPARATOR!r} token to separate documents")
-    if source == "stories":
-        texts = stories(rows * seq_len // 20, seed=3)  # stories are longer than 20 tokens
-    elif source == "python":
-        texts = python_source("train")
-    elif source == "python-docs":
-        texts = python_docs("train")
-    else:
-        texts = load_texts(source)
+        raise ValueError(f"the tokenizer has no {END_OF_TEXT!r} token to separate documents")
+    # Stories are longer than 20 tokens: that many fill the rows.
+    texts = corpus_texts(source, "calibration", stories=rows * seq_len // 20)
     documents, tokens = [], 0
     for text in texts:  # tokenize only as much as the rows need
         documents.append(tokenizer.encode(text).ids)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..layers.formats import FORMATS, quantize
 from ..layers.quantized import QuantEmbedding, QuantLinear
-from ..models.swap import replace_module
+from ..models.swap import linear_layers, replace_module
 
 __all__ = ["METHODS", "QuantConfig", "quantize_"]
 
@@ -76,14 +76,6 @@ class QuantConfig:
         return self.method in ("gptq", "awq", "smoothquant")
 
 
-def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not any(name.endswith(s) for s in config.skip)
-    ]
-
-
 @torch.no_grad()
 def quantize_(
     model: nn.Module, config: QuantConfig, *, calibration: torch.Tensor | None = None
@@ -93,9 +85,7 @@ def quantize_(
     `calibration`: token ids (rows, seq_len) that GPTQ, AWQ and SmoothQuant run through the
     model to see its activations (a few dozen rows of the training distribution suffice).
     """
-    targets = _targets(model, config)
-    if not targets:
-        raise ValueError("quantize_ found no nn.Linear layers to quantize (all skipped?)")
+    targets = linear_layers(model, "all", skip=config.skip)
     if config.needs_calibration and calibration is None:
         raise ValueError(
             f"{config.method} needs calibration data: quantize_(model, config, "
@@ -148,6 +138,4 @@ def _quantize_embedding(model: nn.Module, config: QuantConfig) -> None:
         group = None  # a width the group does not divide: one scale per row
     q = quantize(embedding.weight, "int", config.embedding_bits, group_size=group)
     quantized = QuantEmbedding(q)
-    replace_module(model, "model.embed_tokens", quantized)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.lm_head = quantized.linear  # the tied head reads the same codes
+    replace_module(model, "model.embed_tokens", quantized)  # a tied head reads the same codes

@@ -20,11 +20,11 @@ from torch import nn
 
 from ..layers.formats import dequantize, quantize
 from ..layers.quantized import QuantLinear, fake_quantize_activations
-from ..models.swap import replace_module
+from ..models.swap import linear_layers, replace_module
 from ..train.config import TrainConfig
 from ..train.loop import TrainResult
 from ..train.loop import train as _train
-from .linear import QuantConfig, _targets
+from .linear import QuantConfig
 
 __all__ = ["FakeQuantLinear", "convert_qat_", "prepare_qat_", "train_qat"]
 
@@ -60,7 +60,7 @@ def prepare_qat_(model: nn.Module, config: QuantConfig) -> nn.Module:
             "quantization-aware training rounds to a fixed grid: use method='rtn' (weights) or "
             "'smoothquant' (W8A8), without embedding_bits"
         )
-    for _, module in _targets(model, config):
+    for _, module in linear_layers(model, "all", skip=config.skip):
         if type(module) is not nn.Linear:
             continue
         module.__class__ = FakeQuantLinear  # same parameters, new forward

@@ -30,7 +30,11 @@ import regex
 
 from ..io import atomic_write_text
 
-__all__ = ["GPT2_SPLIT", "BPETokenizer", "bytes_to_unicode", "train_bpe"]
+__all__ = ["END_OF_TEXT", "GPT2_SPLIT", "BPETokenizer", "bytes_to_unicode", "train_bpe"]
+
+# The token between documents: what training packs between them, what scoring conditions a
+# text's first token on, and what generation stops at.
+END_OF_TEXT = "<|endoftext|>"
 
 GPT2_SPLIT = regex.compile(
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -234,7 +238,7 @@ def train_bpe(
     texts: Iterable[str],
     vocab_size: int,
     *,
-    special_tokens: Sequence[str] = ("<|endoftext|>",),
+    special_tokens: Sequence[str] = (END_OF_TEXT,),
     backend: str = "python",
     superwords: bool = False,
 ) -> BPETokenizer:

@@ -1,12 +1,11 @@
 """Pre-training (chapter 05): the recipe, the data pipeline and the loop."""
 
 from .config import TrainConfig
-from .data import SEPARATOR, TrainData, build_data
+from .data import TrainData, build_data
 from .loop import TrainResult, evaluate, lr_at, next_token_loss, train
 from .plots import plot_metrics, read_metrics
 
 __all__ = [
-    "SEPARATOR",
     "TrainConfig",
     "TrainData",
     "TrainResult",

@@ -23,8 +23,8 @@ class TrainConfig:
     """Everything that decides a run's numbers. The same config and seed give the same weights.
 
     `model` holds the `ModelConfig` fields except ``vocab_size``, which is the tokenizer's.
-    `data` is ``stories`` (the generated corpus, `data_size` stories), ``python`` (the standard
-    library's source) or a path / ``hf:NAME`` for the reader's own text. `superwords` lets the
+    `data` names a corpus (`slmlab.data.NAMED_CORPORA`: ``stories``, `data_size` of them;
+    ``python``; ``python-docs``) or is a path / ``hf:NAME`` for the reader's own text. `superwords` lets the
     tokenizer's merges cross spaces (`slmlab.tokenizers.train_bpe`). `batch_size` is the
     number of sequences per optimizer step across all processes and micro-batches.
     `optimizer` is ``adamw`` or ``muon`` (Muon for the blocks' matrices and AdamW for the

@@ -6,13 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import load_texts, pack, python_source, shuffled, stories
-from ..tokenizers import BPETokenizer, train_bpe
+from ..data import NAMED_CORPORA, corpus_texts, pack, shuffled
+from ..tokenizers import END_OF_TEXT, BPETokenizer, train_bpe
 from .config import TrainConfig
 
-__all__ = ["SEPARATOR", "TrainData", "build_data"]
-
-SEPARATOR = "<|endoftext|>"
+__all__ = ["TrainData", "build_data"]
 
 
 @dataclass
@@ -36,14 +34,12 @@ class TrainData:
 
 
 def _documents(config: TrainConfig) -> tuple[list[str], list[str]]:
-    if config.data == "stories":
+    if config.data in NAMED_CORPORA:
         # Fixed data seeds: the run's own seed changes initialisation and order, not the corpus.
-        return list(stories(config.data_size, seed=1)), list(
-            stories(max(200, config.data_size // 50), seed=2)
+        return list(corpus_texts(config.data, "train", stories=config.data_size)), list(
+            corpus_texts(config.data, "validation", stories=max(200, config.data_size // 50))
         )
-    if config.data == "python":
-        return python_source("train"), python_source("validation")
-    docs = list(load_texts(config.data))
+    docs = list(corpus_texts(config.data))
     if len(docs) == 1:  # one long text (tinyshakespeare): the last 10% validates, as in nanoGPT
         cut = int(len(docs[0]) * 0.9)
         return [docs[0][:cut]], [docs[0][cut:]]
@@ -57,12 +53,12 @@ def build_data(config: TrainConfig) -> TrainData:
     tokenizer = train_bpe(
         train_docs,
         config.vocab_size,
-        special_tokens=(SEPARATOR,),
+        special_tokens=(END_OF_TEXT,),
         backend="tokenizers",
         superwords=config.superwords,
     )
     fast = tokenizer.to_hf()  # the same ids as tokenizer.encode (tested), much faster
-    sep = tokenizer.token_id(SEPARATOR)
+    sep = tokenizer.token_id(END_OF_TEXT)
     train_ids = [e.ids for e in fast.encode_batch(train_docs)]
     val_ids = [e.ids for e in fast.encode_batch(val_docs)]
     val = pack(val_ids, config.seq_len, sep)

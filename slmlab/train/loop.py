@@ -39,8 +39,9 @@ from ..checkpoint import load_state_dict
 from ..checkpoint import save as save_checkpoint
 from ..env import bf16_is_fast, pick_device
 from ..models.decoder import DecoderLM
+from ..tokenizers import END_OF_TEXT
 from .config import TrainConfig
-from .data import SEPARATOR, TrainData, build_data
+from .data import TrainData, build_data
 from .muon import Muon
 
 __all__ = ["TrainResult", "evaluate", "lr_at", "next_token_loss", "train"]
@@ -253,7 +254,7 @@ def train(
     data = data or build_data(config)
     torch.manual_seed(config.seed)
     model_config = config.model_config(
-        data.tokenizer.vocab_size, data.tokenizer.token_id(SEPARATOR)
+        data.tokenizer.vocab_size, data.tokenizer.token_id(END_OF_TEXT)
     )
     model = DecoderLM(model_config).to(device)
     if config.init_from is not None:  # fine-tuning (QAT, say): start from a trained model

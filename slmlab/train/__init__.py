@@ -1,8 +1,10 @@
-"""Pre-training (chapter 05): the recipe, the data pipeline and the loop."""
+"""Pre-training (chapter 05): the recipe, the data pipeline, the optimizer and the loop; more
+than one process (`distributed`) and what a run saves (`state`) in modules of their own."""
 
 from .config import TrainConfig
 from .data import TrainData, build_data
-from .loop import TrainResult, evaluate, lr_at, next_token_loss, train
+from .loop import TrainResult, evaluate, next_token_loss, train, train_step
+from .optim import build_optimizer, lr_at
 from .plots import plot_metrics, read_metrics
 
 __all__ = [
@@ -10,10 +12,12 @@ __all__ = [
     "TrainData",
     "TrainResult",
     "build_data",
+    "build_optimizer",
     "evaluate",
     "lr_at",
     "next_token_loss",
     "plot_metrics",
     "read_metrics",
     "train",
+    "train_step",
 ]

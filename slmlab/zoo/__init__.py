@@ -28,7 +28,7 @@ from filelock import FileLock
 
 from ..env import cache_dir
 from ..train.config import TrainConfig
-from ..train.loop import LAST
+from ..train.state import LAST
 
 __all__ = [
     "RECIPES",

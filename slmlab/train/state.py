@@ -1,0 +1,143 @@
+"""What a run writes and reads back: weights, the optimizer's state, and where it stopped.
+
+A run's checkpoint (``out/last``) is an ordinary slmlab checkpoint directory plus
+``optimizer.safetensors`` (the optimizer's whole state, no pickle anywhere) and
+``trainer.json`` (the step and the config). Checkpoints are always whole (gathered) state
+dicts, so a run can resume on any number of processes, sharded or not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..checkpoint import load_state_dict, load_tokenizer
+from ..checkpoint import save as save_checkpoint
+from ..models.decoder import DecoderLM
+from ..tokenizers import BPETokenizer
+
+__all__ = [
+    "LAST",
+    "initialise_from",
+    "load_weights",
+    "resume_optimizer",
+    "resume_weights",
+    "save_run",
+]
+
+LAST = "last"  # the checkpoint directory inside a run's folder
+# Whole tensors on every process, whatever the sharding: what a checkpoint stores.
+_WHOLE = StateDictOptions(full_state_dict=True)
+
+
+def optimizer_tensors(
+    model: DecoderLM, optimizer: torch.optim.Optimizer
+) -> dict[str, torch.Tensor]:
+    """The optimizer's whole state as ``{"PARAMETER::KEY": tensor}``, ready for safetensors. A
+    collective under FSDP: every process calls it."""
+    state = get_optimizer_state_dict(model, optimizer, options=_WHOLE)["state"]
+    return {
+        f"{name}::{key}": value.detach().clone().contiguous()
+        for name, values in state.items()
+        for key, value in values.items()
+    }
+
+
+def restore_optimizer(
+    model: DecoderLM, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
+) -> None:
+    """The inverse of `optimizer_tensors` (each process takes its shard under FSDP)."""
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, field = key.split("::", 1)
+        state.setdefault(name, {})[field] = value
+    groups = get_optimizer_state_dict(model, optimizer, options=_WHOLE)["param_groups"]
+    set_optimizer_state_dict(
+        model, optimizer, {"state": state, "param_groups": groups}, options=_WHOLE
+    )
+
+
+def load_weights(model: DecoderLM, path: Path) -> None:
+    """The weights of checkpoint `path` into `model` (which stores a tied head once)."""
+    weights = load_state_dict(path)
+    if model.config.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    model.load_state_dict(weights)
+
+
+def initialise_from(model: DecoderLM, source: str, tokenizer: BPETokenizer) -> None:
+    """Load into `model` the weights of checkpoint directory `source` (``slmlab.zoo`` turns a
+    recipe's name into its directory before training starts)."""
+    path = Path(source)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"init_from {source!r} is not a checkpoint directory (a zoo recipe's name is "
+            "resolved by slmlab.zoo.ensure or `slmlab train`)"
+        )
+    if load_tokenizer(path).get_vocab() != tokenizer.to_hf().get_vocab():
+        raise ValueError(
+            f"{path}: its tokenizer is not the one this config's data builds, so the token ids "
+            "would mean other things; fine-tune with the data and vocab_size of the run that "
+            "made it"
+        )
+    try:
+        load_weights(model, path)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: its weights do not fit this config's model: {err}") from None
+
+
+def resume_weights(model: DecoderLM, out: Path, config_dict: dict) -> int:
+    """Load the weights of ``out/last`` into `model` (before it is sharded); the step they
+    were written at. The checkpoint must come from the same config."""
+    state_file = out / LAST / "trainer.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file}: nothing to resume (train without --resume first)")
+    state = json.loads(state_file.read_text())
+    if state["config"] != json.loads(json.dumps(config_dict)):
+        raise ValueError(
+            f"{state_file}: was written by a different recipe; resume needs the same config"
+        )
+    load_weights(model, out / LAST)
+    return state["step"]
+
+
+def resume_optimizer(model: DecoderLM, optimizer: torch.optim.Optimizer, out: Path) -> None:
+    """The optimizer state of ``out/last`` into `optimizer` (built over the sharded model)."""
+    restore_optimizer(model, optimizer, load_file(out / LAST / "optimizer.safetensors"))
+
+
+def save_run(
+    model: DecoderLM,
+    optimizer: torch.optim.Optimizer,
+    out: Path,
+    tokenizer: BPETokenizer,
+    trainer: dict,
+    *,
+    rank: int,
+) -> None:
+    """Write ``out/last`` atomically: weights, optimizer state and `trainer` (the step, the
+    config). Under FSDP gathering the shards is a collective, so every process calls this and
+    the first one writes."""
+    weights = get_model_state_dict(model, options=_WHOLE)
+    optimizer_state = optimizer_tensors(model, optimizer)
+    if rank != 0:
+        return
+    save_checkpoint(
+        model,
+        out / LAST,
+        tokenizer=tokenizer,
+        state_dict=weights,
+        extra_files={
+            "optimizer.safetensors": save(optimizer_state),
+            "trainer.json": json.dumps(trainer, indent=2).encode(),
+        },
+    )

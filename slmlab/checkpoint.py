@@ -19,11 +19,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .gguf_file import GGUFError, read_gguf, read_gguf_tokenizer
 from .layers.quantized import apply_quantization_config, quantization_config
 from .models.config import ConfigError, ModelConfig
 from .models.decoder import DecoderLM
 
-__all__ = ["CheckpointError", "load", "load_state_dict", "load_tokenizer", "save"]
+__all__ = [
+    "CheckpointError",
+    "gguf_path",
+    "load",
+    "load_state_dict",
+    "load_tokenizer",
+    "save",
+]
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -96,9 +104,15 @@ def _save_tokenizer(tokenizer: Any, file: Path) -> None:
 
 
 def load_tokenizer(path: str | os.PathLike):  # -> tokenizers.Tokenizer
-    """The tokenizer of a checkpoint directory (or a ``tokenizer.json`` file)."""
+    """The tokenizer of a checkpoint directory, a ``tokenizer.json`` file or a GGUF file."""
     from tokenizers import Tokenizer
 
+    gguf = gguf_path(path)
+    if gguf is not None:
+        try:
+            return Tokenizer.from_str(read_gguf_tokenizer(gguf))
+        except GGUFError as err:
+            raise CheckpointError(str(err)) from None
     file = Path(path)
     file = file / "tokenizer.json" if file.is_dir() else file
     if not file.is_file():
@@ -149,19 +163,41 @@ def _is_quant_buffer(name: str) -> bool:
     return name.endswith((".codes", ".scales", ".zeros"))
 
 
+def gguf_path(path: str | os.PathLike) -> Path | None:
+    """The GGUF file `path` names: itself, or the one ``*.gguf`` of a directory that has no
+    ``config.json``; None for a checkpoint directory of slmlab's own format."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            raise CheckpointError(f"{path}: holds {len(found)} GGUF files; name one of them")
+        return found[0] if found else None
+    return None
+
+
 def load(
     path: str | os.PathLike,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> DecoderLM:
-    """Load a checkpoint directory (slmlab's or a Hugging Face Llama/Qwen2/SmolLM one).
+    """Load a checkpoint directory (slmlab's or a Hugging Face Llama/Qwen2/SmolLM one), or a
+    Llama-family GGUF file (llama.cpp's format, dequantized: `slmlab.gguf_file`).
 
     Weights are cast to `dtype` (fp32 by default: the fast dtype of a CPU without native bf16).
     Every tensor the model needs must be present with the right shape, and every tensor in the
     file must be used: a mismatch is an error naming the file and the tensor.
     """
     path = Path(path)
+    gguf = gguf_path(path)
+    if gguf is not None:
+        try:
+            read = read_gguf(gguf)
+        except GGUFError as err:
+            raise CheckpointError(str(err)) from None
+        return _assemble(read.config, read.tensors, None, gguf, dtype, device)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     config_file = path / "config.json"
@@ -171,34 +207,41 @@ def load(
         config = ModelConfig.from_json(config_file)
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
-    tensors = load_state_dict(path)
+    quantization = json.loads(config_file.read_text()).get("quantization_config")
+    if quantization is not None and quantization.get("quant_method") != "slmlab":
+        raise CheckpointError(
+            f"{config_file}: quantization_config of method "
+            f"{quantization.get('quant_method')!r}; slmlab loads its own quantized "
+            "checkpoints (and unquantized ones of any source)"
+        )
+    files = ", ".join(f.name for f in _weight_files(path))
+    return _assemble(config, load_state_dict(path), quantization, path / files, dtype, device)
+
+
+def _assemble(
+    config: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    quantization: dict | None,
+    where: Path,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> DecoderLM:
+    """The model `config` describes, holding `tensors` (checked name by name, shape by shape)."""
     with torch.device("meta"):
         model = DecoderLM(config)
-        quantization = json.loads(config_file.read_text()).get("quantization_config")
         if quantization is not None:
-            if quantization.get("quant_method") != "slmlab":
-                raise CheckpointError(
-                    f"{config_file}: quantization_config of method "
-                    f"{quantization.get('quant_method')!r}; slmlab loads its own quantized "
-                    "checkpoints (and unquantized ones of any source)"
-                )
             try:
                 apply_quantization_config(model, quantization)
             except (KeyError, ValueError, AttributeError) as err:
-                raise CheckpointError(
-                    f"{config_file}: malformed quantization_config ({err})"
-                ) from None
+                raise CheckpointError(f"{where}: malformed quantization_config ({err})") from None
     expected = model.state_dict()
     if config.tie_word_embeddings:
         # Tied: one tensor. A file may still carry a copy of it under lm_head (transformers 4 did).
         expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
         tensors = {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
-    files = ", ".join(f.name for f in _weight_files(path))
     for name, meta in expected.items():
         if name not in tensors:
-            raise CheckpointError(
-                f"{path / files}: missing tensor {name!r} (shape {tuple(meta.shape)})"
-            )
+            raise CheckpointError(f"{where}: missing tensor {name!r} (shape {tuple(meta.shape)})")
         tensor = tensors[name]
         # Real numbers may come in any float dtype (they are cast); integer codes may not.
         same_kind = tensor.dtype == meta.dtype or (
@@ -206,13 +249,13 @@ def load(
         )
         if tensor.shape != meta.shape or not same_kind:
             raise CheckpointError(
-                f"{path / files}: tensor {name!r} is {tensor.dtype} of shape "
-                f"{tuple(tensor.shape)}, config.json implies {meta.dtype} of shape "
+                f"{where}: tensor {name!r} is {tensor.dtype} of shape "
+                f"{tuple(tensor.shape)}, the config implies {meta.dtype} of shape "
                 f"{tuple(meta.shape)}"
             )
     unused = [n for n in tensors if n not in expected and not n.endswith(_IGNORED_SUFFIXES)]
     if unused:
-        raise CheckpointError(f"{path / files}: unexpected tensor(s) {unused[:5]} for {config}")
+        raise CheckpointError(f"{where}: unexpected tensor(s) {unused[:5]} for {config}")
     # Real numbers take the requested dtype; a quantized layer's codes and scales stay as stored.
     state = {
         name: tensors[name].to(dtype)

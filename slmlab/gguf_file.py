@@ -18,7 +18,6 @@ the reference implementation that ships with llama.cpp.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from .models.config import ModelConfig
+from .tokenizers.bpe import byte_level, hf_tokenizer_json
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -72,34 +72,25 @@ _QWEN2_REGEX = (
 )
 
 
-def _byte_level(add_prefix_space: bool, use_regex: bool) -> dict:
-    return {
-        "type": "ByteLevel",
-        "add_prefix_space": add_prefix_space,
-        "trim_offsets": True,
-        "use_regex": use_regex,
-    }
-
-
 def _split_then_bytes(regex: str) -> dict:
     return {
         "type": "Sequence",
         "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
-            _byte_level(False, False),
+            byte_level(use_regex=False),
         ],
     }
 
 
 PRE_TOKENIZERS = {
-    "default": lambda: _byte_level(False, True),
-    "gpt-2": lambda: _byte_level(False, True),
+    "default": lambda: byte_level(use_regex=True),
+    "gpt-2": lambda: byte_level(use_regex=True),
     # SmolLM: every digit its own pre-token, then GPT-2's split (its tokenizer.json, as trained).
     "smollm": lambda: {
         "type": "Sequence",
         "pretokenizers": [
             {"type": "Digits", "individual_digits": True},
-            _byte_level(False, True),
+            byte_level(use_regex=True),
         ],
     },
     "llama-bpe": lambda: _split_then_bytes(_LLAMA3_REGEX),
@@ -229,41 +220,17 @@ def tokenizer_json(
         )
     types = list(token_types) if token_types is not None else [1] * len(tokens)
     added = [
-        {
-            "id": i,
-            "content": token,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": kind == _CONTROL,
-        }
+        (i, token, kind == _CONTROL)
         for i, (token, kind) in enumerate(zip(tokens, types, strict=True))
         if kind in (_CONTROL, _USER_DEFINED)
     ]
-    spec = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": PRE_TOKENIZERS[pre](),
-        "post_processor": _byte_level(True, False) | {"trim_offsets": False},
-        "decoder": _byte_level(True, True),
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": {token: i for i, token in enumerate(tokens)},
-            "merges": [m.split(" ", 1) for m in merges],
-        },
-    }
-    return json.dumps(spec, ensure_ascii=False)
+    return hf_tokenizer_json(
+        {token: i for i, token in enumerate(tokens)},
+        (m.split(" ", 1) for m in merges),
+        added,
+        PRE_TOKENIZERS[pre](),
+        post_processor=byte_level(use_regex=True, add_prefix_space=True) | {"trim_offsets": False},
+    )
 
 
 def _strings(reader, key: str, where: Path) -> list[str]:

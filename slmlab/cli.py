@@ -127,7 +127,7 @@ def _zoo(args: argparse.Namespace) -> int:
     from . import zoo
 
     if args.action == "list":
-        width = max(map(len, zoo.RECIPES))
+        width = max(map(len, zoo.names()))
         for name, entry in zoo.RECIPES.items():
             config = entry.config
             cached = "cached" if zoo.is_trained(name) else "not trained"
@@ -135,6 +135,9 @@ def _zoo(args: argparse.Namespace) -> int:
                 f"{name:<{width}}  {config.data:<8} {config.steps:>5} steps  seed {config.seed}"
                 f"  ({cached})"
             )
+        for name, fetched in zoo.FETCHED.items():
+            cached = "cached" if zoo.is_trained(name) else "not fetched"
+            print(f"{name:<{width}}  {fetched.about}, {fetched.requirement}  ({cached})")
         return 0
     if not args.names:
         raise ValueError(f"slmlab zoo {args.action} needs recipe NAMEs (see: slmlab zoo list)")
@@ -148,10 +151,10 @@ def _zoo(args: argparse.Namespace) -> int:
 
 def _checkpoint_path(name_or_path: str, *, quiet: bool) -> Path:
     """A checkpoint directory, or a zoo recipe's (trained first if needed)."""
-    from .zoo import RECIPES, ensure
+    from .zoo import ensure, names
 
     return (
-        ensure(name_or_path, progress=not quiet) if name_or_path in RECIPES else Path(name_or_path)
+        ensure(name_or_path, progress=not quiet) if name_or_path in names() else Path(name_or_path)
     )
 
 

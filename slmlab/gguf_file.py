@@ -35,6 +35,7 @@ __all__ = [
     "GGUFModel",
     "hf_name",
     "read_gguf",
+    "read_gguf_metadata",
     "read_gguf_tokenizer",
     "tokenizer_json",
     "unpermute_rows",
@@ -58,7 +59,11 @@ _BLOCK_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_TOP_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_TOP_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
 
 # Byte-level pre-tokenizers, by the name llama.cpp's converter writes in tokenizer.ggml.pre.
 _GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -176,7 +181,9 @@ def _config(meta: dict, where: Path, vocab: int, tied: bool, biased: bool) -> Mo
         )
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", None):
-        raise GGUFError(f"{where}: {arch}.rope.scaling.type is {scaling!r}; slmlab reads unscaled RoPE")
+        raise GGUFError(
+            f"{where}: {arch}.rope.scaling.type is {scaling!r}; slmlab reads unscaled RoPE"
+        )
     hidden = _field(meta, f"{arch}.embedding_length", where)
     heads = _field(meta, f"{arch}.attention.head_count", where)
     head_dim = meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count"))
@@ -191,7 +198,9 @@ def _config(meta: dict, where: Path, vocab: int, tied: bool, biased: bool) -> Mo
             head_dim=head_dim if head_dim not in (None, hidden // heads) else None,
             max_position_embeddings=_field(meta, f"{arch}.context_length", where),
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-            rms_norm_eps=float(_field(meta, f"{arch}.attention.layer_norm_rms_epsilon", where, float)),
+            rms_norm_eps=float(
+                _field(meta, f"{arch}.attention.layer_norm_rms_epsilon", where, float)
+            ),
             tie_word_embeddings=tied,
             attention_bias=biased,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
@@ -270,6 +279,11 @@ def _open(path: str | os.PathLike):  # -> (gguf.GGUFReader, metadata, path)
     return reader, _metadata(reader, where), where
 
 
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Every scalar and short field of GGUF file `path` (not its tensors, tokens or merges)."""
+    return _open(path)[1]
+
+
 def read_gguf_tokenizer(path: str | os.PathLike) -> str:
     """The ``tokenizer.json`` of GGUF file `path`, without reading its tensors."""
     reader, meta, where = _open(path)
@@ -312,7 +326,10 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
     )
     if config.model_type == "llama":  # llama.cpp's converter permutes Llama's q and k rows only
         for i in range(config.num_hidden_layers):
-            for proj, heads in (("q", config.num_attention_heads), ("k", config.num_key_value_heads)):
+            for proj, heads in (
+                ("q", config.num_attention_heads),
+                ("k", config.num_key_value_heads),
+            ):
                 key = f"model.layers.{i}.self_attn.{proj}_proj.weight"
                 if key in tensors:
                     tensors[key] = unpermute_rows(tensors[key], heads)

@@ -24,8 +24,17 @@ from nbval.plugin import coalesce_streams, get_sanitize_patterns
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = "# NBVAL_CHECK_OUTPUT"
 SANITIZE = get_sanitize_patterns((ROOT / "tests" / "nbval_sanitize.cfg").read_text())
-SKIP = {"metadata", "traceback", "prompt_number", "output_type", "name", "execution_count",
-        "image/png", "image/jpeg", "application/vnd.jupyter.widget-view+json"}  # nbval's
+SKIP = {
+    "metadata",
+    "traceback",
+    "prompt_number",
+    "output_type",
+    "name",
+    "execution_count",
+    "image/png",
+    "image/jpeg",
+    "application/vnd.jupyter.widget-view+json",
+}  # nbval's
 CHAPTERS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
 
 
@@ -60,9 +69,7 @@ def differences(expected: nbformat.NotebookNode, executed: nbformat.NotebookNode
         a, b = comparable(stored.outputs), comparable(ran.outputs)
         if a != b:
             first = stored.source.splitlines()[1] if "\n" in stored.source else stored.source
-            found.append(
-                f"code cell {number} ({first[:60]!r}):\n  stored:   {a}\n  executed: {b}"
-            )
+            found.append(f"code cell {number} ({first[:60]!r}):\n  stored:   {a}\n  executed: {b}")
     return found
 
 
@@ -81,7 +88,9 @@ def executed_chapter(name: str) -> nbformat.NotebookNode:
 
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     NotebookClient(
-        nb, timeout=1200, kernel_name="python3",
+        nb,
+        timeout=1200,
+        kernel_name="python3",
         resources={"metadata": {"path": str(ROOT / "notebooks")}},
     ).execute()
     return nb
@@ -103,7 +112,9 @@ def test_a_changed_checked_output_is_reported() -> None:
         cell = nbformat.v4.new_code_cell(source)
         cell.outputs = [
             nbformat.v4.new_output("stream", name="stdout", text=text),
-            nbformat.v4.new_output("display_data", data={"image/png": image, "text/plain": "<Figure>"}),
+            nbformat.v4.new_output(
+                "display_data", data={"image/png": image, "text/plain": "<Figure>"}
+            ),
         ]
         return nbformat.v4.new_notebook(cells=[cell])
 

@@ -69,7 +69,9 @@ def write_gguf(path: Path, model: DecoderLM, tokenizer, qtype=Q.F32, *, arch="ll
     if tokens_field:
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-        merges = [" ".join(m) for m in __import__("json").loads(tokenizer.to_str())["model"]["merges"]]
+        merges = [
+            " ".join(m) for m in __import__("json").loads(tokenizer.to_str())["model"]["merges"]
+        ]
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
@@ -77,7 +79,9 @@ def write_gguf(path: Path, model: DecoderLM, tokenizer, qtype=Q.F32, *, arch="ll
         writer.add_token_merges(merges)
         writer.add_bos_token_id(vocab["<|im_start|>"])
         writer.add_eos_token_id(vocab["<|im_end|>"])
-        writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+        writer.add_chat_template(
+            "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+        )
     names = {
         "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
         "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
@@ -156,7 +160,8 @@ def test_f32_gguf_loads_to_the_written_model(tmp_path, model, tokenizer) -> None
 
 
 @pytest.mark.parametrize(
-    "qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K],
+    "qtype",
+    [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K],
     ids=lambda q: q.name,
 )
 def test_every_type_dequantizes_as_gguf_does(tmp_path, model, tokenizer, qtype) -> None:
@@ -240,7 +245,9 @@ def test_an_unsupported_tensor_type_is_named(tmp_path, model, tokenizer) -> None
     assert int.from_bytes(data[at : at + 4], "little") == Q.Q4_0
     data[at : at + 4] = int(Q.IQ4_NL).to_bytes(4, "little")
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=rf"iq.gguf: tensor '{tensor.name}' is stored as IQ4_NL"):
+    with pytest.raises(
+        CheckpointError, match=rf"iq.gguf: tensor '{tensor.name}' is stored as IQ4_NL"
+    ):
         slmlab.load(path)
 
 
@@ -255,15 +262,20 @@ def test_the_real_smollm2_answers_and_matches_transformers() -> None:
     if not file or not Path(file).is_file():
         pytest.skip("SLMLAB_SMOLLM2_GGUF does not name the SmolLM2-135M-Instruct GGUF file")
     model, tokenizer = slmlab.load(file), slmlab.load_tokenizer(file)
-    theirs_tok = transformers.AutoTokenizer.from_pretrained(Path(file).parent, gguf_file=Path(file).name)
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(
+        Path(file).parent, gguf_file=Path(file).name
+    )
     prompt = theirs_tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
-        tokenize=False, add_generation_prompt=True,
+        tokenize=False,
+        add_generation_prompt=True,
     )
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     assert ids == theirs_tok.encode(prompt, add_special_tokens=False)
-    out = slmlab.generate(model, [ids], 16, temperature=0.0, stop_tokens=[model.config.eos_token_id])
-    assert tokenizer.decode(out[0][len(ids):]) == "The capital of France is Paris."
+    out = slmlab.generate(
+        model, [ids], 16, temperature=0.0, stop_tokens=[model.config.eos_token_id]
+    )
+    assert tokenizer.decode(out[0][len(ids) :]) == "The capital of France is Paris."
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
         Path(file).parent, gguf_file=Path(file).name, dtype=torch.float32
     ).eval()

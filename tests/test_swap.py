@@ -21,8 +21,13 @@ from slmlab.models import (
 def tiny(tied: bool) -> DecoderLM:
     torch.manual_seed(0)
     config = ModelConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
     )
     return DecoderLM(config).eval()
 
@@ -42,7 +47,9 @@ def test_targets_name_llama_layers_and_skip_the_head() -> None:
     assert len(names) == 2 * len(LINEAR_TARGETS)
     assert all(n.rpartition(".")[2] in LINEAR_TARGETS for n in names)
     assert [n for n, _ in linear_layers(model, ["q_proj"])] == [
-        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
     assert "lm_head" in [n for n, _ in linear_layers(model, "all")]
     assert "lm_head" not in [n for n, _ in linear_layers(model, "all", skip=["lm_head"])]
     with pytest.raises(ValueError, match="its linear layers end in"):

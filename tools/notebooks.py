@@ -38,17 +38,17 @@ def chapters() -> list[Path]:
 
 def zoo_models(md: Path) -> list[str]:
     """The zoo recipes chapter `md` names under ``slmlab: zoo:`` in its front matter."""
-    from slmlab.zoo import RECIPES
+    from slmlab.zoo import names as zoo_names
 
     where = md.relative_to(ROOT) if md.is_relative_to(ROOT) else md
     names = jupytext.read(md).metadata.get("slmlab", {}).get("zoo", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise SystemExit(f"{where}: slmlab.zoo must be a list of recipe names")
-    unknown = sorted(set(names) - set(RECIPES))
+    unknown = sorted(set(names) - set(zoo_names()))
     if unknown:
         raise SystemExit(
             f"{where}: slmlab.zoo names {unknown}, which the zoo does not have; "
-            f"it has {sorted(RECIPES)}"
+            f"it has {sorted(zoo_names())}"
         )
     return names
 

@@ -375,7 +375,11 @@ class DecoderLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions, self.model.norm.weight.dtype)
         # Decoding one token: the compiled step runs every block in one call where it applies
         # (CPU, fp32, plain linear layers); it computes what the loop below computes.
-        x = fused_decode_step(self, input_ids, cos, sin, cache) if cache is not None and T == 1 else None
+        x = (
+            fused_decode_step(self, input_ids, cos, sin, cache)
+            if cache is not None and T == 1
+            else None
+        )
         if x is None:
             x = self.model.embed_tokens(input_ids)
             for layer in self.model.layers:

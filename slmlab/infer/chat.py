@@ -1,0 +1,129 @@
+"""Chat: messages in, the model's reply out, through the checkpoint's own chat template.
+
+An instruction-tuned model was trained on conversations written in one exact format (SmolLM2's
+is ChatML: ``<|im_start|>user\\n...<|im_end|>``), and it answers well only when the prompt is
+written the same way. The format ships with the model as a Jinja template
+(``tokenizer_config.json``'s ``chat_template``, or a GGUF file's ``tokenizer.chat_template``).
+`render_chat` renders it as transformers' ``apply_chat_template`` does, in Jinja's immutable
+sandbox: a template is data from a stranger, and the sandbox refuses the attribute walks that
+would reach Python's internals.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..models.decoder import DecoderLM
+from ..tokenizers import as_hf_tokenizer
+from .generate import generate
+
+__all__ = ["Chat", "ChatTemplateError", "render_chat"]
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that cannot be rendered (or tries to escape the sandbox)."""
+
+
+def _raise(message: str) -> None:
+    raise ChatTemplateError(f"the chat template refused the messages: {message}")
+
+
+def render_chat(
+    template: str,
+    messages: Sequence[dict[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    **special_tokens: str | None,
+) -> str:
+    """`messages` (``{"role": ..., "content": ...}``) written in `template`'s format, with the
+    assistant's turn opened when `add_generation_prompt`. `special_tokens` (``bos_token``,
+    ``eos_token``...) are the variables templates use for them. The environment is
+    transformers': trim_blocks, lstrip_blocks, loop controls, ``raise_exception`` and
+    ``tojson``."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(
+        x, ensure_ascii=False, indent=indent
+    )
+    env.globals["raise_exception"] = _raise
+    try:
+        return env.from_string(template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **special_tokens
+        )
+    except TemplateError as err:  # SecurityError (a sandbox escape) is one of them
+        raise ChatTemplateError(
+            f"cannot render the chat template: {type(err).__name__}: {err}"
+        ) from None
+
+
+@dataclass
+class Chat:
+    """A conversation with a model: `say` adds the user's turn and returns the reply, which
+    joins the history so the next turn sees it. `settings` is the checkpoint's
+    (`slmlab.checkpoint.load_chat_settings`): the template and its special tokens."""
+
+    model: DecoderLM
+    tokenizer: Any
+    settings: dict[str, Any]
+    system: str | None = None
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tokenizer = as_hf_tokenizer(self.tokenizer)
+        if not self.settings.get("chat_template"):
+            raise ChatTemplateError("this model has no chat template: it is not a chat model")
+        if self.system is not None:
+            self.history.insert(0, {"role": "system", "content": self.system})
+
+    def prompt(self) -> str:
+        tokens = {k: v for k, v in self.settings.items() if k.endswith("_token")}
+        return render_chat(self.settings["chat_template"], self.history, **tokens)
+
+    def say(
+        self,
+        text: str,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int | None = 0,
+        stream: Callable[[str], None] | None = None,
+    ) -> str:
+        """The model's reply to `text`; `stream` receives it piece by piece as it is decoded."""
+        self.history.append({"role": "user", "content": text})
+        ids = self.tokenizer.encode(self.prompt(), add_special_tokens=False).ids
+        stops = self.model.config.eos_token_id
+        reply: list[int] = []
+        shown = ""
+
+        def show(tokens: torch.Tensor) -> None:
+            nonlocal shown
+            if tokens[0].item() in ([stops] if isinstance(stops, int) else stops or []):
+                return
+            reply.append(int(tokens[0]))
+            text = self.tokenizer.decode(reply)
+            if not text.endswith("\ufffd"):  # wait for the rest of a character's bytes
+                stream(text[len(shown) :])
+                shown = text
+
+        out = generate(
+            self.model,
+            [ids],
+            max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            on_tokens=show if stream is not None else None,
+        )
+        answer = self.tokenizer.decode(out[0][len(ids) :], skip_special_tokens=True)
+        if stream is not None and answer != shown:
+            stream(answer[len(shown) :])
+        self.history.append({"role": "assistant", "content": answer})
+        return answer

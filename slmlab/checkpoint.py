@@ -26,6 +26,7 @@ from .models.decoder import DecoderLM
 
 __all__ = [
     "CheckpointError",
+    "convert_gguf",
     "gguf_path",
     "load",
     "load_chat_settings",
@@ -156,6 +157,22 @@ def load_chat_settings(path: str | os.PathLike) -> dict[str, Any]:
         if k.endswith("_token") and isinstance(v, str | dict)
     }
     return {"chat_template": settings.get("chat_template"), **tokens}
+
+
+def convert_gguf(
+    gguf: str | os.PathLike, out: str | os.PathLike, *, source: str | None = None
+) -> Path:
+    """GGUF file `gguf` as the checkpoint directory `out` (written atomically): weights
+    dequantized to fp32, ``tokenizer.json``, and ``tokenizer_config.json`` with the chat template
+    and its special tokens, so that slmlab and transformers both load it as it is. `source` is
+    recorded there (where the file came from)."""
+    settings = {**load_chat_settings(gguf), "tokenizer_class": "PreTrainedTokenizerFast"}
+    if source is not None:
+        settings["source"] = source
+    config = (json.dumps(settings, indent=2, ensure_ascii=False) + "\n").encode()
+    return save(
+        load(gguf), out, load_tokenizer(gguf), extra_files={"tokenizer_config.json": config}
+    )
 
 
 def _weight_files(path: Path) -> list[Path]:

@@ -136,6 +136,13 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .checkpoint import convert_gguf
+
+    print(convert_gguf(args.gguf, args.out, source=str(args.gguf)))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig
     from .zoo import recipe, resolve, train
@@ -314,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat", action="store_true", help="write the prompt as a user turn of the chat template"
     )
     p.set_defaults(func=_generate)
+
+    p = verbs.add_parser("convert", help="a GGUF file as a checkpoint directory")
+    p.add_argument("gguf", help="a Llama-family .gguf file (llama.cpp's format)")
+    p.add_argument("--out", required=True, help="the checkpoint directory to write")
+    p.set_defaults(func=_convert)
 
     p = verbs.add_parser("chat", help="talk with a chat model (one turn a line when piped)")
     p.add_argument("model", help="a checkpoint directory, a .gguf file or a zoo name")

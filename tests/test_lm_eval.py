@@ -133,3 +133,13 @@ def test_slmlab_scores_as_lm_evals_own_hf_model_where_the_tokenizer_has_bos(tmp_
         ours = evaluate(scorer, load_task(tmp_path / f"{name}.yaml"), progress=False).metrics
         for metric, value in ours.items():
             assert results[name][f"{metric},none"] == pytest.approx(value, rel=1e-5), (name, metric)
+
+
+def test_registering_slmlab_keeps_lm_evals_own_models() -> None:
+    code = (
+        "import slmlab.eval.harness\n"
+        "from lm_eval.api.registry import get_model\n"
+        "print(get_model('hf').__name__, get_model('slmlab').__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["HFLM", "SlmlabLM"]

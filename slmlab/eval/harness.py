@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# lm-eval registers its own models (hf, vllm, ...) on first lookup, but only while its registry
+# is empty: load them before registering ours, or `--model hf` would be unknown beside it.
+import lm_eval.models  # noqa: F401
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

@@ -60,24 +60,31 @@ def write_tasks(folder: Path) -> list[str]:
     return ["toy_mc", "toy_gen", "toy_ppl"]
 
 
-def test_lm_eval_evaluator_agrees_with_slmlab(scorer, tmp_path) -> None:
+def assert_lm_eval_agrees(scorer: Scorer, folder: Path, names: list[str], rel: float, **model):
+    """lm-eval's `simple_evaluate(**model)` on the task files in `folder` gives every metric
+    slmlab's `evaluate` gives with `scorer`; returns lm-eval's results."""
     from lm_eval.tasks import TaskManager
 
-    from slmlab.eval.harness import SlmlabLM
-
-    names = write_tasks(tmp_path)
     results = lm_eval.simple_evaluate(
-        model=SlmlabLM(scorer=scorer),
+        **model,
         tasks=names,
-        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        task_manager=TaskManager(include_path=str(folder), include_defaults=False),
         bootstrap_iters=0,
     )["results"]
     for name in names:
-        ours = evaluate(scorer, load_task(tmp_path / f"{name}.yaml"), progress=False).metrics
+        ours = evaluate(scorer, load_task(folder / f"{name}.yaml"), progress=False).metrics
         theirs = {k.split(",")[0]: v for k, v in results[name].items() if k.endswith(",none")}
         assert set(ours) <= set(theirs), (name, theirs)
         for metric, value in ours.items():
-            assert theirs[metric] == pytest.approx(value, rel=1e-6), (name, metric)
+            assert theirs[metric] == pytest.approx(value, rel=rel), (name, metric)
+    return results
+
+
+def test_lm_eval_evaluator_agrees_with_slmlab(scorer, tmp_path) -> None:
+    from slmlab.eval.harness import SlmlabLM
+
+    names = write_tasks(tmp_path)
+    results = assert_lm_eval_agrees(scorer, tmp_path, names, 1e-6, model=SlmlabLM(scorer=scorer))
     # Sanity: the comparison is not between two constant answers.
     assert 0 < results["toy_ppl"]["bits_per_byte,none"] < 20
 
@@ -108,8 +115,6 @@ def test_slmlab_scores_as_lm_evals_own_hf_model_where_the_tokenizer_has_bos(tmp_
     """A model with beginning- and end-of-text tokens (SmolLM2's: <|im_start|> 1, <|im_end|> 2),
     converted from GGUF as the zoo converts SmolLM2: lm-eval's `hf` model conditions a text's
     first token on BOS, and so must slmlab."""
-    from lm_eval.tasks import TaskManager
-
     import slmlab
     from slmlab.checkpoint import convert_gguf
     from slmlab.models import DecoderLM
@@ -122,17 +127,8 @@ def test_slmlab_scores_as_lm_evals_own_hf_model_where_the_tokenizer_has_bos(tmp_
     scorer = Scorer(slmlab.load(checkpoint), slmlab.load_tokenizer(checkpoint), batch_size=8)
     assert scorer.prefix_token_id == tokenizer.token_to_id("<|im_start|>") != CONFIG.eos_token_id
     names = [n for n in write_tasks(tmp_path) if n != "toy_gen"]
-    results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=f"pretrained={checkpoint},dtype=float32,device=cpu",
-        tasks=names,
-        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
-        bootstrap_iters=0,
-    )["results"]
-    for name in names:
-        ours = evaluate(scorer, load_task(tmp_path / f"{name}.yaml"), progress=False).metrics
-        for metric, value in ours.items():
-            assert results[name][f"{metric},none"] == pytest.approx(value, rel=1e-5), (name, metric)
+    hf = f"pretrained={checkpoint},dtype=float32,device=cpu"
+    assert_lm_eval_agrees(scorer, tmp_path, names, 1e-5, model="hf", model_args=hf)
 
 
 def test_registering_slmlab_keeps_lm_evals_own_models() -> None:

@@ -116,9 +116,8 @@ class GGUFModel:
     config: ModelConfig
     tensors: dict[str, torch.Tensor]  # Hugging Face names, fp32
     tokenizer: str  # tokenizer.json
-    chat_template: str | None
     tensor_types: dict[str, str]  # the GGUF type each tensor was stored in (Q4_1, F32...)
-    metadata: dict[str, Any]  # every scalar field, for the curious (general.name, ...)
+    metadata: dict[str, Any]  # every scalar field: general.name, tokenizer.chat_template, ...
 
 
 def hf_name(name: str) -> str | None:
@@ -333,4 +332,4 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
                 key = f"model.layers.{i}.self_attn.{proj}_proj.weight"
                 if key in tensors:
                     tensors[key] = unpermute_rows(tensors[key], heads)
-    return GGUFModel(config, tensors, tokenizer, meta.get("tokenizer.chat_template"), types, meta)
+    return GGUFModel(config, tensors, tokenizer, types, meta)

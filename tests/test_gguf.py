@@ -155,7 +155,7 @@ def test_f32_gguf_loads_to_the_written_model(tmp_path, model, tokenizer) -> None
         torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=1e-5)
     assert slmlab.load(tmp_path).config == loaded.config  # a folder holding one GGUF file
     read = read_gguf(path)
-    assert read.chat_template.startswith("{% for m in messages %}")
+    assert read.metadata["tokenizer.chat_template"].startswith("{% for m in messages %}")
     assert set(read.tensor_types.values()) == {"F32"}
 
 

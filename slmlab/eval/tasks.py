@@ -78,12 +78,15 @@ class TaskError(ValueError):
 def _template_env():
     import jinja2
 
-    # lm-evaluation-harness's template environment: missing fields are errors, not "".
-    env = jinja2.Environment(
-        loader=jinja2.BaseLoader(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+    from ..templates import Sandbox
+
+    # lm-evaluation-harness's template environment (missing fields are errors, not ""), in a
+    # bounded sandbox: a task file is shared like data, and must not run code when scored.
+    return Sandbox(
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        filters={"regex_replace": lambda s, pattern, repl: re.sub(pattern, repl, s)},
     )
-    env.filters["regex_replace"] = lambda s, pattern, repl: re.sub(pattern, repl, s)
-    return env
 
 
 @dataclass
@@ -119,7 +122,7 @@ class Task:
                 raise TaskError(self._where(i, f"{what}: the item has no field {spec!r}"))
             return doc[spec]
         try:
-            return self._env.from_string(spec).render(**doc)
+            return self._env.render(spec, doc)
         except Exception as error:  # jinja2's UndefinedError, TemplateSyntaxError, ...
             raise TaskError(self._where(i, f"{what}: template {spec!r} failed: {error}")) from None
 

@@ -5,8 +5,7 @@ is ChatML: ``<|im_start|>user\\n...<|im_end|>``), and it answers well only when 
 written the same way. The format ships with the model as a Jinja template
 (``tokenizer_config.json``'s ``chat_template``, or a GGUF file's ``tokenizer.chat_template``).
 `render_chat` renders it as transformers' ``apply_chat_template`` does, in Jinja's immutable
-sandbox: a template is data from a stranger, and the sandbox refuses the attribute walks that
-would reach Python's internals.
+sandbox with bounds on time and size (`slmlab.templates`): a template is data from a stranger.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from ..models.decoder import DecoderLM
+from ..templates import Sandbox
 from ..tokenizers import as_hf_tokenizer
 from .generate import generate
 
@@ -46,18 +46,24 @@ def render_chat(
     transformers': trim_blocks, lstrip_blocks, loop controls, ``raise_exception`` and
     ``tojson``."""
     from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(
-        x, ensure_ascii=False, indent=indent
+    env = Sandbox(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=["jinja2.ext.loopcontrols"],
+        filters={
+            "tojson": lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+        },
     )
     env.globals["raise_exception"] = _raise
     try:
-        return env.from_string(template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **special_tokens
+        return env.render(
+            template,
+            {
+                "messages": list(messages),
+                "add_generation_prompt": add_generation_prompt,
+                **special_tokens,
+            },
         )
     except TemplateError as err:  # SecurityError (a sandbox escape) is one of them
         raise ChatTemplateError(

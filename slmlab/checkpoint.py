@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .gguf_file import GGUFError, read_gguf, read_gguf_metadata, read_gguf_tokenizer
+from .io import usual_mode
 from .layers.quantized import apply_quantization_config, quantization_config
 from .models.config import ConfigError, ModelConfig
 from .models.decoder import DecoderLM
@@ -64,6 +65,7 @@ def save(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(usual_mode(directory=True))
     try:
         config = model.config.to_hf_dict()
         config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -81,6 +83,8 @@ def save(
             _save_tokenizer(tokenizer, tmp / "tokenizer.json")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
+        for file in tmp.iterdir():  # some writers make their files private, as tempfile does
+            file.chmod(usual_mode())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -193,8 +197,21 @@ def _weight_files(path: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index}: malformed index ({err!r})") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(n, str) for n in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index}: weight_map must map tensor names to shard file names (strings)"
+            )
+        outside = sorted({n for n in weight_map.values() if Path(n).name != n or n in ("", "..")})
+        if outside:
+            raise CheckpointError(
+                f"{index}: weight_map names shard(s) {outside[:3]}, which are not file names in "
+                "the checkpoint's directory: a shard is named as model-00001-of-00002.safetensors, "
+                "beside the index"
+            )
         files = sorted({path / name for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:

@@ -6,7 +6,16 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "usual_mode"]
+
+
+def usual_mode(directory: bool = False) -> int:
+    """The permissions `open` or `mkdir` would give a new file or directory under the process's
+    umask: `tempfile` makes its files 0600 and directories 0700, which must not outlive the
+    rename into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -15,6 +24,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, usual_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

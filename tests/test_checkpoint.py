@@ -43,6 +43,27 @@ def test_save_replaces_atomically_and_leaves_no_temporaries(ckpt) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["ckpt"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_checkpoint_gets_the_permissions_of_an_ordinary_directory(tmp_path, umask) -> None:
+    import os
+    import stat
+
+    from slmlab.io import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        path = slmlab.save(DecoderLM(VARIANTS["llama-gqa-untied"]), tmp_path / "ckpt")
+        atomic_write_text(tmp_path / "note.txt", "x")
+        (tmp_path / "plain").mkdir()
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(path) == mode(tmp_path / "plain") == 0o777 & ~umask
+    for file in [*path.iterdir(), tmp_path / "note.txt"]:
+        assert mode(file) == mode(tmp_path / "plain.txt") == 0o666 & ~umask, file.name
+
+
 def test_tokenizer_round_trip(tmp_path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 

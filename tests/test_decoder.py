@@ -58,6 +58,26 @@ def test_sharded_checkpoint_with_index(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
+    "shard", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors", "..", 7]
+)
+def test_an_index_cannot_name_shards_outside_its_directory(tmp_path, shard) -> None:
+    """A shared checkpoint's index is data: it must not open files elsewhere on the machine."""
+    import json
+    import shutil
+
+    save_hf(VARIANTS["llama-gqa-untied"], tmp_path / "ckpt", max_shard_size="40KB")
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    # A real shard beside the directory: only the check, not a missing file, can refuse it.
+    shutil.copy(tmp_path / "ckpt" / data["weight_map"][first], tmp_path / "outside.safetensors")
+    data["weight_map"][first] = shard
+    index.write_text(json.dumps(data))
+    with pytest.raises(slmlab.checkpoint.CheckpointError, match=r"index\.json: weight_map"):
+        slmlab.load(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
     "name", ["llama-mqa-llama3-rope", "llama-linear-rope", "llama-mha-tied-theta"]
 )
 def test_rope_frequencies_match_transformers(name: str) -> None:

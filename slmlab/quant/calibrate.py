@@ -3,19 +3,29 @@ its linear layers (the Hessians GPTQ needs, the channel statistics AWQ and Smoot
 
 Quantizing layer by layer, each block should see the inputs that the *already quantized*
 blocks before it produce, so that it can correct their error rather than an error that never
-happens: `sequential_hessians` runs the calibration once per block, stopping the forward pass
-right after that block, while the caller replaces the layers of the blocks already done.
+happens: `walk_blocks` runs the calibration through the blocks one at a time, carrying each
+block's outputs to the next only after the caller has replaced that block's layers, so a model
+of L blocks costs L block passes (plus one to carry), not a pass from the embedding per block.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["block_inputs", "blocks", "calibration_tokens", "run_until", "sequential_hessians"]
+__all__ = [
+    "block_inputs",
+    "blocks",
+    "calibration_tokens",
+    "collect_inputs",
+    "run_until",
+    "sequential_hessians",
+    "walk_blocks",
+]
 
 
 def calibration_tokens(
@@ -60,6 +70,18 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return list(layers) if isinstance(layers, nn.ModuleList) else [model]
 
 
+def _check_rows(calibration: torch.Tensor) -> None:
+    if calibration.dim() != 2 or calibration.dtype != torch.long:
+        raise ValueError(
+            f"calibration must be a (rows, seq_len) LongTensor of token ids, got "
+            f"{calibration.dtype} of shape {tuple(calibration.shape)}"
+        )
+
+
+def _watch(watch: dict[nn.Module, Callable[[torch.Tensor], None]]) -> list:
+    return [m.register_forward_pre_hook(lambda _m, a, f=f: f(a[0])) for m, f in watch.items()]
+
+
 @torch.no_grad()
 def run_until(
     model: nn.Module,
@@ -71,14 +93,8 @@ def run_until(
 ) -> None:
     """Run `calibration` (rows, seq_len) through `model` up to the end of `block`, calling
     ``watch[m](x)`` with the input of every watched module `m`."""
-    if calibration.dim() != 2 or calibration.dtype != torch.long:
-        raise ValueError(
-            f"calibration must be a (rows, seq_len) LongTensor of token ids, got "
-            f"{calibration.dtype} of shape {tuple(calibration.shape)}"
-        )
-    handles = [
-        m.register_forward_pre_hook(lambda _m, args, f=f: f(args[0])) for m, f in watch.items()
-    ]
+    _check_rows(calibration)
+    handles = _watch(watch)
     if block is not model:
 
         def stop(*_: object) -> None:
@@ -95,36 +111,93 @@ def run_until(
 
 
 class _Hessian:
-    """2 XᵀX summed over every token seen, in float64, and the number of tokens."""
+    """2 XᵀX summed over every token seen, in float64, and the number of tokens. Layers that
+    read one tensor (q, k and v; gate and up) share `products`, which computes it once."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, products: dict[str, Any]) -> None:
         self.total = torch.zeros(width, width, dtype=torch.float64)
         self.tokens = 0
+        self.products = products
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.total += 2 * x.T @ x
-        self.tokens += x.shape[0]
+        if self.products.get("x") is not x:  # holding x keeps its identity unique meanwhile
+            flat = x.reshape(-1, x.shape[-1]).double()
+            self.products.update(x=x, xtx=2 * flat.T @ flat, tokens=flat.shape[0])
+        self.total += self.products["xtx"]
+        self.tokens += self.products["tokens"]
 
     def mean(self) -> torch.Tensor:
         return self.total / max(self.tokens, 1)
+
+
+def collect_inputs(run: Callable[[dict], None], modules: list[nn.Module]) -> list[torch.Tensor]:
+    """The inputs (tokens, width) each of `modules` receives in ``run(watch)``."""
+    seen: list[list[torch.Tensor]] = [[] for _ in modules]
+    run(
+        {
+            m: lambda x, store=store: store.append(x.reshape(-1, x.shape[-1]).float())
+            for m, store in zip(modules, seen, strict=True)
+        }
+    )
+    return [torch.cat(store) for store in seen]
 
 
 def block_inputs(
     model: nn.Module, calibration: torch.Tensor, block: nn.Module, modules: list[nn.Module]
 ) -> list[torch.Tensor]:
     """The inputs (tokens, width) that each of `modules` receives, running up to `block`."""
-    seen: list[list[torch.Tensor]] = [[] for _ in modules]
-    run_until(
-        model,
-        calibration,
-        block,
-        {
-            m: lambda x, store=store: store.append(x.reshape(-1, x.shape[-1]).float())
-            for m, store in zip(modules, seen, strict=True)
-        },
-    )
-    return [torch.cat(store) for store in seen]
+    return collect_inputs(lambda watch: run_until(model, calibration, block, watch), modules)
+
+
+Run = Callable[[dict[nn.Module, Callable[[torch.Tensor], None]]], None]
+
+
+@torch.no_grad()
+def walk_blocks(
+    model: nn.Module, calibration: torch.Tensor, *, batch_size: int = 8
+) -> Iterator[tuple[nn.Module, Run]]:
+    """Each block of `model` in order, with ``run(watch)``: run that block alone on the inputs
+    the blocks before it produce *now*, calling ``watch[m](x)`` with the input of each watched
+    module. A block's outputs are carried to the next block when the caller asks for it, so
+    what the caller changed in the block (its quantized layers) shapes what follows. A model
+    without repeated blocks is one block, run whole."""
+    _check_rows(calibration)
+    stack = blocks(model)
+    if stack == [model]:
+        yield (
+            model,
+            lambda watch: run_until(model, calibration, model, watch, batch_size=batch_size),
+        )
+        return
+    inputs: list[tuple[tuple, dict]] = []  # per batch of rows: the first block's arguments
+
+    def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs.append((args, kwargs))
+        raise _Stop
+
+    handle = stack[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for rows in calibration.split(batch_size):
+            with contextlib.suppress(_Stop):
+                model(rows)
+    finally:
+        handle.remove()
+    for i, block in enumerate(stack):
+
+        def run(watch, block=block) -> None:
+            handles = _watch(watch)
+            try:
+                for args, kwargs in inputs:
+                    block(*args, **kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+
+        yield block, run
+        if i + 1 < len(stack):  # the hidden state is the first argument; the rest is shared
+            for j, (args, kwargs) in enumerate(inputs):
+                out = block(*args, **kwargs)
+                inputs[j] = ((out[0] if isinstance(out, tuple) else out, *args[1:]), kwargs)
 
 
 def sequential_hessians(
@@ -136,12 +209,21 @@ def sequential_hessians(
     layers the caller has replaced (quantized) by then shape the inputs of later blocks.
     """
     remaining = dict(targets)
-    for block in [*blocks(model), model]:  # the model last: layers outside any block
+
+    def hessians_of(block: nn.Module, run: Run):
         inside = {id(m) for m in block.modules()}
         names = [name for name, m in remaining.items() if id(m) in inside]
         if not names:
-            continue
-        hessians = {n: _Hessian(remaining[n].in_features) for n in names}
-        run_until(model, calibration, block, {remaining[n]: hessians[n].add for n in names})
+            return
+        products: dict[str, Any] = {}
+        hessians = {n: _Hessian(remaining[n].in_features, products) for n in names}
+        with torch.no_grad():
+            run({remaining[n]: hessians[n].add for n in names})
+        products.clear()
         for name in names:
             yield name, remaining.pop(name), hessians[name].mean()
+
+    for block, run in walk_blocks(model, calibration):
+        yield from hessians_of(block, run)
+    # Layers outside every block (an unskipped output head): the whole model, last.
+    yield from hessians_of(model, lambda watch: run_until(model, calibration, model, watch))

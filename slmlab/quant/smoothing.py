@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..layers.formats import dequantize, quantize
-from .calibrate import block_inputs, blocks
+from .calibrate import blocks, collect_inputs, walk_blocks
 
 __all__ = ["awq_scales", "fold_scales", "scale_groups", "smooth_", "smoothquant_scales"]
 
@@ -102,13 +102,13 @@ def smooth_(model: nn.Module, calibration: torch.Tensor, config) -> None:  # con
             f"{config.method} folds scales into the layers that feed each linear group and knows "
             "Llama-family blocks (model.model.layers) only; use rtn or gptq for this model"
         )
-    for block in layer_blocks:
+    for block, run in walk_blocks(model, calibration):
         groups = [
             (producer, linears)
             for producer, linears in scale_groups(block)
             if config.method == "awq" or not isinstance(producer, nn.Linear)
         ]
-        inputs_of = block_inputs(model, calibration, block, [linears[0] for _, linears in groups])
+        inputs_of = collect_inputs(run, [linears[0] for _, linears in groups])
         for (producer, linears), inputs in zip(groups, inputs_of, strict=True):
             if config.method == "smoothquant":
                 s = smoothquant_scales(inputs.abs().amax(0), linears, config.alpha)

@@ -1,14 +1,18 @@
-"""Real benchmarks, scored through slmlab and through lm-evaluation-harness: the two must agree.
+"""Real benchmarks, scored three ways that must agree: slmlab, and lm-evaluation-harness on
+slmlab's model and on its own Hugging Face (`hf`) model.
 
-    python -m benchmarks.real_tasks [--models stories-1m,stories-8m] [--limit 1000]
+    python -m benchmarks.real_tasks [--models stories-8m,smollm2-135m-instruct] [--limit 200]
 
 Reads HellaSwag, ARC-Easy, ARC-Challenge, PIQA and LAMBADA from ../shared/data/eval (see its
 README), writes an lm-evaluation-harness task YAML for each (the harness's usual prompts:
 "Question: ...\\nAnswer:" for ARC and PIQA, the passage without its last word for LAMBADA),
-scores each zoo model with `slmlab.eval.evaluate` and with `lm_eval.simple_evaluate` on the
-registered ``slmlab`` model, and reports both with chance level. `--limit` scores the first N
-items of each set (0 for all). Items with a choice longer than the model's whole context are
-left out for that model (lm-evaluation-harness refuses them too) and counted in the JSON.
+and scores each zoo model with `slmlab.eval.evaluate`, with `lm_eval.simple_evaluate` on the
+registered ``slmlab`` model, and with `lm_eval.simple_evaluate` on the harness's ``hf`` model
+loading the same checkpoint directory through transformers (``--no-hf`` skips that one). It
+reports all three with chance level and, for SmolLM2-135M-Instruct, the figures Hugging Face
+published. `--limit` scores the first N items of each set (0 for all). Items with a choice
+longer than the model's whole context are left out for that model (lm-evaluation-harness
+refuses them too) and counted in the JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ TASKS = {
 }  # fmt: skip
 
 
+# The SmolLM2-135M-Instruct model card's "Instruction model" table (zero-shot, scored with
+# lighteval's prompts and normalisations, on the full sets; ARC is the mean of Easy and Challenge):
+# https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct. The zoo's weights are the Q4_1 GGUF.
+PUBLISHED = {"smollm2-135m-instruct": {"hellaswag": 0.409, "arc_average": 0.373, "piqa": 0.663}}
+
+
 def write_tasks(folder: Path, limit: int, scorer: Scorer) -> tuple[dict, dict]:
     """The task YAMLs over the first `limit` items whose answers fit the model's context; each
     task's chance accuracy and the number of items left out."""
@@ -66,10 +76,25 @@ def _fits(row: dict, scorer: Scorer) -> bool:
     return all(len(scorer.encode(" " + a)) <= scorer.max_length for a in answers)
 
 
+def harness_metrics(results: dict, task: str, names) -> dict:
+    """One task's metrics out of `lm_eval.simple_evaluate(...)["results"]`."""
+    theirs = {k.split(",")[0]: v for k, v in results[task].items() if k.endswith(",none")}
+    return {m: theirs[m] for m in names}
+
+
+def agree(ours: dict, theirs: dict) -> bool:
+    """Accuracies equal; a perplexity to 1e-5 (the tools batch the same requests differently)."""
+    return all(
+        theirs[m] == v if m.startswith("acc") else abs(theirs[m] / v - 1) < 1e-5
+        for m, v in ours.items()
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="stories-1m,stories-8m")
-    parser.add_argument("--limit", type=int, default=1000, help="items per set (0: all)")
+    parser.add_argument("--models", default="stories-8m,smollm2-135m-instruct")
+    parser.add_argument("--limit", type=int, default=200, help="items per set (0: all)")
+    parser.add_argument("--no-hf", action="store_true", help="skip lm-eval's own hf model")
     args = parser.parse_args()
     if not EVAL.is_dir():
         raise SystemExit(f"{EVAL} is not there: this benchmark needs the shared eval files")
@@ -85,36 +110,41 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             chance, dropped = write_tasks(Path(folder), args.limit, scorer)
             manager = TaskManager(include_path=folder, include_defaults=False)
+            seconds = {}
             t0 = time.perf_counter()
             ours = {t: evaluate(scorer, load_task(Path(folder) / f"{t}.yaml")) for t in TASKS}
-            seconds = time.perf_counter() - t0
-            harness = lm_eval.simple_evaluate(
-                model=SlmlabLM(scorer=scorer),
-                tasks=list(TASKS),
-                task_manager=manager,
-                bootstrap_iters=0,
-            )["results"]
+            seconds["slmlab"] = time.perf_counter() - t0
+            routes = {"lm_eval": {"model": SlmlabLM(scorer=scorer)}}
+            if not args.no_hf:
+                # The same checkpoint directory through transformers, in fp32 like slmlab's.
+                hf_args = f"pretrained={path},dtype=float32,device=cpu"
+                routes["lm_eval_hf"] = {"model": "hf", "model_args": hf_args, "batch_size": 32}
+            harness = {}
+            for route, model in routes.items():
+                t0 = time.perf_counter()
+                harness[route] = lm_eval.simple_evaluate(
+                    **model, tasks=list(TASKS), task_manager=manager, bootstrap_iters=0
+                )["results"]
+                seconds[route] = time.perf_counter() - t0
             rows = {}
             for task, scored in ours.items():
-                theirs = {
-                    k.split(",")[0]: v for k, v in harness[task].items() if k.endswith(",none")
-                }
+                row = {"slmlab": scored.metrics}
+                for route, results in harness.items():
+                    row[route] = harness_metrics(results, task, scored.metrics)
+                    row[f"agree_{route}"] = agree(scored.metrics, row[route])
                 rows[task] = {
-                    "slmlab": scored.metrics,
-                    "lm_eval": {m: theirs[m] for m in scored.metrics},
-                    # Accuracies must be equal; a perplexity may differ in the last digits
-                    # (the two tools batch the same requests differently).
-                    "agree": all(
-                        theirs[m] == v if m.startswith("acc") else abs(theirs[m] / v - 1) < 1e-5
-                        for m, v in scored.metrics.items()
-                    ),
+                    **row,
                     "chance": chance[task],
                     "samples": scored.samples,
                     "left_out": dropped[task],
                     "truncated_requests": scored.truncated,
                 }
                 print(name, task, json.dumps(rows[task]))
-            result["models"][name] = {"tasks": rows, "slmlab_seconds": seconds}
+            result["models"][name] = {
+                "tasks": rows,
+                "seconds": seconds,
+                "published": PUBLISHED.get(name, {}),
+            }
     print(write("real_tasks", result))
 
 

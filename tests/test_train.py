@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -170,6 +171,36 @@ def test_resume_needs_a_checkpoint_and_the_same_recipe(tmp_path, data) -> None:
     train(TINY, tmp_path / "run", max_steps=2, progress=False, data=data)
     with pytest.raises(ValueError, match="different recipe"):
         train(TINY.replace(lr=1e-3), tmp_path / "run", resume=True, progress=False, data=data)
+
+
+def test_a_kill_between_the_renames_and_a_torn_log_line_resume_exactly(tmp_path, data) -> None:
+    """What a kill during a checkpoint save leaves: no ``last``, the old copy moved aside, the
+    new one complete under its temporary name, a partial temporary, a torn metrics line."""
+    straight = train(TINY, tmp_path / "straight", progress=False, data=data)
+    ahead = train(TINY, tmp_path / "ahead", max_steps=8, progress=False, data=data).out
+    run = train(TINY, tmp_path / "run", max_steps=4, progress=False, data=data).out
+    (run / "last").rename(run / ".last.old")
+    shutil.copytree(ahead / "last", run / ".last.k1ll3d")  # the new copy, not yet renamed
+    (run / ".last.partial").mkdir()
+    (run / ".last.partial" / "config.json").write_text("{")
+    torn = (ahead / "metrics.jsonl").read_text() + '{"step": 9, "lo'
+    (run / "metrics.jsonl").write_text(torn)
+    resumed = train(TINY, run, resume=True, progress=False, data=data)
+    a, b = weights(straight.out), weights(resumed.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = lambda r: [json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert log(straight.out) == log(resumed.out)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+def test_max_steps_must_be_positive_and_not_behind_the_checkpoint(tmp_path, data) -> None:
+    with pytest.raises(ValueError, match="max_steps must be a positive number of steps, got 0"):
+        train(TINY, tmp_path / "zero", max_steps=0, progress=False, data=data)
+    run = train(TINY, tmp_path / "run", max_steps=6, progress=False, data=data).out
+    before = (run / "last" / "trainer.json").read_text()
+    with pytest.raises(ValueError, match=r"trainer\.json: the checkpoint is at step 6, past the 3"):
+        train(TINY, run, resume=True, max_steps=3, progress=False, data=data)
+    assert (run / "last" / "trainer.json").read_text() == before
 
 
 @pytest.mark.parametrize(

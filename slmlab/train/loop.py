@@ -118,7 +118,16 @@ def _start_metrics(path: Path, resume: bool, start: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = []
     if resume and path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    break  # a torn last line: the run was killed while writing it
+                raise ValueError(f"{path}:{number}: not a JSON record: {line[:80]!r}") from None
+            if record["step"] <= start:
+                kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -154,6 +163,8 @@ def train(
             f"batch_size ({config.batch_size}) must divide evenly over {world} processes × "
             f"{config.grad_accum} micro-batches"
         )
+    if max_steps is not None and max_steps <= 0:
+        raise ValueError(f"max_steps must be a positive number of steps, got {max_steps}")
     stop = min(config.steps, max_steps if max_steps is not None else config.steps)
     data = data or build_data(config)
     torch.manual_seed(config.seed)
@@ -171,6 +182,11 @@ def train(
             "`slmlab train` or the zoo, which prepare the model's layers for it"
         )
     start = resume_weights(model, out, config.to_dict()) if resume else 0
+    if start > stop:
+        raise ValueError(
+            f"{out / LAST / 'trainer.json'}: the checkpoint is at step {start}, past the "
+            f"{stop} steps asked for: resume with --max-steps above {start}, or without it"
+        )
     runner = share(model, world, parallel)
     optimizer = build_optimizer(model, config)  # after sharding: it holds the shards
     if resume:

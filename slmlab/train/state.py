@@ -8,7 +8,9 @@ dicts, so a run can resume on any number of processes, sharded or not.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -95,9 +97,41 @@ def initialise_from(model: DecoderLM, source: str, tokenizer: BPETokenizer) -> N
         raise ValueError(f"{path}: its weights do not fit this config's model: {err}") from None
 
 
+def _step_of(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / "trainer.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def recover_last(out: Path) -> None:
+    """Make ``out/last`` the newest complete checkpoint that a killed save left behind.
+
+        `slmlab.checkpoint.save` writes a whole checkpoint under a temporary name, moves the old one
+        aside (``.last.old``) and renames the new one into place. A kill between the two renames
+        leaves no ``last``, two complete copies beside it; a kill while writing leaves a partial
+        temporary. The newest copy whose ``trainer.json`` reads becomes ``last`` again, and the
+        leftovers are removed (a resuming run owns its folder; every process of a torchrun makes the same
+    choice, so their races are harmless).
+    """
+    last = out / LAST
+    leftovers = [p for p in out.glob(f".{LAST}.*") if p.is_dir()]
+    if not last.exists():
+        steps = {p: _step_of(p) for p in leftovers}
+        complete = [p for p, step in steps.items() if step is not None]
+        if complete:
+            newest = max(complete, key=lambda p: steps[p])
+            leftovers.remove(newest)
+            with contextlib.suppress(OSError):  # under torchrun another process got there first
+                newest.rename(last)
+    for folder in leftovers:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def resume_weights(model: DecoderLM, out: Path, config_dict: dict) -> int:
     """Load the weights of ``out/last`` into `model` (before it is sharded); the step they
     were written at. The checkpoint must come from the same config."""
+    recover_last(out)
     state_file = out / LAST / "trainer.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{state_file}: nothing to resume (train without --resume first)")

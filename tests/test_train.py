@@ -190,12 +190,21 @@ def test_a_kill_between_the_renames_and_a_torn_log_line_resume_exactly(tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = lambda r: [json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert log(straight.out) == log(resumed.out)
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".last")) == []
 
 
-def test_max_steps_must_be_positive_and_not_behind_the_checkpoint(tmp_path, data) -> None:
-    with pytest.raises(ValueError, match="max_steps must be a positive number of steps, got 0"):
-        train(TINY, tmp_path / "zero", max_steps=0, progress=False, data=data)
+def test_a_second_run_on_one_out_is_refused_naming_the_first(tmp_path, data) -> None:
+    from slmlab.train.loop import _writing
+
+    refused = pytest.raises(RuntimeError, match=rf"another training run \(pid {os.getpid()}\)")
+    with _writing(tmp_path / "run"), refused:  # as a first run holds it while it trains
+        train(TINY, tmp_path / "run", max_steps=1, progress=False, data=data)
+    assert train(TINY, tmp_path / "run", max_steps=1, progress=False, data=data).step == 1
+
+
+def test_max_steps_must_not_be_negative_or_behind_the_checkpoint(tmp_path, data) -> None:
+    with pytest.raises(ValueError, match="max_steps must be 0 or more steps, got -1"):
+        train(TINY, tmp_path / "negative", max_steps=-1, progress=False, data=data)
     run = train(TINY, tmp_path / "run", max_steps=6, progress=False, data=data).out
     before = (run / "last" / "trainer.json").read_text()
     with pytest.raises(ValueError, match=r"trainer\.json: the checkpoint is at step 6, past the 3"):

@@ -9,10 +9,12 @@ was never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +156,65 @@ def train(
     a transform of a higher layer trains through itself. A config with `qat` needs it;
     `slmlab.quant.qat.train_qat` passes it.
     """
+    # Every process of a torchrun writes under `out` through the first one: it holds the lock.
+    first = os.environ.get("RANK", "0") == "0"
+    with _writing(Path(out)) if first else nullcontext():
+        return _train(
+            config,
+            out,
+            max_steps=max_steps,
+            resume=resume,
+            progress=progress,
+            data=data,
+            parallel=parallel,
+            device=device,
+            prepare=prepare,
+        )
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """Refuse a second run on `out` while one is writing there: an advisory lock on
+    ``out/.lock``, which holds the writer's pid (released when the process ends, however)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RuntimeError(
+                f"{out}: another training run (pid {holder}) is writing here; wait for it to "
+                "finish or choose another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+
+
+def _train(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    max_steps: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    data: TrainData | None = None,
+    parallel: str = "ddp",
+    device: str = "cpu",
+    prepare: Callable[[DecoderLM], object] | None = None,
+) -> TrainResult:
     out = Path(out)
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
@@ -163,8 +224,8 @@ def train(
             f"batch_size ({config.batch_size}) must divide evenly over {world} processes × "
             f"{config.grad_accum} micro-batches"
         )
-    if max_steps is not None and max_steps <= 0:
-        raise ValueError(f"max_steps must be a positive number of steps, got {max_steps}")
+    if max_steps is not None and max_steps < 0:  # 0: the starting weights, as a checkpoint
+        raise ValueError(f"max_steps must be 0 or more steps, got {max_steps}")
     stop = min(config.steps, max_steps if max_steps is not None else config.steps)
     data = data or build_data(config)
     torch.manual_seed(config.seed)

@@ -348,3 +348,12 @@ def test_eval_command_on_a_bad_task_is_one_line(model, tokenizer, tmp_path, caps
         f"slmlab eval: error: {tmp_path / 'items.jsonl'}:1: doc_to_target 5 is out of range "
         "for 2 choices"
     ]
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_a_scorer_batch_size_must_be_a_positive_integer(model, tokenizer, batch_size) -> None:
+    """A batch of -1 scored every log-likelihood as 0 instead of failing."""
+    with pytest.raises(
+        ValueError, match=rf"batch_size must be a positive integer, got {batch_size!r}"
+    ):
+        Scorer(model, tokenizer, batch_size=batch_size)

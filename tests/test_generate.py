@@ -7,7 +7,7 @@ import torch
 
 import slmlab
 from slmlab.infer import KVCache, sample_next
-from slmlab.models import DecoderLM
+from slmlab.models import DecoderLM, ModelConfig
 
 from .hf_reference import VARIANTS, save_hf
 
@@ -150,13 +150,26 @@ def test_sample_next_filters_like_transformers() -> None:
     ("kwargs", "message"),
     [
         ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, "temperature must be >= 0 .*, got nan"),
         ({"temperature": 1.0, "top_p": 1.5}, "top_p must be in"),
         ({"temperature": 1.0, "top_k": 0}, "top_k must be positive"),
+        ({"top_k": 0}, "top_k must be positive"),  # greedy: unused, and still a mistake
     ],
 )
 def test_bad_sampling_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         sample_next(torch.randn(1, 10), **kwargs)
+    model = DecoderLM(
+        ModelConfig(
+            vocab_size=10,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+    )
+    with pytest.raises(ValueError, match=message):  # before any work
+        slmlab.generate(model, [[1, 2]], 4, **kwargs)
 
 
 @pytest.mark.cuda

@@ -220,6 +220,12 @@ def test_max_steps_must_not_be_negative_or_behind_the_checkpoint(tmp_path, data)
         ({"optimizer": "sgd"}, r"optimizer must be one of \['adamw', 'muon'\], got 'sgd'"),
         ({"superwords": "yes"}, "superwords must be true or false, got 'yes'"),
         ({"steps": 0}, "steps must be a positive integer"),
+        ({"grad_clip": -1.0}, "grad_clip must be a positive number, got -1.0"),
+        ({"grad_clip": 0}, "grad_clip must be a positive number, got 0"),
+        ({"grad_clip": float("nan")}, "grad_clip must be a positive number, got nan"),
+        ({"grad_clip": "1.0"}, "grad_clip must be a positive number, got '1.0'"),
+        ({"weight_decay": -0.1}, "weight_decay must be 0 or more, got -0.1"),
+        ({"weight_decay": float("inf")}, "weight_decay must be 0 or more, got inf"),
         (
             {
                 "model": {

@@ -62,6 +62,8 @@ class Scorer:
 
             self.healer = TokenHealer(self.tokenizer)
         self.encode = encoder(self.tokenizer)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
         config = model.config
         self.max_length = max_length or config.max_position_embeddings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -10,6 +11,17 @@ from ..models.decoder import DecoderLM, KVCache
 from .kv_cache import Int8KVCache
 
 __all__ = ["generate", "sample_next"]
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse settings that would sample something else than asked, before any work: checked
+    even at temperature 0, where they are unused, because a mistyped value is still a mistake."""
+    if not (math.isfinite(temperature) and temperature >= 0):  # NaN fails every comparison
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be positive (or None: no cut), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (or None: no cut), got {top_p}")
 
 
 def sample_next(
@@ -26,19 +38,14 @@ def sample_next(
     tokens whose probabilities sum to at least p. Both filter before the draw, as in
     transformers.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None:
-        if top_k <= 0:
-            raise ValueError(f"top_k must be positive, got {top_k}")
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens before it already reach p; the first always stays.
@@ -118,6 +125,7 @@ def generate(
     config = model.config
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
     if stop_tokens is None:
         stop_tokens = config.eos_token_id
     stops = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,17 @@ class TrainConfig:
             raise ConfigError(
                 f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}"
             )
+        # A negative clip reverses the gradient, 0 stops learning; NaN passes every comparison.
+        for name, zero_allowed in (("grad_clip", False), ("weight_decay", True)):
+            value = getattr(self, name)
+            real = isinstance(value, int | float) and not isinstance(value, bool)
+            if (
+                not (real and math.isfinite(value))
+                or value < 0
+                or (value == 0 and not zero_allowed)
+            ):
+                kind = "0 or more" if zero_allowed else "a positive number"
+                raise ConfigError(f"{name} must be {kind}, got {value!r}")
         if self.warmup_steps > self.steps:
             raise ConfigError(
                 f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})"

@@ -10,6 +10,7 @@ was never stopped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -133,45 +134,6 @@ def _start_metrics(path: Path, resume: bool, start: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def train(
-    config: TrainConfig,
-    out: str | Path,
-    *,
-    max_steps: int | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    data: TrainData | None = None,
-    parallel: str = "ddp",
-    device: str = "cpu",
-    prepare: Callable[[DecoderLM], object] | None = None,
-) -> TrainResult:
-    """Train the model `config` describes; write checkpoints, metrics and a loss plot to `out`.
-
-    `max_steps` stops early (the schedule still runs to ``config.steps``), and `resume`
-    continues from ``out/last``. Under ``torchrun``, `parallel` chooses how the processes share
-    the work: ``"ddp"`` or ``"fsdp"`` (`slmlab.train.distributed`). `device` is ``"cpu"`` (the
-    default, so that a recipe gives the same numbers on every machine), ``"cuda"`` or
-    ``"auto"``; under torchrun, CUDA means each process's own GPU. `prepare` changes the model
-    in place once it is built (and initialised from ``config.init_from``), before training: how
-    a transform of a higher layer trains through itself. A config with `qat` needs it;
-    `slmlab.quant.qat.train_qat` passes it.
-    """
-    # Every process of a torchrun writes under `out` through the first one: it holds the lock.
-    first = os.environ.get("RANK", "0") == "0"
-    with _writing(Path(out)) if first else nullcontext():
-        return _train(
-            config,
-            out,
-            max_steps=max_steps,
-            resume=resume,
-            progress=progress,
-            data=data,
-            parallel=parallel,
-            device=device,
-            prepare=prepare,
-        )
-
-
 @contextlib.contextmanager
 def _writing(out: Path) -> Iterator[None]:
     """Refuse a second run on `out` while one is writing there: an advisory lock on
@@ -203,7 +165,20 @@ def _writing(out: Path) -> Iterator[None]:
             f.truncate()
 
 
-def _train(
+def _one_writer(train_fn):
+    """`train` holding the lock of its `out` folder (every process of a torchrun writes there
+    through the first one, which holds it)."""
+
+    @functools.wraps(train_fn)
+    def locked(config: TrainConfig, out: str | Path, **options) -> TrainResult:
+        with _writing(Path(out)) if os.environ.get("RANK", "0") == "0" else nullcontext():
+            return train_fn(config, out, **options)
+
+    return locked
+
+
+@_one_writer
+def train(
     config: TrainConfig,
     out: str | Path,
     *,
@@ -215,6 +190,17 @@ def _train(
     device: str = "cpu",
     prepare: Callable[[DecoderLM], object] | None = None,
 ) -> TrainResult:
+    """Train the model `config` describes; write checkpoints, metrics and a loss plot to `out`.
+
+    `max_steps` stops early (the schedule still runs to ``config.steps``), and `resume`
+    continues from ``out/last``. Under ``torchrun``, `parallel` chooses how the processes share
+    the work: ``"ddp"`` or ``"fsdp"`` (`slmlab.train.distributed`). `device` is ``"cpu"`` (the
+    default, so that a recipe gives the same numbers on every machine), ``"cuda"`` or
+    ``"auto"``; under torchrun, CUDA means each process's own GPU. `prepare` changes the model
+    in place once it is built (and initialised from ``config.init_from``), before training: how
+    a transform of a higher layer trains through itself. A config with `qat` needs it;
+    `slmlab.quant.qat.train_qat` passes it.
+    """
     out = Path(out)
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")

@@ -21,6 +21,14 @@ from safetensors.torch import save_file
 
 from .gguf_file import GGUFError, read_gguf, read_gguf_metadata, read_gguf_tokenizer
 from .io import usual_mode
+from .layers.lora import (
+    LoraError,
+    adapter_bytes,
+    adapter_files,
+    load_adapter_,
+    lora_config_of,
+    split_lora_state,
+)
 from .layers.quantized import apply_quantization_config, quantization_config
 from .models.config import ConfigError, ModelConfig
 from .models.decoder import DecoderLM
@@ -61,6 +69,8 @@ def save(
     `extra_files` (name → bytes) go into the same directory in the same atomic step: a training
     run keeps its optimizer state beside the weights that way. `state_dict` replaces
     ``model.state_dict()`` where the caller has gathered the weights itself (a sharded model).
+    A model with LoRA layers is written as its base model's weights plus a PEFT adapter
+    (``adapter_config.json``, ``adapter_model.safetensors``), which `load` puts back on.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +85,10 @@ def save(
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = state_dict if state_dict is not None else model.state_dict()
         state = {k: v.detach().contiguous() for k, v in state.items()}
+        lora = lora_config_of(model)
+        if lora is not None:
+            state, adapter = split_lora_state(state)
+            extra_files = {**adapter_bytes(adapter, lora), **(extra_files or {})}
         if model.config.tie_word_embeddings:
             # The same tensors as the embedding's; stored once.
             state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
@@ -298,7 +312,13 @@ def load(
         )
     files = ", ".join(f.name for f in _weight_files(path))
     tensors = load_state_dict(path)
-    return _assemble(config, tensors, quantization, path / files, "config.json", dtype, device)
+    model = _assemble(config, tensors, quantization, path / files, "config.json", dtype, device)
+    try:
+        if adapter_files(path) is not None:  # a LoRA fine-tune: its base, then its adapter
+            load_adapter_(model, path)
+    except LoraError as err:
+        raise CheckpointError(str(err)) from None
+    return model
 
 
 def _assemble(

@@ -171,6 +171,35 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    base = _checkpoint_path(args.base, quiet=args.quiet)
+    options = {
+        k: getattr(args, k)
+        for k in ("data", "examples", "steps", "lr", "batch_size", "seq_len", "rank", "alpha", "seed")
+        if getattr(args, k) is not None
+    }
+    if args.targets:
+        options["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    result = finetune(
+        base,
+        args.out,
+        method=args.method,
+        max_steps=args.max_steps,
+        resume=args.resume,
+        progress=not args.quiet,
+        device=args.device,
+        **options,
+    )
+    print(
+        f"step {result.step}: train loss {result.train_loss:.4f}"
+        + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+        + f"; checkpoint {result.checkpoint} (slmlab chat {result.checkpoint})"
+    )
+    return 0
+
+
 def _zoo(args: argparse.Namespace) -> int:
     from . import zoo
 
@@ -361,6 +390,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="cpu", help="cpu, cuda or auto (default cpu; torchrun: one GPU each)"
     )
     p.set_defaults(func=_train)
+
+    from .finetune import METHODS as FINETUNE_METHODS
+
+    p = verbs.add_parser(
+        "finetune", help="teach a trained model to answer: SFT or LoRA on chat data (chapter 06)"
+    )
+    p.add_argument("base", help="the checkpoint directory or zoo name to start from")
+    p.add_argument("--method", default="sft", choices=FINETUNE_METHODS)
+    p.add_argument(
+        "--data", default=None, help="story-qa (default) or a jsonl of messages / prompt+completion"
+    )
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--examples", type=int, default=None, help="conversations to train on")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=None, help="packed rows per step")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per packed row")
+    p.add_argument("--rank", type=int, default=None, help="LoRA: the update's rank (default 8)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA: its scale (default 2 × rank)")
+    p.add_argument("--targets", default=None, help="LoRA: layer names, e.g. q_proj,v_proj")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this step")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_finetune)
 
     p = verbs.add_parser("eval", help="score a model on tasks, perplexity and efficiency")
     p.add_argument("checkpoint", help="checkpoint directory, or a zoo recipe name")

@@ -8,22 +8,44 @@ attribute walks that reach Python's internals (``lipsum.__globals__``,
 ``namespace`` run until the machine gives out. `Sandbox` adds those bounds: the time a render may
 take (checked at every call, attribute lookup, arithmetic and piece of output), the characters it
 may write, and the size of what ``*``, ``**`` and a filter's numeric arguments may build.
+
+`render_chat` writes a conversation in a model's chat format through such a sandbox, the way
+transformers' ``apply_chat_template`` does; `CHATML` is the format slmlab gives the models it
+fine-tunes to chat (SmolLM2's, without its default system prompt).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["MAX_CHARS", "MAX_SECONDS", "Sandbox", "TemplateLimitError"]
+__all__ = [
+    "CHATML",
+    "MAX_CHARS",
+    "MAX_SECONDS",
+    "ChatTemplateError",
+    "Sandbox",
+    "TemplateLimitError",
+    "render_chat",
+]
 
 MAX_SECONDS = 5.0  # the prompts of a whole benchmark render in less
 MAX_CHARS = 1_000_000  # characters a render may write, or a value it may build
+
+# ChatML: each turn is <|im_start|>role\ncontent<|im_end|>\n; the reply opens with the assistant's.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 class TemplateLimitError(TemplateError):
@@ -117,3 +139,52 @@ class Sandbox(ImmutableSandboxedEnvironment):
         if powers and right > 0 and right * abs(left).bit_length() > 8 * self.max_chars:
             raise TemplateLimitError(f"{left} ** {right} is beyond the bound")  # too many bits
         return self._check(super().call_binop(context, operator, left, right))
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that cannot be rendered (or tries to escape the sandbox)."""
+
+
+def _refuse(message: str) -> None:
+    raise ChatTemplateError(f"the chat template refused the messages: {message}")
+
+
+@functools.lru_cache(maxsize=1)
+def _chat_sandbox() -> Sandbox:
+    """transformers' chat environment: trim_blocks, lstrip_blocks, loop controls,
+    ``raise_exception`` and ``tojson`` (one, so a template compiles once per process)."""
+    env = Sandbox(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=["jinja2.ext.loopcontrols"],
+        filters={
+            "tojson": lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+        },
+    )
+    env.globals["raise_exception"] = _refuse
+    return env
+
+
+def render_chat(
+    template: str,
+    messages: Sequence[dict[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    **special_tokens: str | None,
+) -> str:
+    """`messages` (``{"role": ..., "content": ...}``) written in `template`'s format, with the
+    assistant's turn opened when `add_generation_prompt`. `special_tokens` (``bos_token``,
+    ``eos_token``...) are the variables templates use for them."""
+    try:
+        return _chat_sandbox().render(
+            template,
+            {
+                "messages": list(messages),
+                "add_generation_prompt": add_generation_prompt,
+                **special_tokens,
+            },
+        )
+    except TemplateError as err:  # SecurityError (a sandbox escape) is one of them
+        raise ChatTemplateError(
+            f"cannot render the chat template: {type(err).__name__}: {err}"
+        ) from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ import numpy as np
 __all__ = [
     "STORY_GRAMMAR_VERSION",
     "StoryStats",
+    "cast_of",
     "count_derivations",
     "entropy",
     "sample_stories",
@@ -522,3 +524,22 @@ def stories(n: int, seed: int = 0) -> Iterator[str]:
     """`n` stories (each ends with a newline), deterministic for a `seed`."""
     for text, _ in sample_stories(n, seed):
         yield text
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a story back: its cast, from the opening every story starts with.
+
+_OPENING = re.compile(
+    r"(?:named|called) (?P<hero>\w+)[ .].*? It was an? (?P<weather>\w+) day\. .*? had an? "
+    r"(?P<pet>\w+) and an? (?P<color>\w+) (?P<thing>\w+)\. .*?liked to go to the "
+    r"(?P<place>\w+)\. .*?best friend called (?P<friend>\w+)\."
+)
+
+
+def cast_of(story: str) -> tuple[dict[str, str], int]:
+    """The opening's cast (``hero``, ``weather``, ``pet``, ``color``, ``thing``, ``place``,
+    ``friend``) and the index where the opening ends."""
+    match = _OPENING.search(story)
+    if match is None:
+        raise ValueError(f"not a story of this grammar: {story[:80]!r}")
+    return match.groupdict(), match.end()

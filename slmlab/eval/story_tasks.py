@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from ..data.story_grammar import NAMES, PLACES, STORY_GRAMMAR_VERSION, THINGS, stories
+from ..data.story_grammar import NAMES, PLACES, STORY_GRAMMAR_VERSION, THINGS, cast_of, stories
 from ..env import cache_dir
 from ..io import atomic_write_text
 
@@ -34,28 +34,14 @@ SUITE_SIZE = 200
 SEED = 9_001  # the training corpora use seeds 1 (train) and 2 (validation)
 CHOICES = 4
 
-_OPENING = re.compile(
-    r"(?:named|called) (?P<hero>\w+)[ .].*? had an? (?P<pet>\w+) and an? (?P<color>\w+) "
-    r"(?P<thing>\w+)\. .*?liked to go to the (?P<place>\w+)\. .*?best friend called "
-    r"(?P<friend>\w+)\."
-)
-
-
-def _cast(story: str) -> tuple[dict[str, str], int]:
-    """The opening's cast and where the opening ends."""
-    match = _OPENING.search(story)
-    assert match, f"not a story of this grammar: {story[:80]!r}"
-    return match.groupdict(), match.end()
-
-
 def _who(story: str) -> tuple[str, str, tuple[str, ...], set[str]] | None:
-    cast, _ = _cast(story)
+    cast, _ = cast_of(story)
     cue = f" In the end, {cast['hero']} and"
     return story[: story.rindex(cue) + len(cue)], cast["friend"], NAMES, {cast["hero"]}
 
 
 def _where(story: str) -> tuple[str, str, tuple[str, ...], set[str]] | None:
-    cast, opened = _cast(story)
+    cast, opened = cast_of(story)
     at = story.find(" went to the ", opened)
     if at < 0:
         return None
@@ -63,7 +49,7 @@ def _where(story: str) -> tuple[str, str, tuple[str, ...], set[str]] | None:
 
 
 def _what(story: str) -> tuple[str, str, tuple[str, ...], set[str]] | None:
-    cast, opened = _cast(story)
+    cast, opened = cast_of(story)
     cue = re.compile(rf"(lost the {cast['color']}|look for the|I like your {cast['color']}) ")
     match = cue.search(story, opened)
     if match is None:

@@ -3,72 +3,24 @@
 An instruction-tuned model was trained on conversations written in one exact format (SmolLM2's
 is ChatML: ``<|im_start|>user\\n...<|im_end|>``), and it answers well only when the prompt is
 written the same way. The format ships with the model as a Jinja template
-(``tokenizer_config.json``'s ``chat_template``, or a GGUF file's ``tokenizer.chat_template``).
-`render_chat` renders it as transformers' ``apply_chat_template`` does, in Jinja's immutable
-sandbox with bounds on time and size (`slmlab.templates`): a template is data from a stranger.
+(``tokenizer_config.json``'s ``chat_template``, or a GGUF file's ``tokenizer.chat_template``),
+rendered by `slmlab.templates.render_chat` as transformers' ``apply_chat_template`` does.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..models.decoder import DecoderLM
-from ..templates import Sandbox
+from ..templates import ChatTemplateError, render_chat
 from ..tokenizers import as_hf_tokenizer
 from .generate import generate
 
 __all__ = ["Chat", "ChatTemplateError", "render_chat"]
-
-
-class ChatTemplateError(ValueError):
-    """A chat template that cannot be rendered (or tries to escape the sandbox)."""
-
-
-def _raise(message: str) -> None:
-    raise ChatTemplateError(f"the chat template refused the messages: {message}")
-
-
-def render_chat(
-    template: str,
-    messages: Sequence[dict[str, Any]],
-    *,
-    add_generation_prompt: bool = True,
-    **special_tokens: str | None,
-) -> str:
-    """`messages` (``{"role": ..., "content": ...}``) written in `template`'s format, with the
-    assistant's turn opened when `add_generation_prompt`. `special_tokens` (``bos_token``,
-    ``eos_token``...) are the variables templates use for them. The environment is
-    transformers': trim_blocks, lstrip_blocks, loop controls, ``raise_exception`` and
-    ``tojson``."""
-    from jinja2 import TemplateError
-
-    env = Sandbox(
-        trim_blocks=True,
-        lstrip_blocks=True,
-        extensions=["jinja2.ext.loopcontrols"],
-        filters={
-            "tojson": lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
-        },
-    )
-    env.globals["raise_exception"] = _raise
-    try:
-        return env.render(
-            template,
-            {
-                "messages": list(messages),
-                "add_generation_prompt": add_generation_prompt,
-                **special_tokens,
-            },
-        )
-    except TemplateError as err:  # SecurityError (a sandbox escape) is one of them
-        raise ChatTemplateError(
-            f"cannot render the chat template: {type(err).__name__}: {err}"
-        ) from None
 
 
 @dataclass

@@ -336,13 +336,20 @@ class DecoderLM(nn.Module):
         cache: KVCache | None = None,
         *,
         last_only: bool = False,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for `input_ids` (B, T).
 
         `attention_mask` (B, T) marks real tokens with 1 and padding with 0 (pad on the left for
         generation). With a `cache`, the tokens continue what the cache holds. `last_only`
-        computes logits for the last position alone, which is all decoding needs.
+        computes logits for the last position alone, which is all decoding needs. `segments`
+        (B, T) numbers the examples packed into each row (`slmlab.data.chat.pack_examples`): a
+        token attends only to its own example, whose positions count from its first token.
         """
+        if segments is not None:
+            if attention_mask is not None or cache is not None:
+                raise ValueError("segments are for training rows: no attention_mask, no cache")
+            return self._forward_segments(input_ids, segments, last_only)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if attention_mask is not None:
@@ -386,6 +393,24 @@ class DecoderLM(nn.Module):
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        return linear(self.model.norm(x), self.lm_head)
+
+    def _forward_segments(
+        self, input_ids: torch.Tensor, segments: torch.Tensor, last_only: bool
+    ) -> torch.Tensor:
+        T = input_ids.shape[1]
+        index = torch.arange(T, device=input_ids.device)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        positions = index - torch.where(starts, index, 0).cummax(-1).values
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        mask = (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]
+        cos, sin = self.model.rotary_emb(positions, self.model.norm.weight.dtype)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, None)
         if last_only:
             x = x[:, -1:]
         return linear(self.model.norm(x), self.lm_head)

@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..layers.lora import LoraConfig, LoraError
 from ..models.config import ConfigError, ModelConfig
 
 __all__ = ["TrainConfig"]
 
 PRECISIONS = ("fp32", "bf16", "auto")
 OPTIMIZERS = ("adamw", "muon")
+OBJECTIVES = ("next-token", "sft")
+CHAT_DATA = {"story-qa": "questions about generated stories, answers known (chapter 06)"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,12 @@ class TrainConfig:
     `init_from` is a checkpoint directory (or, through `slmlab.zoo`, a zoo recipe's name) whose
     weights the run starts from: fine-tuning. `qat` holds a `QuantConfig`'s fields: train
     through the rounding the model will be stored with (chapter 08).
+
+    `objective` is ``next-token`` (pre-training: every token is learnt) or ``sft`` (supervised
+    fine-tuning, chapter 06: `data` is conversations, ``story-qa`` or a jsonl file of them,
+    and only the assistant's replies are learnt; `init_from` is required, `data_size` counts
+    examples). `lora` holds a `slmlab.layers.lora.LoraConfig`'s fields: train a low-rank
+    update of the named layers and nothing else.
     """
 
     model: dict[str, Any]
@@ -58,6 +67,8 @@ class TrainConfig:
     precision: str = "fp32"
     init_from: str | None = None
     qat: dict[str, Any] | None = None
+    objective: str = "next-token"
+    lora: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -117,9 +128,39 @@ class TrainConfig:
             )
         if self.qat is not None and not isinstance(self.qat, dict):
             raise ConfigError(f"qat must be a table of QuantConfig fields, got {self.qat!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "sft" and self.init_from is None:
+            raise ConfigError(
+                "objective sft fine-tunes a trained model: set init_from to its checkpoint "
+                "directory or zoo name"
+            )
+        if self.lora is not None:
+            self.lora_config()  # validates the fields
+            if self.optimizer != "adamw":
+                raise ConfigError("lora trains with optimizer adamw (Muon is for whole matrices)")
+            if self.init_from is None:
+                raise ConfigError("lora adapts a trained model: set init_from")
+            if self.qat is not None:
+                raise ConfigError("lora and qat do not combine; choose one")
         if "vocab_size" in self.model:
             raise ConfigError("model.vocab_size comes from the tokenizer: set vocab_size instead")
         self.model_config(self.vocab_size)  # validates the model fields
+
+    def lora_config(self) -> LoraConfig | None:
+        """The `LoraConfig` of the `lora` table, or None."""
+        if self.lora is None:
+            return None
+        if not isinstance(self.lora, dict):
+            raise ConfigError(f"lora must be a table of LoraConfig fields, got {self.lora!r}")
+        try:
+            return LoraConfig(**self.lora)
+        except TypeError:
+            known = sorted(LoraConfig.__dataclass_fields__)
+            unknown = sorted(set(self.lora) - set(known))
+            raise ConfigError(f"lora.{unknown[0]} is not a LoRA field; known: {known}") from None
+        except LoraError as err:
+            raise ConfigError(str(err)) from None
 
     def model_config(self, vocab_size: int, eos_token_id: int | None = None) -> ModelConfig:
         """The model's config; `eos_token_id` is the document separator the tokenizer assigned
@@ -188,11 +229,12 @@ class TrainConfig:
         def lines(table: dict[str, Any]) -> list[str]:
             return [f"{key} = {value(v)}" for key, v in table.items()]
 
-        tables = ("model", "qat")
+        tables = ("model", "qat", "lora")
         top = {k: v for k, v in self.to_dict().items() if k not in tables and v is not None}
         text = [*lines(top), "", "[model]", *lines(self.model)]
-        if self.qat:
-            text += ["", "[qat]", *lines(self.qat)]
+        for table in tables[1:]:
+            if getattr(self, table):
+                text += ["", f"[{table}]", *lines(getattr(self, table))]
         return "\n".join(text) + "\n"
 
     @classmethod

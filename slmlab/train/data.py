@@ -1,27 +1,98 @@
-"""The data of a run: documents, a tokenizer trained on them, and packed token rows."""
+"""The data of a run: documents, a tokenizer trained on them, and packed token rows.
+
+Pre-training trains a tokenizer on its documents and learns every token; supervised
+fine-tuning (``objective = "sft"``) takes the tokenizer of the checkpoint it starts from (with
+the chat template's tokens added where it lacks them), writes each conversation in the chat
+template, and learns the replies alone, from rows of packed examples that never see each other
+(`slmlab.data.chat`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..checkpoint import load_chat_settings, load_tokenizer
 from ..data import NAMED_CORPORA, corpus_texts, pack, shuffled
-from ..tokenizers import END_OF_TEXT, BPETokenizer, train_bpe
-from .config import TrainConfig
+from ..data.chat import PackedRows, chat_tokens, pack_examples, read_chat_jsonl
+from ..data.story_qa import qa_conversations
+from ..templates import CHATML
+from ..tokenizers import END_OF_TEXT, as_hf_tokenizer, train_bpe
+from .config import CHAT_DATA, TrainConfig
 
-__all__ = ["TrainData", "build_data"]
+__all__ = ["Batch", "TrainData", "build_data"]
+
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # what CHATML writes around each turn
+SFT_VALIDATION = 200  # validation conversations of a named chat set
+
+
+@dataclass
+class Batch:
+    """Training rows: `ids` (B, L + 1); for fine-tuning also `targets` (B, L; `IGNORE` where
+    nothing is learnt) and `segments` (B, L; the packed example of each position). Without
+    them every next token is learnt and the row is one sequence."""
+
+    ids: torch.Tensor
+    targets: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, index) -> Batch:
+        return Batch(*(None if t is None else t[index] for t in self._parts()))
+
+    def _parts(self) -> tuple[torch.Tensor | None, ...]:
+        return self.ids, self.targets, self.segments
+
+    def to(self, device) -> Batch:
+        return Batch(*(None if t is None else t.to(device) for t in self._parts()))
+
+    def split(self, size: int) -> list[Batch]:
+        return [self[i : i + size] for i in range(0, len(self), size)]
 
 
 @dataclass
 class TrainData:
-    tokenizer: BPETokenizer
+    tokenizer: Any  # a BPETokenizer trained on the data, or the fine-tuned checkpoint's tokenizers.Tokenizer
     train: torch.Tensor  # (rows, seq_len + 1)
     val: torch.Tensor
     val_docs: list[str]
     val_chars_per_token: float  # to convert a loss per token into bits per character
+    train_targets: torch.Tensor | None = None  # fine-tuning: (rows, seq_len), see `Batch`
+    train_segments: torch.Tensor | None = None
+    val_targets: torch.Tensor | None = None
+    val_segments: torch.Tensor | None = None
+    eos_token_id: int | None = None  # where generation stops; None: the end-of-text token
+    chat_settings: dict[str, Any] = field(default_factory=dict)  # tokenizer_config.json
 
-    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    @property
+    def vocab_size(self) -> int:
+        return as_hf_tokenizer(self.tokenizer).get_vocab_size(with_added_tokens=True)
+
+    def end_token_id(self) -> int:
+        """The token a generation ends at: the end of a reply for a chat model."""
+        if self.eos_token_id is not None:
+            return self.eos_token_id
+        return as_hf_tokenizer(self.tokenizer).token_to_id(END_OF_TEXT)
+
+    def _rows(self, index, split: str) -> Batch:
+        ids, targets, segments = (
+            (self.train, self.train_targets, self.train_segments)
+            if split == "train"
+            else (self.val, self.val_targets, self.val_segments)
+        )
+        return Batch(
+            ids[index],
+            None if targets is None else targets[index],
+            None if segments is None else segments[index],
+        )
+
+    def batch(self, step: int, batch_size: int, seed: int) -> Batch:
         """The rows of optimizer step `step`: a function of the step alone, so resuming is exact."""
         rows = self.train.shape[0]
         start = step * batch_size
@@ -30,7 +101,11 @@ class TrainData:
         index = order[offset : offset + batch_size]
         if len(index) < batch_size:  # the batch runs into the next epoch's order
             index = torch.cat([index, shuffled(rows, seed, epoch + 1)[: batch_size - len(index)]])
-        return self.train[index]
+        return self._rows(index, "train")
+
+    def validation_rows(self, count: int) -> Batch:
+        """The first `count` validation rows."""
+        return self._rows(slice(0, count), "val")
 
 
 def _documents(config: TrainConfig) -> tuple[list[str], list[str]]:
@@ -48,7 +123,10 @@ def _documents(config: TrainConfig) -> tuple[list[str], list[str]]:
 
 
 def build_data(config: TrainConfig) -> TrainData:
-    """Documents → tokenizer (trained on the training split) → packed rows. Deterministic."""
+    """Documents → tokenizer (trained on the training split) → packed rows, or for
+    fine-tuning, conversations → chat template → packed examples. Deterministic."""
+    if config.objective == "sft":
+        return _chat_data(config)
     train_docs, val_docs = _documents(config)
     tokenizer = train_bpe(
         train_docs,
@@ -69,4 +147,79 @@ def build_data(config: TrainConfig) -> TrainData:
         val,
         val_docs,
         sum(map(len, val_docs)) / tokens,
+    )
+
+
+def _conversations(
+    config: TrainConfig, fits: Callable[[list[dict[str, str]]], bool]
+) -> tuple[list, list, str]:
+    """Training and validation conversations, and what to call one in an error. A named set
+    leaves out the stories too long for a row (`fits`); the reader's data must fit."""
+    if config.data in CHAT_DATA:  # story-qa
+        return (
+            qa_conversations(config.data_size, "train", keep=fits),
+            qa_conversations(SFT_VALIDATION, "validation", keep=fits),
+            "story-qa conversation",
+        )
+    conversations = read_chat_jsonl(config.data)[: config.data_size]
+    cut = max(1, len(conversations) // 20)
+    return conversations[cut:] or conversations, conversations[:cut], f"{config.data} example"
+
+
+def chat_tokenizer(source: str | Path) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer and chat settings that fine-tuning checkpoint `source` to chat uses: its
+    own where it has a chat template; otherwise its tokenizer with ChatML's two tokens added
+    and ChatML's template."""
+    tokenizer = load_tokenizer(source)
+    settings = {k: v for k, v in load_chat_settings(source).items() if v is not None}
+    if settings.get("chat_template"):
+        return tokenizer, settings
+    tokenizer.add_special_tokens(list(CHAT_TOKENS))
+    return tokenizer, {"chat_template": CHATML, "eos_token": CHAT_TOKENS[1]}
+
+
+def _chat_data(config: TrainConfig) -> TrainData:
+    assert config.init_from is not None  # TrainConfig requires it for sft
+    tokenizer, settings = chat_tokenizer(config.init_from)
+    template = settings["chat_template"]
+    special = {k: v for k, v in settings.items() if k.endswith("_token")}
+    end = tokenizer.token_to_id(settings.get("eos_token", ""))
+    if end is None:
+        raise ValueError(
+            f"{config.init_from}: its chat settings name eos_token "
+            f"{settings.get('eos_token')!r}, which its tokenizer does not have"
+        )
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    def fits(chat: list[dict[str, str]]) -> bool:
+        return len(chat_tokens(chat, encode, template, **special)[0]) <= config.seq_len + 1
+
+    train_chats, val_chats, name = _conversations(config, fits)
+    packed: list[PackedRows] = []
+    learnt_chars = learnt_tokens = 0
+    for chats in (train_chats, val_chats):
+        examples = [
+            chat_tokens(chat, encode, template, where=f"{name} {i}", **special)
+            for i, chat in enumerate(chats)
+        ]
+        packed.append(pack_examples(examples, config.seq_len, end, where=name))
+    for ids, learnt in examples:  # the validation examples: characters per learnt token
+        reply = [i for i, keep in zip(ids, learnt, strict=True) if keep]
+        learnt_tokens += len(reply)
+        learnt_chars += len(tokenizer.decode(reply, skip_special_tokens=True)) + 1
+    train, val = packed
+    return TrainData(
+        tokenizer,
+        train.ids,
+        val.ids,
+        [f"{chat[-1]['content']}" for chat in val_chats],
+        learnt_chars / learnt_tokens,
+        train_targets=train.targets,
+        train_segments=train.segments,
+        val_targets=val.targets,
+        val_segments=val.segments,
+        eos_token_id=end,
+        chat_settings={"tokenizer_class": "PreTrainedTokenizerFast", **settings},
     )

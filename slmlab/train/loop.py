@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data.chat import IGNORE
 from ..env import bf16_is_fast
+from ..layers.lora import apply_lora_
 from ..models.decoder import DecoderLM
-from ..tokenizers import END_OF_TEXT
 from .config import TrainConfig
-from .data import TrainData, build_data
+from .data import Batch, TrainData, build_data
 from .distributed import PARALLEL, join, mean_over_processes, share
 from .optim import build_optimizer, lr_at
 from .state import LAST, initialise_from, resume_optimizer, resume_weights, save_run
@@ -52,19 +53,35 @@ class TrainResult:
 
 
 def next_token_loss(
-    model: torch.nn.Module, rows: torch.Tensor, autocast=nullcontext
+    model: torch.nn.Module, rows: torch.Tensor | Batch, autocast=nullcontext
 ) -> torch.Tensor:
-    """The pre-training objective: the mean cross-entropy (nats) of each token of `rows` given
-    the tokens before it."""
+    """The training objective: the mean cross-entropy (nats) of each learnt token of `rows`
+    given the tokens before it. A tensor of rows learns every token (pre-training); a `Batch`
+    with targets learns those alone, each example seeing only itself (fine-tuning)."""
+    if isinstance(rows, Batch) and rows.targets is not None:
+        total, count = _learnt_loss(model, rows, autocast)
+        return total / count
+    ids = rows.ids if isinstance(rows, Batch) else rows
     with autocast():
-        logits = model(rows[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
+        logits = model(ids[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+
+
+def _learnt_loss(model: torch.nn.Module, rows: Batch, autocast) -> tuple[torch.Tensor, int]:
+    """The summed cross-entropy of the learnt targets of `rows`, and how many there are."""
+    assert rows.targets is not None
+    with autocast():
+        logits = model(rows.ids[:, :-1], segments=rows.segments)
+    total = F.cross_entropy(
+        logits.float().flatten(0, 1), rows.targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    return total, int((rows.targets != IGNORE).sum())
 
 
 def train_step(
     runner: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    rows: torch.Tensor,
+    rows: torch.Tensor | Batch,
     config: TrainConfig,
     *,
     world: int = 1,
@@ -73,22 +90,31 @@ def train_step(
     """One optimizer step on this process's `rows`: the gradient accumulated over
     `config.grad_accum` micro-batches (averaged over the processes after the last one), clipped
     to `config.grad_clip`, applied. Returns the mean loss and the gradient's norm before
-    clipping."""
+    clipping. With learnt targets (fine-tuning) the mean is over this process's learnt tokens,
+    however the micro-batches divide them."""
+    batch = rows if isinstance(rows, Batch) else Batch(rows)
     ddp = isinstance(runner, torch.nn.parallel.DistributedDataParallel)
     fsdp = hasattr(runner, "set_requires_gradient_sync")
-    loss_sum = torch.zeros((), device=rows.device)
-    for i, chunk in enumerate(rows.split(rows.shape[0] // config.grad_accum)):
+    learnt = None if batch.targets is None else int((batch.targets != IGNORE).sum())
+    if learnt == 0:
+        raise ValueError("a batch with no learnt token: every example's reply is missing")
+    loss_sum = torch.zeros((), device=batch.ids.device)
+    for i, chunk in enumerate(batch.split(len(batch) // config.grad_accum)):
         last = i == config.grad_accum - 1  # average gradients across processes only then
         if fsdp:
             runner.set_requires_gradient_sync(last)
         with runner.no_sync() if ddp and not last else nullcontext():
-            loss = next_token_loss(runner, chunk, autocast) / config.grad_accum
+            if learnt is None:
+                loss = next_token_loss(runner, chunk.ids, autocast) / config.grad_accum
+            else:
+                loss = _learnt_loss(runner, chunk, autocast)[0] / learnt
             loss.backward()
         loss_sum += loss.detach()
     loss_value = mean_over_processes(loss_sum, world).item()
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"training loss is {loss_value}")
-    grad_norm = torch.nn.utils.clip_grad_norm_(runner.parameters(), config.grad_clip)
+    trainable = [p for p in runner.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced over shards
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
@@ -101,11 +127,15 @@ def validation_loss(model: DecoderLM, data: TrainData, config: TrainConfig) -> f
     """Mean loss (nats per token) over the first `eval_batches` batches of validation rows."""
     model.eval()
     device = next(model.parameters()).device
-    rows = data.val[: config.eval_batches * config.batch_size].to(device)
+    rows = data.validation_rows(config.eval_batches * config.batch_size).to(device)
     total, count = 0.0, 0
     for chunk in rows.split(config.batch_size):
-        total += next_token_loss(model, chunk).item() * chunk[:, 1:].numel()
-        count += chunk[:, 1:].numel()
+        if chunk.targets is None:
+            total += next_token_loss(model, chunk.ids).item() * chunk.ids[:, 1:].numel()
+            count += chunk.ids[:, 1:].numel()
+        else:
+            chunk_total, chunk_count = _learnt_loss(model, chunk, nullcontext)
+            total, count = total + chunk_total.item(), count + chunk_count
     model.train()
     return total / count
 
@@ -215,12 +245,13 @@ def train(
     stop = min(config.steps, max_steps if max_steps is not None else config.steps)
     data = data or build_data(config)
     torch.manual_seed(config.seed)
-    model_config = config.model_config(
-        data.tokenizer.vocab_size, data.tokenizer.token_id(END_OF_TEXT)
-    )
+    model_config = config.model_config(data.vocab_size, data.end_token_id())
     model = DecoderLM(model_config).to(device)
     if config.init_from is not None:  # fine-tuning (QAT, say): start from a trained model
-        initialise_from(model, config.init_from, data.tokenizer)
+        initialise_from(model, config.init_from, data.tokenizer, seed=config.seed)
+    lora = config.lora_config()
+    if lora is not None:  # only the low-rank updates train (after the base's weights are in)
+        apply_lora_(model, lora)
     if prepare is not None:
         prepare(model)
     elif config.qat is not None:
@@ -228,7 +259,8 @@ def train(
             "this config trains through rounding (qat): run it with slmlab.quant.qat.train_qat, "
             "`slmlab train` or the zoo, which prepare the model's layers for it"
         )
-    start = resume_weights(model, out, config.to_dict()) if resume else 0
+    defaults = TrainConfig(model=config.model).to_dict()
+    start = resume_weights(model, out, config.to_dict(), defaults) if resume else 0
     if start > stop:
         raise ValueError(
             f"{out / LAST / 'trainer.json'}: the checkpoint is at step {start}, past the "
@@ -258,7 +290,9 @@ def train(
                 "world_size": world,
                 "parallel": parallel if world > 1 else None,
             }
-            save_run(model, optimizer, out, data.tokenizer, trainer, rank=rank)
+            save_run(
+                model, optimizer, out, data.tokenizer, trainer, rank=rank, chat=data.chat_settings
+            )
 
     from tqdm.auto import tqdm
 

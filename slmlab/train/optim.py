@@ -25,8 +25,9 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 def build_optimizer(model: DecoderLM, config: TrainConfig) -> torch.optim.Optimizer:
     """`config.optimizer` over `model`'s parameters: matrices (and the embedding) decay, norms
-    and biases never do (nanoGPT's and Llama's choice)."""
-    params = dict(model.named_parameters())
+    and biases never do (nanoGPT's and Llama's choice). Frozen parameters (LoRA's base) are
+    left out."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     decay = [p for n, p in params.items() if p.dim() >= 2]
     no_decay = [p for n, p in params.items() if p.dim() < 2]
     if config.optimizer == "muon":

@@ -24,8 +24,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..checkpoint import load_state_dict, load_tokenizer
 from ..checkpoint import save as save_checkpoint
+from ..layers.lora import join_lora_state, lora_modules, read_adapter
 from ..models.decoder import DecoderLM
-from ..tokenizers import BPETokenizer
+from ..tokenizers import as_hf_tokenizer
 
 __all__ = [
     "LAST",
@@ -69,30 +70,74 @@ def restore_optimizer(
 
 
 def load_weights(model: DecoderLM, path: Path) -> None:
-    """The weights of checkpoint `path` into `model` (which stores a tied head once)."""
+    """The weights of checkpoint `path` into `model` (which stores a tied head once); a model
+    with LoRA layers takes the base weights and the checkpoint's adapter."""
     weights = load_state_dict(path)
+    if lora_modules(model):
+        _, adapter = read_adapter(path)
+        weights = join_lora_state(model, weights, adapter, str(path))
     if model.config.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     model.load_state_dict(weights)
 
 
-def initialise_from(model: DecoderLM, source: str, tokenizer: BPETokenizer) -> None:
+def _added_tokens(source: dict[str, int], tokenizer: dict[str, int]) -> list[int] | None:
+    """The ids `tokenizer` adds after `source`'s vocabulary (the chat tokens fine-tuning adds),
+    or None where it is not `source`'s vocabulary plus tokens at the end."""
+    if any(tokenizer.get(token) != i for token, i in source.items()):
+        return None
+    added = sorted(i for token, i in tokenizer.items() if token not in source)
+    return added if added == list(range(len(source), len(tokenizer))) else None
+
+
+@torch.no_grad()
+def _init_added_rows(embedding: torch.Tensor, start: int, seed: int) -> None:
+    """Rows ``start:`` of an embedding table (new tokens) drawn around the old rows' mean with
+    their per-dimension spread: typical tokens, so they take no probability from the others at
+    first (Hewitt, 2021), and distinct, so a frozen table still tells them apart (LoRA)."""
+    old = embedding[:start]
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(embedding.shape[0] - start, embedding.shape[1], generator=generator)
+    embedding[start:] = old.mean(0) + noise.to(old.dtype) * old.std(0)
+
+
+def initialise_from(model: DecoderLM, source: str, tokenizer, *, seed: int = 0) -> None:
     """Load into `model` the weights of checkpoint directory `source` (``slmlab.zoo`` turns a
-    recipe's name into its directory before training starts)."""
+    recipe's name into its directory before training starts). `tokenizer` must be the
+    checkpoint's, or the checkpoint's with special tokens added at the end (the chat tokens):
+    their embedding rows are new (`_init_added_rows`, seeded by `seed`)."""
     path = Path(source)
     if not path.is_dir():
         raise FileNotFoundError(
             f"init_from {source!r} is not a checkpoint directory (a zoo recipe's name is "
             "resolved by slmlab.zoo.ensure or `slmlab train`)"
         )
-    if load_tokenizer(path).get_vocab() != tokenizer.to_hf().get_vocab():
+    theirs = load_tokenizer(path).get_vocab(with_added_tokens=True)
+    ours = as_hf_tokenizer(tokenizer).get_vocab(with_added_tokens=True)
+    added = _added_tokens(theirs, ours)
+    if added is None:
         raise ValueError(
             f"{path}: its tokenizer is not the one this config's data builds, so the token ids "
             "would mean other things; fine-tune with the data and vocab_size of the run that "
             "made it"
         )
+    weights = load_state_dict(path)
+    if added:
+        table = weights["model.embed_tokens.weight"]
+        grown = torch.empty(len(ours), table.shape[1], dtype=table.dtype)
+        grown[: len(theirs)] = table
+        _init_added_rows(grown, len(theirs), seed)
+        weights["model.embed_tokens.weight"] = grown
+        if "lm_head.weight" in weights and not model.config.tie_word_embeddings:
+            head = weights["lm_head.weight"]
+            grown_head = torch.empty(len(ours), head.shape[1], dtype=head.dtype)
+            grown_head[: len(theirs)] = head
+            _init_added_rows(grown_head, len(theirs), seed + 1)
+            weights["lm_head.weight"] = grown_head
+    if model.config.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     try:
-        load_weights(model, path)
+        model.load_state_dict(weights)
     except RuntimeError as err:
         raise ValueError(f"{path}: its weights do not fit this config's model: {err}") from None
 
@@ -128,15 +173,19 @@ def recover_last(out: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def resume_weights(model: DecoderLM, out: Path, config_dict: dict) -> int:
+def resume_weights(
+    model: DecoderLM, out: Path, config_dict: dict, defaults: dict | None = None
+) -> int:
     """Load the weights of ``out/last`` into `model` (before it is sharded); the step they
-    were written at. The checkpoint must come from the same config."""
+    were written at. The checkpoint must come from the same config; a field it lacks counts
+    as its value in `defaults` (a field added since it was written)."""
     recover_last(out)
     state_file = out / LAST / "trainer.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{state_file}: nothing to resume (train without --resume first)")
     state = json.loads(state_file.read_text())
-    if state["config"] != json.loads(json.dumps(config_dict)):
+    written = {**json.loads(json.dumps(defaults or {})), **state["config"]}
+    if written != json.loads(json.dumps(config_dict)):
         raise ValueError(
             f"{state_file}: was written by a different recipe; resume needs the same config"
         )
@@ -153,25 +202,24 @@ def save_run(
     model: DecoderLM,
     optimizer: torch.optim.Optimizer,
     out: Path,
-    tokenizer: BPETokenizer,
+    tokenizer,
     trainer: dict,
     *,
     rank: int,
+    chat: dict | None = None,
 ) -> None:
     """Write ``out/last`` atomically: weights, optimizer state and `trainer` (the step, the
-    config). Under FSDP gathering the shards is a collective, so every process calls this and
-    the first one writes."""
+    config), and `chat` (the chat template and its tokens) as ``tokenizer_config.json`` where
+    the run teaches a chat format. Under FSDP gathering the shards is a collective, so every
+    process calls this and the first one writes."""
     weights = get_model_state_dict(model, options=_WHOLE)
     optimizer_state = optimizer_tensors(model, optimizer)
     if rank != 0:
         return
-    save_checkpoint(
-        model,
-        out / LAST,
-        tokenizer=tokenizer,
-        state_dict=weights,
-        extra_files={
-            "optimizer.safetensors": save(optimizer_state),
-            "trainer.json": json.dumps(trainer, indent=2).encode(),
-        },
-    )
+    extra = {
+        "optimizer.safetensors": save(optimizer_state),
+        "trainer.json": json.dumps(trainer, indent=2).encode(),
+    }
+    if chat:
+        extra["tokenizer_config.json"] = (json.dumps(chat, indent=2) + "\n").encode()
+    save_checkpoint(model, out / LAST, tokenizer=tokenizer, state_dict=weights, extra_files=extra)

@@ -121,6 +121,26 @@ _STORIES_8M = TrainConfig(
     seed=0,
 )
 
+# stories-8m taught to answer questions about a story (chapter 06): every weight trains on the
+# replies of story-qa conversations (four questions a story), in the same loop.
+_STORIES_8M_SFT = TrainConfig(
+    model=_STORIES_8M.model,
+    objective="sft",
+    data="story-qa",
+    data_size=4000,
+    vocab_size=_STORIES_8M.vocab_size,
+    seq_len=256,
+    batch_size=16,
+    steps=300,
+    lr=1e-3,
+    min_lr=1e-4,
+    warmup_steps=15,
+    weight_decay=0.0,
+    eval_every=60,
+    init_from="stories-8m",
+    seed=0,
+)
+
 RECIPES: dict[str, Recipe] = {
     # The book's first model (chapters 05, 08, 11): ~1M parameters. Rows of 256 tokens hold a
     # whole story, so it can learn to copy names from the opening (chapter 05's plateau).
@@ -174,6 +194,14 @@ RECIPES: dict[str, Recipe] = {
     # text in the same steps, and what that costs the story suites.
     "stories-8m-superwords": Recipe(
         _STORIES_8M.replace(superwords=True, data_size=60_000), quick_steps=40, minutes=21
+    ),
+    "stories-8m-sft": Recipe(_STORIES_8M_SFT, quick_steps=20, minutes=7),
+    # The same data and steps through a rank-16 LoRA update of every block's linear layers:
+    # 4% of the weights train, at a higher learning rate (the usual for LoRA).
+    "stories-8m-lora": Recipe(
+        _STORIES_8M_SFT.replace(lr=2e-3, min_lr=2e-4, lora={"r": 16, "alpha": 32}),
+        quick_steps=20,
+        minutes=6,
     ),
 }
 

@@ -1,0 +1,215 @@
+"""Conversations as training data: token ids, which of them are learnt, and packed rows.
+
+Supervised fine-tuning teaches a model to write the assistant's turns, not the user's: the loss
+counts only the tokens of the assistant's replies (and the token that ends each reply, so the
+model learns to stop). `chat_tokens` writes a conversation in the model's chat template and marks
+those tokens; each piece is tokenized on its own, so a reply's tokens are the ones the model
+produces after the prompt at generation time.
+
+`pack_examples` puts several examples in one training row, as pre-training packs documents, but
+gives every token the number of its example (its segment): the model then attends only within a
+segment and counts positions from each segment's start, so a packed row computes exactly what
+the examples would compute one by one, without the padding.
+
+`read_chat_jsonl` reads the reader's own data in the two usual shapes:
+``{"messages": [{"role": ..., "content": ...}, ...]}`` or ``{"prompt": ..., "completion": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..templates import render_chat
+
+__all__ = [
+    "IGNORE",
+    "ChatDataError",
+    "PackedRows",
+    "chat_tokens",
+    "pack_examples",
+    "read_chat_jsonl",
+]
+
+IGNORE = -100  # a target that the loss skips (PyTorch's and transformers' convention)
+ROLES = ("system", "user", "assistant")
+
+
+class ChatDataError(ValueError):
+    """Chat data that cannot be trained on; the message names the file, the record and the field."""
+
+
+def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise ChatDataError(f"{where}: messages must be a non-empty list of turns")
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict) or set(turn) < {"role", "content"}:
+            raise ChatDataError(f"{where}: messages[{i}] must have a role and a content")
+        if turn["role"] not in ROLES:
+            raise ChatDataError(
+                f"{where}: messages[{i}].role is {turn['role']!r}; use one of {list(ROLES)}"
+            )
+        if not isinstance(turn["content"], str):
+            raise ChatDataError(f"{where}: messages[{i}].content must be text")
+        if turn["role"] == "assistant" and not turn["content"].strip():
+            raise ChatDataError(f"{where}: messages[{i}] is an empty reply: nothing to learn")
+    if not any(turn["role"] == "assistant" for turn in messages):
+        raise ChatDataError(f"{where}: no assistant turn: nothing to learn")
+    return messages
+
+
+def chat_tokens(
+    messages: Sequence[dict[str, str]],
+    encode: Callable[[str], list[int]],
+    template: str,
+    *,
+    where: str = "conversation",
+    **special_tokens: str | None,
+) -> tuple[list[int], list[bool]]:
+    """The ids of `messages` written in `template` (`encode` turns text into ids, without
+    adding special tokens), and for each id whether it is learnt: the assistant's replies,
+    each with the end of its turn. `where` names the example in errors."""
+    messages = _check_messages(list(messages), where)
+    ids: list[int] = []
+    learnt: list[bool] = []
+    written = ""
+
+    def add(text: str, learn: bool) -> None:
+        nonlocal written
+        piece = encode(text) if text else []
+        ids.extend(piece)
+        learnt.extend([learn] * len(piece))
+        written += text
+
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        prompt = render_chat(template, messages[:i], add_generation_prompt=True, **special_tokens)
+        full = render_chat(
+            template, messages[: i + 1], add_generation_prompt=False, **special_tokens
+        )
+        if not (prompt.startswith(written) and full.startswith(prompt)):
+            raise ChatDataError(
+                f"{where}: the chat template does not write each turn after the ones before it "
+                "(it rewrites earlier turns), so replies cannot be marked for the loss"
+            )
+        add(prompt[len(written) :], False)
+        reply = full[len(prompt) :]
+        end = len(reply.rstrip())  # the reply and its end-of-turn token; not the newline after
+        add(reply[:end], True)
+        add(reply[end:], False)
+    rest = render_chat(template, messages, add_generation_prompt=False, **special_tokens)
+    add(rest[len(written) :], False)
+    return ids, learnt
+
+
+def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
+    """The conversations of a jsonl file, one a line: ``{"messages": [...]}``, or
+    ``{"prompt": ..., "completion": ...}`` (one user turn and one reply)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ChatDataError(f"{path}: cannot read chat data ({err})") from None
+    conversations = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ChatDataError(f"{where}: not a JSON object ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ChatDataError(f"{where}: each line must be a JSON object")
+        if "messages" in record:
+            conversations.append(_check_messages(record["messages"], where))
+        elif {"prompt", "completion"} <= set(record):
+            prompt, completion = record["prompt"], record["completion"]
+            if not isinstance(prompt, str) or not isinstance(completion, str):
+                raise ChatDataError(f"{where}: prompt and completion must be text")
+            conversations.append(
+                _check_messages(
+                    [
+                        {"role": "user", "content": prompt},
+                        {"role": "assistant", "content": completion},
+                    ],
+                    where,
+                )
+            )
+        else:
+            raise ChatDataError(
+                f"{where}: a record needs messages, or prompt and completion; it has "
+                f"{sorted(record)}"
+            )
+    if not conversations:
+        raise ChatDataError(f"{path}: holds no conversations")
+    return conversations
+
+
+@dataclass
+class PackedRows:
+    """Training rows of packed examples: `ids` (rows, L + 1) hold the tokens; a model reads
+    ``ids[:, :-1]`` with `segments` (rows, L), each position's example number (padding has
+    its own), and is trained on `targets` (rows, L): the next token where it is learnt and
+    belongs to the same example, `IGNORE` everywhere else."""
+
+    ids: torch.Tensor
+    targets: torch.Tensor
+    segments: torch.Tensor
+
+
+def pack_examples(
+    examples: Iterable[tuple[list[int], list[bool]]],
+    seq_len: int,
+    pad_id: int,
+    *,
+    where: str = "example",
+) -> PackedRows:
+    """Examples (ids and learnt marks, as `chat_tokens` gives them) placed whole into rows of
+    ``seq_len + 1`` tokens in order, a new row when the next one does not fit, the rest of a
+    row padded with `pad_id`. An example longer than a row is an error (cutting it would train
+    on a reply without its end, or without its question)."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    width = seq_len + 1
+    rows: list[tuple[list[int], list[bool], list[int]]] = []
+    ids: list[int] = []
+    learnt: list[bool] = []
+    segment: list[int] = []
+    for number, (example_ids, example_learnt) in enumerate(examples):
+        if len(example_ids) > width:
+            raise ChatDataError(
+                f"{where} {number}: {len(example_ids)} tokens do not fit a sequence of "
+                f"{width} (seq_len + 1); shorten it or raise seq_len"
+            )
+        if not any(example_learnt):
+            raise ChatDataError(f"{where} {number}: no token to learn (an empty reply?)")
+        if len(ids) + len(example_ids) > width:
+            rows.append((ids, learnt, segment))
+            ids, learnt, segment = [], [], []
+        ids += example_ids
+        learnt += example_learnt
+        segment += [number] * len(example_ids)
+    if ids:
+        rows.append((ids, learnt, segment))
+    if not rows:
+        raise ChatDataError(f"no {where}s to pack")
+    all_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    all_learnt = torch.zeros((len(rows), width), dtype=torch.bool)
+    all_segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, (row_ids, row_learnt, row_segment) in enumerate(rows):
+        n = len(row_ids)
+        all_ids[r, :n] = torch.tensor(row_ids)
+        all_learnt[r, :n] = torch.tensor(row_learnt)
+        all_segments[r, :n] = torch.tensor(row_segment)
+    # A target counts where the next token is learnt and of the same example as this position.
+    same = all_segments[:, 1:] == all_segments[:, :-1]
+    keep = same & all_learnt[:, 1:] & (all_segments[:, 1:] >= 0)
+    targets = torch.where(keep, all_ids[:, 1:], torch.full_like(all_ids[:, 1:], IGNORE))
+    return PackedRows(all_ids, targets, all_segments[:, :-1])

@@ -1,0 +1,61 @@
+"""Story questions put to a chat model: exact match and hallucination rate (chapter 06).
+
+The model is asked each `slmlab.data.story_qa` question in its own chat template and answers by
+greedy decoding; `slmlab.data.story_qa.score_answers` compares the replies with the answers the
+grammar knows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..data.story_qa import QAExample, score_answers
+from ..infer.generate import generate
+from ..models.decoder import DecoderLM
+from ..templates import ChatTemplateError, render_chat
+from ..tokenizers import as_hf_tokenizer
+
+__all__ = ["answer_questions", "story_qa_scores"]
+
+
+def answer_questions(
+    model: DecoderLM,
+    tokenizer: Any,
+    settings: dict[str, Any],
+    examples: Sequence[QAExample],
+    *,
+    max_new_tokens: int = 8,
+    batch_size: int = 32,
+) -> list[str]:
+    """The model's greedy reply to each example's question, written in the chat template of
+    `settings` (`slmlab.checkpoint.load_chat_settings`), up to the end of its turn."""
+    if not settings.get("chat_template"):
+        raise ChatTemplateError("this model has no chat template: fine-tune it to chat first")
+    tokenizer = as_hf_tokenizer(tokenizer)
+    special = {k: v for k, v in settings.items() if k.endswith("_token")}
+    prompts = [
+        tokenizer.encode(
+            render_chat(settings["chat_template"], e.messages(with_answer=False), **special),
+            add_special_tokens=False,
+        ).ids
+        for e in examples
+    ]
+    end = tokenizer.token_to_id(settings.get("eos_token") or "")
+    stops = [end] if end is not None else None
+    replies: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        out = generate(model, chunk, max_new_tokens, stop_tokens=stops)
+        replies += [
+            tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True)
+            for prompt, ids in zip(chunk, out, strict=True)
+        ]
+    return replies
+
+
+def story_qa_scores(
+    model: DecoderLM, tokenizer: Any, settings: dict[str, Any], examples: Sequence[QAExample]
+) -> dict[str, float]:
+    """Exact match, hallucination rate and each question kind's exact match on `examples`."""
+    return score_answers(examples, answer_questions(model, tokenizer, settings, examples))

@@ -1,0 +1,450 @@
+"""Fine-tuning (chapter 06): story questions, chat data with answer-only loss, packing that
+keeps examples apart, LoRA against PEFT, and SFT/LoRA runs through the training loop."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slmlab import checkpoint
+from slmlab.data.chat import (
+    IGNORE,
+    ChatDataError,
+    chat_tokens,
+    pack_examples,
+    read_chat_jsonl,
+)
+from slmlab.data.story_qa import (
+    QUESTION_KINDS,
+    hallucinated,
+    qa_examples,
+    score_answers,
+)
+from slmlab.layers.lora import (
+    LoraConfig,
+    LoraError,
+    apply_lora_,
+    load_adapter_,
+    lora_modules,
+    merge_lora_,
+)
+from slmlab.models import ConfigError, DecoderLM, ModelConfig
+from slmlab.templates import CHATML
+from slmlab.train import TrainConfig, build_data, train
+
+TINY_MODEL = dict(
+    hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2,
+)  # fmt: skip
+
+
+def _decoder(vocab: int = 96, positions: int = 64, **overrides) -> DecoderLM:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=vocab, max_position_embeddings=positions, **{**TINY_MODEL, **overrides}
+    )
+    return DecoderLM(config).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Story questions
+
+
+def test_every_answer_states_what_the_story_says() -> None:
+    examples = qa_examples(400, "test")
+    assert {e.kind for e in examples} == set(QUESTION_KINDS)
+    for e in examples:
+        facts = set(re.findall(r"\w+", e.answer)) - {"It", "is", "a", "the", "The", "was", "day"}
+        assert not hallucinated(e.answer, e.story), e
+        assert facts, e
+        if e.kind == "lost":  # the event, read off the story's middle
+            assert e.answer.startswith("Yes") == (" lost the " in e.story)
+    assert qa_examples(50, "test") == examples[:50]  # the same arguments, the same examples
+
+
+def test_splits_share_no_story() -> None:
+    stories = {s: {e.story for e in qa_examples(300, s)} for s in ("train", "validation", "test")}
+    assert not stories["train"] & stories["test"] and not stories["train"] & stories["validation"]
+
+
+def test_scores_count_right_answers_and_made_up_ones() -> None:
+    examples = [e for e in qa_examples(200, "test") if e.kind == "friend"][:3]
+    friend = re.search(r"is (\w+)\.", examples[0].answer).group(1)  # type: ignore[union-attr]
+    hero = re.search(r"Who is (\w+)'s", examples[2].question).group(1)  # type: ignore[union-attr]
+    stranger = next(n for n in ("Mia", "Tom", "Zoe", "Leo") if n not in examples[1].story)
+    replies = [
+        f" the best friend is {friend}\nmore",  # right: first line, case and stop ignored
+        f"The best friend is {stranger}.",  # made up: a name this story never says
+        f"The best friend is {hero}.",  # wrong, but said in the story: a confusion
+    ]
+    scores = score_answers(examples, replies)
+    assert scores["exact_match"] == pytest.approx(1 / 3)
+    assert scores["hallucination"] == pytest.approx(1 / 3)
+    assert scores["exact_match/friend"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="2 replies for 3 examples"):
+        score_answers(examples, replies[:2])
+
+
+# --------------------------------------------------------------------------------------------
+# Chat data: which tokens are learnt
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(story_tokenizer):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(story_tokenizer.to_str())
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    return tokenizer
+
+
+def _encode(tokenizer):
+    return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def test_only_the_replies_and_their_end_are_learnt(chat_tokenizer) -> None:
+    chat = [
+        {"role": "system", "content": "Answer from the story."},
+        {"role": "user", "content": "Tom had a dog."},
+        {"role": "assistant", "content": "It is a dog."},
+        {"role": "user", "content": "And the cat?"},
+        {"role": "assistant", "content": "There is no cat."},
+    ]
+    ids, learnt = chat_tokens(chat, _encode(chat_tokenizer), CHATML)
+    text = chat_tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.replace(" ", "") == (
+        "<|im_start|>system\nAnswerfromthestory.<|im_end|>\n<|im_start|>user\nTomhadadog."
+        "<|im_end|>\n<|im_start|>assistant\nItisadog.<|im_end|>\n<|im_start|>user\nAndthecat?"
+        "<|im_end|>\n<|im_start|>assistant\nThereisnocat.<|im_end|>\n"
+    )
+    kept = [i if keep else None for i, keep in zip(ids, learnt, strict=True)]
+    spans = [
+        chat_tokenizer.decode([i for i in span if i is not None], skip_special_tokens=False)
+        for span in _runs(kept)
+    ]
+    assert [s.replace(" ", "") for s in spans] == ["Itisadog.<|im_end|>", "Thereisnocat.<|im_end|>"]
+
+
+def _runs(kept: list[int | None]) -> list[list[int]]:
+    runs, current = [], []
+    for i in kept:
+        if i is None and current:
+            runs.append(current)
+            current = []
+        elif i is not None:
+            current.append(i)
+    return runs + ([current] if current else [])
+
+
+def test_the_learnt_mask_is_transformers_assistant_mask(chat_tokenizer) -> None:
+    """transformers marks the tokens a ``{% generation %}`` block writes; ChatML with that
+    block around each reply and its end must give slmlab's mask."""
+    from transformers import PreTrainedTokenizerFast
+
+    marked = (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + "
+        "'<|im_end|>' }}{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}"
+        "{% endif %}{{ '\\n' }}{% endfor %}"
+    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=chat_tokenizer)
+    for e in qa_examples(5, "train"):
+        chat = [*e.messages(), {"role": "user", "content": "Again?"}, e.messages()[1]]
+        ids, learnt = chat_tokens(chat, _encode(chat_tokenizer), CHATML)
+        ref = hf.apply_chat_template(
+            chat, chat_template=marked, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True,
+        )  # fmt: skip
+        assert ref["input_ids"] == ids
+        assert ref["assistant_masks"] == [int(x) for x in learnt]
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer) -> None:
+    rewrites = "{% for m in messages | reverse %}{{ m['content'] }}\n{% endfor %}"
+    chat = qa_examples(1, "train")[0].messages()
+    chat = [*chat, {"role": "user", "content": "Sure?"}, chat[1]]
+    with pytest.raises(ChatDataError, match="rewrites earlier turns"):
+        chat_tokens(chat, _encode(chat_tokenizer), rewrites)
+
+
+def test_chat_jsonl_in_both_shapes_and_its_errors(tmp_path) -> None:
+    good = tmp_path / "chats.jsonl"
+    good.write_text(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+        )
+        + "\n\n"
+        + json.dumps({"prompt": "c", "completion": "d"})
+        + "\n"
+    )
+    chats = read_chat_jsonl(good)
+    assert chats[1] == [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    bad = {
+        '{"text": "x"}': "needs messages, or prompt and completion",
+        '{"prompt": "x", "completion": ""}': r"messages\[1\] is an empty reply",
+        '{"messages": [{"role": "robot", "content": "x"}]}': r"messages\[0\].role is 'robot'",
+        '{"messages": [{"role": "user", "content": "x"}]}': "no assistant turn",
+        "[1, 2]": "must be a JSON object",
+        "{oops": "not a JSON object",
+    }
+    for line, message in bad.items():
+        file = tmp_path / "bad.jsonl"
+        file.write_text(json.dumps({"prompt": "ok", "completion": "ok"}) + "\n" + line + "\n")
+        with pytest.raises(ChatDataError, match=rf"bad.jsonl:2: .*{message}"):
+            read_chat_jsonl(file)
+
+
+# --------------------------------------------------------------------------------------------
+# Packing: examples in one row never see each other
+
+
+def _examples(tokenizer, n: int = 6) -> list[tuple[list[int], list[bool]]]:
+    chats = [
+        [
+            {"role": "user", "content": f"Tom had {i} dogs."},
+            {"role": "assistant", "content": "Yes."},
+        ]
+        for i in range(n)
+    ]
+    return [chat_tokens(c, _encode(tokenizer), CHATML) for c in chats]
+
+
+def test_a_packed_row_computes_what_its_examples_compute_alone(chat_tokenizer) -> None:
+    examples = _examples(chat_tokenizer)
+    end = chat_tokenizer.token_to_id("<|im_end|>")
+    rows = pack_examples(examples, 63, end)
+    assert rows.ids.shape[0] < len(examples)  # several examples share a row
+    model = _decoder(chat_tokenizer.get_vocab_size())
+    with torch.no_grad():
+        logits = model(rows.ids[:, :-1], segments=rows.segments)
+        packed = F.cross_entropy(
+            logits.flatten(0, 1), rows.targets.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        alone = 0.0
+        for ids, learnt in examples:
+            ids_t = torch.tensor([ids])
+            target = torch.where(torch.tensor(learnt[1:]), ids_t[0, 1:], IGNORE)
+            alone += F.cross_entropy(model(ids_t[:, :-1])[0], target, reduction="sum").item()
+    assert packed.item() == pytest.approx(alone, rel=1e-5)
+    learnt_total = sum(sum(learnt[1:]) for _, learnt in examples)
+    assert int((rows.targets != IGNORE).sum()) == learnt_total
+
+
+def test_an_example_longer_than_a_row_is_refused(chat_tokenizer) -> None:
+    examples = _examples(chat_tokenizer, 2)
+    with pytest.raises(ChatDataError, match=r"example 0: \d+ tokens do not fit a sequence of 9"):
+        pack_examples(examples, 8, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA, and PEFT as the reference
+
+
+def test_lora_starts_as_the_base_model_and_merges_exactly() -> None:
+    model = _decoder()
+    ids = torch.randint(0, 96, (2, 12))
+    before = model(ids)
+    apply_lora_(model, LoraConfig(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj")))
+    torch.testing.assert_close(model(ids), before, rtol=0, atol=0)  # B starts at zero
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(lora_modules(model)) == 2 * 3
+    for layer in lora_modules(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    adapted = model(ids)
+    assert not torch.allclose(adapted, before, atol=1e-3)
+    for layer in lora_modules(model).values():
+        layer.merge()
+    torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-5)
+    for layer in lora_modules(model).values():
+        layer.unmerge()
+    torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-5)
+    merged = merge_lora_(model)
+    assert not lora_modules(merged)
+    torch.testing.assert_close(merged(ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_refuses_bad_settings() -> None:
+    with pytest.raises(LoraError, match="lora r must be a positive integer"):
+        LoraConfig(r=0)
+    with pytest.raises(LoraError, match="lora dropout must be in"):
+        LoraConfig(dropout=1.0)
+    with pytest.raises(LoraError, match=r"name no linear layer.*q_proj"):
+        apply_lora_(_decoder(), LoraConfig(targets=("qkv",)))
+    with pytest.raises(LoraError, match=r"r = 64 exceeds the layer's width \(48 × 48\)"):
+        apply_lora_(_decoder(), LoraConfig(r=64, targets=("q_proj",)))
+    with pytest.raises(ConfigError, match=r"lora\.rank is not a LoRA field"):
+        TrainConfig(model=TINY_MODEL, init_from="x", lora={"rank": 4})
+    with pytest.raises(ConfigError, match="lora trains with optimizer adamw"):
+        TrainConfig(model=TINY_MODEL, init_from="x", lora={"r": 4}, optimizer="muon")
+    with pytest.raises(ConfigError, match="objective sft fine-tunes a trained model"):
+        TrainConfig(model=TINY_MODEL, objective="sft")
+
+
+def _hf_base(tmp_path, tied: bool):
+    model = _decoder(tie_word_embeddings=tied)
+    base = checkpoint.save(model, tmp_path / "base")
+    return model, base
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_saved_adapter_gives_peft_the_same_logits(tmp_path, rslora) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    model, base = _hf_base(tmp_path, tied=True)
+    config = LoraConfig(r=4, alpha=12, targets=("q_proj", "k_proj", "up_proj"), rslora=rslora)
+    apply_lora_(model, config)
+    for layer in lora_modules(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    saved = checkpoint.save(model, tmp_path / "tuned")
+    assert (saved / "adapter_config.json").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(base)
+    tuned = peft.PeftModel.from_pretrained(hf, saved).eval()
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
+        # and slmlab reads its own checkpoint back: base, then adapter
+        again = checkpoint.load(saved)
+        assert lora_modules(again)
+        torch.testing.assert_close(again(ids), model(ids), rtol=0, atol=0)
+
+
+def test_an_adapter_peft_saved_loads_onto_slmlab(tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    model, base = _hf_base(tmp_path, tied=False)
+    hf = AutoModelForCausalLM.from_pretrained(base)
+    settings = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["v_proj", "o_proj", "gate_proj"])
+    tuned = peft.get_peft_model(hf, settings)
+    for name, p in tuned.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    tuned.save_pretrained(tmp_path / "peft")
+    load_adapter_(model, tmp_path / "peft")
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), tuned.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_an_adapter_for_another_base_is_refused(tmp_path) -> None:
+    small = _decoder()
+    apply_lora_(small, LoraConfig(r=2, targets=("q_proj",)))
+    checkpoint.save(small, tmp_path / "small")
+    wide = _decoder(hidden_size=64, intermediate_size=128)
+    with pytest.raises(LoraError, match=r"q_proj.lora_A.weight' has shape \(2, 48\).*another base"):
+        load_adapter_(wide, tmp_path / "small")
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning runs
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory, story_tokenizer):
+    """A random story decoder with context 256 saved with its tokenizer (no chat template)."""
+    model = _decoder(story_tokenizer.get_vocab_size(), positions=256, hidden_size=32,
+                     intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    path = tmp_path_factory.mktemp("base") / "model"
+    return checkpoint.save(model, path, story_tokenizer), model.config
+
+
+def _sft(base, model_config, **changes) -> TrainConfig:
+    fields = {
+        k: getattr(model_config, k)
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads")
+    }  # fmt: skip
+    settings = dict(
+        model=fields, objective="sft", data="story-qa", data_size=24, seq_len=255,
+        batch_size=4, steps=6, warmup_steps=1, lr=3e-3, min_lr=3e-4, eval_every=3,
+        eval_batches=1, init_from=str(base),
+    )  # fmt: skip
+    return TrainConfig(**{**settings, **changes})
+
+
+def test_sft_data_adds_the_chat_tokens_and_keeps_the_base_ids(base_checkpoint) -> None:
+    base, model_config = base_checkpoint
+    data = build_data(_sft(base, model_config))
+    old = checkpoint.load_tokenizer(base).get_vocab()
+    new = data.tokenizer.get_vocab()
+    assert {k: new[k] for k in old} == old
+    assert data.vocab_size == len(old) + 2 and data.eos_token_id == new["<|im_end|>"]
+    assert data.chat_settings["chat_template"] == CHATML
+    learnt = data.train_targets[data.train_targets != IGNORE]
+    assert (learnt == data.eos_token_id).sum() > 0  # each reply ends with its end token
+
+
+def test_lora_sft_trains_the_adapter_alone_and_resumes_exactly(base_checkpoint, tmp_path) -> None:
+    base, model_config = base_checkpoint
+    config = _sft(base, model_config, lora={"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]})
+    data = build_data(config)
+    straight = train(config, tmp_path / "straight", progress=False, data=data)
+    train(config, tmp_path / "stopped", max_steps=3, progress=False, data=data)
+    resumed = train(config, tmp_path / "stopped", resume=True, progress=False, data=data)
+    assert resumed.train_loss == straight.train_loss
+    tuned = checkpoint.load(straight.checkpoint)
+    again = checkpoint.load(resumed.checkpoint)
+    for (name, a), b in zip(tuned.state_dict().items(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    # The base is untouched (its old rows): only the adapter moved.
+    start = checkpoint.load(base).state_dict()
+    for name, tensor in start.items():
+        mine = tuned.state_dict()[name.replace("_proj.weight", "_proj.base_layer.weight")
+                                  if any(t in name for t in ("q_proj", "v_proj")) else name]  # fmt: skip
+        torch.testing.assert_close(mine[: tensor.shape[0]], tensor, rtol=0, atol=0, msg=name)
+    assert any(layer.lora_B.weight.abs().sum() > 0 for layer in lora_modules(tuned).values())
+    # The two chat tokens' rows: new, apart from each other, of the old rows' size.
+    table = tuned.model.embed_tokens.weight
+    old, new = table[:-2], table[-2:]
+    assert (new[0] - new[1]).norm() > 0.5 * old.norm(dim=1).mean()
+    assert new.norm(dim=1).max() < 2 * old.norm(dim=1).max()
+    settings = checkpoint.load_chat_settings(straight.checkpoint)
+    assert settings["chat_template"] == CHATML and settings["eos_token"] == "<|im_end|>"
+    assert tuned.config.eos_token_id == data.eos_token_id
+
+
+def test_sft_learns_the_replies(base_checkpoint, tmp_path) -> None:
+    """Full fine-tuning lowers the loss on the replies of held-out conversations."""
+    base, model_config = base_checkpoint
+    config = _sft(base, model_config, steps=12, data_size=48)
+    result = train(config, tmp_path / "sft", progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in lines if "val_loss" in r]
+    assert vals[-1] < vals[0] and result.step == 12
+
+
+def test_the_command_line_fine_tunes_and_chats_with_the_result(base_checkpoint, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    base, _ = base_checkpoint
+    out = tmp_path / "run"
+    tune = subprocess.run(
+        [sys.executable, "-m", "slmlab", "finetune", str(base), "--method", "lora", "--rank", "2",
+         "--targets", "q_proj,v_proj", "--examples", "8", "--steps", "2", "--batch-size", "2",
+         "--seq-len", "255", "--out", str(out), "--quiet"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert tune.returncode == 0, tune.stderr
+    assert f"slmlab chat {out / 'last'}" in tune.stdout
+    config = json.loads((out / "last" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["target_modules"] == ["q_proj", "v_proj"]
+    chat = subprocess.run(
+        [sys.executable, "-m", "slmlab", "chat", str(out / "last"), "--max-new-tokens", "3"],
+        input="Who is Tom's best friend?\n", capture_output=True, text=True,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "slmlab", "finetune", str(base), "--method", "lora", "--rank", "0",
+         "--out", str(tmp_path / "bad")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith(
+        "lora r must be a positive integer, got 0"
+    )

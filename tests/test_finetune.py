@@ -308,6 +308,9 @@ def test_a_saved_adapter_gives_peft_the_same_logits(tmp_path, rslora) -> None:
     ids = torch.randint(0, 96, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(tuned(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
+        # transformers itself, given the directory, finds the adapter beside the weights
+        direct = AutoModelForCausalLM.from_pretrained(saved).eval()
+        torch.testing.assert_close(direct(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
         # and slmlab reads its own checkpoint back: base, then adapter
         again = checkpoint.load(saved)
         assert lora_modules(again)
@@ -330,6 +333,11 @@ def test_an_adapter_peft_saved_loads_onto_slmlab(tmp_path) -> None:
     ids = torch.randint(0, 96, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), tuned.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+    # An option that changes what the layer computes (DoRA) is refused, not ignored.
+    config_file = tmp_path / "peft" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_dora": True}))
+    with pytest.raises(LoraError, match=r"adapter_config.json: use_dora = True is not supported"):
+        load_adapter_(_decoder(), tmp_path / "peft")
 
 
 def test_an_adapter_for_another_base_is_refused(tmp_path) -> None:
@@ -448,3 +456,18 @@ def test_the_command_line_fine_tunes_and_chats_with_the_result(base_checkpoint, 
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith(
         "lora r must be a positive integer, got 0"
     )
+
+
+def test_the_readers_chats_train_and_a_long_one_is_named(base_checkpoint, tmp_path) -> None:
+    base, model_config = base_checkpoint
+    chats = [{"prompt": f"Tom had {i} dogs.", "completion": "It is a dog."} for i in range(40)]
+    chats[3]["prompt"] = "Tom had a dog. " * 80
+    file = tmp_path / "chats.jsonl"
+    file.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    config = _sft(base, model_config, data=str(file))
+    with pytest.raises(ChatDataError, match=r"chats.jsonl record 3: \d+ tokens do not fit"):
+        build_data(config)
+    del chats[3]
+    file.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    data = build_data(config)
+    assert data.train_targets is not None and data.val.shape[0] >= 1

@@ -170,11 +170,13 @@ def pack_examples(
     pad_id: int,
     *,
     where: str = "example",
+    first: int = 0,
 ) -> PackedRows:
     """Examples (ids and learnt marks, as `chat_tokens` gives them) placed whole into rows of
     ``seq_len + 1`` tokens in order, a new row when the next one does not fit, the rest of a
     row padded with `pad_id`. An example longer than a row is an error (cutting it would train
-    on a reply without its end, or without its question)."""
+    on a reply without its end, or without its question) that calls it `where` and its number,
+    counted from `first`."""
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     width = seq_len + 1
@@ -185,11 +187,11 @@ def pack_examples(
     for number, (example_ids, example_learnt) in enumerate(examples):
         if len(example_ids) > width:
             raise ChatDataError(
-                f"{where} {number}: {len(example_ids)} tokens do not fit a sequence of "
+                f"{where} {first + number}: {len(example_ids)} tokens do not fit a sequence of "
                 f"{width} (seq_len + 1); shorten it or raise seq_len"
             )
         if not any(example_learnt):
-            raise ChatDataError(f"{where} {number}: no token to learn (an empty reply?)")
+            raise ChatDataError(f"{where} {first + number}: no token to learn (an empty reply?)")
         if len(ids) + len(example_ids) > width:
             rows.append((ids, learnt, segment))
             ids, learnt, segment = [], [], []

@@ -25,11 +25,13 @@ def answer_questions(
     settings: dict[str, Any],
     examples: Sequence[QAExample],
     *,
-    max_new_tokens: int = 8,
+    max_new_tokens: int = 24,
     batch_size: int = 32,
 ) -> list[str]:
     """The model's greedy reply to each example's question, written in the chat template of
-    `settings` (`slmlab.checkpoint.load_chat_settings`), up to the end of its turn."""
+    `settings` (`slmlab.checkpoint.load_chat_settings`), up to the end of its turn or
+    `max_new_tokens` (the longest answers, such as "No, Omar did not.", are 10 of stories-8m's
+    tokens)."""
     if not settings.get("chat_template"):
         raise ChatTemplateError("this model has no chat template: fine-tune it to chat first")
     tokenizer = as_hf_tokenizer(tokenizer)

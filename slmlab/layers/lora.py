@@ -114,20 +114,26 @@ class LoraConfig:
             raise LoraError(f"{where}: must hold a JSON object")
         if settings.get("peft_type") != "LORA":
             raise LoraError(f"{where}: peft_type is {settings.get('peft_type')!r}, not 'LORA'")
-        unsupported = {
+        # PEFT's options that change what a LoRA layer computes, at their plain values; an
+        # adapter that sets one otherwise would load here but compute something else.
+        plain = {
             "bias": "none",
             "fan_in_fan_out": False,
             "modules_to_save": None,
             "use_dora": False,
+            "lora_bias": False,
             "layers_to_transform": None,
+            "layer_replication": None,
             "rank_pattern": {},
             "alpha_pattern": {},
+            "trainable_token_indices": None,
+            "target_parameters": None,
+            "exclude_modules": None,
         }
-        for key, plain in unsupported.items():
-            if settings.get(key) not in (plain, None) and settings.get(key) != plain:
-                raise LoraError(
-                    f"{where}: {key} = {settings[key]!r} is not supported (only {plain!r})"
-                )
+        for key, value in plain.items():
+            given = settings.get(key)
+            if given is not None and given != value and not (value is None and not given):
+                raise LoraError(f"{where}: {key} = {given!r} is not supported (only {value!r})")
         targets = settings.get("target_modules")
         if isinstance(targets, str):
             raise LoraError(f"{where}: target_modules as a pattern is not supported; list names")

@@ -162,8 +162,14 @@ def _conversations(
             "story-qa conversation",
         )
     conversations = read_chat_jsonl(config.data)[: config.data_size]
+    # The last 5% validate, so a training conversation's number is its record's (from 0).
     cut = max(1, len(conversations) // 20)
-    return conversations[cut:] or conversations, conversations[:cut], f"{config.data} example"
+    train = conversations[:-cut] or conversations
+    return (
+        train,
+        conversations[len(train) - len(conversations) :] or conversations,
+        f"{config.data} record",
+    )
 
 
 def chat_tokenizer(source: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -199,12 +205,12 @@ def _chat_data(config: TrainConfig) -> TrainData:
     train_chats, val_chats, name = _conversations(config, fits)
     packed: list[PackedRows] = []
     learnt_chars = learnt_tokens = 0
-    for chats in (train_chats, val_chats):
+    for chats, first in ((train_chats, 0), (val_chats, len(train_chats))):
         examples = [
-            chat_tokens(chat, encode, template, where=f"{name} {i}", **special)
+            chat_tokens(chat, encode, template, where=f"{name} {first + i}", **special)
             for i, chat in enumerate(chats)
         ]
-        packed.append(pack_examples(examples, config.seq_len, end, where=name))
+        packed.append(pack_examples(examples, config.seq_len, end, where=name, first=first))
     for ids, learnt in examples:  # the validation examples: characters per learnt token
         reply = [i for i, keep in zip(ids, learnt, strict=True) if keep]
         learnt_tokens += len(reply)

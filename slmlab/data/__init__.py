@@ -1,5 +1,6 @@
 """Data (chapter 04): a story corpus with a known entropy, real text every Python has, the
-reader's own files, and packing into training sequences."""
+reader's own files, and packing into training sequences; questions about the stories and
+conversations as training data (chapter 06, `story_qa` and `chat`)."""
 
 from .corpora import (
     NAMED_CORPORA,

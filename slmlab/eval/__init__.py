@@ -1,5 +1,6 @@
 """Evaluation (chapter 11): perplexity, tasks in lm-evaluation-harness's format, offline story
-suites with known answers, and what a model costs to run.
+suites with known answers, story questions put to a chat model (chapter 06), and what a model
+costs to run.
 
 ``slmlab.eval.harness`` (imported on its own: it needs ``lm-eval``) registers slmlab models
 with lm-evaluation-harness as ``--model slmlab``.
@@ -8,6 +9,7 @@ with lm-evaluation-harness as ``--model slmlab``.
 from .efficiency import disk_bytes, measure_efficiency, model_bytes, peak_rss_bytes
 from .perplexity import TextScore, count_words, score_texts, token_bits
 from .scorer import Scorer
+from .story_qa import answer_questions, story_qa_scores
 from .story_tasks import STORY_TASKS, SUITE_SIZE, story_items, story_task_file
 from .tasks import (
     Task,
@@ -27,6 +29,7 @@ __all__ = [
     "TaskError",
     "TaskResult",
     "TextScore",
+    "answer_questions",
     "count_words",
     "disk_bytes",
     "evaluate",
@@ -38,6 +41,7 @@ __all__ = [
     "perplexity_task",
     "score_texts",
     "story_items",
+    "story_qa_scores",
     "story_task_file",
     "token_bits",
 ]

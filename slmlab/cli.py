@@ -242,6 +242,11 @@ def _quantize(args: argparse.Namespace) -> int:
     from .quant.calibrate import calibration_tokens
 
     source = _checkpoint_path(args.checkpoint, quiet=args.quiet)
+    if Path(args.out).resolve() == source.resolve():
+        raise ValueError(
+            f"--out {args.out} is the checkpoint being quantized: saving would replace the "
+            "original; choose another folder"
+        )
     config = QuantConfig(
         method=args.method,
         fmt=args.fmt,
@@ -269,10 +274,20 @@ def _eval(args: argparse.Namespace) -> int:
     from .env import pick_device, report
     from .eval import Scorer, disk_bytes, evaluate, load_task, measure_efficiency
 
-    path = _checkpoint_path(args.checkpoint, quiet=args.quiet)
-    tasks = [load_task(spec) for spec in args.tasks.split(",") if spec]
+    specs = [spec.strip() for spec in args.tasks.split(",") if spec.strip()]
+    if not specs:
+        raise ValueError("--tasks names no task: give suites, task files or ppl:TEXT, comma-separated")
+    tasks = [load_task(spec) for spec in specs]
     for task in tasks:  # every file is read and checked before any scoring starts
         task.check()
+    names = [task.name for task in tasks]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(
+            f"--tasks names task {repeated[0]!r} twice: its results would overwrite each other; "
+            "give each task once"
+        )
+    path = _checkpoint_path(args.checkpoint, quiet=args.quiet)
     model = load(path, device=pick_device(args.device))
     scorer = Scorer(
         model, load_tokenizer(path), batch_size=args.batch_size, token_healing=args.token_healing

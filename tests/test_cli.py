@@ -88,3 +88,20 @@ def test_generate_on_a_broken_checkpoint_is_one_line(tmp_path) -> None:
     assert out.stderr.strip().splitlines() == [
         f"slmlab generate: error: {tmp_path}: no config.json"
     ]
+
+
+def test_bad_requests_are_refused_before_any_work(tmp_path) -> None:
+    """No model is loaded (nor a zoo recipe trained) for a request that cannot be carried out."""
+    missing = str(tmp_path / "no-such-checkpoint")
+    cases = {
+        ("eval", missing, "--tasks", " , "): "--tasks names no task",
+        ("eval", missing, "--tasks", "stories_who,stories_who"): "names task 'stories_who' twice",
+    }
+    for args, message in cases.items():
+        out = run(*args)
+        assert out.returncode == 1 and message in out.stderr.strip().splitlines()[-1], out.stderr
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    out = run("quantize", str(ckpt), "--out", str(ckpt / "."))
+    assert out.returncode == 1
+    assert "is the checkpoint being quantized" in out.stderr.strip().splitlines()[-1]

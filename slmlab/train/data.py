@@ -9,6 +9,7 @@ template, and learns the replies alone, from rows of packed examples that never 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,15 +200,20 @@ def _chat_data(config: TrainConfig) -> TrainData:
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False).ids
 
+    tokenized: dict[str, tuple[list[int], list[bool]]] = {}  # what `fits` measured, kept
+
     def fits(chat: list[dict[str, str]]) -> bool:
-        return len(chat_tokens(chat, encode, template, **special)[0]) <= config.seq_len + 1
+        key = json.dumps(chat)
+        tokenized[key] = chat_tokens(chat, encode, template, **special)
+        return len(tokenized[key][0]) <= config.seq_len + 1
 
     train_chats, val_chats, name = _conversations(config, fits)
     packed: list[PackedRows] = []
     learnt_chars = learnt_tokens = 0
     for chats, first in ((train_chats, 0), (val_chats, len(train_chats))):
         examples = [
-            chat_tokens(chat, encode, template, where=f"{name} {first + i}", **special)
+            tokenized.get(json.dumps(chat))
+            or chat_tokens(chat, encode, template, where=f"{name} {first + i}", **special)
             for i, chat in enumerate(chats)
         ]
         packed.append(pack_examples(examples, config.seq_len, end, where=name, first=first))

@@ -1,6 +1,8 @@
 """Fine-tuning (chapter 06): what SFT and LoRA teach stories-8m, and what a LoRA step costs.
 
-    python -m benchmarks.finetune [--skip-quality] [--steps 20]
+    python -m benchmarks.finetune [--parts quality,speed,memory] [--steps 20]
+
+A run of some parts keeps the other parts' results from the last run that measured them.
 
 Results go to benchmarks/results/finetune.json.
 
@@ -8,10 +10,18 @@ Results go to benchmarks/results/finetune.json.
   for stories-8m before fine-tuning (its weights with the chat tokens added, step 0), the zoo's
   stories-8m-sft (every weight) and stories-8m-lora (rank 16), each trained if not cached.
   Goal (the fine-tuning issue): SFT ≥ 0.9 exact match.
+* The other methods (``methods``), trained here with their settings below and scored on the
+  same questions: QLoRA (stories-8m-lora's recipe over an NF4 base), and DPO, SimPO and ORPO
+  from stories-8m-sft on story-qa preference pairs (the story's answer against a made-up one),
+  with each one's validation pair accuracy (the share of held-out pairs it ranks right).
 * Speed and memory: one LoRA training step (rank 16 on every block's linear layers, AdamW,
   16 rows of 256 tokens, replies-only loss) of slmlab against PEFT on transformers' Llama, the
   same weights, rows and settings, each side in a fresh process for its own peak RSS; the
   baseline is PEFT's, measured in the same run. Goal: ≥ 1.5× faster, at most the same memory.
+* QLoRA's memory (``--memory``): peak RSS of training steps on the real model (SmolLM2-135M,
+  4 rows of 256 tokens, AdamW) for full fine-tuning, LoRA on the fp32 base and QLoRA (LoRA on
+  the NF4 base), each in a fresh process; the baseline is LoRA's, measured in the same run.
+  Goal: QLoRA ≤ 0.4× LoRA.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import write
+from benchmarks.common import RESULTS, write
 from slmlab import checkpoint, zoo
 from slmlab.data.story_qa import qa_examples, score_answers
 from slmlab.eval.story_qa import answer_questions
@@ -35,6 +45,14 @@ from slmlab.finetune import finetune
 from slmlab.layers.lora import LoraConfig, apply_lora_
 
 RANK, ROWS = 16, 16
+PARTS = ("quality", "methods", "speed", "memory")
+# Preference tuning from stories-8m-sft: 100 steps of 16 pairs, one pass over 1,600 pairs.
+PREFERENCE = {
+    "dpo": {"lr": 5e-5},
+    "simpo": {"lr": 5e-5},
+    "orpo": {"lr": 2e-4},
+}
+PREFERENCE_RUN = {"steps": 100, "examples": 1600, "batch_size": 16}
 
 
 def _quality(work: Path) -> dict:
@@ -45,16 +63,57 @@ def _quality(work: Path) -> dict:
         "stories-8m-sft": zoo.ensure("stories-8m-sft"),
         "stories-8m-lora": zoo.ensure("stories-8m-lora"),
     }
-    tokenizer = checkpoint.load_tokenizer(start)
-    test = qa_examples(200, "test", keep=lambda e: len(tokenizer.encode(e.prompt()).ids) < 224)
+    test = _test_questions(checkpoint.load_tokenizer(start))
     out = {}
     for name, path in runs.items():
-        model = checkpoint.load(path)
-        settings = checkpoint.load_chat_settings(path)
-        replies = answer_questions(model, checkpoint.load_tokenizer(path), settings, test)
-        out[name] = score_answers(test, replies)
+        out[name] = _score(path, test)
         print(f"{name:22} exact match {out[name]['exact_match']:.3f}  "
               f"hallucination {out[name]['hallucination']:.3f}")  # fmt: skip
+    return out
+
+
+def _test_questions(tokenizer) -> list:
+    return qa_examples(200, "test", keep=lambda e: len(tokenizer.encode(e.prompt()).ids) < 224)
+
+
+def _score(path: Path, test: list) -> dict:
+    model = checkpoint.load(path)
+    settings = checkpoint.load_chat_settings(path)
+    return score_answers(
+        test, answer_questions(model, checkpoint.load_tokenizer(path), settings, test)
+    )
+
+
+def _methods(work: Path) -> dict:
+    """QLoRA, DPO, SimPO and ORPO trained and scored; each with its settings and minutes."""
+    from slmlab.finetune import finetune_config, train_finetune
+
+    sft = zoo.ensure("stories-8m-sft")
+    test = _test_questions(checkpoint.load_tokenizer(sft))
+    lora = zoo.recipe("stories-8m-lora")
+    runs = {
+        "qlora": finetune_config(
+            zoo.ensure("stories-8m"), method="qlora", rank=16, steps=lora.steps,
+            examples=lora.data_size, lr=lora.lr, batch_size=lora.batch_size,
+        ).replace(min_lr=lora.min_lr),
+        **{
+            method: finetune_config(sft, method=method, **PREFERENCE_RUN, **settings)
+            for method, settings in PREFERENCE.items()
+        },
+    }  # fmt: skip
+    out = {}
+    for method, config in runs.items():
+        started = time.perf_counter()
+        result = train_finetune(config, work / method, progress=False)
+        minutes = (time.perf_counter() - started) / 60
+        out[method] = {**_score(result.checkpoint, test), "minutes": minutes,
+                       "lr": config.lr, "steps": config.steps}  # fmt: skip
+        metrics = [json.loads(line) for line in (work / method / "metrics.jsonl").open()]
+        accuracy = [m["val_pair_accuracy"] for m in metrics if "val_pair_accuracy" in m]
+        if accuracy:
+            out[method]["val_pair_accuracy"] = accuracy[-1]
+        print(f"{method:6} exact match {out[method]['exact_match']:.3f}  "
+              f"hallucination {out[method]['hallucination']:.3f}  ({minutes:.1f} min)")  # fmt: skip
     return out
 
 
@@ -129,30 +188,112 @@ def _side(side: str, base: Path, rows: Path, steps: int) -> None:
     }))  # fmt: skip
 
 
+MEMORY_ROWS, MEMORY_LEN = 4, 256
+
+
+def _memory_side(method: str, base: Path, steps: int) -> None:
+    """Peak RSS and step time of `method` (full, lora, qlora) on checkpoint `base`, printed as
+    JSON (run in its own process, so that its peak is its own)."""
+    from slmlab.finetune import finetune_config, round_base_
+    from slmlab.train import next_token_loss
+
+    torch.manual_seed(0)
+    imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model = checkpoint.load(base)
+    if method != "full":
+        config = finetune_config(base, method=method, rank=RANK)
+        apply_lora_(model, config.lora_config())
+        if method == "qlora":
+            round_base_(model, config)
+    model.train()
+    rows = torch.randint(0, model.config.vocab_size, (MEMORY_ROWS, MEMORY_LEN + 1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=False)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        next_token_loss(model, rows).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "trainable": sum(p.numel() for p in params),
+        "step_seconds": sorted(times)[len(times) // 2],
+        "peak_rss_mib": peak,
+        "above_imports_mib": peak - imported,
+    }))  # fmt: skip
+
+
+def _memory(steps: int) -> dict:
+    base = zoo.ensure("smollm2-135m-instruct")
+    sides = {}
+    for method in ("full", "lora", "qlora"):
+        command = [sys.executable, "-m", "benchmarks.finetune", "--memory-side", method,
+                   "--base", str(base), "--steps", str(steps)]  # fmt: skip
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        sides[method] = json.loads(out.strip().splitlines()[-1])
+        print(method, sides[method])
+    return {
+        "model": "smollm2-135m-instruct",
+        "rows": MEMORY_ROWS,
+        "seq_len": MEMORY_LEN,
+        "rank": RANK,
+        "baseline": "lora",
+        **sides,
+        "qlora_to_lora": sides["qlora"]["peak_rss_mib"] / sides["lora"]["peak_rss_mib"],
+        "qlora_to_lora_above_imports": sides["qlora"]["above_imports_mib"]
+        / sides["lora"]["above_imports_mib"],
+        "goal": {"qlora_to_lora": 0.4},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed LoRA steps a side")
     parser.add_argument("--side", choices=["slmlab", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-side", choices=["full", "lora", "qlora"], help=argparse.SUPPRESS)
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         _side(args.side, args.base, args.rows, args.steps)
         return
+    if args.memory_side:
+        _memory_side(args.memory_side, args.base, min(args.steps, 3))
+        return
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown part {unknown[0]!r}; choose from {','.join(PARTS)}")
     work = Path(tempfile.mkdtemp(prefix="slmlab-finetune-"))
-    result: dict = {}
-    if not args.skip_quality:
+    kept = RESULTS / "finetune.json"
+    result: dict = json.loads(kept.read_text()) if kept.exists() else {}
+    result = {k: v for k, v in result.items() if k not in ("benchmark", "machine")}
+    if "quality" in parts:
         result["story_qa"] = _quality(work)
+    if "methods" in parts:
+        result["methods"] = _methods(work)
+    if "memory" in parts:
+        result["qlora_memory"] = _memory(args.steps)
+    if "speed" in parts:
+        result["lora_step"] = _speed(work, args.steps)
+    print(write("finetune", result))
+
+
+def _speed(work: Path, steps: int) -> dict:
     base = _rows(work)
     sides = {}
     for side in ("peft", "slmlab"):
         command = [sys.executable, "-m", "benchmarks.finetune", "--side", side, "--base",
-                   str(base), "--rows", str(work / "rows.pt"), "--steps", str(args.steps)]  # fmt: skip
+                   str(base), "--rows", str(work / "rows.pt"), "--steps", str(steps)]  # fmt: skip
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         sides[side] = json.loads(out.strip().splitlines()[-1])
         print(side, sides[side])
-    result["lora_step"] = {
+    return {
         "rank": RANK,
         "rows": ROWS,
         "seq_len": 256,
@@ -162,7 +303,6 @@ def main() -> None:
         "memory_ratio": sides["slmlab"]["peak_rss_mib"] / sides["peft"]["peak_rss_mib"],
         "goal": {"speedup": 1.5, "memory_ratio": 1.0},
     }
-    print(write("finetune", result))
 
 
 if __name__ == "__main__":

@@ -171,15 +171,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# The `finetune` options passed on to `slmlab.finetune.finetune_config` where given.
+_FINETUNE_OPTIONS = ("data", "examples", "steps", "lr", "batch_size", "seq_len", "rank", "alpha",
+                     "seed", "beta")  # fmt: skip
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
     base = _checkpoint_path(args.base, quiet=args.quiet)
-    options = {
-        k: getattr(args, k)
-        for k in ("data", "examples", "steps", "lr", "batch_size", "seq_len", "rank", "alpha", "seed")
-        if getattr(args, k) is not None
-    }
+    options = {k: getattr(args, k) for k in _FINETUNE_OPTIONS if getattr(args, k) is not None}
     if args.targets:
         options["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     result = finetune(
@@ -276,7 +277,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     specs = [spec.strip() for spec in args.tasks.split(",") if spec.strip()]
     if not specs:
-        raise ValueError("--tasks names no task: give suites, task files or ppl:TEXT, comma-separated")
+        raise ValueError(
+            "--tasks names no task: give suites, task files or ppl:TEXT, comma-separated"
+        )
     tasks = [load_task(spec) for spec in specs]
     for task in tasks:  # every file is read and checked before any scoring starts
         task.check()
@@ -350,9 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_budget)
 
     p = verbs.add_parser("generate", help="continue a prompt with a checkpoint's model")
-    p.add_argument(
-        "checkpoint", help="checkpoint directory, .gguf file or zoo name"
-    )
+    p.add_argument("checkpoint", help="checkpoint directory, .gguf file or zoo name")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -409,18 +410,28 @@ def build_parser() -> argparse.ArgumentParser:
     from .finetune import METHODS as FINETUNE_METHODS
 
     p = verbs.add_parser(
-        "finetune", help="teach a trained model to answer: SFT or LoRA on chat data (chapter 06)"
+        "finetune",
+        help="teach a trained model to answer (SFT, LoRA) or to prefer right answers (DPO, "
+        "SimPO, ORPO) (chapter 06)",
     )
     p.add_argument("base", help="the checkpoint directory or zoo name to start from")
     p.add_argument("--method", default="sft", choices=FINETUNE_METHODS)
     p.add_argument(
-        "--data", default=None, help="story-qa (default) or a jsonl of messages / prompt+completion"
+        "--data",
+        default=None,
+        help="story-qa (default) or a jsonl of messages / prompt+completion (of "
+        "prompt+chosen+rejected for dpo, simpo, orpo)",
     )
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png")
-    p.add_argument("--examples", type=int, default=None, help="conversations to train on")
+    p.add_argument(
+        "--examples", type=int, default=None, help="conversations (or pairs) to train on"
+    )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--batch-size", type=int, default=None, help="packed rows per step")
+    p.add_argument("--batch-size", type=int, default=None, help="packed rows (or pairs) per step")
+    p.add_argument(
+        "--beta", type=float, default=None, help="dpo, simpo, orpo: the preference's scale"
+    )
     p.add_argument("--seq-len", type=int, default=None, help="tokens per packed row")
     p.add_argument("--rank", type=int, default=None, help="LoRA: the update's rank (default 8)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA: its scale (default 2 × rank)")

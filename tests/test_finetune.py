@@ -4,6 +4,7 @@ keeps examples apart, LoRA against PEFT, and SFT/LoRA runs through the training 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -16,11 +17,14 @@ from slmlab.data.chat import (
     ChatDataError,
     chat_tokens,
     pack_examples,
+    pair_rows,
     read_chat_jsonl,
+    read_preference_jsonl,
 )
 from slmlab.data.story_qa import (
     QUESTION_KINDS,
     hallucinated,
+    preference_pairs,
     qa_examples,
     score_answers,
 )
@@ -34,7 +38,8 @@ from slmlab.layers.lora import (
 )
 from slmlab.models import ConfigError, DecoderLM, ModelConfig
 from slmlab.templates import CHATML
-from slmlab.train import TrainConfig, build_data, train
+from slmlab.train import Batch, TrainConfig, build_data, train
+from slmlab.train.preference import preference_loss, reply_logps
 
 TINY_MODEL = dict(
     hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -422,7 +427,9 @@ def test_sft_learns_the_replies(base_checkpoint, tmp_path) -> None:
     base, model_config = base_checkpoint
     config = _sft(base, model_config, steps=12, data_size=48)
     result = train(config, tmp_path / "sft", progress=False)
-    lines = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
+    ]
     vals = [r["val_loss"] for r in lines if "val_loss" in r]
     assert vals[-1] < vals[0] and result.step == 12
 
@@ -471,3 +478,343 @@ def test_the_readers_chats_train_and_a_long_one_is_named(base_checkpoint, tmp_pa
     file.write_text("".join(json.dumps(c) + "\n" for c in chats))
     data = build_data(config)
     assert data.train_targets is not None and data.val.shape[0] >= 1
+
+
+# --------------------------------------------------------------------------------------------
+# Preference tuning: DPO, SimPO, ORPO
+
+
+def test_a_pair_prefers_the_storys_answer_to_a_made_up_one() -> None:
+    pairs = preference_pairs(200, "test")
+    examples = qa_examples(200, "test")
+    for pair, example in zip(pairs, examples, strict=True):
+        assert pair["prompt"] == example.messages(with_answer=False)
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert chosen == example.answer
+        assert score_answers([example], [rejected])["exact_match"] == 0
+        # The wrong reply says the same thing of another value: same words but one.
+        assert len(chosen.split()) == len(rejected.split())
+        if example.kind in ("friend", "pet", "thing", "color", "place", "weather"):
+            assert hallucinated(rejected, example.story), pair
+    assert preference_pairs(20, "test") == pairs[:20]
+
+
+def _pair_rows(tokenizer, n: int = 4):
+    encode = _encode(tokenizer)
+    sides = [
+        tuple(chat_tokens(p["prompt"] + p[side], encode, CHATML) for side in ("chosen", "rejected"))
+        for p in preference_pairs(n, "test", keep=lambda e: len(e.story) < 600)
+    ]
+    return pair_rows(sides, 255, tokenizer.token_to_id("<|im_end|>")), sides
+
+
+def test_pair_rows_learn_the_final_reply_alone(chat_tokenizer) -> None:
+    rows, sides = _pair_rows(chat_tokenizer)
+    end = chat_tokenizer.token_to_id("<|im_end|>")
+    for r, (ids, _) in enumerate(side for pair in sides for side in pair):
+        assert rows.ids[r, : len(ids)].tolist() == ids  # chosen, rejected, chosen, ...
+        learnt = rows.targets[r][rows.targets[r] != IGNORE].tolist()
+        assert learnt[-1] == end
+        reply = chat_tokenizer.decode(learnt, skip_special_tokens=True)
+        pair = preference_pairs(len(sides), "test", keep=lambda e: len(e.story) < 600)[r // 2]
+        assert reply == pair["chosen" if r % 2 == 0 else "rejected"][0]["content"]
+    # A conversation with an earlier reply: only the final one is judged.
+    encode = _encode(chat_tokenizer)
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Who?"}]  # fmt: skip
+    pair = [chat_tokens([*turns, {"role": "assistant", "content": a}], encode, CHATML)
+            for a in ("Ivy.", "Tom.")]  # fmt: skip
+    judged = pair_rows([tuple(pair)], 63, end).targets[0]
+    reply = chat_tokenizer.decode(judged[judged != IGNORE].tolist(), skip_special_tokens=False)
+    assert reply == "Ivy.<|im_end|>"
+    long = chat_tokens([*turns, {"role": "assistant", "content": "Tom. " * 20}], encode, CHATML)
+    with pytest.raises(ChatDataError, match=r"pair 3: its rejected conversation is \d+ tokens"):
+        pair_rows([(pair[0], long)], len(pair[0][0]) - 1, end, first=3)
+
+
+def _losses_by_the_papers(objective, c, r, rc, rr, nc, nr, beta, gamma) -> float:
+    """The papers' formulas, one pair at a time, in plain Python."""
+    import math
+
+    def logsigmoid(x: float) -> float:
+        return -math.log1p(math.exp(-x))
+
+    def log_odds(mean: float) -> float:  # log(p / (1 - p)) of the mean per-token probability
+        return mean - math.log(1 - math.exp(mean))
+
+    per_pair = []
+    for i in range(len(c)):
+        if objective == "dpo":
+            per_pair.append(-logsigmoid(beta * ((c[i] - rc[i]) - (r[i] - rr[i]))))
+        elif objective == "simpo":
+            per_pair.append(-logsigmoid(beta * (c[i] / nc[i] - r[i] / nr[i]) - gamma))
+        else:
+            ratio = log_odds(c[i] / nc[i]) - log_odds(r[i] / nr[i])
+            per_pair.append(-beta * logsigmoid(ratio))
+    loss = sum(per_pair) / len(per_pair)
+    if objective == "orpo":  # plus SFT on the chosen replies, per token of the batch
+        loss += -sum(c) / sum(nc)
+    return loss
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo"])
+def test_preference_losses_are_the_papers_formulas(objective) -> None:
+    torch.manual_seed(0)
+    counts = torch.randint(1, 9, (12,))
+    logps = -torch.rand(12, dtype=torch.float64) * counts  # a mean per token in (-1, 0)
+    reference = logps + 0.3 * torch.randn(12, dtype=torch.float64)
+    beta, gamma = 0.7, 0.4
+    loss = preference_loss(objective, logps, counts, reference, beta=beta, gamma=gamma)
+    expected = _losses_by_the_papers(
+        objective, logps[0::2].tolist(), logps[1::2].tolist(), reference[0::2].tolist(),
+        reference[1::2].tolist(), counts[0::2].tolist(), counts[1::2].tolist(), beta, gamma,
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    # A batch's parts, given the batch's totals, add up to the batch's loss (accumulation).
+    totals = dict(pairs=6, chosen_tokens=int(counts[0::2].sum()))
+    parts = [
+        preference_loss(
+            objective, logps[s], counts[s], reference[s], beta=beta, gamma=gamma, **totals
+        )
+        for s in (slice(0, 4), slice(4, 12))
+    ]
+    assert sum(parts).item() == pytest.approx(loss.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["simpo", "orpo"])
+def test_reference_free_losses_are_trls(objective) -> None:
+    """SimPO and ORPO against TRL's own loss methods (CPO with loss_type simpo, ORPO)."""
+    pytest.importorskip("trl")
+    from types import SimpleNamespace
+
+    torch.manual_seed(1)
+    counts = torch.randint(1, 9, (16,))
+    logps = -torch.rand(16) * counts
+    chosen_mean, rejected_mean = logps[0::2] / counts[0::2], logps[1::2] / counts[1::2]
+    ours = preference_loss(objective, logps, counts, beta=0.3, gamma=0.6)
+    trainer = SimpleNamespace(
+        beta=0.3, simpo_gamma=0.6, label_smoothing=0.0, loss_type="simpo", alpha=0.0,
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    )  # fmt: skip
+    if objective == "simpo":
+        from trl.experimental.cpo import CPOTrainer
+
+        theirs = CPOTrainer.cpo_loss(trainer, chosen_mean, rejected_mean)[0].mean()
+    else:
+        from trl.experimental.orpo import ORPOTrainer
+
+        nll = -logps[0::2].sum() / counts[0::2].sum()  # TRL: cross-entropy over chosen tokens
+        theirs = nll - ORPOTrainer.odds_ratio_loss(trainer, chosen_mean, rejected_mean)[0].mean()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_dpo_on_real_rows_is_trls_dpo_trainer(chat_tokenizer, tmp_path) -> None:
+    """The whole of DPO's loss, log-probabilities included, against TRL's DPOTrainer computing
+    it with transformers' Llama on the same rows, for a policy and a reference that differ."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+
+    rows, _ = _pair_rows(chat_tokenizer)
+    vocab = chat_tokenizer.get_vocab_size()
+    policy, reference = _decoder(vocab, 256), _decoder(vocab, 256)
+    with torch.no_grad():  # a policy some way from its reference
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = Batch(rows.ids, rows.targets)
+    logps, counts = reply_logps(policy, batch)
+    ref_logps, _ = reply_logps(reference, batch)
+    ours = preference_loss("dpo", logps, counts, ref_logps, beta=0.2)
+
+    hf = [
+        AutoModelForCausalLM.from_pretrained(checkpoint.save(m, tmp_path / name))
+        for m, name in ((policy, "policy"), (reference, "reference"))
+    ]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=chat_tokenizer, pad_token="<|im_end|>", eos_token="<|im_end|>"
+    )
+    args = DPOConfig(  # fp32, as slmlab computes here (TRL defaults to bf16 autocast)
+        output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, beta=0.2, bf16=False
+    )
+    trainer = DPOTrainer(
+        model=hf[0], ref_model=hf[1], args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]),
+    )  # fmt: skip
+    order = torch.cat([torch.arange(0, len(rows.ids), 2), torch.arange(1, len(rows.ids), 2)])
+    learnt = torch.zeros_like(rows.ids)
+    learnt[:, 1:] = rows.targets != IGNORE
+    length = (rows.ids != tokenizer.pad_token_id).cumsum(1).argmax(1) + 2  # through the end token
+    inputs = {
+        "input_ids": rows.ids[order],  # TRL's batches: every chosen row, then every rejected
+        "attention_mask": (torch.arange(rows.ids.shape[1]) < length[order, None]).long(),
+        "completion_mask": learnt[order],
+    }
+    theirs = trainer._compute_loss(trainer.model, inputs, False)
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
+    assert abs(ours.item() - math.log(2)) > 1e-3  # the two models do differ
+
+
+def _preference(base, model_config, objective: str, **changes) -> TrainConfig:
+    return _sft(
+        base, model_config, objective=objective, data_size=16, batch_size=4, steps=6,
+        **{"lr": 1e-3, **changes},
+    )  # fmt: skip
+
+
+def test_dpo_starts_at_log_two_learns_and_resumes_exactly(base_checkpoint, tmp_path) -> None:
+    base, model_config = base_checkpoint
+    config = _preference(base, model_config, "dpo")
+    data = build_data(config)
+    assert data.pairs and data.train.shape[0] == 2 * 16
+    straight = train(config, tmp_path / "straight", progress=False, data=data)
+    lines = [
+        json.loads(x)
+        for x in (tmp_path / "straight" / "metrics.jsonl").read_text().split("\n")
+        if x
+    ]
+    assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy is the reference
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert "val_pair_accuracy" in lines[-1]
+    train(config, tmp_path / "stopped", max_steps=3, progress=False, data=build_data(config))
+    resumed = train(
+        config, tmp_path / "stopped", resume=True, progress=False, data=build_data(config)
+    )
+    assert resumed.train_loss == straight.train_loss
+    a, b = checkpoint.load(straight.checkpoint), checkpoint.load(resumed.checkpoint)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["simpo", "orpo"])
+def test_accumulated_preference_steps_equal_one_step(base_checkpoint, objective) -> None:
+    """Two micro-batches of two pairs move the weights as one batch of four does."""
+    from slmlab.train import train_step
+    from slmlab.train.state import initialise_from
+
+    base, model_config = base_checkpoint
+    moved = []
+    for accum in (1, 2):
+        config = _preference(base, model_config, objective, grad_accum=accum)
+        data = build_data(config)
+        model = DecoderLM(config.model_config(data.vocab_size, data.end_token_id()))
+        initialise_from(model, config.init_from, data.tokenizer, seed=0)
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+        train_step(model, sgd, data.batch(0, 4, 0), config.replace(grad_clip=1e9))
+        moved.append(model.state_dict())
+    for name in moved[0]:
+        torch.testing.assert_close(moved[0][name], moved[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_preference_jsonl_in_trls_shapes_and_its_errors(tmp_path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    turns = {"prompt": [{"role": "user", "content": "Hi?"}],
+             "chosen": [{"role": "assistant", "content": "Hello."}],
+             "rejected": [{"role": "assistant", "content": "Go."}]}  # fmt: skip
+    path.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."}) + "\n\n"
+                    + json.dumps(turns) + "\n")  # fmt: skip
+    assert read_preference_jsonl(path) == [turns, turns]
+    for record, message in (
+        ({"prompt": "Hi", "chosen": "x"}, r"pairs.jsonl:1: a pair needs prompt, chosen and rejected"),
+        ({"prompt": "Hi", "chosen": "x", "rejected": ""}, r"pairs.jsonl:1 \(rejected\): .*empty reply"),
+        ({"prompt": "Hi", "chosen": 3, "rejected": "y"}, r"pairs.jsonl:1: chosen must be text"),
+        ({"prompt": "Hi", "chosen": "x", "rejected": [{"role": "assistant", "content": "y"},
+                                                     {"role": "user", "content": "z"}]},
+         r"pairs.jsonl:1: rejected must end with an assistant turn"),
+    ):  # fmt: skip
+        path.write_text(json.dumps(record) + "\n")
+        with pytest.raises(ChatDataError, match=message):
+            read_preference_jsonl(path)
+    with pytest.raises(ConfigError, match="beta must be positive"):
+        TrainConfig(model=TINY_MODEL, objective="dpo", init_from="x", beta=0)
+    with pytest.raises(ConfigError, match="objective orpo fine-tunes a trained model"):
+        TrainConfig(model=TINY_MODEL, objective="orpo")
+
+
+# --------------------------------------------------------------------------------------------
+# QLoRA: LoRA over an NF4 base
+
+
+def test_qlora_gradients_equal_a_dequantized_base_and_bitsandbytes() -> None:
+    """LoRA over slmlab's NF4 layer computes what LoRA over a plain layer holding the
+    dequantized weight computes, outputs and gradients (update, input) alike; and what LoRA
+    over bitsandbytes' Linear4bit computes (blocks of 64, the same codes), to bf16's precision:
+    bitsandbytes multiplies in bf16 on this CPU."""
+    from slmlab.layers.lora import LoRALinear
+    from slmlab.quant import QuantConfig, quantize_
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(128, 64, bias=False)
+    config = LoraConfig(r=4, alpha=8, targets=("q_proj",))
+
+    def run(base: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(1)
+        layer = LoRALinear(base, config)
+        with torch.no_grad():
+            layer.lora_B.weight.normal_()  # a nonzero update, so both factors get a gradient
+        x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        y = layer(x)
+        (y**2).sum().backward()
+        return y, x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad
+
+    quantized = torch.nn.Sequential(torch.nn.Linear(128, 64, bias=False))
+    quantized[0].load_state_dict(plain.state_dict())
+    quantize_(quantized, QuantConfig(fmt="nf4", bits=4, group_size=64, skip=()))
+    ours = run(quantized[0])
+    reference = torch.nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        reference.weight.copy_(quantized[0].dequantized_weight())
+    for mine, theirs in zip(ours, run(reference), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    from slmlab.quant.bnb import bitsandbytes_
+
+    bnb = torch.nn.Sequential(torch.nn.Linear(128, 64, bias=False))
+    bnb[0].load_state_dict(plain.state_dict())
+    bitsandbytes_(bnb, "nf4", skip=())
+    for mine, theirs in zip(ours, run(bnb[0]), strict=True):
+        scale = theirs.abs().max()
+        assert (mine - theirs).abs().max() <= 2e-2 * scale  # bf16 carries 8 bits
+
+
+def test_a_frozen_quantized_layer_keeps_only_its_codes_for_backward() -> None:
+    """Training through a quantized layer saves its input for the backward pass, not its
+    dequantized weight: QLoRA's memory is the codes'."""
+    from slmlab.quant import QuantConfig, quantize_
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False))
+    quantize_(model, QuantConfig(fmt="nf4", bits=4, group_size=64, skip=()))
+    x = torch.randn(2, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = model(x)
+    assert sum(t.numel() for t in saved) <= x.numel()  # never the 512 × 256 weight
+    y.sum().backward()
+    expected = model[0].dequantized_weight().sum(0).expand(2, -1)
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_qlora_trains_the_update_over_nf4_and_resumes_exactly(base_checkpoint, tmp_path) -> None:
+    from slmlab.finetune import finetune_config, train_finetune
+    from slmlab.layers.quantized import QuantLinear
+
+    base, model_config = base_checkpoint
+    config = finetune_config(
+        base, method="qlora", rank=4, examples=24, steps=4, batch_size=4, seq_len=255,
+        eval_every=2, eval_batches=1, warmup_steps=1,
+    )  # fmt: skip
+    assert config.quantize_base == {"fmt": "nf4", "bits": 4, "group_size": 32}  # width 32
+    with pytest.raises(ValueError, match="quantize_base, QLoRA"):
+        train(config, tmp_path / "plain", progress=False)
+    straight = train_finetune(config, tmp_path / "straight", progress=False)
+    train_finetune(config, tmp_path / "stopped", max_steps=2, progress=False)
+    resumed = train_finetune(config, tmp_path / "stopped", resume=True, progress=False)
+    assert resumed.train_loss == straight.train_loss
+    tuned, again = checkpoint.load(straight.checkpoint), checkpoint.load(resumed.checkpoint)
+    layers = lora_modules(tuned)
+    assert layers and all(isinstance(m.base_layer, QuantLinear) for m in layers.values())
+    assert any(m.lora_B.weight.abs().sum() > 0 for m in layers.values())
+    ids = torch.randint(0, tuned.config.vocab_size, (2, 20))
+    torch.testing.assert_close(tuned(ids), again(ids), rtol=0, atol=0)
+    saved = json.loads((straight.checkpoint / "config.json").read_text())["quantization_config"]
+    assert all(".base_layer" not in name for name in saved["layers"])  # the base model's names

@@ -383,9 +383,14 @@ def test_fingerprint_covers_every_field_and_ignores_defaults() -> None:
         "qat": {"bits": 4},
         "objective": "sft",
         "lora": {"r": 4},
+        "beta": 0.3,
+        "simpo_gamma": 1.0,
+        "quantize_base": {"fmt": "nf4"},
         "model": {**TINY.model, "hidden_size": 128},
     }
-    needs = {"objective": {"init_from": "x"}, "lora": {"init_from": "x", "optimizer": "adamw"}}
+    lora = {"init_from": "x", "optimizer": "adamw"}
+    needs = {"objective": {"init_from": "x"}, "lora": lora,
+             "quantize_base": {**lora, "lora": {"r": 4}}}  # fmt: skip
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data"}
     assert set(changed) == fields
     prints = {TINY.replace(**needs.get(k, {}), **{k: v}).fingerprint() for k, v in changed.items()}

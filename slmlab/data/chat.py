@@ -13,6 +13,11 @@ the examples would compute one by one, without the padding.
 
 `read_chat_jsonl` reads the reader's own data in the two usual shapes:
 ``{"messages": [{"role": ..., "content": ...}, ...]}`` or ``{"prompt": ..., "completion": ...}``.
+
+Preference tuning (DPO and its kin) learns from pairs: a prompt, a chosen reply and a rejected
+one. `read_preference_jsonl` reads them in TRL's shape, ``{"prompt", "chosen", "rejected"}``
+(text or turns), and `pair_rows` gives each reply its own row, the chosen one first, with only
+the final reply learnt: the loss compares the two replies' whole log-probabilities.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ __all__ = [
     "PackedRows",
     "chat_tokens",
     "pack_examples",
+    "pair_rows",
     "read_chat_jsonl",
+    "read_preference_jsonl",
 ]
 
 IGNORE = -100  # a target that the loss skips (PyTorch's and transformers' convention)
@@ -152,6 +159,54 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     return conversations
 
 
+def _turns(value: Any, role: str, field: str, where: str) -> list[dict[str, str]]:
+    """A preference record's field as turns: text is one turn of `role`."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise ChatDataError(f"{where}: {field} must be text or a non-empty list of turns")
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+            raise ChatDataError(f"{where}: {field}[{i}] must have a role and a text content")
+    return value
+
+
+def read_preference_jsonl(path: str | Path) -> list[dict[str, list[dict[str, str]]]]:
+    """The preference pairs of a jsonl file, one a line, in TRL's shape:
+    ``{"prompt": ..., "chosen": ..., "rejected": ...}``, each text (a user turn, an assistant
+    turn) or a list of turns. Returned with every field as turns."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ChatDataError(f"{path}: cannot read preference data ({err})") from None
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ChatDataError(f"{where}: not a JSON object ({err.msg})") from None
+        if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= set(record):
+            have = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ChatDataError(f"{where}: a pair needs prompt, chosen and rejected; it has {have}")
+        pair = {
+            "prompt": _turns(record["prompt"], "user", "prompt", where),
+            "chosen": _turns(record["chosen"], "assistant", "chosen", where),
+            "rejected": _turns(record["rejected"], "assistant", "rejected", where),
+        }
+        for side in ("chosen", "rejected"):
+            _check_messages(pair["prompt"] + pair[side], f"{where} ({side})")
+            if pair[side][-1]["role"] != "assistant":
+                raise ChatDataError(f"{where}: {side} must end with an assistant turn")
+        pairs.append(pair)
+    if not pairs:
+        raise ChatDataError(f"{path}: holds no preference pairs")
+    return pairs
+
+
 @dataclass
 class PackedRows:
     """Training rows of packed examples: `ids` (rows, L + 1) hold the tokens; a model reads
@@ -202,6 +257,13 @@ def pack_examples(
         rows.append((ids, learnt, segment))
     if not rows:
         raise ChatDataError(f"no {where}s to pack")
+    return _packed(rows, width, pad_id)
+
+
+def _packed(
+    rows: list[tuple[list[int], list[bool], list[int]]], width: int, pad_id: int
+) -> PackedRows:
+    """Rows of (ids, learnt marks, segment numbers) padded to `width` as `PackedRows`."""
     all_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     all_learnt = torch.zeros((len(rows), width), dtype=torch.bool)
     all_segments = torch.full((len(rows), width), -1, dtype=torch.long)
@@ -215,3 +277,44 @@ def pack_examples(
     keep = same & all_learnt[:, 1:] & (all_segments[:, 1:] >= 0)
     targets = torch.where(keep, all_ids[:, 1:], torch.full_like(all_ids[:, 1:], IGNORE))
     return PackedRows(all_ids, targets, all_segments[:, :-1])
+
+
+def _final_reply(learnt: list[bool]) -> list[bool]:
+    """`learnt` with only its last run of learnt tokens kept: the reply being judged."""
+    end = max((i + 1 for i, keep in enumerate(learnt) if keep), default=0)
+    start = end
+    while start > 0 and learnt[start - 1]:
+        start -= 1
+    return [start <= i < end for i in range(len(learnt))]
+
+
+def pair_rows(
+    pairs: Iterable[tuple[tuple[list[int], list[bool]], tuple[list[int], list[bool]]]],
+    seq_len: int,
+    pad_id: int,
+    *,
+    where: str = "pair",
+    first: int = 0,
+) -> PackedRows:
+    """Preference pairs (the chosen and the rejected conversation, each as `chat_tokens` gives
+    it) as rows of ``seq_len + 1`` tokens: row 2k the chosen reply of pair k, row 2k + 1 the
+    rejected one, each row one example with only its final reply learnt. A pair too long for a
+    row is an error that calls it `where` and its number, counted from `first`."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    width = seq_len + 1
+    rows = []
+    for number, pair in enumerate(pairs):
+        for side, (ids, learnt) in zip(("chosen", "rejected"), pair, strict=True):
+            if len(ids) > width:
+                raise ChatDataError(
+                    f"{where} {first + number}: its {side} conversation is {len(ids)} tokens, "
+                    f"more than a sequence of {width} (seq_len + 1); shorten it or raise seq_len"
+                )
+            reply = _final_reply(learnt)
+            if not any(reply):
+                raise ChatDataError(f"{where} {first + number}: the {side} reply is empty")
+            rows.append((ids, reply, [0] * len(ids)))
+    if not rows:
+        raise ChatDataError(f"no {where}s to pack")
+    return _packed(rows, width, pad_id)

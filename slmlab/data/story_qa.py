@@ -10,6 +10,10 @@ known, a reply is scored exactly, and a wrong one is of two kinds: it names some
 does say (a confusion: the hero for the friend), or something it never says (a hallucination).
 `score_answers` counts both.
 
+`preference_pairs` gives the data of preference tuning: a question, its right answer (chosen)
+and a wrong one in the same words (rejected), which names what the story never says: the
+hallucination the model is to unlearn.
+
 Splits are seeds: `SPLIT_SEEDS` keeps training, validation and test stories apart from each
 other and from the pre-training corpus (seeds 1 and 2) and the evaluation suites (9001).
 """
@@ -38,10 +42,12 @@ __all__ = [
     "SPLIT_SEEDS",
     "QAExample",
     "hallucinated",
+    "preference_pairs",
     "qa_conversations",
     "qa_examples",
     "question_about",
     "score_answers",
+    "wrong_answer",
 ]
 
 SPLIT_SEEDS = {"train": 11, "validation": 12, "test": 13}
@@ -87,16 +93,78 @@ class QAExample:
         return turns
 
 
+def _facts(story: str) -> dict[str, str]:
+    """What the questions ask about `story`: its opening's cast, its ending, and whether the
+    thing got lost (anywhere in the story)."""
+    cast, _ = cast_of(story)
+    cast["ending"] = _ENDING.search(story).group(1)  # type: ignore[union-attr]
+    lost = f" lost the {cast['color']} {cast['thing']}." in story
+    cast["lost"] = f"Yes, {cast['hero']} lost it." if lost else f"No, {cast['hero']} did not."
+    return cast
+
+
 def question_about(story: str, kind: str) -> QAExample:
     """The question of `kind` (one of `QUESTION_KINDS`) about `story`, with its answer."""
     if kind not in QUESTIONS:
         raise ValueError(f"kind must be one of {list(QUESTION_KINDS)}, got {kind!r}")
-    cast, _ = cast_of(story)
-    cast["ending"] = _ENDING.search(story).group(1)  # type: ignore[union-attr]
-    lost = f" lost the {cast['color']} {cast['thing']}." in story  # anywhere in the story
-    cast["lost"] = f"Yes, {cast['hero']} lost it." if lost else f"No, {cast['hero']} did not."
+    facts = _facts(story)
     question, answer = QUESTIONS[kind]
-    return QAExample(story, question.format(**cast), answer.format(**cast), kind)
+    return QAExample(story, question.format(**facts), answer.format(**facts), kind)
+
+
+# The words a wrong answer of each kind draws from (the fact a question asks is its kind's).
+_ALTERNATIVES = {
+    "friend": NAMES,
+    "pet": PETS,
+    "thing": THINGS,
+    "color": COLORS,
+    "place": PLACES,
+    "weather": WEATHER,
+    "ending": ENDINGS,
+}
+
+
+def wrong_answer(example: QAExample, rng: random.Random) -> str:
+    """An answer to `example`'s question in the right words with the wrong fact: a word of the
+    same kind that the story never says (a hallucination), the other ending, or the opposite
+    yes or no."""
+    facts = _facts(example.story)
+    kind = example.kind
+    if kind == "lost":
+        hero = facts["hero"]
+        return (
+            f"No, {hero} did not." if facts["lost"].startswith("Yes") else f"Yes, {hero} lost it."
+        )
+    said = {w.lower() for w in re.findall(r"\w+", example.story)}
+    unsaid = [w for w in _ALTERNATIVES[kind] if w.lower() not in said]
+    if kind == "ending":  # an ending word may be said as a feeling; any other ending is wrong
+        unsaid = [w for w in ENDINGS if w != facts["ending"]]
+    wrong = {**facts, kind: rng.choice(unsaid)}
+    return QUESTIONS[kind][1].format(**wrong)
+
+
+def preference_pairs(
+    n: int,
+    split: str = "train",
+    *,
+    kinds: Sequence[str] = QUESTION_KINDS,
+    keep: Callable[[QAExample], bool] | None = None,
+) -> list[dict[str, list[dict[str, str]]]]:
+    """`n` preference pairs of `split`, in the conversational shape TRL reads:
+    ``{"prompt": [user turn], "chosen": [right reply], "rejected": [wrong reply]}``, the
+    wrong reply from `wrong_answer`. `kinds` and `keep` are `qa_examples`'."""
+    rng = random.Random(f"story-qa-preference-{SPLIT_SEEDS.get(split, split)}")
+    pairs = []
+    for example in qa_examples(n, split, kinds=kinds, keep=keep):
+        prompt = example.messages(with_answer=False)
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": example.answer}],
+                "rejected": [{"role": "assistant", "content": wrong_answer(example, rng)}],
+            }
+        )
+    return pairs
 
 
 def qa_examples(

@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..models.swap import LINEAR_TARGETS, swap_linears
+from .quantized import QuantLinear
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -228,7 +229,13 @@ def apply_lora_(model: nn.Module, config: LoraConfig) -> nn.Module:
         )
     for p in model.parameters():
         p.requires_grad_(False)
-    swap_linears(model, lambda name, layer: LoRALinear(layer, config), config.targets)
+    # A quantized base (QLoRA) is wrapped as a plain one is: the update learns on top of it.
+    swap_linears(
+        model,
+        lambda name, layer: LoRALinear(layer, config),
+        config.targets,
+        kinds=(nn.Linear, QuantLinear),
+    )
     return model
 
 

@@ -135,6 +135,9 @@ class QuantLinear(nn.Module):
             if y is not None:
                 return y if self.bias is None else y + self.bias
         # The reference path, and the oracle of every kernel: dequantize, then multiply.
+        if torch.is_grad_enabled() and x.requires_grad:  # QLoRA: training through this layer
+            y = _FrozenQuantMatmul.apply(x, self)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,6 +161,21 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"fmt={self.fmt}, bits={self.bits}, group_size={self.group_size}{extra}"
         )
+
+
+class _FrozenQuantMatmul(torch.autograd.Function):
+    """``x Wᵀ`` for a layer's frozen quantized W, whose backward dequantizes W again instead of
+    keeping it: the gradient reaches the input (and the LoRA update before it) while memory
+    holds only the codes, as bitsandbytes' 4-bit matmul does. W itself gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.layer.dequantized_weight(grad.dtype), None
 
 
 class QuantEmbedding(nn.Module):
@@ -191,7 +209,9 @@ def quantization_config(model: nn.Module) -> dict | None:
     return {
         "quant_method": "slmlab",
         "layers": {
-            name: layer.spec()
+            # A base layer under a LoRA update (QLoRA) is recorded by the base model's name;
+            # the adapter goes beside it (`slmlab.layers.lora`).
+            name.replace(".base_layer", ""): layer.spec()
             for name, layer in layers.items()
             if embedding is None or layer is not embedding.linear
         },

@@ -37,16 +37,21 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 
 
 def linear_layers(
-    model: nn.Module, targets: Sequence[str] | str = LINEAR_TARGETS, *, skip: Sequence[str] = ()
+    model: nn.Module,
+    targets: Sequence[str] | str = LINEAR_TARGETS,
+    *,
+    skip: Sequence[str] = (),
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear,),
 ) -> list[tuple[str, nn.Linear]]:
-    """(name, layer) of each ``nn.Linear`` (subclasses included) whose name ends in one of
-    `targets` (``"all"``: every one) and in none of `skip`, in the model's order."""
+    """(name, layer) of each ``nn.Linear`` (subclasses included; or of another of `kinds`, a
+    quantized linear layer, say) whose name ends in one of `targets` (``"all"``: every one)
+    and in none of `skip`, in the model's order."""
     if isinstance(targets, str) and targets != "all":
         raise ValueError(f"targets must be a list of layer names or 'all', got {targets!r}")
     found = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
+        if isinstance(module, kinds)
         and (targets == "all" or name.rpartition(".")[2] in targets or name in targets)
         and not any(name.endswith(s) for s in skip)
     ]
@@ -65,12 +70,13 @@ def swap_linears(
     targets: Sequence[str] | str = LINEAR_TARGETS,
     *,
     skip: Sequence[str] = (),
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear,),
 ) -> dict[str, nn.Module]:
     """Replace each linear layer `linear_layers` finds by ``build(name, layer)`` (None keeps the
     layer), in place; returns the new layers by name. Layers are found before any is built, so
     a `build` that wraps its layer is not offered its own output."""
     swapped = {}
-    for name, layer in linear_layers(model, targets, skip=skip):
+    for name, layer in linear_layers(model, targets, skip=skip, kinds=kinds):
         new = build(name, layer)
         if new is not None:
             replace_module(model, name, new)

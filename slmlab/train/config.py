@@ -18,7 +18,10 @@ __all__ = ["TrainConfig"]
 
 PRECISIONS = ("fp32", "bf16", "auto")
 OPTIMIZERS = ("adamw", "muon")
-OBJECTIVES = ("next-token", "sft")
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")
+OBJECTIVES = ("next-token", "sft", *PREFERENCE_OBJECTIVES)
+# Each preference objective's beta where the config leaves it out: the papers' and TRL's.
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "orpo": 0.1}
 CHAT_DATA = {"story-qa": "questions about generated stories, answers known (chapter 06)"}
 
 
@@ -42,6 +45,13 @@ class TrainConfig:
     and only the assistant's replies are learnt; `init_from` is required, `data_size` counts
     examples). `lora` holds a `slmlab.layers.lora.LoraConfig`'s fields: train a low-rank
     update of the named layers and nothing else.
+
+    ``dpo``, ``simpo`` and ``orpo`` are preference tuning (`slmlab.train.preference`): `data`
+    is pairs (``story-qa``, or a jsonl file of ``{"prompt", "chosen", "rejected"}``),
+    `batch_size` counts pairs, `beta` scales the preference (by default 0.1, 2.0 and 0.1) and
+    `simpo_gamma` is SimPO's margin. `quantize_base` holds a `QuantConfig`'s fields (NF4 in
+    blocks of 64 for QLoRA): with `lora`, the frozen base's linear layers are stored rounded
+    while the update trains in full precision (`slmlab.finetune.finetune` runs it).
     """
 
     model: dict[str, Any]
@@ -69,6 +79,9 @@ class TrainConfig:
     qat: dict[str, Any] | None = None
     objective: str = "next-token"
     lora: dict[str, Any] | None = None
+    beta: float | None = None
+    simpo_gamma: float = 0.5
+    quantize_base: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -129,12 +142,21 @@ class TrainConfig:
         if self.qat is not None and not isinstance(self.qat, dict):
             raise ConfigError(f"qat must be a table of QuantConfig fields, got {self.qat!r}")
         if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
-        if self.objective == "sft" and self.init_from is None:
             raise ConfigError(
-                "objective sft fine-tunes a trained model: set init_from to its checkpoint "
-                "directory or zoo name"
+                f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}"
             )
+        if self.objective != "next-token" and self.init_from is None:
+            raise ConfigError(
+                f"objective {self.objective} fine-tunes a trained model: set init_from to its "
+                "checkpoint directory or zoo name"
+            )
+        for name in ("beta", "simpo_gamma"):
+            value = getattr(self, name)
+            real = isinstance(value, int | float) and not isinstance(value, bool)
+            if value is not None and not (real and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a number of 0 or more, got {value!r}")
+        if self.beta == 0:
+            raise ConfigError("beta must be positive: at 0 the preference loss learns nothing")
         if self.lora is not None:
             self.lora_config()  # validates the fields
             if self.optimizer != "adamw":
@@ -143,6 +165,15 @@ class TrainConfig:
                 raise ConfigError("lora adapts a trained model: set init_from")
             if self.qat is not None:
                 raise ConfigError("lora and qat do not combine; choose one")
+        if self.quantize_base is not None:
+            if not isinstance(self.quantize_base, dict):
+                raise ConfigError(
+                    f"quantize_base must be a table of QuantConfig fields, got {self.quantize_base!r}"
+                )
+            if self.lora is None:
+                raise ConfigError(
+                    "quantize_base freezes a rounded base under a LoRA update (QLoRA): set lora too"
+                )
         if "vocab_size" in self.model:
             raise ConfigError("model.vocab_size comes from the tokenizer: set vocab_size instead")
         self.model_config(self.vocab_size)  # validates the model fields
@@ -161,6 +192,11 @@ class TrainConfig:
             raise ConfigError(f"lora.{unknown[0]} is not a LoRA field; known: {known}") from None
         except LoraError as err:
             raise ConfigError(str(err)) from None
+
+    @property
+    def preference_beta(self) -> float:
+        """The beta a preference objective trains with: `beta`, or the objective's default."""
+        return self.beta if self.beta is not None else DEFAULT_BETA[self.objective]
 
     def model_config(self, vocab_size: int, eos_token_id: int | None = None) -> ModelConfig:
         """The model's config; `eos_token_id` is the document separator the tokenizer assigned
@@ -229,7 +265,7 @@ class TrainConfig:
         def lines(table: dict[str, Any]) -> list[str]:
             return [f"{key} = {value(v)}" for key, v in table.items()]
 
-        tables = ("model", "qat", "lora")
+        tables = ("model", "qat", "lora", "quantize_base")
         top = {k: v for k, v in self.to_dict().items() if k not in tables and v is not None}
         text = [*lines(top), "", "[model]", *lines(self.model)]
         for table in tables[1:]:

@@ -4,7 +4,8 @@ Pre-training trains a tokenizer on its documents and learns every token; supervi
 fine-tuning (``objective = "sft"``) takes the tokenizer of the checkpoint it starts from (with
 the chat template's tokens added where it lacks them), writes each conversation in the chat
 template, and learns the replies alone, from rows of packed examples that never see each other
-(`slmlab.data.chat`).
+(`slmlab.data.chat`). Preference tuning (``dpo``, ``simpo``, ``orpo``) reads pairs, and a pair's
+two replies are two neighbouring rows that are always drawn together.
 """
 
 from __future__ import annotations
@@ -19,11 +20,19 @@ import torch
 
 from ..checkpoint import load_chat_settings, load_tokenizer
 from ..data import NAMED_CORPORA, corpus_texts, pack, shuffled
-from ..data.chat import PackedRows, chat_tokens, pack_examples, read_chat_jsonl
-from ..data.story_qa import qa_conversations
+from ..data.chat import (
+    IGNORE,
+    PackedRows,
+    chat_tokens,
+    pack_examples,
+    pair_rows,
+    read_chat_jsonl,
+    read_preference_jsonl,
+)
+from ..data.story_qa import preference_pairs, qa_conversations
 from ..templates import CHATML
 from ..tokenizers import END_OF_TEXT, as_hf_tokenizer, train_bpe
-from .config import CHAT_DATA, TrainConfig
+from .config import CHAT_DATA, PREFERENCE_OBJECTIVES, TrainConfig
 
 __all__ = ["Batch", "TrainData", "build_data"]
 
@@ -35,11 +44,14 @@ SFT_VALIDATION = 200  # validation conversations of a named chat set
 class Batch:
     """Training rows: `ids` (B, L + 1); for fine-tuning also `targets` (B, L; `IGNORE` where
     nothing is learnt) and `segments` (B, L; the packed example of each position). Without
-    them every next token is learnt and the row is one sequence."""
+    them every next token is learnt and the row is one sequence. Preference rows come in
+    pairs (chosen, rejected) and may carry `reference`, the starting model's log-probability
+    of each row's reply."""
 
     ids: torch.Tensor
     targets: torch.Tensor | None = None
     segments: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -48,7 +60,7 @@ class Batch:
         return Batch(*(None if t is None else t[index] for t in self._parts()))
 
     def _parts(self) -> tuple[torch.Tensor | None, ...]:
-        return self.ids, self.targets, self.segments
+        return self.ids, self.targets, self.segments, self.reference
 
     def to(self, device) -> Batch:
         return Batch(*(None if t is None else t.to(device) for t in self._parts()))
@@ -70,6 +82,9 @@ class TrainData:
     val_segments: torch.Tensor | None = None
     eos_token_id: int | None = None  # where generation stops; None: the end-of-text token
     chat_settings: dict[str, Any] = field(default_factory=dict)  # tokenizer_config.json
+    pairs: bool = False  # preference data: rows 2k and 2k + 1 are pair k's chosen and rejected
+    train_reference: torch.Tensor | None = None  # (rows,): see `Batch.reference`
+    val_reference: torch.Tensor | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -82,31 +97,31 @@ class TrainData:
         return as_hf_tokenizer(self.tokenizer).token_to_id(END_OF_TEXT)
 
     def _rows(self, index, split: str) -> Batch:
-        ids, targets, segments = (
-            (self.train, self.train_targets, self.train_segments)
+        parts = (
+            (self.train, self.train_targets, self.train_segments, self.train_reference)
             if split == "train"
-            else (self.val, self.val_targets, self.val_segments)
+            else (self.val, self.val_targets, self.val_segments, self.val_reference)
         )
-        return Batch(
-            ids[index],
-            None if targets is None else targets[index],
-            None if segments is None else segments[index],
-        )
+        return Batch(*(None if t is None else t[index] for t in parts))
 
     def batch(self, step: int, batch_size: int, seed: int) -> Batch:
-        """The rows of optimizer step `step`: a function of the step alone, so resuming is exact."""
-        rows = self.train.shape[0]
+        """The rows of optimizer step `step`: a function of the step alone, so resuming is exact.
+        For preference data `batch_size` counts pairs, each two neighbouring rows."""
+        per = 2 if self.pairs else 1
+        units = self.train.shape[0] // per
         start = step * batch_size
-        epoch, offset = divmod(start, rows)
-        order = shuffled(rows, seed, epoch)
+        epoch, offset = divmod(start, units)
+        order = shuffled(units, seed, epoch)
         index = order[offset : offset + batch_size]
         if len(index) < batch_size:  # the batch runs into the next epoch's order
-            index = torch.cat([index, shuffled(rows, seed, epoch + 1)[: batch_size - len(index)]])
+            index = torch.cat([index, shuffled(units, seed, epoch + 1)[: batch_size - len(index)]])
+        if self.pairs:
+            index = torch.stack([2 * index, 2 * index + 1], dim=1).flatten()
         return self._rows(index, "train")
 
     def validation_rows(self, count: int) -> Batch:
-        """The first `count` validation rows."""
-        return self._rows(slice(0, count), "val")
+        """The first `count` validation rows (pairs, for preference data)."""
+        return self._rows(slice(0, count * (2 if self.pairs else 1)), "val")
 
 
 def _documents(config: TrainConfig) -> tuple[list[str], list[str]]:
@@ -126,7 +141,7 @@ def _documents(config: TrainConfig) -> tuple[list[str], list[str]]:
 def build_data(config: TrainConfig) -> TrainData:
     """Documents → tokenizer (trained on the training split) → packed rows, or for
     fine-tuning, conversations → chat template → packed examples. Deterministic."""
-    if config.objective == "sft":
+    if config.objective != "next-token":
         return _chat_data(config)
     train_docs, val_docs = _documents(config)
     tokenizer = train_bpe(
@@ -156,6 +171,21 @@ def _conversations(
 ) -> tuple[list, list, str]:
     """Training and validation conversations, and what to call one in an error. A named set
     leaves out the stories too long for a row (`fits`); the reader's data must fit."""
+    if config.objective in PREFERENCE_OBJECTIVES:
+        if config.data in CHAT_DATA:
+
+            def example_fits(example) -> bool:
+                return fits(example.messages())
+
+            return (
+                preference_pairs(config.data_size, "train", keep=example_fits),
+                preference_pairs(SFT_VALIDATION, "validation", keep=example_fits),
+                "story-qa pair",
+            )
+        pairs = read_preference_jsonl(config.data)[: config.data_size]
+        cut = max(1, len(pairs) // 20)
+        train = pairs[:-cut] or pairs
+        return train, pairs[len(train) - len(pairs) :] or pairs, f"{config.data} record"
     if config.data in CHAT_DATA:  # story-qa
         return (
             qa_conversations(config.data_size, "train", keep=fits),
@@ -207,6 +237,8 @@ def _chat_data(config: TrainConfig) -> TrainData:
         tokenized[key] = chat_tokens(chat, encode, template, **special)
         return len(tokenized[key][0]) <= config.seq_len + 1
 
+    if config.objective in PREFERENCE_OBJECTIVES:
+        return _pair_data(config, tokenizer, settings, encode, end, fits, tokenized)
     train_chats, val_chats, name = _conversations(config, fits)
     packed: list[PackedRows] = []
     learnt_chars = learnt_tokens = 0
@@ -234,4 +266,54 @@ def _chat_data(config: TrainConfig) -> TrainData:
         val_segments=val.segments,
         eos_token_id=end,
         chat_settings={"tokenizer_class": "PreTrainedTokenizerFast", **settings},
+    )
+
+
+def _pair_data(
+    config: TrainConfig,
+    tokenizer: Any,
+    settings: dict[str, Any],
+    encode: Callable[[str], list[int]],
+    end: int,
+    fits: Callable[[list[dict[str, str]]], bool],
+    tokenized: dict[str, tuple[list[int], list[bool]]],
+) -> TrainData:
+    """`_chat_data` for preference pairs: each pair's chosen and rejected conversation as two
+    neighbouring rows. A named set leaves out the few pairs whose wrong reply no longer fits."""
+    template = settings["chat_template"]
+    special = {k: v for k, v in settings.items() if k.endswith("_token")}
+    train_pairs, val_pairs, name = _conversations(config, fits)
+    named = config.data in CHAT_DATA
+    rows: list[PackedRows] = []
+    for pairs, first in ((train_pairs, 0), (val_pairs, len(train_pairs))):
+        sides = []
+        for i, pair in enumerate(pairs):
+            chats = [pair["prompt"] + pair[side] for side in ("chosen", "rejected")]
+            if named and not all(map(fits, chats)):
+                continue
+            sides.append(
+                tuple(
+                    tokenized.get(json.dumps(chat))
+                    or chat_tokens(chat, encode, template, where=f"{name} {first + i}", **special)
+                    for chat in chats
+                )
+            )
+        rows.append(pair_rows(sides, config.seq_len, end, where=name, first=first))
+    train, val = rows
+    val_tokens = int((val.targets != IGNORE).sum())
+    val_chars = sum(
+        len(tokenizer.decode(row[target != IGNORE].tolist(), skip_special_tokens=True)) + 1
+        for row, target in zip(val.ids[:, 1:], val.targets, strict=True)
+    )
+    return TrainData(
+        tokenizer,
+        train.ids,
+        val.ids,
+        [pair["chosen"][-1]["content"] for pair in val_pairs],
+        val_chars / val_tokens,
+        train_targets=train.targets,
+        val_targets=val.targets,
+        eos_token_id=end,
+        chat_settings={"tokenizer_class": "PreTrainedTokenizerFast", **settings},
+        pairs=True,
     )

@@ -27,10 +27,11 @@ from ..data.chat import IGNORE
 from ..env import bf16_is_fast
 from ..layers.lora import apply_lora_
 from ..models.decoder import DecoderLM
-from .config import TrainConfig
+from .config import PREFERENCE_OBJECTIVES, TrainConfig
 from .data import Batch, TrainData, build_data
 from .distributed import PARALLEL, join, mean_over_processes, share
 from .optim import build_optimizer, lr_at
+from .preference import pair_accuracy, preference_loss, reference_logps, reply_logps
 from .state import LAST, initialise_from, resume_optimizer, resume_weights, save_run
 
 __all__ = ["TrainResult", "next_token_loss", "train", "train_step", "validation_loss"]
@@ -98,6 +99,9 @@ def train_step(
     learnt = None if batch.targets is None else int((batch.targets != IGNORE).sum())
     if learnt == 0:
         raise ValueError("a batch with no learnt token: every example's reply is missing")
+    preference = config.objective in PREFERENCE_OBJECTIVES
+    if preference:
+        chosen_tokens = int((batch.targets[0::2] != IGNORE).sum())  # type: ignore[index]
     loss_sum = torch.zeros((), device=batch.ids.device)
     for i, chunk in enumerate(batch.split(len(batch) // config.grad_accum)):
         last = i == config.grad_accum - 1  # average gradients across processes only then
@@ -106,6 +110,18 @@ def train_step(
         with runner.no_sync() if ddp and not last else nullcontext():
             if learnt is None:
                 loss = next_token_loss(runner, chunk.ids, autocast) / config.grad_accum
+            elif preference:
+                logps, counts = reply_logps(runner, chunk, autocast)
+                loss = preference_loss(
+                    config.objective,
+                    logps,
+                    counts,
+                    chunk.reference,
+                    beta=config.preference_beta,
+                    gamma=config.simpo_gamma,
+                    pairs=len(batch) // 2,
+                    chosen_tokens=chosen_tokens,
+                )
             else:
                 loss = _learnt_loss(runner, chunk, autocast)[0] / learnt
             loss.backward()
@@ -124,10 +140,13 @@ def train_step(
 
 @torch.no_grad()
 def validation_loss(model: DecoderLM, data: TrainData, config: TrainConfig) -> float:
-    """Mean loss (nats per token) over the first `eval_batches` batches of validation rows."""
+    """Mean loss (nats per token; for preference tuning, per pair) over the first
+    `eval_batches` batches of validation rows."""
     model.eval()
     device = next(model.parameters()).device
     rows = data.validation_rows(config.eval_batches * config.batch_size).to(device)
+    if config.objective in PREFERENCE_OBJECTIVES:
+        return _validation_preference(model, rows, config)[0]
     total, count = 0.0, 0
     for chunk in rows.split(config.batch_size):
         if chunk.targets is None:
@@ -138,6 +157,27 @@ def validation_loss(model: DecoderLM, data: TrainData, config: TrainConfig) -> f
             total, count = total + chunk_total.item(), count + chunk_count
     model.train()
     return total / count
+
+
+@torch.no_grad()
+def _validation_preference(model, rows: Batch, config: TrainConfig) -> tuple[float, float]:
+    """The preference loss of validation pairs `rows`, and the share of them the model gets
+    the right way round (`pair_accuracy`)."""
+    model.eval()
+    parts = [reply_logps(model, chunk) for chunk in rows.split(2 * config.batch_size)]
+    logps = torch.cat([p[0] for p in parts])
+    counts = torch.cat([p[1] for p in parts])
+    loss = preference_loss(
+        config.objective,
+        logps,
+        counts,
+        rows.reference,
+        beta=config.preference_beta,
+        gamma=config.simpo_gamma,
+    )
+    reference = rows.reference if config.objective == "dpo" else None
+    model.train()
+    return loss.item(), pair_accuracy(logps, reference)
 
 
 def _precision(config: TrainConfig, device: torch.device) -> str:
@@ -249,6 +289,8 @@ def train(
     model = DecoderLM(model_config).to(device)
     if config.init_from is not None:  # fine-tuning (QAT, say): start from a trained model
         initialise_from(model, config.init_from, data.tokenizer, seed=config.seed)
+    if config.objective == "dpo" and data.train_reference is None:
+        reference_logps(model, data, progress=progress and rank == 0)  # the starting model's
     lora = config.lora_config()
     if lora is not None:  # only the low-rank updates train (after the base's weights are in)
         apply_lora_(model, lora)
@@ -258,6 +300,11 @@ def train(
         raise ValueError(
             "this config trains through rounding (qat): run it with slmlab.quant.qat.train_qat, "
             "`slmlab train` or the zoo, which prepare the model's layers for it"
+        )
+    elif config.quantize_base is not None:
+        raise ValueError(
+            "this config rounds the base it adapts (quantize_base, QLoRA): run it with "
+            "slmlab.finetune.finetune or `slmlab finetune`, which round the layers"
         )
     defaults = TrainConfig(model=config.model).to_dict()
     start = resume_weights(model, out, config.to_dict(), defaults) if resume else 0
@@ -303,14 +350,15 @@ def train(
         initial=start,
         total=stop,
     )
-    local = config.batch_size // world
-    tokens_per_step = config.batch_size * config.seq_len
+    tokens_per_step = config.batch_size * (2 if data.pairs else 1) * config.seq_len
     loss_value, val_loss, started = float("nan"), None, time.perf_counter()
     for step in bar:
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = data.batch(step, config.batch_size, config.seed)[rank * local : (rank + 1) * local]
+        rows = data.batch(step, config.batch_size, config.seed)
+        local = len(rows) // world  # preference data: a pair's two rows, so an even share
+        rows = rows[rank * local : (rank + 1) * local]
         try:
             loss_value, grad_norm = train_step(
                 runner, optimizer, rows.to(device), config, world=world, autocast=autocast
@@ -329,9 +377,14 @@ def train(
             "tokens": done * tokens_per_step,
         }
         if config.eval_every and (done % config.eval_every == 0 or done == stop):
-            val_loss = validation_loss(model, data, config)
-            record["val_loss"] = val_loss
-            record["val_bits_per_char"] = val_loss / math.log(2) / data.val_chars_per_token
+            if data.pairs:
+                rows = data.validation_rows(config.eval_batches * config.batch_size)
+                val_loss, accuracy = _validation_preference(model, rows.to(device), config)
+                record.update(val_loss=val_loss, val_pair_accuracy=accuracy)
+            else:
+                val_loss = validation_loss(model, data, config)
+                record["val_loss"] = val_loss
+                record["val_bits_per_char"] = val_loss / math.log(2) / data.val_chars_per_token
         if rank == 0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")

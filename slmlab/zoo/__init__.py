@@ -359,11 +359,15 @@ def resolve(
 
 
 def train(config: TrainConfig, out: str | Path, **kwargs):  # -> TrainResult
-    """`slmlab.train.train`, or `slmlab.quant.qat.train_qat` for a config with `qat`: the one
-    place that picks between them, for the zoo and `slmlab train`."""
+    """`slmlab.train.train`, `slmlab.quant.qat.train_qat` for a config with `qat`, or
+    `slmlab.finetune.train_finetune` for one with `quantize_base` (QLoRA): the one place that
+    picks between them, for the zoo and `slmlab train`."""
+    from ..finetune import train_finetune
     from ..quant.qat import train_qat
     from ..train import loop
 
+    if config.quantize_base is not None:
+        return train_finetune(config, out, **kwargs)
     return (loop.train if config.qat is None else train_qat)(config, out, **kwargs)
 
 

@@ -38,6 +38,15 @@ def test_defaults_are_derived() -> None:
         ({"num_key_value_heads": 3}, r"num_key_value_heads \(3\) must divide num_attention_heads"),
         ({"head_dim": 15}, "head_dim must be even"),
         ({"rope_theta": 0}, "rope_theta must be a positive number"),
+        ({"rope_theta": float("inf")}, "rope_theta must be a positive number, got inf"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a positive number, got nan"),
+        ({"rms_norm_eps": True}, "rms_norm_eps must be a positive number, got True"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+        ({"attention_bias": 1}, "attention_bias must be true or false, got 1"),
+        (
+            {"rope_scaling": {"rope_type": "linear", "factor": float("inf")}},
+            "rope_scaling.factor must be positive",
+        ),
         ({"model_type": "gpt2"}, "model_type must be one of"),
         (
             {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,12 @@ __all__ = ["ConfigError", "ModelConfig"]
 # Architectures whose weights map one to one onto ours. Qwen2 is Llama with a bias on q, k, v.
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _positive_real(value: Any) -> bool:
+    """A finite number above 0 (not a bool, which Python counts as an integer)."""
+    real = isinstance(value, int | float) and not isinstance(value, bool)
+    return real and math.isfinite(value) and value > 0
 
 
 class ConfigError(ValueError):
@@ -91,10 +98,12 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}): each key/value head serves "
                 "a whole group of query heads"
             )
-        if not (isinstance(self.rope_theta, int | float) and self.rope_theta > 0):
-            raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
-        if not (isinstance(self.rms_norm_eps, int | float) and self.rms_norm_eps > 0):
-            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        for name in ("rope_theta", "rms_norm_eps"):  # inf and nan pass a bare "> 0"
+            if not _positive_real(getattr(self, name)):
+                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        for name in ("tie_word_embeddings", "attention_bias"):  # "false" would read as true
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.model_type not in HF_ARCHITECTURES:
             raise ConfigError(
                 f"model_type must be one of {sorted(HF_ARCHITECTURES)}, got {self.model_type!r}"
@@ -123,7 +132,7 @@ class ModelConfig:
         for key in needed:
             if key not in scaling:
                 raise ConfigError(f"rope_scaling of type {rope_type!r} needs the field {key!r}")
-            if not (isinstance(scaling[key], int | float) and scaling[key] > 0):
+            if not _positive_real(scaling[key]):
                 raise ConfigError(f"rope_scaling.{key} must be positive, got {scaling[key]!r}")
 
     # Derived sizes, named so a chapter can print them.

@@ -818,3 +818,29 @@ def test_qlora_trains_the_update_over_nf4_and_resumes_exactly(base_checkpoint, t
     torch.testing.assert_close(tuned(ids), again(ids), rtol=0, atol=0)
     saved = json.loads((straight.checkpoint / "config.json").read_text())["quantization_config"]
     assert all(".base_layer" not in name for name in saved["layers"])  # the base model's names
+
+
+def test_the_command_line_tunes_preferences_from_the_readers_pairs(
+    base_checkpoint, chat_tokenizer, tmp_path
+) -> None:
+    import subprocess
+    import sys
+
+    base, _ = base_checkpoint
+    data = tmp_path / "pairs.jsonl"
+    pairs = preference_pairs(
+        10, "validation", keep=lambda e: len(chat_tokenizer.encode(e.prompt()).ids) < 220
+    )
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    out = tmp_path / "dpo"
+    tune = subprocess.run(
+        [sys.executable, "-m", "slmlab", "finetune", str(base), "--method", "dpo", "--data",
+         str(data), "--steps", "2", "--batch-size", "2", "--seq-len", "255", "--beta", "0.5",
+         "--out", str(out), "--quiet"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert tune.returncode == 0, tune.stderr
+    trainer = json.loads((out / "last" / "trainer.json").read_text())
+    assert trainer["config"]["objective"] == "dpo" and trainer["config"]["beta"] == 0.5
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -260,3 +260,14 @@ def test_absmax_rounding_against_its_definition() -> None:
     codes, scale = absmax_round(x[2:], 8, ignore=x[2:].abs() >= 6)
     assert scale.item() == pytest.approx(1 / 127) and codes.tolist() == [[127.0, 127.0, -127.0, 32.0]]
     assert torch.equal(absmax_scale(x, 4), x.abs().amax(-1).clamp(min=1e-12) / 7)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_a_packed_4bit_layer_dequantizes_as_its_codes_do(weight, fmt) -> None:
+    """The layer's byte-at-a-time lookup against the codes unpacked, then dequantized."""
+    from slmlab.layers.quantized import QuantLinear
+
+    q = quantize(weight, fmt, 4, group_size=32)
+    layer = QuantLinear(q, None)
+    assert layer.codes.shape[-1] * 2 == weight.shape[1]  # stored packed
+    torch.testing.assert_close(layer.dequantized_weight(), dequantize(q), rtol=0, atol=0)

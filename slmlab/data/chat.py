@@ -23,7 +23,7 @@ the final reply learnt: the loss compares the two replies' whole log-probabiliti
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,15 +115,13 @@ def chat_tokens(
     return ids, learnt
 
 
-def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
-    """The conversations of a jsonl file, one a line: ``{"messages": [...]}``, or
-    ``{"prompt": ..., "completion": ...}`` (one user turn and one reply)."""
-    path = Path(path)
+def _jsonl_records(path: Path, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each object of jsonl file `path` with where it is (``path:line``); blank lines skipped.
+    A file that cannot be read, or a line that is not a JSON object, is an error."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise ChatDataError(f"{path}: cannot read chat data ({err})") from None
-    conversations = []
+        raise ChatDataError(f"{path}: cannot read {what} ({err})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -134,6 +132,15 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
             raise ChatDataError(f"{where}: not a JSON object ({err.msg})") from None
         if not isinstance(record, dict):
             raise ChatDataError(f"{where}: each line must be a JSON object")
+        yield where, record
+
+
+def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
+    """The conversations of a jsonl file, one a line: ``{"messages": [...]}``, or
+    ``{"prompt": ..., "completion": ...}`` (one user turn and one reply)."""
+    path = Path(path)
+    conversations = []
+    for where, record in _jsonl_records(path, "chat data"):
         if "messages" in record:
             conversations.append(_check_messages(record["messages"], where))
         elif {"prompt", "completion"} <= set(record):
@@ -176,22 +183,12 @@ def read_preference_jsonl(path: str | Path) -> list[dict[str, list[dict[str, str
     ``{"prompt": ..., "chosen": ..., "rejected": ...}``, each text (a user turn, an assistant
     turn) or a list of turns. Returned with every field as turns."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ChatDataError(f"{path}: cannot read preference data ({err})") from None
     pairs = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ChatDataError(f"{where}: not a JSON object ({err.msg})") from None
-        if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= set(record):
-            have = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ChatDataError(f"{where}: a pair needs prompt, chosen and rejected; it has {have}")
+    for where, record in _jsonl_records(path, "preference data"):
+        if not {"prompt", "chosen", "rejected"} <= set(record):
+            raise ChatDataError(
+                f"{where}: a pair needs prompt, chosen and rejected; it has {sorted(record)}"
+            )
         pair = {
             "prompt": _turns(record["prompt"], "user", "prompt", where),
             "chosen": _turns(record["chosen"], "assistant", "chosen", where),

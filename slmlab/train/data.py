@@ -171,8 +171,9 @@ def _conversations(
 ) -> tuple[list, list, str]:
     """Training and validation conversations, and what to call one in an error. A named set
     leaves out the stories too long for a row (`fits`); the reader's data must fit."""
-    if config.objective in PREFERENCE_OBJECTIVES:
-        if config.data in CHAT_DATA:
+    preference = config.objective in PREFERENCE_OBJECTIVES
+    if config.data in CHAT_DATA:  # story-qa
+        if preference:
 
             def example_fits(example) -> bool:
                 return fits(example.messages())
@@ -182,25 +183,17 @@ def _conversations(
                 preference_pairs(SFT_VALIDATION, "validation", keep=example_fits),
                 "story-qa pair",
             )
-        pairs = read_preference_jsonl(config.data)[: config.data_size]
-        cut = max(1, len(pairs) // 20)
-        train = pairs[:-cut] or pairs
-        return train, pairs[len(train) - len(pairs) :] or pairs, f"{config.data} record"
-    if config.data in CHAT_DATA:  # story-qa
         return (
             qa_conversations(config.data_size, "train", keep=fits),
             qa_conversations(SFT_VALIDATION, "validation", keep=fits),
             "story-qa conversation",
         )
-    conversations = read_chat_jsonl(config.data)[: config.data_size]
-    # The last 5% validate, so a training conversation's number is its record's (from 0).
-    cut = max(1, len(conversations) // 20)
-    train = conversations[:-cut] or conversations
-    return (
-        train,
-        conversations[len(train) - len(conversations) :] or conversations,
-        f"{config.data} record",
-    )
+    read = read_preference_jsonl if preference else read_chat_jsonl
+    records = read(config.data)[: config.data_size]
+    # The last 5% validate, so a training record's number is its line's (from 0).
+    cut = max(1, len(records) // 20)
+    train = records[:-cut] or records
+    return train, records[len(train) - len(records) :] or records, f"{config.data} record"
 
 
 def chat_tokenizer(source: str | Path) -> tuple[Any, dict[str, Any]]:

@@ -112,16 +112,10 @@ def train_step(
                 loss = next_token_loss(runner, chunk.ids, autocast) / config.grad_accum
             elif preference:
                 logps, counts = reply_logps(runner, chunk, autocast)
-                loss = preference_loss(
-                    config.objective,
-                    logps,
-                    counts,
-                    chunk.reference,
-                    beta=config.preference_beta,
-                    gamma=config.simpo_gamma,
-                    pairs=len(batch) // 2,
+                loss = _objective_loss(
+                    config, logps, counts, chunk.reference, pairs=len(batch) // 2,
                     chosen_tokens=chosen_tokens,
-                )
+                )  # fmt: skip
             else:
                 loss = _learnt_loss(runner, chunk, autocast)[0] / learnt
             loss.backward()
@@ -159,6 +153,14 @@ def validation_loss(model: DecoderLM, data: TrainData, config: TrainConfig) -> f
     return total / count
 
 
+def _objective_loss(config: TrainConfig, logps, counts, reference, **totals) -> torch.Tensor:
+    """`preference_loss` with the config's objective, beta and margin."""
+    return preference_loss(
+        config.objective, logps, counts, reference,
+        beta=config.preference_beta, gamma=config.simpo_gamma, **totals,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def _validation_preference(model, rows: Batch, config: TrainConfig) -> tuple[float, float]:
     """The preference loss of validation pairs `rows`, and the share of them the model gets
@@ -167,14 +169,7 @@ def _validation_preference(model, rows: Batch, config: TrainConfig) -> tuple[flo
     parts = [reply_logps(model, chunk) for chunk in rows.split(2 * config.batch_size)]
     logps = torch.cat([p[0] for p in parts])
     counts = torch.cat([p[1] for p in parts])
-    loss = preference_loss(
-        config.objective,
-        logps,
-        counts,
-        rows.reference,
-        beta=config.preference_beta,
-        gamma=config.simpo_gamma,
-    )
+    loss = _objective_loss(config, logps, counts, rows.reference)
     reference = rows.reference if config.objective == "dpo" else None
     model.train()
     return loss.item(), pair_accuracy(logps, reference)

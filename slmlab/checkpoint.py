@@ -321,6 +321,9 @@ def load(
     return model
 
 
+_CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _assemble(
     config: ModelConfig,
     tensors: dict[str, torch.Tensor],
@@ -361,6 +364,14 @@ def _assemble(
     unused = [n for n in tensors if n not in expected and not n.endswith(_IGNORED_SUFFIXES)]
     if unused:
         raise CheckpointError(f"{where}: unexpected tensor(s) {unused[:5]} for {config}")
+    for name in expected:  # a NaN loads and runs: every output would be NaN, every score 0
+        tensor = tensors[name]
+        if tensor.dtype in _CHECKED_FLOATS and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{where}: tensor {name!r} holds {bad} NaN or infinite value(s): the file is "
+                "damaged, or the run that wrote it diverged (resume from an earlier checkpoint)"
+            )
     # Real numbers take the requested dtype; a quantized layer's codes and scales stay as stored.
     state = {
         name: tensors[name].to(dtype)

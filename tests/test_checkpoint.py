@@ -95,6 +95,19 @@ def test_missing_tensor_is_named(ckpt) -> None:
         slmlab.load(path)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_named(ckpt, bad) -> None:
+    _, path = ckpt
+    weight = load_file(path / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    weight[2, 3] = bad
+    corrupt(path, **{"model.layers.0.self_attn.q_proj.weight": weight})
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' holds 1 NaN",
+    ):
+        slmlab.load(path)
+
+
 def test_wrong_shape_is_named(ckpt) -> None:
     _, path = ckpt
     corrupt(path, **{"model.norm.weight": torch.ones(3)})

@@ -798,7 +798,7 @@ def test_qlora_trains_the_update_over_nf4_and_resumes_exactly(base_checkpoint, t
     from slmlab.finetune import finetune_config, train_finetune
     from slmlab.layers.quantized import QuantLinear
 
-    base, model_config = base_checkpoint
+    base, _ = base_checkpoint
     config = finetune_config(
         base, method="qlora", rank=4, examples=24, steps=4, batch_size=4, seq_len=255,
         eval_every=2, eval_batches=1, warmup_steps=1,

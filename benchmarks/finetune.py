@@ -14,6 +14,8 @@ Results go to benchmarks/results/finetune.json.
   same questions: QLoRA (stories-8m-lora's recipe over an NF4 base), and DPO, SimPO and ORPO
   from stories-8m-sft on story-qa preference pairs (the story's answer against a made-up one),
   with each one's validation pair accuracy (the share of held-out pairs it ranks right).
+* GRPO (``grpo``) from stories-8m-sft with `GRPO_RUN`, reward = exact match, scored the same
+  way; its held-out validation exact match before and after is recorded too.
 * Speed and memory: one LoRA training step (rank 16 on every block's linear layers, AdamW,
   16 rows of 256 tokens, replies-only loss) of slmlab against PEFT on transformers' Llama, the
   same weights, rows and settings, each side in a fresh process for its own peak RSS; the
@@ -45,7 +47,10 @@ from slmlab.finetune import finetune
 from slmlab.layers.lora import LoraConfig, apply_lora_
 
 RANK, ROWS = 16, 16
-PARTS = ("quality", "methods", "speed", "memory")
+PARTS = ("quality", "methods", "grpo", "speed", "memory")
+# GRPO from stories-8m-sft: 40 steps of 8 questions, 4 sampled replies each.
+GRPO_RUN = {"steps": 40, "prompts": 8, "group": 4, "max_new_tokens": 12, "lr": 1e-4,
+            "eval_every": 20}  # fmt: skip
 # Preference tuning from stories-8m-sft: 100 steps of 16 pairs, one pass over 1,600 pairs.
 PREFERENCE = {
     "dpo": {"lr": 5e-5},
@@ -115,6 +120,21 @@ def _methods(work: Path) -> dict:
         print(f"{method:6} exact match {out[method]['exact_match']:.3f}  "
               f"hallucination {out[method]['hallucination']:.3f}  ({minutes:.1f} min)")  # fmt: skip
     return out
+
+
+def _grpo(work: Path) -> dict:
+    from slmlab.finetune.grpo import GRPOConfig, grpo
+
+    sft = zoo.ensure("stories-8m-sft")
+    test = _test_questions(checkpoint.load_tokenizer(sft))
+    run = grpo(sft, work / "grpo", GRPOConfig(**GRPO_RUN), progress=False)
+    scores = _score(work / "grpo" / "last", test)
+    metrics = [json.loads(line) for line in (work / "grpo" / "metrics.jsonl").open()]
+    rewards = [m["reward"] for m in metrics if "reward" in m]
+    print(f"grpo   exact match {scores['exact_match']:.3f}  ({run['minutes']:.1f} min)")
+    return {**scores, **GRPO_RUN, "minutes": run["minutes"],
+            "val_exact_match_before_after": run["val_exact_match"],
+            "reward_first_last_10": [sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10]}  # fmt: skip
 
 
 def _rows(work: Path):
@@ -276,7 +296,9 @@ def main() -> None:
     if "quality" in parts:
         result["story_qa"] = _quality(work)
     if "methods" in parts:
-        result["methods"] = _methods(work)
+        result["methods"] = {**result.get("methods", {}), **_methods(work)}
+    if "grpo" in parts:
+        result["methods"] = {**result.get("methods", {}), "grpo": _grpo(work)}
     if "memory" in parts:
         result["qlora_memory"] = _memory(args.steps)
     if "speed" in parts:

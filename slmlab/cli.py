@@ -176,10 +176,34 @@ _FINETUNE_OPTIONS = ("data", "examples", "steps", "lr", "batch_size", "seq_len",
                      "seed", "beta")  # fmt: skip
 
 
+def _grpo(args: argparse.Namespace, base) -> int:
+    from .finetune.grpo import GRPOConfig, grpo
+
+    taken = ("steps", "lr", "seed", "beta", "examples")
+    unused = [
+        f"--{k.replace('_', '-')}"
+        for k in (*_FINETUNE_OPTIONS, "targets", "max_steps")
+        if k not in taken and getattr(args, k, None) is not None
+    ]
+    if unused or args.resume:
+        raise ValueError(f"--method grpo does not take {', '.join(unused) or '--resume'}")
+    fields = {k: getattr(args, k) for k in taken}
+    config = GRPOConfig(**{k: v for k, v in fields.items() if v is not None})
+    result = grpo(base, args.out, config, progress=not args.quiet)
+    before, after = result["val_exact_match"]
+    print(
+        f"{config.steps} steps: held-out exact match {before:.3f} -> {after:.3f}; checkpoint "
+        f"{Path(args.out) / 'last'} (slmlab chat {Path(args.out) / 'last'})"
+    )
+    return 0
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
     base = _checkpoint_path(args.base, quiet=args.quiet)
+    if args.method == "grpo":
+        return _grpo(args, base)
     options = {k: getattr(args, k) for k in _FINETUNE_OPTIONS if getattr(args, k) is not None}
     if args.targets:
         options["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
@@ -411,11 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser(
         "finetune",
-        help="teach a trained model to answer (SFT, LoRA) or to prefer right answers (DPO, "
-        "SimPO, ORPO) (chapter 06)",
+        help="teach a trained model to answer (SFT, LoRA, QLoRA), to prefer right answers (DPO, "
+        "SimPO, ORPO) or to find them by trial and reward (GRPO) (chapter 06)",
     )
     p.add_argument("base", help="the checkpoint directory or zoo name to start from")
-    p.add_argument("--method", default="sft", choices=FINETUNE_METHODS)
+    p.add_argument("--method", default="sft", choices=(*FINETUNE_METHODS, "grpo"))
     p.add_argument(
         "--data",
         default=None,
@@ -430,7 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--batch-size", type=int, default=None, help="packed rows (or pairs) per step")
     p.add_argument(
-        "--beta", type=float, default=None, help="dpo, simpo, orpo: the preference's scale"
+        "--beta",
+        type=float,
+        default=None,
+        help="dpo, simpo, orpo: the preference's scale; grpo: the KL penalty's weight",
     )
     p.add_argument("--seq-len", type=int, default=None, help="tokens per packed row")
     p.add_argument("--rank", type=int, default=None, help="LoRA: the update's rank (default 8)")

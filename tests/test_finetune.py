@@ -844,3 +844,105 @@ def test_the_command_line_tunes_preferences_from_the_readers_pairs(
     assert trainer["config"]["objective"] == "dpo" and trainer["config"]["beta"] == 0.5
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    grpo = subprocess.run(
+        [sys.executable, "-m", "slmlab", "finetune", str(base), "--method", "grpo", "--rank", "4",
+         "--out", str(tmp_path / "grpo")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert grpo.returncode != 0
+    assert grpo.stderr.strip().splitlines()[-1].endswith("--method grpo does not take --rank")
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO: reinforcement learning with a verifiable reward
+
+
+def test_group_advantages_standardize_each_group() -> None:
+    import statistics
+
+    from slmlab.finetune.grpo import group_advantages
+
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    ours = group_advantages(rewards)
+    for group, row in zip(rewards.tolist(), ours.tolist(), strict=True):
+        mean, std = statistics.mean(group), statistics.stdev(group)  # unbiased, as TRL's
+        assert row == pytest.approx([(r - mean) / (std + 1e-4) for r in group], rel=1e-6)
+    assert ours[1].abs().sum() == 0  # a group all wrong teaches nothing
+
+
+def test_grpo_loss_is_the_papers_formula() -> None:
+    """Against a per-token loop: the clipped surrogate with ratios on both sides of the clip,
+    the k3 KL estimate, the mean over each reply's tokens and then over the replies."""
+    from slmlab.finetune.grpo import grpo_loss
+
+    torch.manual_seed(0)
+    logps = -torch.rand(4, 6, dtype=torch.float64)
+    old = logps + 0.4 * torch.randn(4, 6, dtype=torch.float64)  # ratios far from 1: clipped
+    ref = logps + 0.3 * torch.randn(4, 6, dtype=torch.float64)
+    advantages = torch.tensor([1.5, -0.5, 0.0, -1.2], dtype=torch.float64)
+    mask = torch.ones(4, 6, dtype=torch.float64)
+    mask[1, 4:] = 0
+    mask[3, 2:] = 0
+    clip, beta = 0.2, 0.05
+    loss, kl = grpo_loss(logps, old, ref, advantages, mask, clip=clip, beta=beta)
+    per_reply, kls = [], []
+    for i in range(4):
+        terms, ks = [], []
+        for t in range(6):
+            if not mask[i, t]:
+                continue
+            ratio = math.exp(logps[i, t] - old[i, t])
+            a = advantages[i].item()
+            surrogate = min(ratio * a, min(max(ratio, 1 - clip), 1 + clip) * a)
+            x = (ref[i, t] - logps[i, t]).item()
+            k = math.exp(x) - x - 1
+            terms.append(-(surrogate - beta * k))
+            ks.append(k)
+        per_reply.append(sum(terms) / len(terms))
+        kls.append(sum(ks) / len(ks))
+    assert loss.item() == pytest.approx(sum(per_reply) / 4, rel=1e-12)
+    assert kl.item() == pytest.approx(sum(kls) / 4, rel=1e-12)
+    assert any(abs(math.exp(d) - 1) > clip for d in (logps - old).flatten().tolist())
+
+
+def test_a_grpo_step_raises_the_rewarded_reply(base_checkpoint) -> None:
+    """One small step on two replies to one prompt, the first rewarded: the gap between their
+    mean per-token log-probabilities widens in the rewarded one's favour (to first order, by
+    the squared norm of its gradient)."""
+    from slmlab.finetune.grpo import _rows, grpo_loss
+    from slmlab.train.preference import token_logps
+
+    base, _ = base_checkpoint
+    model = checkpoint.load(base).train()
+    rows = _rows([[5, 6, 7, 8], [5, 6, 7, 8]], [[20, 21, 22], [30, 31]], 0)
+    before, mask = token_logps(model, rows)
+    loss, kl = grpo_loss(before, before.detach(), before.detach(), torch.tensor([1.0, -1.0]),
+                         mask.float())  # fmt: skip
+    assert kl == 0  # the model is its own reference
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    with torch.no_grad():
+        after, _ = token_logps(model, rows)
+    gain = ((after - before) * mask).sum(1) / mask.sum(1)
+    assert gain[0] - gain[1] > 1e-4
+
+
+def test_grpo_runs_on_a_chat_model_and_records_its_rewards(base_checkpoint, tmp_path) -> None:
+    from slmlab.finetune.grpo import GRPOConfig, grpo
+
+    base, model_config = base_checkpoint
+    sft = train(_sft(base, model_config, steps=2), tmp_path / "sft", progress=False).checkpoint
+    with pytest.raises(ValueError, match="GRPO trains a chat model"):
+        grpo(base, tmp_path / "no", GRPOConfig(steps=1), progress=False)
+    config = GRPOConfig(steps=2, prompts=2, group=3, max_new_tokens=4, examples=8,
+                        eval_questions=4, eval_every=1)  # fmt: skip
+    result = grpo(sft, tmp_path / "grpo", config, progress=False)
+    records = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().split("\n") if x]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[1]["kl"] == 0 and 0 <= records[1]["reward"] <= 1
+    assert result["val_exact_match"][1] == records[-1]["val_exact_match"]
+    tuned = checkpoint.load(tmp_path / "grpo" / "last")
+    assert checkpoint.load_chat_settings(tmp_path / "grpo" / "last")["chat_template"] == CHATML
+    assert tuned.config.vocab_size == checkpoint.load(sft).config.vocab_size
+    with pytest.raises(ValueError, match="grpo group must be 2 or more"):
+        GRPOConfig(group=1)

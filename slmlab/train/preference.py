@@ -29,23 +29,33 @@ import torch.nn.functional as F
 from ..data.chat import IGNORE
 from .data import Batch, TrainData
 
-__all__ = ["preference_loss", "reference_logps", "reply_logps"]
+__all__ = ["pair_accuracy", "preference_loss", "reference_logps", "reply_logps", "token_logps"]
+
+
+def token_logps(
+    model: torch.nn.Module, rows: Batch, autocast=nullcontext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probability (nats) of each learnt token of `rows` given those before it (0
+    elsewhere), and the mask of learnt tokens: both (B, W), W reaching the last learnt token
+    (the columns after it are not computed)."""
+    assert rows.targets is not None, "rows with learnt targets"
+    width = int((rows.targets != IGNORE).any(0).nonzero().max()) + 1
+    with autocast():
+        logits = model(rows.ids[:, :width])
+    targets = rows.targets[:, :width]
+    logps = -F.cross_entropy(
+        logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+    )
+    return logps, targets != IGNORE
 
 
 def reply_logps(
     model: torch.nn.Module, rows: Batch, autocast=nullcontext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability (nats) of its learnt tokens given those before them,
-    and how many learnt tokens it has. Columns after the last learnt token are not computed."""
-    assert rows.targets is not None, "preference rows have targets"
-    width = int((rows.targets != IGNORE).any(0).nonzero().max()) + 1
-    with autocast():
-        logits = model(rows.ids[:, :width])
-    targets = rows.targets[:, :width]
-    token_logps = -F.cross_entropy(
-        logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
-    )
-    return token_logps.sum(-1), (targets != IGNORE).sum(-1)
+    and how many learnt tokens it has."""
+    logps, learnt = token_logps(model, rows, autocast)
+    return logps.sum(-1), learnt.sum(-1)
 
 
 @torch.no_grad()

@@ -171,6 +171,40 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from .distill import DistillConfig
+    from .train import TrainConfig
+    from .zoo import RECIPES, recipe, resolve, train
+
+    student = args.student_config
+    config = recipe(student) if student in RECIPES else TrainConfig.from_file(student)
+    settings = dict(config.distill or {})
+    given = {"teacher": args.teacher, "loss": args.loss, "temperature": args.temperature,
+             "alpha": args.alpha, "beta": args.beta}  # fmt: skip
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if "teacher" not in settings:
+        raise ValueError(f"{student} names no teacher: give --teacher CHECKPOINT or zoo name")
+    changes = {"distill": settings}
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    if args.steps is not None:
+        changes["steps"] = args.steps
+        changes["warmup_steps"] = min(config.warmup_steps, args.steps)
+    config = config.replace(**changes)
+    DistillConfig.of(config)  # a wrong setting is named before the teacher is trained or loaded
+    config = resolve(config, progress=not args.quiet)  # the teacher may name a zoo model
+    result = train(
+        config, args.out, max_steps=args.max_steps, resume=args.resume,
+        progress=not args.quiet, device=args.device,
+    )  # fmt: skip
+    print(
+        f"step {result.step}: train loss {result.train_loss:.4f}"
+        + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+        + f"; checkpoint {result.checkpoint}"
+    )
+    return 0
+
+
 # The `finetune` options passed on to `slmlab.finetune.finetune_config` where given.
 _FINETUNE_OPTIONS = ("data", "examples", "steps", "lr", "batch_size", "seq_len", "rank", "alpha",
                      "seed", "beta")  # fmt: skip
@@ -469,6 +503,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_finetune)
+
+    from .distill import LOSSES as DISTILL_LOSSES
+
+    p = verbs.add_parser(
+        "distill", help="train a small student on a teacher's next-token distributions (chapter 07)"
+    )
+    p.add_argument("--teacher", help="the teacher's checkpoint directory or zoo name")
+    p.add_argument(
+        "--student-config",
+        required=True,
+        help="the student's training config (TOML/JSON), or a zoo recipe name such as stories-1m",
+    )
+    p.add_argument("--loss", choices=DISTILL_LOSSES, help="the divergence (default forward-kl)")
+    p.add_argument("--temperature", type=float, help="softens both distributions (default 1)")
+    p.add_argument(
+        "--alpha", type=float, help="the teacher's weight against the data's (default 0.5)"
+    )
+    p.add_argument("--beta", type=float, help="jsd's mixing weight (default 0.5)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (the config's)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this step")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_distill)
 
     p = verbs.add_parser("eval", help="score a model on tasks, perplexity and efficiency")
     p.add_argument("checkpoint", help="checkpoint directory, or a zoo recipe name")

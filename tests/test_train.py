@@ -386,6 +386,7 @@ def test_fingerprint_covers_every_field_and_ignores_defaults() -> None:
         "beta": 0.3,
         "simpo_gamma": 1.0,
         "quantize_base": {"fmt": "nf4"},
+        "distill": {"teacher": "t"},
         "model": {**TINY.model, "hidden_size": 128},
     }
     lora = {"init_from": "x", "optimizer": "adamw"}

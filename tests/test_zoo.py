@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slmlab import zoo
+from slmlab import checkpoint, zoo
 from slmlab.cli import main
 from slmlab.models import budget
 
@@ -193,3 +193,19 @@ def test_chapters_name_recipes_the_zoo_has(tmp_path) -> None:
     bad.write_text(f"{header}\nslmlab:\n  zoo: [stories-1m, gpt-5]\n---\n\n# x\n")
     with pytest.raises(SystemExit, match=r"99_bad\.md: slmlab\.zoo names \['gpt-5'\]"):
         notebooks.zoo_models(bad)
+
+
+def test_a_distilled_recipe_trains_its_teacher_first(tiny_zoo, monkeypatch) -> None:
+    """A recipe whose teacher is a zoo name: the teacher is trained (and cached) first, and the
+    student learns from that checkpoint, in the teacher's tokens."""
+    student = TINY.config.replace(
+        model={**TINY.config.model, "hidden_size": 32, "intermediate_size": 64},
+        distill={"teacher": "tiny", "loss": "tv"},
+    )
+    monkeypatch.setitem(zoo.RECIPES, "tiny-kd", zoo.Recipe(student, quick_steps=4, minutes=0.01))
+    run = zoo.ensure("tiny-kd", progress=False)
+    assert zoo.is_trained("tiny") and zoo.is_trained("tiny-kd")
+    trainer = json.loads((run / "trainer.json").read_text())
+    assert trainer["config"]["distill"]["teacher"] == str(zoo.ensure("tiny"))
+    ours = checkpoint.load_tokenizer(run).get_vocab()
+    assert ours == checkpoint.load_tokenizer(zoo.ensure("tiny")).get_vocab()

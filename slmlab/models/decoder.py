@@ -337,6 +337,7 @@ class DecoderLM(nn.Module):
         *,
         last_only: bool = False,
         segments: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for `input_ids` (B, T).
 
@@ -345,11 +346,13 @@ class DecoderLM(nn.Module):
         computes logits for the last position alone, which is all decoding needs. `segments`
         (B, T) numbers the examples packed into each row (`slmlab.data.chat.pack_examples`): a
         token attends only to its own example, whose positions count from its first token.
+        `head` False stops before the output head: the final normed hidden states (B, T,
+        hidden), for a loss that applies the head a few positions at a time (distillation).
         """
         if segments is not None:
             if attention_mask is not None or cache is not None:
                 raise ValueError("segments are for training rows: no attention_mask, no cache")
-            return self._forward_segments(input_ids, segments, last_only)
+            return self._forward_segments(input_ids, segments, last_only, head)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if attention_mask is not None:
@@ -395,10 +398,10 @@ class DecoderLM(nn.Module):
             cache.length += T
         if last_only:
             x = x[:, -1:]
-        return linear(self.model.norm(x), self.lm_head)
+        return linear(self.model.norm(x), self.lm_head) if head else self.model.norm(x)
 
     def _forward_segments(
-        self, input_ids: torch.Tensor, segments: torch.Tensor, last_only: bool
+        self, input_ids: torch.Tensor, segments: torch.Tensor, last_only: bool, head: bool
     ) -> torch.Tensor:
         T = input_ids.shape[1]
         index = torch.arange(T, device=input_ids.device)
@@ -413,7 +416,7 @@ class DecoderLM(nn.Module):
             x = layer(x, cos, sin, mask, None)
         if last_only:
             x = x[:, -1:]
-        return linear(self.model.norm(x), self.lm_head)
+        return linear(self.model.norm(x), self.lm_head) if head else self.model.norm(x)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -52,6 +52,10 @@ class TrainConfig:
     `simpo_gamma` is SimPO's margin. `quantize_base` holds a `QuantConfig`'s fields (NF4 in
     blocks of 64 for QLoRA): with `lora`, the frozen base's linear layers are stored rounded
     while the update trains in full precision (`slmlab.finetune.finetune` runs it).
+
+    `distill` holds a `slmlab.distill.DistillConfig`'s fields (the teacher, the loss, its
+    temperature): the model learns the teacher's next-token distributions on next-token data
+    read with the teacher's tokenizer (`slmlab.distill.train_distill` runs it).
     """
 
     model: dict[str, Any]
@@ -82,6 +86,7 @@ class TrainConfig:
     beta: float | None = None
     simpo_gamma: float = 0.5
     quantize_base: dict[str, Any] | None = None
+    distill: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -174,6 +179,18 @@ class TrainConfig:
                 raise ConfigError(
                     "quantize_base freezes a rounded base under a LoRA update (QLoRA): set lora too"
                 )
+        if self.distill is not None:
+            if not isinstance(self.distill, dict):
+                raise ConfigError(
+                    f"distill must be a table of DistillConfig fields, got {self.distill!r}"
+                )
+            if self.objective != "next-token":
+                raise ConfigError(
+                    f"distill learns a teacher's next-token distributions on text: objective "
+                    f"must be next-token, got {self.objective!r}"
+                )
+            if self.qat is not None:
+                raise ConfigError("distill and qat do not combine; choose one")
         if "vocab_size" in self.model:
             raise ConfigError("model.vocab_size comes from the tokenizer: set vocab_size instead")
         self.model_config(self.vocab_size)  # validates the model fields
@@ -265,7 +282,7 @@ class TrainConfig:
         def lines(table: dict[str, Any]) -> list[str]:
             return [f"{key} = {value(v)}" for key, v in table.items()]
 
-        tables = ("model", "qat", "lora", "quantize_base")
+        tables = ("model", "qat", "lora", "quantize_base", "distill")
         top = {k: v for k, v in self.to_dict().items() if k not in tables and v is not None}
         text = [*lines(top), "", "[model]", *lines(self.model)]
         for table in tables[1:]:

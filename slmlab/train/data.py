@@ -138,21 +138,27 @@ def _documents(config: TrainConfig) -> tuple[list[str], list[str]]:
     return docs[cut:], docs[:cut]
 
 
-def build_data(config: TrainConfig) -> TrainData:
+def build_data(config: TrainConfig, tokenizer: Any = None) -> TrainData:
     """Documents → tokenizer (trained on the training split) → packed rows, or for
-    fine-tuning, conversations → chat template → packed examples. Deterministic."""
+    fine-tuning, conversations → chat template → packed examples. Deterministic.
+
+    A `tokenizer` given for next-token data is used instead of training one (`vocab_size`
+    and `superwords` then go unused): a distilled student reads its teacher's tokens."""
     if config.objective != "next-token":
         return _chat_data(config)
     train_docs, val_docs = _documents(config)
-    tokenizer = train_bpe(
-        train_docs,
-        config.vocab_size,
-        special_tokens=(END_OF_TEXT,),
-        backend="tokenizers",
-        superwords=config.superwords,
-    )
-    fast = tokenizer.to_hf()  # the same ids as tokenizer.encode (tested), much faster
-    sep = tokenizer.token_id(END_OF_TEXT)
+    if tokenizer is None:
+        tokenizer = train_bpe(
+            train_docs,
+            config.vocab_size,
+            special_tokens=(END_OF_TEXT,),
+            backend="tokenizers",
+            superwords=config.superwords,
+        )
+    fast = as_hf_tokenizer(tokenizer)  # the same ids as tokenizer.encode (tested), much faster
+    sep = fast.token_to_id(END_OF_TEXT)
+    if sep is None:
+        raise ValueError(f"the tokenizer has no {END_OF_TEXT} token to separate documents with")
     train_ids = [e.ids for e in fast.encode_batch(train_docs)]
     val_ids = [e.ids for e in fast.encode_batch(val_docs)]
     val = pack(val_ids, config.seq_len, sep)

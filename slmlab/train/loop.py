@@ -34,9 +34,14 @@ from .optim import build_optimizer, lr_at
 from .preference import pair_accuracy, preference_loss, reference_logps, reply_logps
 from .state import LAST, initialise_from, resume_optimizer, resume_weights, save_run
 
-__all__ = ["TrainResult", "next_token_loss", "train", "train_step", "validation_loss"]
+__all__ = ["Objective", "TrainResult", "next_token_loss", "train", "train_step", "validation_loss"]
 
 METRICS = "metrics.jsonl"
+
+# A loss that a higher layer brings to this loop (distillation's teacher term): given the model
+# being trained (as `train_step` runs it: wrapped for DDP under torchrun), a micro-batch and the
+# autocast context, the summed loss of its learnt tokens and how many there are.
+Objective = Callable[[torch.nn.Module, Batch, Callable], tuple[torch.Tensor, int]]
 
 
 @dataclass
@@ -87,12 +92,13 @@ def train_step(
     *,
     world: int = 1,
     autocast=nullcontext,
+    objective: Objective | None = None,
 ) -> tuple[float, float]:
     """One optimizer step on this process's `rows`: the gradient accumulated over
     `config.grad_accum` micro-batches (averaged over the processes after the last one), clipped
     to `config.grad_clip`, applied. Returns the mean loss and the gradient's norm before
     clipping. With learnt targets (fine-tuning) the mean is over this process's learnt tokens,
-    however the micro-batches divide them."""
+    however the micro-batches divide them. An `objective` replaces the config's loss."""
     batch = rows if isinstance(rows, Batch) else Batch(rows)
     ddp = isinstance(runner, torch.nn.parallel.DistributedDataParallel)
     fsdp = hasattr(runner, "set_requires_gradient_sync")
@@ -108,7 +114,10 @@ def train_step(
         if fsdp:
             runner.set_requires_gradient_sync(last)
         with runner.no_sync() if ddp and not last else nullcontext():
-            if learnt is None:
+            if objective is not None:
+                total = objective(runner, chunk, autocast)[0]
+                loss = total / (batch.ids[:, 1:].numel() if learnt is None else learnt)
+            elif learnt is None:
                 loss = next_token_loss(runner, chunk.ids, autocast) / config.grad_accum
             elif preference:
                 logps, counts = reply_logps(runner, chunk, autocast)
@@ -254,6 +263,7 @@ def train(
     parallel: str = "ddp",
     device: str = "cpu",
     prepare: Callable[[DecoderLM], object] | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train the model `config` describes; write checkpoints, metrics and a loss plot to `out`.
 
@@ -264,12 +274,24 @@ def train(
     ``"auto"``; under torchrun, CUDA means each process's own GPU. `prepare` changes the model
     in place once it is built (and initialised from ``config.init_from``), before training: how
     a transform of a higher layer trains through itself. A config with `qat` needs it;
-    `slmlab.quant.qat.train_qat` passes it.
+    `slmlab.quant.qat.train_qat` passes it. `objective` is the loss to train with in place of
+    the config's (see `Objective`): a config with `distill` needs it, and
+    `slmlab.distill.train_distill` passes it. Validation measures the config's own loss.
     """
     out = Path(out)
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    if config.distill is not None and objective is None:
+        raise ValueError(
+            "this config learns from a teacher (distill): run it with "
+            "slmlab.distill.train_distill, `slmlab distill` or the zoo, which load the teacher"
+        )
     rank, world, device = join(device)
+    if objective is not None and world > 1 and parallel == "fsdp":
+        raise ValueError(
+            "an objective applies the model's output head itself, which FSDP's shards do not "
+            "allow: train it with parallel='ddp'"
+        )
     if config.batch_size % (world * config.grad_accum):
         raise ValueError(
             f"batch_size ({config.batch_size}) must divide evenly over {world} processes × "
@@ -296,7 +318,7 @@ def train(
             "this config trains through rounding (qat): run it with slmlab.quant.qat.train_qat, "
             "`slmlab train` or the zoo, which prepare the model's layers for it"
         )
-    elif config.quantize_base is not None:
+    if config.quantize_base is not None and prepare is None:
         raise ValueError(
             "this config rounds the base it adapts (quantize_base, QLoRA): run it with "
             "slmlab.finetune.finetune or `slmlab finetune`, which round the layers"
@@ -356,8 +378,9 @@ def train(
         rows = rows[rank * local : (rank + 1) * local]
         try:
             loss_value, grad_norm = train_step(
-                runner, optimizer, rows.to(device), config, world=world, autocast=autocast
-            )
+                runner, optimizer, rows.to(device), config,
+                world=world, autocast=autocast, objective=objective,
+            )  # fmt: skip
         except FloatingPointError as err:
             raise FloatingPointError(
                 f"{err} at step {step} (lr {lr:.2e}): lower the learning rate, raise "

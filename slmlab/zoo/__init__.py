@@ -196,6 +196,21 @@ RECIPES: dict[str, Recipe] = {
         _STORIES_8M.replace(superwords=True, data_size=60_000), quick_steps=40, minutes=21
     ),
     "stories-8m-sft": Recipe(_STORIES_8M_SFT, quick_steps=20, minutes=10),
+    # stories-1m's recipe distilled from stories-8m (chapter 07): at every position it learns
+    # the teacher's next-token distribution (forward KL) and the text's token, weighted half
+    # each; it reads the stories in the teacher's tokens (stories-1m's 672, numbered otherwise).
+    # The teacher's forward pass makes a step about 3.5 times stories-1m's (benchmarks/distill.py).
+    "stories-1m-kd": Recipe(
+        _STORIES_1M.replace(distill={"teacher": "stories-8m", "loss": "forward-kl"}),
+        quick_steps=60,
+        minutes=8,
+    ),
+    # The same with reverse KL (MiniLLM's): the student is charged only where it puts mass.
+    "stories-1m-kd-reverse": Recipe(
+        _STORIES_1M.replace(distill={"teacher": "stories-8m", "loss": "reverse-kl"}),
+        quick_steps=60,
+        minutes=8,
+    ),
     # The same data and steps through a rank-16 LoRA update of every block's linear layers:
     # 9% of the weights train, at twice the learning rate (the usual for LoRA).
     "stories-8m-lora": Recipe(
@@ -355,19 +370,27 @@ def resolve(
     if config.init_from in RECIPES:
         path = ensure(config.init_from, quick=quick, progress=progress)
         config = config.replace(init_from=str(path))
+    teacher = (config.distill or {}).get("teacher")
+    if teacher in RECIPES or teacher in FETCHED:
+        path = ensure(teacher, quick=quick, progress=progress)
+        config = config.replace(distill={**config.distill, "teacher": str(path)})
     return config
 
 
 def train(config: TrainConfig, out: str | Path, **kwargs):  # -> TrainResult
-    """`slmlab.train.train`, `slmlab.quant.qat.train_qat` for a config with `qat`, or
-    `slmlab.finetune.train_finetune` for one with `quantize_base` (QLoRA): the one place that
+    """`slmlab.train.train`, `slmlab.quant.qat.train_qat` for a config with `qat`,
+    `slmlab.finetune.train_finetune` for one with `quantize_base` (QLoRA), or
+    `slmlab.distill.train_distill` for one with `distill`: the one place that
     picks between them, for the zoo and `slmlab train`."""
+    from ..distill import train_distill
     from ..finetune import train_finetune
     from ..quant.qat import train_qat
     from ..train import loop
 
     if config.quantize_base is not None:
         return train_finetune(config, out, **kwargs)
+    if config.distill is not None:
+        return train_distill(config, out, **kwargs)
     return (loop.train if config.qat is None else train_qat)(config, out, **kwargs)
 
 

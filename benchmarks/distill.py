@@ -1,0 +1,191 @@
+"""Distillation (chapter 07): how much of stories-8m a 1M student learns, by each loss.
+
+    python -m benchmarks.distill [--parts losses,scarce,cost] [--steps 600]
+
+A run of some parts keeps the other parts' results from the last run that measured them.
+Results go to benchmarks/results/distill.json.
+
+* ``losses``: the stories-1m student (its zoo recipe: 600 steps of 16 rows of 256 tokens,
+  AdamW) on the teacher's tokens, trained from scratch and distilled from stories-8m with each
+  loss; all see the same rows in the same order. Each is scored on 200 held-out stories
+  (bits per character, against the grammar's exact entropy floor) and on the three story
+  suites (lm-evaluation-harness's accuracy, 200 items each). ``gap_closed`` is the share of
+  the distance from the scratch student to the teacher (bits per character) that distillation
+  covered. Goal (the distillation issue): the best distilled student closes ≥ 30%.
+* ``scarce``: the same students with 10% of the stories (2,000): from scratch, distilled on
+  the logits of those stories, and trained on those stories together with `GENERATED` stories
+  the teacher wrote (sequence-level KD). Goal: the teacher's texts beat scratch.
+* ``cost``: seconds per training step of plain cross-entropy and of each loss, the teacher's
+  forward pass included, timed side by side in this process (the best of `COST_STEPS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RESULTS, write
+from slmlab import checkpoint, zoo
+from slmlab.data import corpus_texts, stories
+from slmlab.data.story_grammar import entropy
+from slmlab.distill import LOSSES, DistillConfig, Distiller, teacher_texts, train_distill
+from slmlab.eval import Scorer, evaluate, load_task, score_texts
+from slmlab.tokenizers import END_OF_TEXT
+from slmlab.train import build_data, train, train_step
+from slmlab.train.optim import build_optimizer
+
+PARTS = ("losses", "scarce", "cost")
+TEACHER, STUDENT = "stories-8m", "stories-1m"
+# Each loss at its usual settings: the teacher and the data weighted half each, temperature 1
+# (and forward KL once more from the teacher alone).
+RUNS = {
+    "forward-kl": {"loss": "forward-kl"},
+    "forward-kl, teacher alone": {"loss": "forward-kl", "alpha": 1.0},
+    "reverse-kl": {"loss": "reverse-kl"},
+    "jsd": {"loss": "jsd"},
+    "tv": {"loss": "tv"},
+}
+SCARCE_STORIES, GENERATED = 2000, 4000
+SUITES = ("stories_who", "stories_where", "stories_what")
+HELD_OUT, SUITE_ITEMS, COST_STEPS = 200, 200, 5
+
+
+def _score(run: Path, tokenizer, floor: float) -> dict:
+    model = checkpoint.load(run)
+    held_out = list(stories(HELD_OUT, seed=2))
+    bits = score_texts(
+        model, tokenizer, held_out, separator=tokenizer.token_to_id(END_OF_TEXT)
+    ).bits_per_char
+    scorer = Scorer(model, tokenizer)
+    suites = {
+        suite: evaluate(scorer, load_task(suite), limit=SUITE_ITEMS).metrics["acc"]
+        for suite in SUITES
+    }
+    return {"bits_per_char": bits, "above_floor": bits / floor - 1, **suites}
+
+
+def _losses(work: Path, teacher: Path, tokenizer, floor: float, steps: int) -> dict:
+    config = zoo.recipe(STUDENT, quick=False).replace(steps=steps)
+    data = build_data(config, tokenizer=tokenizer)
+    rows = {"teacher": _score(teacher, tokenizer, floor)}
+    started = time.perf_counter()
+    rows["scratch"] = _score(train(config, work / "scratch", data=data).checkpoint, tokenizer, floor)
+    rows["scratch"]["minutes"] = (time.perf_counter() - started) / 60
+    for name, settings in RUNS.items():
+        started = time.perf_counter()
+        student = config.replace(distill={"teacher": str(teacher), **settings})
+        result = train_distill(student, work / name, data=data)
+        rows[name] = {
+            **_score(result.checkpoint, tokenizer, floor),
+            "minutes": (time.perf_counter() - started) / 60,
+        }
+        print(name, rows[name], flush=True)
+    return {"student": STUDENT, "steps": steps, "settings": RUNS, "rows": rows,
+            **gaps_closed(rows), "goal_gap_closed": 0.3}  # fmt: skip
+
+
+def gaps_closed(rows: dict) -> dict:
+    """Each distilled student's share of the distance from the student trained from scratch to
+    the teacher (bits per character), where the teacher is better than that student by at
+    least 1%; where it is not, there is no gap to close, and the shares are left out."""
+    scratch, top = rows["scratch"]["bits_per_char"], rows["teacher"]["bits_per_char"]
+    gap = scratch - top
+    if gap < 0.01 * scratch:
+        for name in RUNS:
+            rows[name].pop("gap_closed", None)
+        return {"teacher_ahead_of_scratch": gap / scratch, "best_gap_closed": None}
+    for name in RUNS:
+        rows[name]["gap_closed"] = (scratch - rows[name]["bits_per_char"]) / gap
+    best = max(rows[name]["gap_closed"] for name in RUNS)
+    return {"teacher_ahead_of_scratch": gap / scratch, "best_gap_closed": best}
+
+
+def _scarce(work: Path, teacher: Path, tokenizer, floor: float, steps: int) -> dict:
+    config = zoo.recipe(STUDENT, quick=False).replace(steps=steps, data_size=SCARCE_STORIES)
+    data = build_data(config, tokenizer=tokenizer)
+    rows = {}
+    rows["scratch"] = _score(train(config, work / "scarce-scratch", data=data).checkpoint,
+                             tokenizer, floor)  # fmt: skip
+    logits = config.replace(distill={"teacher": str(teacher), **RUNS["forward-kl"]})
+    rows["logits"] = _score(
+        train_distill(logits, work / "scarce-logits", data=data).checkpoint, tokenizer, floor
+    )
+    started = time.perf_counter()
+    written = teacher_texts(checkpoint.load(teacher), tokenizer, GENERATED, batch_size=128)
+    generating = (time.perf_counter() - started) / 60
+    corpus = work / "teacher-and-data.jsonl"
+    texts = [*corpus_texts("stories", "train", stories=SCARCE_STORIES), *written]
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    sequences = config.replace(data=str(corpus), data_size=len(texts))
+    seq_data = build_data(sequences, tokenizer=tokenizer)
+    rows["teacher's texts"] = _score(
+        train(sequences, work / "scarce-sequences", data=seq_data).checkpoint, tokenizer, floor
+    )
+    rows["teacher's texts"]["generating_minutes"] = generating
+    for name, row in rows.items():
+        print(name, row, flush=True)
+    return {"stories": SCARCE_STORIES, "generated": GENERATED, "steps": steps, "rows": rows}
+
+
+def _cost(teacher: Path, tokenizer) -> dict:
+    config = zoo.recipe(STUDENT, quick=False)
+    data = build_data(config.replace(data_size=2000), tokenizer=tokenizer)
+    teacher_model = checkpoint.load(teacher)
+    from slmlab.models import DecoderLM
+
+    def seconds(objective) -> float:
+        torch.manual_seed(0)
+        model = DecoderLM(config.model_config(data.vocab_size, data.end_token_id()))
+        optimizer = build_optimizer(model, config)
+        best = float("inf")
+        for step in range(COST_STEPS + 1):
+            rows = data.batch(step, config.batch_size, config.seed)
+            started = time.perf_counter()
+            train_step(model, optimizer, rows, config, objective=objective)
+            if step:  # the first step warms up
+                best = min(best, time.perf_counter() - started)
+        return best
+
+    plain = seconds(None)
+    costs = {"cross-entropy": {"seconds": plain, "ratio": 1.0}}
+    for loss in LOSSES:
+        settings = DistillConfig(teacher=str(teacher), loss=loss)
+        took = seconds(Distiller(teacher_model, settings))
+        costs[loss] = {"seconds": took, "ratio": took / plain}
+    return {"rows": config.batch_size, "seq_len": config.seq_len, "baseline": "cross-entropy",
+            "steps": costs}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"of {','.join(PARTS)}")
+    parser.add_argument("--steps", type=int, default=600, help="training steps a student")
+    args = parser.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown part {unknown[0]!r}; choose from {','.join(PARTS)}")
+    teacher = zoo.ensure(TEACHER)
+    tokenizer = checkpoint.load_tokenizer(teacher)
+    floor = entropy().bits_per_char
+    work = Path(tempfile.mkdtemp(prefix="slmlab-distill-"))
+    kept = RESULTS / "distill.json"
+    result: dict = json.loads(kept.read_text()) if kept.exists() else {}
+    result = {k: v for k, v in result.items() if k not in ("benchmark", "machine")}
+    result.update(teacher=TEACHER, floor_bits_per_char=floor)
+    if "losses" in parts:
+        result["losses"] = _losses(work, teacher, tokenizer, floor, args.steps)
+    if "scarce" in parts:
+        result["scarce"] = _scarce(work, teacher, tokenizer, floor, args.steps)
+    if "cost" in parts:
+        result["cost"] = _cost(teacher, tokenizer)
+    print(write("distill", result))
+
+
+if __name__ == "__main__":
+    main()

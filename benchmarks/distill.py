@@ -74,7 +74,9 @@ def _losses(work: Path, teacher: Path, tokenizer, floor: float, steps: int) -> d
     data = build_data(config, tokenizer=tokenizer)
     rows = {"teacher": _score(teacher, tokenizer, floor)}
     started = time.perf_counter()
-    rows["scratch"] = _score(train(config, work / "scratch", data=data).checkpoint, tokenizer, floor)
+    rows["scratch"] = _score(
+        train(config, work / "scratch", data=data).checkpoint, tokenizer, floor
+    )
     rows["scratch"]["minutes"] = (time.perf_counter() - started) / 60
     for name, settings in RUNS.items():
         started = time.perf_counter()

@@ -202,7 +202,9 @@ def test_alpha_zero_is_training_from_scratch(teacher, tmp_path) -> None:
     assert distilled.val_loss == pytest.approx(plain.val_loss, rel=1e-4)
 
 
-def test_a_distillation_run_resumes_to_the_bit_and_moves_toward_the_teacher(teacher, tmp_path) -> None:
+def test_a_distillation_run_resumes_to_the_bit_and_moves_toward_the_teacher(
+    teacher, tmp_path
+) -> None:
     config = _student(teacher, loss="reverse-kl", temperature=2.0)
     data = build_data(config, tokenizer=checkpoint.load_tokenizer(teacher))
     straight = train_distill(config, tmp_path / "straight", data=data, progress=False)
@@ -231,12 +233,16 @@ def test_the_teachers_texts_are_seeded_and_train_a_student(teacher, tmp_path) ->
     model, tokenizer = checkpoint.load(teacher), checkpoint.load_tokenizer(teacher)
     texts = teacher_texts(model, tokenizer, 5, max_new_tokens=40, batch_size=2, progress=False)
     again = teacher_texts(model, tokenizer, 5, max_new_tokens=40, batch_size=2, progress=False)
-    other = teacher_texts(model, tokenizer, 5, max_new_tokens=40, batch_size=2, seed=1, progress=False)
+    other = teacher_texts(
+        model, tokenizer, 5, max_new_tokens=40, batch_size=2, seed=1, progress=False
+    )
     assert texts == again and texts != other and len(texts) == 5
     assert all("<|endoftext|>" not in text and text for text in texts)
     corpus = tmp_path / "teacher.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts * 8))
-    config = TEACHER.replace(model=STUDENT_MODEL, data=str(corpus), steps=2, warmup_steps=1, eval_every=2)
+    config = TEACHER.replace(
+        model=STUDENT_MODEL, data=str(corpus), steps=2, warmup_steps=1, eval_every=2
+    )
     result = train(config, tmp_path / "student", progress=False)
     assert result.step == 2 and math.isfinite(result.val_loss)
 

@@ -68,19 +68,20 @@ class DistillConfig:
             )
         if self.loss not in LOSSES:
             raise ConfigError(f"distill.loss must be one of {list(LOSSES)}, got {self.loss!r}")
-        for name, low, high, closed in (
-            ("temperature", 0.0, math.inf, False),
-            ("alpha", 0.0, 1.0, True),
-            ("beta", 0.0, 1.0, False),
-        ):
-            value = getattr(self, name)
-            real = isinstance(value, int | float) and not isinstance(value, bool)
-            inside = real and (low <= value <= high if closed else low < value < high)
-            if not inside:
-                bounds = f"in [{low:g}, {high:g}]" if closed else f"above {low:g}"
-                if name == "beta":
-                    bounds = "strictly between 0 and 1"
-                raise ConfigError(f"distill.{name} must be {bounds}, got {value!r}")
+
+        def real(value) -> bool:
+            return (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            )
+
+        if not (real(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"distill.temperature must be above 0, got {self.temperature!r}")
+        if not (real(self.alpha) and 0 <= self.alpha <= 1):
+            raise ConfigError(f"distill.alpha must be in [0, 1], got {self.alpha!r}")
+        if not (real(self.beta) and 0 < self.beta < 1):
+            raise ConfigError(f"distill.beta must be strictly between 0 and 1, got {self.beta!r}")
 
     @classmethod
     def of(cls, config: TrainConfig) -> DistillConfig:

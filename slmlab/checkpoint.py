@@ -29,6 +29,7 @@ from .layers.lora import (
     lora_config_of,
     split_lora_state,
 )
+from .layers.lowrank import apply_low_rank_config, low_rank_config
 from .layers.quantized import apply_quantization_config, quantization_config
 from .models.config import ConfigError, ModelConfig
 from .models.decoder import DecoderLM
@@ -82,6 +83,9 @@ def save(
         quantization = quantization_config(model)
         if quantization is not None:
             config["quantization_config"] = quantization
+        low_rank = low_rank_config(model)
+        if low_rank is not None:
+            config["low_rank_config"] = low_rank
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = state_dict if state_dict is not None else model.state_dict()
         state = {k: v.detach().contiguous() for k, v in state.items()}
@@ -310,9 +314,12 @@ def load(
             f"{quantization.get('quant_method')!r}; slmlab loads its own quantized "
             "checkpoints (and unquantized ones of any source)"
         )
+    low_rank = json.loads(config_file.read_text()).get("low_rank_config")
     files = ", ".join(f.name for f in _weight_files(path))
     tensors = load_state_dict(path)
-    model = _assemble(config, tensors, quantization, path / files, "config.json", dtype, device)
+    model = _assemble(
+        config, tensors, quantization, path / files, "config.json", dtype, device, low_rank
+    )
     try:
         if adapter_files(path) is not None:  # a LoRA fine-tune: its base, then its adapter
             load_adapter_(model, path)
@@ -332,6 +339,7 @@ def _assemble(
     described_by: str,
     dtype: torch.dtype,
     device: str | torch.device,
+    low_rank: dict | None = None,
 ) -> DecoderLM:
     """The model `config` (read from `described_by`) describes, holding `tensors` (checked name
     by name, shape by shape; an error names `where`)."""
@@ -342,6 +350,11 @@ def _assemble(
                 apply_quantization_config(model, quantization)
             except (KeyError, ValueError, AttributeError) as err:
                 raise CheckpointError(f"{where}: malformed quantization_config ({err})") from None
+        if low_rank is not None:
+            try:
+                apply_low_rank_config(model, low_rank)
+            except (KeyError, ValueError, AttributeError, TypeError) as err:
+                raise CheckpointError(f"{where}: malformed low_rank_config ({err})") from None
     expected = model.state_dict()
     if config.tie_word_embeddings:
         # Tied: one tensor. A file may still carry a copy of it under lm_head (transformers 4 did).

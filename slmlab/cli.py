@@ -328,6 +328,124 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _share_or_count(text: str) -> int | float:
+    """``0.5`` (a share) or ``768`` (a count), as prune's --mlp and --kv-groups take them."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a share like 0.5 nor a count like 768"
+        ) from None
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .checkpoint import load, load_tokenizer, save
+    from .prune import PruneConfig, StructureConfig, prune_, prune_structure_, sparsity
+    from .quant.calibrate import calibration_tokens
+
+    source = _checkpoint_path(args.checkpoint, quiet=args.quiet)
+    if Path(args.out).resolve() == source.resolve():
+        raise ValueError(
+            f"--out {args.out} is the checkpoint being pruned: saving would replace the "
+            "original; choose another folder"
+        )
+    structure = None
+    if (args.mlp, args.kv_groups, args.layers) != (None, None, 0):
+        structure = StructureConfig(
+            mlp=args.mlp,
+            kv_groups=args.kv_groups,
+            layers=args.layers,
+            importance=args.importance,
+            layer_metric=args.layer_metric,
+        )
+    unstructured = None
+    if args.method is not None:
+        unstructured = PruneConfig(
+            args.method, args.sparsity, pattern=args.pattern, scope=args.scope
+        )
+    elif (args.sparsity, args.pattern, args.scope) != (None, None, None):
+        raise ValueError(
+            "--sparsity, --pattern and --scope need --method (magnitude, wanda, sparsegpt)"
+        )
+    if structure is None and unstructured is None:
+        raise ValueError(
+            "nothing to prune: give --method with --sparsity or --pattern, or --mlp, "
+            "--kv-groups or --layers"
+        )
+    model, tokenizer = load(source), load_tokenizer(source)
+    calibration = calibration_tokens(
+        tokenizer,
+        args.calibration,
+        rows=args.calibration_rows,
+        seq_len=min(args.seq_len, model.config.max_position_embeddings),
+    )
+    before = model.num_parameters()
+    result: dict = {"source": str(source), "parameters_before": before}
+    if structure is not None:
+        result["structured"] = dataclasses.asdict(structure) | prune_structure_(
+            model, structure, calibration=calibration
+        )
+    if unstructured is not None:
+        prune_(model, unstructured, calibration=calibration)
+        result["unstructured"] = dataclasses.asdict(unstructured) | {
+            "skip": list(unstructured.skip),
+            "layer_sparsity": sparsity(model, skip=unstructured.skip),
+        }
+    out = save(model, args.out, tokenizer)
+    result |= {"out": str(out), "parameters_after": model.num_parameters()}
+    _write_json(args.json, result)
+    zeros = f", {sparsity(model)['total']:.1%} of the linear weights zero" if unstructured else ""
+    print(
+        f"{out}: {model.num_parameters():,} parameters ({model.num_parameters() / before:.3f} of {before:,}){zeros}"
+    )
+    return 0
+
+
+def _lowrank(args: argparse.Namespace) -> int:
+    from .checkpoint import load, load_tokenizer, save
+    from .lowrank import LowRankConfig, LowRankLinear, low_rank_
+    from .quant.calibrate import calibration_tokens
+
+    source = _checkpoint_path(args.checkpoint, quiet=args.quiet)
+    if Path(args.out).resolve() == source.resolve():
+        raise ValueError(
+            f"--out {args.out} is the checkpoint being factored: saving would replace the "
+            "original; choose another folder"
+        )
+    config = LowRankConfig(args.method, rank=args.rank, energy=args.energy, ratio=args.ratio)
+    model, tokenizer = load(source), load_tokenizer(source)
+    calibration = None
+    if config.needs_calibration:
+        calibration = calibration_tokens(
+            tokenizer,
+            args.calibration,
+            rows=args.calibration_rows,
+            seq_len=min(args.seq_len, model.config.max_position_embeddings),
+        )
+    before = model.num_parameters()
+    low_rank_(model, config, calibration=calibration)
+    out = save(model, args.out, tokenizer)
+    ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    _write_json(
+        args.json,
+        {
+            "source": str(source),
+            "method": config.method,
+            "ranks": ranks,
+            "parameters_before": before,
+            "parameters_after": model.num_parameters(),
+            "out": str(out),
+        },
+    )
+    print(
+        f"{out}: {len(ranks)} layers factored, {model.num_parameters():,} parameters "
+        f"({model.num_parameters() / before:.3f} of {before:,})"
+    )
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .checkpoint import load, load_tokenizer
     from .env import pick_device, report
@@ -570,6 +688,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory of the quantized checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_quantize)
+
+    from .prune import IMPORTANCE
+    from .prune import METHODS as PRUNE_METHODS
+
+    p = verbs.add_parser(
+        "prune",
+        help="zero weights (--method) or cut channels, head groups and blocks (chapter 09)",
+    )
+    p.add_argument("checkpoint", help="checkpoint directory, or a zoo recipe name")
+    p.add_argument(
+        "--method", choices=PRUNE_METHODS, default=None, help="unstructured: which weights go"
+    )
+    p.add_argument(
+        "--sparsity", type=float, default=None, help="share of weights removed (default 0.5)"
+    )
+    p.add_argument("--pattern", default=None, help="N:M, e.g. 2:4 (keep N of every M inputs)")
+    p.add_argument(
+        "--scope", default=None, choices=["row", "layer", "global"], help="where weights compete"
+    )
+    p.add_argument(
+        "--mlp", type=_share_or_count, default=None, help="MLP channels kept: 0.5 or 768"
+    )
+    p.add_argument(
+        "--kv-groups", type=_share_or_count, default=None, help="key/value groups kept per block"
+    )
+    p.add_argument("--layers", type=int, default=0, help="blocks removed (least important first)")
+    p.add_argument("--importance", choices=IMPORTANCE, default="activation")
+    p.add_argument(
+        "--layer-metric", choices=["block-influence", "angular"], default="block-influence"
+    )
+    p.add_argument(
+        "--calibration",
+        default="stories",
+        help="calibration text: stories, python, python-docs or a file/folder/jsonl",
+    )
+    p.add_argument("--calibration-rows", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256, help="calibration row length")
+    p.add_argument("--out", required=True, help="directory of the pruned checkpoint")
+    p.add_argument("--json", default=None, help="write what was removed to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_prune)
+
+    from .lowrank import METHODS as LOW_RANK_METHODS
+
+    p = verbs.add_parser("lowrank", help="factor linear layers into two thin ones (chapter 09)")
+    p.add_argument("checkpoint", help="checkpoint directory, or a zoo recipe name")
+    p.add_argument("--method", choices=LOW_RANK_METHODS, default="svd-llm")
+    p.add_argument("--rank", type=int, default=None, help="the same rank for every layer")
+    p.add_argument("--energy", type=float, default=None, help="keep this share of each spectrum")
+    p.add_argument(
+        "--ratio", type=float, default=None, help="keep this share of each layer's parameters"
+    )
+    p.add_argument(
+        "--calibration",
+        default="stories",
+        help="calibration text: stories, python, python-docs or a file/folder/jsonl",
+    )
+    p.add_argument("--calibration-rows", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256, help="calibration row length")
+    p.add_argument("--out", required=True, help="directory of the factored checkpoint")
+    p.add_argument("--json", default=None, help="write each layer's rank to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_lowrank)
 
     p = verbs.add_parser(
         "zoo",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 
 import pytest
 import torch
@@ -154,7 +155,7 @@ def test_a_distill_table_is_checked_where_it_is_read() -> None:
     with pytest.raises(ConfigError, match="objective must be next-token"):
         TEACHER.replace(objective="sft", init_from="x", distill={"teacher": "t"})
     assert TrainConfig.from_dict(
-        __import__("tomllib").loads(TEACHER.replace(distill={"teacher": "t"}).to_toml())
+        tomllib.loads(TEACHER.replace(distill={"teacher": "t"}).to_toml())
     ).distill == {"teacher": "t"}
 
 

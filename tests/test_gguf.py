@@ -4,6 +4,7 @@ dequantization code) and against the model that was written."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +70,7 @@ def write_gguf(path: Path, model: DecoderLM, tokenizer, qtype=Q.F32, *, arch="ll
     if tokens_field:
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-        merges = [
-            " ".join(m) for m in __import__("json").loads(tokenizer.to_str())["model"]["merges"]
-        ]
+        merges = [" ".join(m) for m in json.loads(tokenizer.to_str())["model"]["merges"]]
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)

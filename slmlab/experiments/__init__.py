@@ -1,5 +1,8 @@
 """Experiments that combine the library's layers: a transform, then evaluation, then timing.
 
-* `quantization`: every quantization method on one model, measured the same way (chapter 08's
-  table; `benchmarks/quant_quality.py`).
+* `compare`: transforms of one model (quantized, pruned, cut), measured the same way.
+* `quantization`: every quantization method on one model (chapter 08's table;
+  `benchmarks/quant_quality.py`).
+* `pruning`: pruning methods and sparsities on one model (chapter 09's tables and curves;
+  `benchmarks/prune_quality.py`).
 """

@@ -1,29 +1,19 @@
 """Every quantization method on the same model, measured the same way: chapter 08's table.
 
-For each method: stored bits per parameter, bytes of the checkpoint on disk,
-bits per character and per-token perplexity on held-out stories, accuracy on the story suites
-(`slmlab.eval`), and batch-1 decoding speed. `benchmarks/quant_quality.py` runs it on the zoo's
-8M model; the chapter runs it on whatever the zoo gives it (the quick model in CI).
+The measurements are `slmlab.experiments.compare`'s. `benchmarks/quant_quality.py` runs it on
+the zoo's 8M model; the chapter runs it on whatever the zoo gives it (the quick model in CI).
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import os
-import tempfile
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
-from ..quant.calibrate import calibration_tokens
 from ..quant.linear import QuantConfig, quantize_
+from .compare import compare
 
-__all__ = ["bits_per_parameter", "compare_methods", "plot_methods", "standard_methods"]
+__all__ = ["compare_methods", "plot_methods", "standard_methods"]
 
 
 def standard_methods(group_size: int) -> dict[str, QuantConfig | None]:
@@ -49,27 +39,6 @@ def standard_methods(group_size: int) -> dict[str, QuantConfig | None]:
     }
 
 
-def bits_per_parameter(model: torch.nn.Module, parameters: int) -> float:
-    """Stored bits of `model` (codes, scales, zeros, and what stays in full precision: norms,
-    an unquantized embedding) per parameter of the original model."""
-    from ..eval import model_bytes
-
-    return 8 * model_bytes(model) / parameters
-
-
-def _decode_tokens_per_s(model: torch.nn.Module, new_tokens: int = 32) -> float:
-    from ..infer import generate
-
-    prompt = torch.arange(1, 17)[None]
-    generate(model, prompt, 2, stop_tokens=())  # warm-up
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        generate(model, prompt, new_tokens, stop_tokens=())
-        best = min(best, time.perf_counter() - start)
-    return new_tokens / best
-
-
 def compare_methods(
     checkpoint: str | os.PathLike,
     methods: dict[str, QuantConfig | None],
@@ -83,54 +52,28 @@ def compare_methods(
     decode_tokens: int = 32,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """One row per method (None: the model as it is), measured as the module says.
-
-    `texts` are scored whole, each after the end-of-text token; `calibration` is the source of
-    the calibration rows (`slmlab.quant.calibrate.calibration_tokens`); `decode_tokens` 0 leaves
-    decoding speed out (formats that are dequantized at every token make it slow on a large model).
-    """
-    from ..checkpoint import load, load_tokenizer, save
-    from ..eval import Scorer, disk_bytes, evaluate, load_task, score_texts
-    from ..tokenizers import END_OF_TEXT
-
-    tokenizer, original = load_tokenizer(checkpoint), load(checkpoint)
-    separator = tokenizer.token_to_id(END_OF_TEXT)
-    seq_len = min(seq_len, original.config.max_position_embeddings)
-    rows_of_text = calibration_tokens(
-        tokenizer, calibration, rows=calibration_rows, seq_len=seq_len
+    """One row per method (None: the model as it is), measured as `slmlab.experiments.compare`
+    measures: stored bits per parameter, size on disk, bits/char and perplexity on `texts`, the
+    story suites' accuracy, decoding speed (`decode_tokens` 0 leaves it out: formats dequantized
+    at every token are slow on a large model)."""
+    transforms = {
+        label: None
+        if config is None
+        else (lambda model, rows, config=config: quantize_(model, config, calibration=rows))
+        for label, config in methods.items()
+    }
+    return compare(
+        checkpoint,
+        transforms,
+        texts=texts,
+        tasks=tasks,
+        limit=limit,
+        calibration=calibration,
+        calibration_rows=calibration_rows,
+        seq_len=seq_len,
+        decode_tokens=decode_tokens,
+        progress=progress,
     )
-    loaded_tasks = [load_task(name) for name in tasks]
-    parameters = original.num_parameters()
-    rows = []
-    for label, config in tqdm(methods.items(), desc="methods", disable=not progress):
-        model = copy.deepcopy(original)
-        start = time.perf_counter()
-        if config is not None:
-            quantize_(model, config, calibration=rows_of_text)
-        seconds = time.perf_counter() - start
-        with tempfile.TemporaryDirectory() as folder:
-            size = disk_bytes(save(model, Path(folder) / "model"))
-        score = score_texts(model, tokenizer, texts, separator=separator)
-        scorer = Scorer(model, tokenizer)
-        accuracy = {
-            task.name: evaluate(scorer, task, limit=limit, progress=False).metrics["acc"]
-            for task in loaded_tasks
-        }
-        rows.append(
-            {
-                "method": label,
-                "bits_per_parameter": bits_per_parameter(model, parameters),
-                "disk_bytes": size,
-                "bits_per_char": score.bits_per_char,
-                "perplexity": 2 ** (score.bits / score.tokens),
-                **accuracy,
-                "decode_tokens_per_s": _decode_tokens_per_s(model, decode_tokens)
-                if decode_tokens
-                else None,
-                "quantize_seconds": seconds,
-            }
-        )
-    return rows
 
 
 def plot_methods(rows: Sequence[dict[str, Any]]):  # -> matplotlib Figure

@@ -21,6 +21,7 @@ __all__ = [
     "block_inputs",
     "blocks",
     "calibration_tokens",
+    "check_enough_tokens",
     "collect_inputs",
     "run_until",
     "sequential_hessians",
@@ -58,6 +59,20 @@ def calibration_tokens(
             f"{seq_len}: give more text or fewer rows"
         )
     return packed[:rows]
+
+
+def check_enough_tokens(
+    calibration: torch.Tensor, layers: list[tuple[str, nn.Linear]], method: str
+) -> None:
+    """A one-line error where `calibration` holds fewer tokens than the widest of `layers` has
+    inputs: the Hessian XᵀX of such a layer is singular, and only the dampening would hold up
+    what `method` computes from it."""
+    name, widest = max(layers, key=lambda item: item[1].in_features)
+    if calibration.numel() < widest.in_features:
+        raise ValueError(
+            f"calibration holds {calibration.numel()} tokens, fewer than the {widest.in_features} "
+            f"inputs of {name}: {method} needs a Hessian of full rank; give more rows or longer ones"
+        )
 
 
 class _Stop(Exception):
@@ -111,18 +126,23 @@ def run_until(
 
 
 class _Hessian:
-    """2 XᵀX summed over every token seen, in float64, and the number of tokens. Layers that
-    read one tensor (q, k and v; gate and up) share `products`, which computes it once."""
+    """2 XᵀX summed over every token seen, in float64, and the number of tokens; or only its
+    diagonal (`diagonal`), 2 Σ x_j², which is all a method that scores inputs one at a time
+    needs. Layers that read one tensor (q, k and v; gate and up) share `products`, which
+    computes it once."""
 
-    def __init__(self, width: int, products: dict[str, Any]) -> None:
-        self.total = torch.zeros(width, width, dtype=torch.float64)
+    def __init__(self, width: int, products: dict[str, Any], diagonal: bool = False) -> None:
+        shape = (width,) if diagonal else (width, width)
+        self.total = torch.zeros(shape, dtype=torch.float64)
         self.tokens = 0
         self.products = products
+        self.diagonal = diagonal
 
     def add(self, x: torch.Tensor) -> None:
         if self.products.get("x") is not x:  # holding x keeps its identity unique meanwhile
             flat = x.reshape(-1, x.shape[-1]).double()
-            self.products.update(x=x, xtx=2 * flat.T @ flat, tokens=flat.shape[0])
+            xtx = 2 * flat.pow(2).sum(0) if self.diagonal else 2 * flat.T @ flat
+            self.products.update(x=x, xtx=xtx, tokens=flat.shape[0])
         self.total += self.products["xtx"]
         self.tokens += self.products["tokens"]
 
@@ -201,12 +221,17 @@ def walk_blocks(
 
 
 def sequential_hessians(
-    model: nn.Module, calibration: torch.Tensor, targets: dict[str, nn.Linear]
+    model: nn.Module,
+    calibration: torch.Tensor,
+    targets: dict[str, nn.Linear],
+    *,
+    diagonal: bool = False,
 ) -> Iterator[tuple[str, nn.Linear, torch.Tensor]]:
-    """(name, layer, H = 2 XᵀX / tokens in float64) for every target, block by block.
+    """(name, layer, H = 2 XᵀX / tokens in float64) for every target, block by block; with
+    `diagonal`, only H's diagonal (a vector), for a fraction of the work.
 
     Lazy: the Hessians of a block are collected when the caller asks for its first layer, so
-    layers the caller has replaced (quantized) by then shape the inputs of later blocks.
+    layers the caller has replaced (quantized, pruned) by then shape the inputs of later blocks.
     """
     remaining = dict(targets)
 
@@ -216,7 +241,7 @@ def sequential_hessians(
         if not names:
             return
         products: dict[str, Any] = {}
-        hessians = {n: _Hessian(remaining[n].in_features, products) for n in names}
+        hessians = {n: _Hessian(remaining[n].in_features, products, diagonal) for n in names}
         with torch.no_grad():
             run({remaining[n]: hessians[n].add for n in names})
         products.clear()

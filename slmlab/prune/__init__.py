@@ -1,0 +1,47 @@
+"""Pruning (chapter 09): remove weights, channels, heads or whole blocks, and measure the cost.
+
+* `masks`: scores (magnitude, Wanda) and the masks that keep the highest: per row, per layer,
+  global, or N:M.
+* `sparsegpt`: OBS pruning with updates to the weights that stay, one layer at a time.
+* `unstructured`: `prune_(model, PruneConfig(...))`, the one verb for zeroing weights, and
+  `sparsity(model)`.
+* `structured`: importance of MLP channels, key/value groups of heads and whole blocks, the verbs
+  that cut them out, and `prune_structure_(model, StructureConfig(...))` over all three: a
+  smaller model of the same architecture.
+"""
+
+from .masks import magnitude_scores, nm_mask, top_mask, wanda_scores
+from .sparsegpt import sparsegpt_prune
+from .structured import (
+    IMPORTANCE,
+    StructureConfig,
+    drop_layers_,
+    head_group_importance,
+    layer_importance,
+    mlp_channel_importance,
+    prune_heads_,
+    prune_mlp_,
+    prune_structure_,
+)
+from .unstructured import METHODS, PruneConfig, prune_, sparsity
+
+__all__ = [
+    "IMPORTANCE",
+    "METHODS",
+    "PruneConfig",
+    "StructureConfig",
+    "drop_layers_",
+    "head_group_importance",
+    "layer_importance",
+    "magnitude_scores",
+    "mlp_channel_importance",
+    "nm_mask",
+    "prune_",
+    "prune_heads_",
+    "prune_mlp_",
+    "prune_structure_",
+    "sparsegpt_prune",
+    "sparsity",
+    "top_mask",
+    "wanda_scores",
+]

@@ -294,18 +294,34 @@ def _checkpoint_path(name_or_path: str, *, quiet: bool) -> Path:
     )
 
 
+def _source_to_transform(args: argparse.Namespace, done: str) -> Path:
+    """The checkpoint a transforming verb reads; an error if ``--out`` would overwrite it."""
+    source = _checkpoint_path(args.checkpoint, quiet=args.quiet)
+    if Path(args.out).resolve() == source.resolve():
+        raise ValueError(
+            f"--out {args.out} is the checkpoint being {done}: saving would replace the "
+            "original; choose another folder"
+        )
+    return source
+
+
+def _calibration(args: argparse.Namespace, tokenizer, model):  # -> torch.Tensor
+    from .quant.calibrate import calibration_tokens
+
+    return calibration_tokens(
+        tokenizer,
+        args.calibration,
+        rows=args.calibration_rows,
+        seq_len=min(args.seq_len, model.config.max_position_embeddings),
+    )
+
+
 def _quantize(args: argparse.Namespace) -> int:
     from .checkpoint import load, load_tokenizer, save
     from .eval import disk_bytes
     from .quant import QuantConfig, quantize_
-    from .quant.calibrate import calibration_tokens
 
-    source = _checkpoint_path(args.checkpoint, quiet=args.quiet)
-    if Path(args.out).resolve() == source.resolve():
-        raise ValueError(
-            f"--out {args.out} is the checkpoint being quantized: saving would replace the "
-            "original; choose another folder"
-        )
+    source = _source_to_transform(args, "quantized")
     config = QuantConfig(
         method=args.method,
         fmt=args.fmt,
@@ -318,9 +334,7 @@ def _quantize(args: argparse.Namespace) -> int:
     model, tokenizer = load(source), load_tokenizer(source)
     calibration = None
     if config.needs_calibration:
-        calibration = calibration_tokens(
-            tokenizer, args.calibration, rows=args.calibration_rows, seq_len=args.seq_len
-        )
+        calibration = _calibration(args, tokenizer, model)
     quantize_(model, config, calibration=calibration)
     out = save(model, args.out, tokenizer)
     before, after = disk_bytes(source), disk_bytes(out)
@@ -343,14 +357,8 @@ def _prune(args: argparse.Namespace) -> int:
 
     from .checkpoint import load, load_tokenizer, save
     from .prune import PruneConfig, StructureConfig, prune_, prune_structure_, sparsity
-    from .quant.calibrate import calibration_tokens
 
-    source = _checkpoint_path(args.checkpoint, quiet=args.quiet)
-    if Path(args.out).resolve() == source.resolve():
-        raise ValueError(
-            f"--out {args.out} is the checkpoint being pruned: saving would replace the "
-            "original; choose another folder"
-        )
+    source = _source_to_transform(args, "pruned")
     structure = None
     if (args.mlp, args.kv_groups, args.layers) != (None, None, 0):
         structure = StructureConfig(
@@ -375,12 +383,7 @@ def _prune(args: argparse.Namespace) -> int:
             "--kv-groups or --layers"
         )
     model, tokenizer = load(source), load_tokenizer(source)
-    calibration = calibration_tokens(
-        tokenizer,
-        args.calibration,
-        rows=args.calibration_rows,
-        seq_len=min(args.seq_len, model.config.max_position_embeddings),
-    )
+    calibration = _calibration(args, tokenizer, model)
     before = model.num_parameters()
     result: dict = {"source": str(source), "parameters_before": before}
     if structure is not None:
@@ -406,24 +409,13 @@ def _prune(args: argparse.Namespace) -> int:
 def _lowrank(args: argparse.Namespace) -> int:
     from .checkpoint import load, load_tokenizer, save
     from .lowrank import LowRankConfig, LowRankLinear, low_rank_
-    from .quant.calibrate import calibration_tokens
 
-    source = _checkpoint_path(args.checkpoint, quiet=args.quiet)
-    if Path(args.out).resolve() == source.resolve():
-        raise ValueError(
-            f"--out {args.out} is the checkpoint being factored: saving would replace the "
-            "original; choose another folder"
-        )
+    source = _source_to_transform(args, "factored")
     config = LowRankConfig(args.method, rank=args.rank, energy=args.energy, ratio=args.ratio)
     model, tokenizer = load(source), load_tokenizer(source)
     calibration = None
     if config.needs_calibration:
-        calibration = calibration_tokens(
-            tokenizer,
-            args.calibration,
-            rows=args.calibration_rows,
-            seq_len=min(args.seq_len, model.config.max_position_embeddings),
-        )
+        calibration = _calibration(args, tokenizer, model)
     before = model.num_parameters()
     low_rank_(model, config, calibration=calibration)
     out = save(model, args.out, tokenizer)
@@ -506,6 +498,16 @@ _HEALING = "--token-healing"
 _HEALING_HELP = (
     "regrow the prompt's last tokens when it stops inside a token (for superword tokenizers)"
 )
+
+
+def _calibration_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibration",
+        default="stories",
+        help="calibration text: stories, python, python-docs or a file/folder/jsonl",
+    )
+    p.add_argument("--calibration-rows", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256, help="calibration row length")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -678,13 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--embedding-bits", type=int, choices=[4, 8], default=None, help="quantize the embedding"
     )
-    p.add_argument(
-        "--calibration",
-        default="stories",
-        help="calibration text: stories, python, python-docs or a file/folder/jsonl",
-    )
-    p.add_argument("--calibration-rows", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=256, help="calibration row length")
+    _calibration_arguments(p)
     p.add_argument("--out", required=True, help="directory of the quantized checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_quantize)
@@ -718,13 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layer-metric", choices=["block-influence", "angular"], default="block-influence"
     )
-    p.add_argument(
-        "--calibration",
-        default="stories",
-        help="calibration text: stories, python, python-docs or a file/folder/jsonl",
-    )
-    p.add_argument("--calibration-rows", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=256, help="calibration row length")
+    _calibration_arguments(p)
     p.add_argument("--out", required=True, help="directory of the pruned checkpoint")
     p.add_argument("--json", default=None, help="write what was removed to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -740,13 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ratio", type=float, default=None, help="keep this share of each layer's parameters"
     )
-    p.add_argument(
-        "--calibration",
-        default="stories",
-        help="calibration text: stories, python, python-docs or a file/folder/jsonl",
-    )
-    p.add_argument("--calibration-rows", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=256, help="calibration row length")
+    _calibration_arguments(p)
     p.add_argument("--out", required=True, help="directory of the factored checkpoint")
     p.add_argument("--json", default=None, help="write each layer's rank to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -40,40 +40,20 @@ def standard_methods(group_size: int) -> dict[str, QuantConfig | None]:
 
 
 def compare_methods(
-    checkpoint: str | os.PathLike,
-    methods: dict[str, QuantConfig | None],
-    *,
-    texts: Sequence[str],
-    tasks: Sequence[str] = ("stories_who", "stories_where", "stories_what"),
-    limit: int | None = None,
-    calibration: str = "stories",
-    calibration_rows: int = 32,
-    seq_len: int = 256,
-    decode_tokens: int = 32,
-    progress: bool = True,
+    checkpoint: str | os.PathLike, methods: dict[str, QuantConfig | None], **measure: Any
 ) -> list[dict[str, Any]]:
     """One row per method (None: the model as it is), measured as `slmlab.experiments.compare`
-    measures: stored bits per parameter, size on disk, bits/char and perplexity on `texts`, the
-    story suites' accuracy, decoding speed (`decode_tokens` 0 leaves it out: formats dequantized
-    at every token are slow on a large model)."""
+    measures (`measure`: its keywords, `texts` among them): stored bits per parameter, size on
+    disk, bits/char and perplexity, the story suites' accuracy, decoding speed
+    (``decode_tokens=0`` leaves it out: formats dequantized at every token are slow on a large
+    model)."""
     transforms = {
         label: None
         if config is None
         else (lambda model, rows, config=config: quantize_(model, config, calibration=rows))
         for label, config in methods.items()
     }
-    return compare(
-        checkpoint,
-        transforms,
-        texts=texts,
-        tasks=tasks,
-        limit=limit,
-        calibration=calibration,
-        calibration_rows=calibration_rows,
-        seq_len=seq_len,
-        decode_tokens=decode_tokens,
-        progress=progress,
-    )
+    return compare(checkpoint, transforms, **measure)
 
 
 def plot_methods(rows: Sequence[dict[str, Any]]):  # -> matplotlib Figure

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..layers.lowrank import LowRankLinear
 from ..models.swap import LINEAR_TARGETS, linear_layers, replace_module
-from ..quant.calibrate import check_enough_tokens, sequential_hessians
+from ..quant.calibrate import check_enough_tokens, require_calibration, sequential_hessians
 
 __all__ = ["METHODS", "LowRankConfig", "LowRankLinear", "factorize", "low_rank_", "rank_for"]
 
@@ -163,11 +163,8 @@ def low_rank_(
     they factor block by block, each block seeing the outputs of the factored blocks before it.
     """
     targets = linear_layers(model, config.targets, skip=config.skip)
-    if config.needs_calibration and calibration is None:
-        raise ValueError(
-            f"{config.method} needs calibration data: low_rank_(model, config, "
-            "calibration=token_ids) with a (rows, seq_len) LongTensor of representative text"
-        )
+    if config.needs_calibration:
+        require_calibration(calibration, config.method, "low_rank_")
     if config.method == "svd-llm":
         check_enough_tokens(calibration, targets, "svd-llm")
     if config.rank is not None:  # every layer is checked before any is changed

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,18 +80,16 @@ def mlp_channel_importance(
     _check_importance(importance)
     stack = blocks(model)
     if importance == "taylor":
-        _gradients(model, calibration)
-        scores = []
-        for block in stack:
+
+        def channels(block: nn.Module) -> torch.Tensor:
             mlp = block.mlp
-            contribution = (
+            return (
                 _taylor(mlp.gate_proj).sum(1)
                 + _taylor(mlp.up_proj).sum(1)
                 + _taylor(mlp.down_proj).sum(0)
             )
-            scores.append(contribution)
-        model.zero_grad(set_to_none=True)
-        return scores
+
+        return _taylor_scores(model, calibration, channels)
     squares = [torch.zeros(block.mlp.down_proj.in_features, dtype=torch.float64) for block in stack]
 
     def add(i: int):
@@ -107,6 +105,16 @@ def mlp_channel_importance(
     ]
 
 
+def _taylor_scores(
+    model: nn.Module, calibration: torch.Tensor, per_block: Callable[[nn.Module], torch.Tensor]
+) -> list[torch.Tensor]:
+    """``per_block(block)`` for every block, with the loss's gradients on the weights."""
+    _gradients(model, calibration)
+    scores = [per_block(block) for block in blocks(model)]
+    model.zero_grad(set_to_none=True)
+    return scores
+
+
 def _taylor(layer: nn.Linear) -> torch.Tensor:
     """|w·∂L/∂w| per weight: the first-order change of the loss if that weight were zeroed."""
     return (layer.weight * layer.weight.grad).abs().detach()
@@ -119,21 +127,18 @@ def head_group_importance(
     _check_importance(importance)
     stack = blocks(model)
     if importance == "taylor":
-        _gradients(model, calibration)
-        scores = []
-        for block in stack:
-            attn = block.self_attn
-            K, group, D = attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, attn.head_dim
 
-            total = (
+        def groups(block: nn.Module) -> torch.Tensor:
+            attn = block.self_attn
+            K = attn.num_kv_heads
+            return (
                 _taylor(attn.q_proj).sum(1).view(K, -1).sum(1)
                 + _taylor(attn.k_proj).sum(1).view(K, -1).sum(1)
                 + _taylor(attn.v_proj).sum(1).view(K, -1).sum(1)
-                + _taylor(attn.o_proj).sum(0).view(K, group * D).sum(1)
+                + _taylor(attn.o_proj).sum(0).view(K, -1).sum(1)
             )
-            scores.append(total)
-        model.zero_grad(set_to_none=True)
-        return scores
+
+        return _taylor_scores(model, calibration, groups)
     squares = [torch.zeros(b.self_attn.num_kv_heads, dtype=torch.float64) for b in stack]
 
     def add(i: int, attn: nn.Module):

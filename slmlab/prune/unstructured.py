@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..models.swap import linear_layers
-from ..quant.calibrate import check_enough_tokens, sequential_hessians
+from ..quant.calibrate import check_enough_tokens, require_calibration, sequential_hessians
 from .masks import check_sparsity, magnitude_scores, nm_mask, parse_pattern, top_mask, wanda_scores
 from .sparsegpt import sparsegpt_prune
 
@@ -105,11 +105,8 @@ def prune_(
     `calibration`: token ids (rows, seq_len) of representative text, for Wanda and SparseGPT.
     """
     targets = linear_layers(model, "all", skip=config.skip)
-    if config.needs_calibration and calibration is None:
-        raise ValueError(
-            f"{config.method} needs calibration data: prune_(model, config, "
-            "calibration=token_ids) with a (rows, seq_len) LongTensor of representative text"
-        )
+    if config.needs_calibration:
+        require_calibration(calibration, config.method, "prune_")
     if config.method == "sparsegpt":
         check_enough_tokens(calibration, targets, "sparsegpt")
     if config.nm is not None:  # every layer is checked before any is changed

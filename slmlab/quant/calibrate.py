@@ -23,6 +23,7 @@ __all__ = [
     "calibration_tokens",
     "check_enough_tokens",
     "collect_inputs",
+    "require_calibration",
     "run_until",
     "sequential_hessians",
     "walk_blocks",
@@ -59,6 +60,17 @@ def calibration_tokens(
             f"{seq_len}: give more text or fewer rows"
         )
     return packed[:rows]
+
+
+def require_calibration(calibration: torch.Tensor | None, method: str, verb: str) -> torch.Tensor:
+    """`calibration`, or a one-line error saying that `method` needs it, for ``verb(model,
+    config, calibration=...)``."""
+    if calibration is None:
+        raise ValueError(
+            f"{method} needs calibration data: {verb}(model, config, calibration=token_ids) "
+            "with a (rows, seq_len) LongTensor of representative text"
+        )
+    return calibration
 
 
 def check_enough_tokens(

@@ -31,6 +31,7 @@ from torch import nn
 from ..layers.formats import FORMATS, quantize
 from ..layers.quantized import QuantEmbedding, QuantLinear
 from ..models.swap import linear_layers, replace_module
+from .calibrate import require_calibration
 
 __all__ = ["METHODS", "QuantConfig", "quantize_"]
 
@@ -86,11 +87,8 @@ def quantize_(
     model to see its activations (a few dozen rows of the training distribution suffice).
     """
     targets = linear_layers(model, "all", skip=config.skip)
-    if config.needs_calibration and calibration is None:
-        raise ValueError(
-            f"{config.method} needs calibration data: quantize_(model, config, "
-            "calibration=token_ids) with a (rows, seq_len) LongTensor of representative text"
-        )
+    if config.needs_calibration:
+        require_calibration(calibration, config.method, "quantize_")
     if config.method in ("awq", "smoothquant"):
         from .smoothing import smooth_
 

@@ -31,6 +31,7 @@ from .layers.lora import (
 )
 from .layers.lowrank import apply_low_rank_config, low_rank_config
 from .layers.quantized import apply_quantization_config, quantization_config
+from .layers.sparse import apply_sparse_config, sparse_config
 from .models.config import ConfigError, ModelConfig
 from .models.decoder import DecoderLM
 
@@ -86,6 +87,9 @@ def save(
         low_rank = low_rank_config(model)
         if low_rank is not None:
             config["low_rank_config"] = low_rank
+        sparse = sparse_config(model)
+        if sparse is not None:
+            config["sparse_config"] = sparse
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = state_dict if state_dict is not None else model.state_dict()
         state = {k: v.detach().contiguous() for k, v in state.items()}
@@ -314,11 +318,19 @@ def load(
             f"{quantization.get('quant_method')!r}; slmlab loads its own quantized "
             "checkpoints (and unquantized ones of any source)"
         )
-    low_rank = json.loads(config_file.read_text()).get("low_rank_config")
+    sections = json.loads(config_file.read_text())
     files = ", ".join(f.name for f in _weight_files(path))
     tensors = load_state_dict(path)
     model = _assemble(
-        config, tensors, quantization, path / files, "config.json", dtype, device, low_rank
+        config,
+        tensors,
+        quantization,
+        path / files,
+        "config.json",
+        dtype,
+        device,
+        sections.get("low_rank_config"),
+        sections.get("sparse_config"),
     )
     try:
         if adapter_files(path) is not None:  # a LoRA fine-tune: its base, then its adapter
@@ -340,6 +352,7 @@ def _assemble(
     dtype: torch.dtype,
     device: str | torch.device,
     low_rank: dict | None = None,
+    sparse: dict | None = None,
 ) -> DecoderLM:
     """The model `config` (read from `described_by`) describes, holding `tensors` (checked name
     by name, shape by shape; an error names `where`)."""
@@ -355,6 +368,11 @@ def _assemble(
                 apply_low_rank_config(model, low_rank)
             except (KeyError, ValueError, AttributeError, TypeError) as err:
                 raise CheckpointError(f"{where}: malformed low_rank_config ({err})") from None
+        if sparse is not None:
+            try:
+                apply_sparse_config(model, sparse)
+            except (KeyError, ValueError, AttributeError, TypeError) as err:
+                raise CheckpointError(f"{where}: malformed sparse_config ({err})") from None
     expected = model.state_dict()
     if config.tie_word_embeddings:
         # Tied: one tensor. A file may still carry a copy of it under lm_head (transformers 4 did).

@@ -356,9 +356,12 @@ def _prune(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .checkpoint import load, load_tokenizer, save
-    from .prune import PruneConfig, StructureConfig, prune_, prune_structure_, sparsity
+    from .layers import Sparse24Linear
+    from .prune import PruneConfig, StructureConfig, pack_2to4_, prune_, prune_structure_, sparsity
 
     source = _source_to_transform(args, "pruned")
+    if args.pack and args.pattern != "2:4":
+        raise ValueError("--pack stores 2:4 layers packed: it needs --method and --pattern 2:4")
     structure = None
     if (args.mlp, args.kv_groups, args.layers) != (None, None, 0):
         structure = StructureConfig(
@@ -396,6 +399,11 @@ def _prune(args: argparse.Namespace) -> int:
             "skip": list(unstructured.skip),
             "layer_sparsity": sparsity(model, skip=unstructured.skip),
         }
+        if args.pack:
+            pack_2to4_(model, skip=unstructured.skip)
+            result["unstructured"]["packed_layers"] = [
+                n for n, m in model.named_modules() if isinstance(m, Sparse24Linear)
+            ]
     out = save(model, args.out, tokenizer)
     result |= {"out": str(out), "parameters_after": model.num_parameters()}
     _write_json(args.json, result)
@@ -700,6 +708,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sparsity", type=float, default=None, help="share of weights removed (default 0.5)"
     )
     p.add_argument("--pattern", default=None, help="N:M, e.g. 2:4 (keep N of every M inputs)")
+    p.add_argument(
+        "--pack",
+        action="store_true",
+        help="store 2:4 layers as kept values and 2-bit positions (smaller, faster to decode)",
+    )
     p.add_argument(
         "--scope", default=None, choices=["row", "layer", "global"], help="where weights compete"
     )

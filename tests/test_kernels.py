@@ -139,6 +139,14 @@ for symmetric in (True, False):
     for rows in (1, 3, 4):
         x = torch.randn(rows, 512)
         out[f"{symmetric}-{rows}"] = kernels.int4_linear(x, pack_int4(q.codes), q.scales, q.zeros, 64)
+from slmlab.layers import pack_2to4
+from slmlab.prune import nm_mask
+w = torch.randn(96, 520)  # 520 inputs: the vector loops' tails run too
+w = w * nm_mask(w.abs(), 2, 4)
+for rows in (1, 3, 4):
+    x = torch.randn(rows, 520)
+    out[f"sparse24-{rows}"] = kernels.sparse24_linear(x, *pack_2to4(w))
+    out[f"sparse24-{rows}-reference"] = (x.double() @ w.double().T).float()
 save_file(out, sys.argv[1])
 """
 
@@ -154,7 +162,8 @@ def _int4_products(path: Path, arch: str | None) -> subprocess.CompletedProcess:
 
 def test_kernels_built_for_an_avx2_cpu_compute_the_same(tmp_path) -> None:
     """SLMLAB_CPU_ARCH=x86-64-v3 builds the code that AVX2 CPUs without AVX-512 run (maddubs
-    + madd where this machine may use VNNI): the same integers, so the same products."""
+    + madd where this machine may use VNNI): the same integers, so the same int4 products; the
+    2:4 products (AVX2's two permutations where AVX-512 has one) equal float64's."""
     native = _int4_products(tmp_path / "native.safetensors", None)
     assert native.returncode == 0, native.stderr
     avx2 = _int4_products(tmp_path / "avx2.safetensors", "x86-64-v3")
@@ -165,6 +174,12 @@ def test_kernels_built_for_an_avx2_cpu_compute_the_same(tmp_path) -> None:
     )
     assert expected.keys() == got.keys()
     for name in expected:
+        if name.startswith("sparse24"):  # fp32 sums in another order: each against float64's
+            if not name.endswith("reference"):
+                for products in (expected, got):
+                    reference = products[f"{name}-reference"]
+                    torch.testing.assert_close(products[name], reference, rtol=1e-5, atol=1e-4)
+            continue
         torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
 
 
@@ -214,3 +229,80 @@ def test_decode_step_with_int4_layers_matches_the_layers(symmetric, monkeypatch)
     ran.clear()
     run(torch.randint(0, config.vocab_size, (kernels.INT4_MAX_ROWS_INT8 + 1, 8)), watched)
     assert ran == [False] * 2
+
+
+def _sparse24(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    from slmlab.prune import nm_mask
+
+    torch.manual_seed(seed)
+    w = torch.randn(n, k)
+    return w * nm_mask(w.abs(), 2, 4)
+
+
+@pytest.mark.parametrize(("n", "k"), [(7, 40), (96, 576), (64, 1544)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17])
+@pytest.mark.parametrize("vector", [True, False])
+def test_sparse24_linear_matches_the_dense_product(n: int, k: int, rows: int, vector: bool) -> None:
+    """The packed 2:4 product equals x times the masked dense weight, for the decoding rows
+    (packed, vector and portable loops, tails of every length) and for prefill (unpacked
+    tiles); widths that are not multiples of 32 or 64 exercise the loops' tails."""
+    from slmlab.layers import pack_2to4
+
+    w = _sparse24(n, k)
+    x = torch.randn(rows, k)
+    y = kernels.sparse24_linear(x, *pack_2to4(w), vector=vector)
+    assert y is not None
+    torch.testing.assert_close(y.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-4)
+
+
+def test_sparse24_linear_declines_what_it_cannot_do() -> None:
+    from slmlab.layers import pack_2to4
+
+    values, positions = pack_2to4(_sparse24(8, 64))
+    assert kernels.sparse24_linear(torch.randn(1, 64).bfloat16(), values, positions) is None
+    x = torch.randn(1, 64, requires_grad=True)
+    assert kernels.sparse24_linear(x, values, positions) is None  # autograd: the layer unpacks
+    with pytest.raises(RuntimeError, match="do not match input width"):
+        kernels.sparse24_linear(torch.randn(1, 72), values, positions)
+
+
+def test_decode_step_with_2to4_layers_matches_the_layers(monkeypatch) -> None:
+    """A model whose projections are packed 2:4 (q, k, v biased) decodes in the fused step to
+    the logits and cache of its layers run one by one, at 1 and 4 rows."""
+    import slmlab.models.decoder as decoder
+    from slmlab.layers import Sparse24Linear
+    from slmlab.prune import PruneConfig, pack_2to4_, prune_
+
+    config = VARIANTS["qwen2-bias"]
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    perturb_norms_and_biases(model)
+    prune_(model, PruneConfig("magnitude", pattern="2:4"))
+    pack_2to4_(model)
+    assert sum(isinstance(m, Sparse24Linear) for m in model.modules()) == 7 * len(
+        model.model.layers
+    )
+    fused_step = decoder.fused_decode_step
+    ran: list[bool] = []
+
+    def watched(*args):
+        out = fused_step(*args)
+        ran.append(out is not None)
+        return out
+
+    def run(ids: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(decoder, "fused_decode_step", step)
+        cache = KVCache(config, ids.shape[0], 16)
+        with torch.no_grad():
+            model(ids[:, :6], cache=cache)
+            steps = [model(ids[:, t : t + 1], cache=cache) for t in range(6, ids.shape[1])]
+        return torch.cat(steps, 1), cache.keys[-1][:, :, : ids.shape[1]]
+
+    for rows in (1, 4):
+        ids = torch.randint(0, config.vocab_size, (rows, 10))
+        ran.clear()
+        fast = run(ids, watched)
+        assert ran == [True] * 4
+        reference = run(ids, lambda *args: None)
+        for a, b in zip(fast, reference, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

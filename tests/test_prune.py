@@ -431,6 +431,7 @@ def test_cli_prune_writes_the_checkpoint_and_what_went(
         (("--sparsity", "0.5"), "need --method"),
         (("--method", "wanda", "--sparsity", "1.5"), "sparsity must be"),
         (("--mlp", "half"), "neither a share"),
+        (("--method", "wanda", "--pack"), "--pack stores 2:4 layers packed"),
     ],
 )
 def test_cli_prune_refuses_bad_requests_in_one_line(
@@ -525,3 +526,98 @@ def test_sparsity_sweep_labels_and_measures_each_setting(
         magnitude, story_tokenizer, texts, separator=story_tokenizer.token_to_id("<|endoftext|>")
     )
     assert rows[1]["perplexity"] == pytest.approx(2 ** (score.bits / score.tokens))
+
+
+def test_pack_2to4_round_trip_and_refusals() -> None:
+    from slmlab.layers import pack_2to4, unpack_2to4
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 32)
+    w = w * nm_mask(w.abs(), 2, 4)
+    w[0, :8] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0])  # groups with 0 and 1 kept
+    values, positions = pack_2to4(w)
+    assert values.shape == (6, 16) and positions.shape == (6, 4) and positions.dtype == torch.uint8
+    assert torch.equal(unpack_2to4(values, positions), w)
+    # Byte 0 of row 0: group 0 keeps positions 0, 1 (two zeros), group 1 keeps 2 (the 3.0), 0.
+    assert positions[0, 0].item() == 0 | 1 << 2 | 0 << 4 | 2 << 6
+    assert values[0, :4].tolist() == [0.0, 0.0, 0.0, 3.0]
+    w[1, :4] = 1.0
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        pack_2to4(w)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_2to4(torch.zeros(2, 12))
+
+
+def test_packed_model_computes_the_pruned_one_and_saves(calibration, tmp_path) -> None:
+    """Packing changes no logit beyond fp32 summation order, halves the weights' storage, saves
+    and loads as a packed checkpoint, and a fine-tune of it keeps the 2:4 pattern."""
+    import json
+
+    from slmlab.layers import Sparse24Linear
+    from slmlab.prune import pack_2to4_
+
+    pruned = prune_(small_model(), PruneConfig("wanda", pattern="2:4"), calibration=calibration)
+    packed = pack_2to4_(copy.deepcopy(pruned))
+    names = [n for n, m in packed.named_modules() if isinstance(m, Sparse24Linear)]
+    assert len(names) == 7 * 3 and all(
+        isinstance(packed.get_submodule(n), Sparse24Linear) for n in names
+    )
+    assert sparsity(packed)["total"] == pytest.approx(0.5)
+    for ids in (calibration[:1, :1], calibration):  # one row (the packed kernel), and prefill
+        torch.testing.assert_close(_logits(packed, ids), _logits(pruned, ids), rtol=1e-5, atol=1e-5)
+    path = slmlab.save(packed, tmp_path / "packed")
+    section = json.loads((path / "config.json").read_text())["sparse_config"]
+    assert set(section["layers"]) == set(names)
+    loaded = slmlab.load(path)
+    assert torch.equal(_logits(loaded, calibration), _logits(packed, calibration))
+    stored = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    dense = sum(f.stat().st_size for f in slmlab.save(pruned, tmp_path / "d").glob("*.safetensors"))
+    layer_bytes = sum(4 * pruned.get_submodule(n).weight.numel() for n in names)
+    # the header names two tensors a layer instead of one: a little less saved than the tensors
+    assert dense - stored == pytest.approx(layer_bytes * (1 - 2.125 / 4), rel=0.02)
+    before = loaded.model.layers[0].mlp.up_proj.values.detach().clone()
+    optimizer = torch.optim.SGD(loaded.parameters(), lr=0.1)
+    loaded.train()
+    loaded(calibration).logsumexp(-1).mean().backward()
+    optimizer.step()
+    assert not torch.equal(loaded.model.layers[0].mlp.up_proj.values, before)
+    assert sparsity(loaded)["total"] == pytest.approx(0.5)  # the pattern stays
+    with pytest.raises(ValueError, match="no linear layer is 2:4"):
+        pack_2to4_(small_model())
+
+
+def test_a_malformed_sparse_config_is_named(calibration, tmp_path) -> None:
+    import json
+
+    from slmlab.prune import pack_2to4_
+
+    model = prune_(small_model(), PruneConfig("magnitude", pattern="2:4"))
+    pack_2to4_(model)
+    path = slmlab.save(model, tmp_path / "packed")
+    config = json.loads((path / "config.json").read_text())
+    config["sparse_config"]["layers"]["model.layers.0.mlp.up_proj"] = "4:8"
+    (path / "config.json").write_text(json.dumps(config))
+    from slmlab.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"malformed sparse_config.*only '2:4'"):
+        slmlab.load(path)
+
+
+def test_cli_prune_pack_writes_a_packed_checkpoint(story_model, story_tokenizer, tmp_path) -> None:
+    import json
+
+    from slmlab.cli import main
+    from slmlab.layers import Sparse24Linear
+
+    slmlab.save(story_model, tmp_path / "dense", story_tokenizer)
+    args = ["prune", str(tmp_path / "dense"), "--method", "magnitude", "--pattern", "2:4"]
+    args += ["--pack", "--out", str(tmp_path / "p"), "--json", str(tmp_path / "p.json")]
+    assert main([*args, "--quiet"]) == 0
+    record = json.loads((tmp_path / "p.json").read_text())
+    loaded = slmlab.load(tmp_path / "p")
+    packed = {n for n, m in loaded.named_modules() if isinstance(m, Sparse24Linear)}
+    assert packed == set(record["unstructured"]["packed_layers"])
+    assert len(packed) == 7 * story_model.config.num_hidden_layers
+    expected = prune_(copy.deepcopy(story_model), PruneConfig("magnitude", pattern="2:4"))
+    ids = torch.randint(0, story_model.config.vocab_size, (2, 16))
+    torch.testing.assert_close(_logits(loaded, ids), _logits(expected, ids), rtol=1e-5, atol=1e-5)

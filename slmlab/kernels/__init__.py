@@ -36,6 +36,7 @@ __all__ = [
     "int4_linear",
     "linear",
     "linear_many",
+    "sparse24_linear",
     "triton_available",
 ]
 
@@ -210,6 +211,37 @@ def int4_linear(
     return y.view(*x.shape[:-1], codes.shape[0])
 
 
+# Up to this many rows of x, sparse24_linear multiplies the packed weight; more rows are
+# compute-bound, and PyTorch's GEMM on unpacked tiles wins.
+SPARSE24_MAX_ROWS = 4
+
+
+def sparse24_linear(
+    x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, *, vector: bool = True
+) -> torch.Tensor | None:
+    """``x @ W.T`` for a 2:4-sparse W stored as its kept values (out, in/2) and their positions
+    in their groups of four, 2 bits each, four to a byte (out, in/8) (`slmlab.layers.sparse`).
+    Up to `SPARSE24_MAX_ROWS` rows of x (decoding) multiply the packed weight as it is; more
+    rows unpack a tile of it at a time for PyTorch's GEMM. Exact up to fp32 summation order.
+    Returns None where the kernel does not apply (not fp32 on CPU, autograd, no compiled
+    kernels): the caller unpacks the weight and multiplies. `vector=False` runs the portable
+    loop."""
+    if not (
+        x.dtype is torch.float32
+        and values.dtype is torch.float32
+        and x.device.type == "cpu"
+        and positions.dtype is torch.uint8
+        and x.shape[-1] % 8 == 0
+        and not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad))
+        and cpu_kernels() is not None
+    ):
+        return None
+    y = cpu_kernels().sparse24_linear(  # type: ignore[union-attr]
+        x.reshape(-1, x.shape[-1]), values, positions, SPARSE24_MAX_ROWS, vector
+    )
+    return y.view(*x.shape[:-1], values.shape[0])
+
+
 def linear_many(x: torch.Tensor, layers: list[torch.nn.Module]) -> list[torch.Tensor]:
     """Apply several linear layers to the same `x`: one fused kernel pass where it applies.
 
@@ -249,13 +281,18 @@ def fused_operands(layer: torch.nn.Module, rows: int) -> list[torch.Tensor] | No
     where it would not compute exactly what the layer computes on its own.
 
     A plain fp32 ``nn.Linear`` gives its weight; any other layer takes part by offering an
-    ``int4_operands()`` method (returning `Int4Operands`, or None when it cannot); a layer that
-    does neither makes the caller run every layer through its own ``forward``."""
+    ``int4_operands()`` method (returning `Int4Operands`, or None when it cannot) or a
+    ``sparse24_operands()`` one (its fp32 values and their positions, or None); a layer that
+    does none of these makes the caller run every layer through its own ``forward``."""
     if layer._forward_hooks or layer._forward_pre_hooks:
         return None  # calibration, say: the hook must see the call
     none = torch.empty(0)
     if type(layer) is torch.nn.Linear and layer.weight.dtype is torch.float32:
         return [layer.weight, none, none]
+    sparse = getattr(layer, "sparse24_operands", None)
+    pair = sparse() if callable(sparse) else None
+    if pair is not None:
+        return [*pair, none]
     offer = getattr(layer, "int4_operands", None)
     packed = offer() if callable(offer) else None
     if (

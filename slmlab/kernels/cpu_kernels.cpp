@@ -1,5 +1,5 @@
 // CPU kernels for decoding: bandwidth-bound matrix-vector products, a weight-only int4 linear
-// layer, and a fused decode step over layers of either kind.
+// layer, a 2:4-sparse linear layer, and a fused decode step over layers of any of these kinds.
 //
 // 1. gemv / gemv_many: y = x W^T for a few rows of x, W stored (out, in) row-major.
 // Decoding one token reads every weight once, so the product is bound by memory bandwidth,
@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -332,7 +333,161 @@ void dequantize_rows(const uint8_t* w, const float* scales, const uint8_t* zeros
 
 }  // namespace
 
-// 3. decode_step: every block of a Llama-family decoder for one new token per row.
+// 3. sparse24_linear: y = x W^T for a W with 2:4 sparsity (at most two nonzero weights in every
+// four consecutive inputs of a row), stored packed: each row keeps its k/2 kept values (fp32)
+// and their positions within their groups, 2 bits each, four to a byte (k/8 bytes). Byte j of
+// a row covers inputs 8j..8j+7, the groups 2j and 2j+1; its bits 2t..2t+1 place kept value
+// 4j+t in group 2j + t/2. 2.125 bytes a weight where dense fp32 has 4: a bandwidth-bound
+// product reads 53% of the bytes.
+//
+// The kept values meet their inputs by a permutation in registers, not a gather from memory:
+// 16 inputs (two AVX registers, four groups) hold every input their 8 kept values need;
+// values 0-3 come from the first register and 4-7 from the second, value t from lane
+// 4 * (t/2 % 2) + position. So one 16-bit word of positions becomes a lane index vector (a
+// variable shift, a mask and an add), both registers are permuted by it, and a blend takes
+// the first four lanes from the one and the last four from the other.
+namespace {
+
+void check_sparse24(const torch::Tensor& values, const torch::Tensor& indices, int64_t k, const char* who) {
+  TORCH_CHECK(values.scalar_type() == torch::kFloat32 && values.dim() == 2 && values.is_contiguous(), who,
+              ": contiguous fp32 (n, k/2) values expected");
+  TORCH_CHECK(k % 8 == 0 && values.size(1) * 2 == k, who, ": values ", values.sizes(),
+              " do not match input width ", k, " (a multiple of 8)");
+  TORCH_CHECK(indices.scalar_type() == torch::kUInt8 && indices.dim() == 2 && indices.is_contiguous() &&
+                  indices.size(0) == values.size(0) && indices.size(1) * 8 == k,
+              who, ": contiguous uint8 positions of shape (", values.size(0), ", ", k / 8, ") expected");
+}
+
+// Inputs [0, k) of one row against one row of x, one kept value at a time.
+float sparse24_row_portable(const float* v, const uint8_t* idx, const float* x, int64_t k) {
+  float sum = 0.f;
+  for (int64_t j = 0; j < k / 8; ++j)
+    for (int t = 0; t < 4; ++t) sum += v[4 * j + t] * x[8 * j + 4 * (t / 2) + ((idx[j] >> (2 * t)) & 3)];
+  return sum;
+}
+
+#if defined(__AVX512F__)
+// With AVX-512 one register holds 32 inputs, eight groups, and a single two-source permutation
+// picks all 16 kept values' inputs: a third of the AVX2 loop's instructions per weight.
+template <int M>
+void sparse24_rows_avx512(const float* v, const uint8_t* idx, const float* x, int64_t k, float* sums) {
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i lanes = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i three = _mm512_set1_epi32(3);
+  __m512 acc[M][2];
+  for (int b = 0; b < M; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= k; i += 64) {
+    for (int u = 0; u < 2; ++u) {
+      const int64_t at = i + 32 * u;
+      uint32_t word;
+      std::memcpy(&word, idx + at / 8, 4);
+      const __m512i perm = _mm512_add_epi32(
+          _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(word)), shifts), three), lanes);
+      const __m512 w = _mm512_loadu_ps(v + at / 2);
+      for (int b = 0; b < M; ++b) {
+        const __m512 picked =
+            _mm512_permutex2var_ps(_mm512_loadu_ps(x + b * k + at), perm, _mm512_loadu_ps(x + b * k + at + 16));
+        acc[b][u] = _mm512_fmadd_ps(w, picked, acc[b][u]);
+      }
+    }
+  }
+  for (int b = 0; b < M; ++b)
+    sums[b] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1])) +
+              sparse24_row_portable(v + i / 2, idx + i / 8, x + b * k + i, k - i);
+}
+#endif
+
+#ifdef SLMLAB_AVX2
+// One weight row against M rows of x: each word of positions is decoded once for all of them.
+template <int M>
+void sparse24_rows_avx2(const float* v, const uint8_t* idx, const float* x, int64_t k, float* sums) {
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i lanes = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+  const __m256i three = _mm256_set1_epi32(3);
+  __m256 acc[M][2];
+  for (int b = 0; b < M; ++b) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
+  int64_t i = 0;
+  // Two blocks of 16 inputs per turn, into two accumulators: the FMAs' latency overlaps.
+  for (; i + 32 <= k; i += 32) {
+    for (int u = 0; u < 2; ++u) {
+      const int64_t at = i + 16 * u;
+      uint16_t word;
+      std::memcpy(&word, idx + at / 8, 2);
+      const __m256i perm = _mm256_add_epi32(
+          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), three), lanes);
+      const __m256 w = _mm256_loadu_ps(v + at / 2);
+      for (int b = 0; b < M; ++b) {
+        const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + b * k + at), perm);
+        const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + b * k + at + 8), perm);
+        acc[b][u] = _mm256_fmadd_ps(w, _mm256_blend_ps(lo, hi, 0xF0), acc[b][u]);
+      }
+    }
+  }
+  for (int b = 0; b < M; ++b) {
+    const __m256 a = _mm256_add_ps(acc[b][0], acc[b][1]);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    // The last inputs (k not a multiple of 32) one at a time: the layout is the same there.
+    sums[b] = _mm_cvtss_f32(h) + sparse24_row_portable(v + i / 2, idx + i / 8, x + b * k + i, k - i);
+  }
+}
+#endif
+
+// Output `row` of W (n rows) for each of the m rows of x: y[b * n + row], plus `bias`.
+void sparse24_outputs(const float* values, const uint8_t* indices, int64_t k, int64_t row, int64_t n,
+                      const float* x, int64_t m, const float* bias, bool vector, float* y) {
+  const float* v = values + row * (k / 2);
+  const uint8_t* idx = indices + row * (k / 8);
+  float sums[kRows];
+  for (int64_t b0 = 0; b0 < m; b0 += kRows) {
+    const int64_t rows = std::min(kRows, m - b0);
+    const float* xb = x + b0 * k;
+    bool done = false;
+#if defined(__AVX512F__)
+    if (vector) {
+      switch (rows) {
+        case 1: sparse24_rows_avx512<1>(v, idx, xb, k, sums); break;
+        case 2: sparse24_rows_avx512<2>(v, idx, xb, k, sums); break;
+        case 3: sparse24_rows_avx512<3>(v, idx, xb, k, sums); break;
+        default: sparse24_rows_avx512<4>(v, idx, xb, k, sums); break;
+      }
+      done = true;
+    }
+#elif defined(SLMLAB_AVX2)
+    if (vector) {
+      switch (rows) {
+        case 1: sparse24_rows_avx2<1>(v, idx, xb, k, sums); break;
+        case 2: sparse24_rows_avx2<2>(v, idx, xb, k, sums); break;
+        case 3: sparse24_rows_avx2<3>(v, idx, xb, k, sums); break;
+        default: sparse24_rows_avx2<4>(v, idx, xb, k, sums); break;
+      }
+      done = true;
+    }
+#endif
+    if (!done)
+      for (int64_t b = 0; b < rows; ++b) sums[b] = sparse24_row_portable(v, idx, xb + b * k, k);
+    for (int64_t b = 0; b < rows; ++b) y[(b0 + b) * n + row] = bias ? sums[b] + bias[row] : sums[b];
+  }
+}
+
+// Rows [begin, end) of the dense weight, zeros included, into `out` ((end - begin), k).
+void unpack_sparse24_rows(const float* values, const uint8_t* positions, int64_t k, int64_t begin, int64_t end,
+                          float* out) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* v = values + r * (k / 2);
+    const uint8_t* idx = positions + r * (k / 8);
+    float* o = out + (r - begin) * k;
+    std::fill(o, o + k, 0.f);
+    for (int64_t j = 0; j < k / 8; ++j)
+      for (int t = 0; t < 4; ++t) o[8 * j + 4 * (t / 2) + ((idx[j] >> (2 * t)) & 3)] = v[4 * j + t];
+  }
+}
+
+}  // namespace
+
+// 4. decode_step: every block of a Llama-family decoder for one new token per row.
 //
 // The same computation as DecoderBlock.forward in slmlab/models/decoder.py, which is its
 // reference in the tests, written as one call so that a token costs one trip from Python
@@ -353,15 +508,18 @@ void rope(float* x, const float* cos, const float* sin, int64_t D, float* tmp) {
   std::copy(tmp, tmp + D, x);
 }
 
-// One linear layer of a block: an fp32 weight (n, k), or int4 codes (n, k/2) with their group
-// scales and zero points (section 2), passed as three tensors: {weight, empty, empty} or
-// {codes, scales, zeros or empty}. The group size is k / (scales per row).
+// One linear layer of a block: an fp32 weight (n, k), int4 codes (n, k/2) with their group
+// scales and zero points (section 2), or 2:4 values (n, k/2) with their positions (section 3),
+// passed as three tensors: {weight, empty, empty}, {codes, scales, zeros or empty} or
+// {values, positions, empty}. The group size is k / (scales per row).
 struct Linear {
   int64_t rows = 0, group = 0;
   const float* weight = nullptr;
   const uint8_t* codes = nullptr;
   const float* scales = nullptr;
   const uint8_t* zeros = nullptr;
+  const float* values = nullptr;
+  const uint8_t* positions = nullptr;
 };
 
 Linear as_linear(const std::vector<torch::Tensor>& L, size_t at, int64_t k) {
@@ -376,6 +534,10 @@ Linear as_linear(const std::vector<torch::Tensor>& L, size_t at, int64_t k) {
     out.codes = w.data_ptr<uint8_t>();
     out.scales = scales.data_ptr<float>();
     out.zeros = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
+  } else if (L[at + 1].numel()) {
+    check_sparse24(w, L[at + 1], k, "decode_step");
+    out.values = w.data_ptr<float>();
+    out.positions = L[at + 1].data_ptr<uint8_t>();
   } else {
     TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.size(1) == k,
                 "decode_step: contiguous fp32 weights expected");
@@ -389,11 +551,12 @@ Linear as_linear(const std::vector<torch::Tensor>& L, size_t at, int64_t k) {
 void project(const float* x, int64_t m, int64_t k, const std::vector<Linear>& w,
              const std::vector<const float*>& bias, const std::vector<float*>& y) {
   std::vector<int64_t> offsets{0};
-  bool any_int4 = false, all_int4 = true;
+  bool any_int4 = false;
+  int64_t row_floats = 0;  // the most bytes a row reads, in floats: what one thread's share is sized by
   for (auto& l : w) {
     offsets.push_back(offsets.back() + l.rows);
     any_int4 |= l.codes != nullptr;
-    all_int4 &= l.codes != nullptr;
+    row_floats = std::max(row_floats, l.codes ? k / 8 : l.values ? k / 2 : k);
   }
   std::unique_ptr<QuantizedX> qx;
   std::vector<std::vector<float>> group_sums(w.size());
@@ -402,7 +565,7 @@ void project(const float* x, int64_t m, int64_t k, const std::vector<Linear>& w,
     for (size_t j = 0; j < w.size(); ++j)
       if (w[j].codes) group_sums[j] = qx->group_sums(w[j].group);
   }
-  at::parallel_for(0, offsets.back(), grain_rows(all_int4 ? k / 8 : k), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, offsets.back(), grain_rows(row_floats), [&](int64_t begin, int64_t end) {
     size_t j = 0;
     for (int64_t r = begin; r < end; ++r) {
       while (r >= offsets[j + 1]) ++j;
@@ -410,6 +573,10 @@ void project(const float* x, int64_t m, int64_t k, const std::vector<Linear>& w,
       const int64_t row = r - offsets[j], n = l.rows;
       if (l.codes) {
         int4_outputs(l.codes, l.scales, l.zeros, k, l.group, row, n, *qx, group_sums[j].data(), bias[j], true, y[j]);
+        continue;
+      }
+      if (l.values) {
+        sparse24_outputs(l.values, l.positions, k, row, n, x, m, bias[j], true, y[j]);
         continue;
       }
       for (int64_t b = 0; b < m; ++b) {
@@ -547,10 +714,48 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   return y;
 }
 
+// x: (m, k) fp32; values: (n, k/2) fp32; positions: (n, k/8) uint8 (section 3). Up to
+// `max_rows` rows of x take the packed product; more (prefill, scoring) are compute-bound, and
+// unpack a tile of rows at a time for PyTorch's GEMM. `vector`: false forces the portable loop
+// (the tests compare the two).
+torch::Tensor sparse24_linear(torch::Tensor x, torch::Tensor values, torch::Tensor positions, int64_t max_rows,
+                              bool vector) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "sparse24_linear: fp32 (m, k) input expected");
+  const int64_t m = x.size(0), k = x.size(1), n = values.size(0);
+  check_sparse24(values, positions, k, "sparse24_linear");
+  x = x.contiguous();
+  const float* vp = values.data_ptr<float>();
+  const uint8_t* ip = positions.data_ptr<uint8_t>();
+  if (m > max_rows) {
+    auto yt = torch::empty({n, m}, x.options());
+    const int64_t tile = std::max<int64_t>(1, (1 << 20) / k);  // 4 MB of fp32 per tile
+    auto buffer = torch::empty({std::min(tile, n), k}, x.options());
+    auto xt = x.t();
+    for (int64_t r0 = 0; r0 < n; r0 += tile) {
+      const int64_t r1 = std::min(n, r0 + tile);
+      float* bp = buffer.data_ptr<float>();
+      at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
+        unpack_sparse24_rows(vp, ip, k, begin, end, bp + (begin - r0) * k);
+      });
+      auto out = yt.narrow(0, r0, r1 - r0);
+      at::mm_out(out, buffer.narrow(0, 0, r1 - r0), xt);
+    }
+    return yt.t().contiguous();
+  }
+  auto y = torch::empty({m, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n, grain_rows(k / 2), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) sparse24_outputs(vp, ip, k, r, n, xp, m, nullptr, vector, yp);
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x W^T for few rows of x");
   m.def("gemv_many", &gemv_many, "[x W_i^T for each W_i], in one parallel region");
   m.def("decode_step", &decode_step, "all decoder blocks for one new token per row");
   m.def("int4_linear", &int4_linear, "y = x W^T, W as packed int4 codes with group scales and zeros");
+  m.def("sparse24_linear", &sparse24_linear, "y = x W^T, W 2:4-sparse as kept values and 2-bit positions");
   m.def("set_min_floats_per_thread", &set_min_floats_per_thread, "parallel grain, in weights");
 }

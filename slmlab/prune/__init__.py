@@ -5,12 +5,15 @@
 * `sparsegpt`: OBS pruning with updates to the weights that stay, one layer at a time.
 * `unstructured`: `prune_(model, PruneConfig(...))`, the one verb for zeroing weights, and
   `sparsity(model)`.
+* `packed`: `pack_2to4_(model)`, 2:4 layers stored as their kept values and 2-bit positions,
+  which a CPU kernel multiplies without unpacking.
 * `structured`: importance of MLP channels, key/value groups of heads and whole blocks, the verbs
   that cut them out, and `prune_structure_(model, StructureConfig(...))` over all three: a
   smaller model of the same architecture.
 """
 
 from .masks import magnitude_scores, nm_mask, top_mask, wanda_scores
+from .packed import pack_2to4_
 from .sparsegpt import sparsegpt_prune
 from .structured import (
     IMPORTANCE,
@@ -36,6 +39,7 @@ __all__ = [
     "magnitude_scores",
     "mlp_channel_importance",
     "nm_mask",
+    "pack_2to4_",
     "prune_",
     "prune_heads_",
     "prune_mlp_",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import check_sparsity
+from .masks import check_sparsity, nm_mask, top_mask
 
 __all__ = ["sparsegpt_prune"]
 
@@ -73,14 +73,11 @@ def sparsegpt_prune(
         errors = torch.zeros_like(W_block)
         keep_block = torch.ones_like(W_block, dtype=torch.bool)
         if pattern is None:
-            saliency = (W_block**2 / diagonal[None, :] ** 2).flatten()
-            count = round(sparsity * saliency.numel())
-            keep_block.view(-1)[torch.argsort(saliency, stable=True)[:count]] = False
+            keep_block = top_mask(W_block**2 / diagonal[None, :] ** 2, sparsity, per="layer")
         for i in range(end - start):
             if pattern is not None and i % m == 0:
                 saliency = W_block[:, i : i + m] ** 2 / diagonal[None, i : i + m] ** 2
-                lowest = torch.argsort(saliency, dim=1, stable=True)[:, : m - n]
-                keep_block[:, i : i + m].scatter_(1, lowest, False)
+                keep_block[:, i : i + m] = nm_mask(saliency, n, m)
             w = W_block[:, i]
             kept = torch.where(keep_block[:, i], w, 0.0)
             error = (w - kept) / H_inv_block[i, i]

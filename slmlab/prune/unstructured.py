@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..layers.sparse import Sparse24Linear
 from ..models.swap import linear_layers
 from ..quant.calibrate import check_enough_tokens, require_calibration, sequential_hessians
 from .masks import check_sparsity, magnitude_scores, nm_mask, parse_pattern, top_mask, wanda_scores
@@ -151,9 +152,14 @@ def prune_(
 def sparsity(
     model: nn.Module, targets: Sequence[str] | str = "all", *, skip: Sequence[str] = ("lm_head",)
 ) -> dict[str, float]:
-    """The share of zero weights in each linear layer (``"total"``: over all of them)."""
-    layers = linear_layers(model, targets, skip=skip)
-    shares = {name: float((layer.weight == 0).float().mean()) for name, layer in layers}
-    zeros = sum(int((layer.weight == 0).sum()) for _, layer in layers)
-    shares["total"] = zeros / sum(layer.weight.numel() for _, layer in layers)
+    """The share of zero weights in each linear layer, packed 2:4 ones included (``"total"``:
+    over all of them)."""
+    layers = linear_layers(model, targets, skip=skip, kinds=(nn.Linear, Sparse24Linear))
+    weights = {
+        name: layer.dense_weight() if isinstance(layer, Sparse24Linear) else layer.weight
+        for name, layer in layers
+    }
+    shares = {name: float((w == 0).float().mean()) for name, w in weights.items()}
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    shares["total"] = zeros / sum(w.numel() for w in weights.values())
     return shares

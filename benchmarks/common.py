@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -14,6 +15,20 @@ from slmlab.env import report
 from slmlab.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Material from outside the project (../shared/README.md), where this checkout has it.
+SHARED = Path(os.environ.get("SLMLAB_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def gutenberg_openings(chars: int) -> list[str] | None:
+    """About `chars` characters in all: the opening of each 32nd of the held-out file, which
+    holds the first ~60k characters of each of 32 books in turn (None without the file)."""
+    path = SHARED / "data" / "gutenberg" / "gutenberg_en_val.txt"
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    per_book = max(1, chars // 32)
+    size = len(text) // 32
+    return [text[i * size : i * size + per_book] for i in range(32)]
 
 
 def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:

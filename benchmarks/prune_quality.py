@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
-from benchmarks.common import RESULTS, write
+from benchmarks.common import RESULTS, gutenberg_openings, write
 from slmlab import data, zoo
 from slmlab.experiments.compare import compare
 from slmlab.experiments.pruning import (
@@ -29,21 +27,6 @@ from slmlab.experiments.pruning import (
 )
 from slmlab.lowrank import LowRankConfig
 from slmlab.prune import StructureConfig
-
-SHARED = Path(os.environ.get("SLMLAB_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-
-
-def gutenberg_openings(chars: int) -> list[str] | None:
-    """About `chars` characters in all: the opening of each 32nd of the held-out file, which
-    holds the first ~60k characters of each of 32 books in turn (None without the file)."""
-    path = SHARED / "data" / "gutenberg" / "gutenberg_en_val.txt"
-    if not path.is_file():
-        return None
-    text = path.read_text()
-    per_book = max(1, chars // 32)
-    size = len(text) // 32
-    return [text[i * size : i * size + per_book] for i in range(32)]
-
 
 PARTS = ("unstructured", "structured", "low-rank")
 

@@ -621,3 +621,39 @@ def test_cli_prune_pack_writes_a_packed_checkpoint(story_model, story_tokenizer,
     expected = prune_(copy.deepcopy(story_model), PruneConfig("magnitude", pattern="2:4"))
     ids = torch.randint(0, story_model.config.vocab_size, (2, 16))
     torch.testing.assert_close(_logits(loaded, ids), _logits(expected, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_recovery_curve_trains_the_packed_model_in_resumable_segments(
+    story_model, story_tokenizer, tmp_path
+) -> None:
+    """The curve's segments (resumed runs) reach the weights one uninterrupted run reaches, its
+    rows score the model at each step, and a packed 2:4 model trains with its pattern kept."""
+    from safetensors.torch import load_file
+
+    from slmlab.data import corpus_texts
+    from slmlab.experiments.pruning import recovery_curve
+    from slmlab.layers import Sparse24Linear
+    from slmlab.prune import pack_2to4_
+
+    teacher = slmlab.save(story_model, tmp_path / "dense", story_tokenizer)
+    pruned = prune_(copy.deepcopy(story_model), PruneConfig("magnitude", pattern="2:4"))
+    texts = list(corpus_texts("stories", "validation"))[:4]
+    common = dict(texts=texts, teacher=teacher, data="stories", data_size=200, steps=4)
+    common |= dict(batch_size=2, seq_len=32, lr=1e-3, prepare=pack_2to4_, progress=False)
+    rows = recovery_curve(pruned, story_tokenizer, tmp_path / "segments", every=2, **common)
+    assert [r["step"] for r in rows] == [0, 2, 4] and rows[2]["tokens"] == 4 * 2 * 32
+    common["texts"] = {"stories": texts, "first story": texts[:1]}
+    whole = recovery_curve(pruned, story_tokenizer, tmp_path / "whole", every=4, **common)
+    assert [whole[0]["stories"], whole[-1]["stories"]] == [
+        rows[0]["perplexity"],
+        rows[-1]["perplexity"],
+    ]
+    assert whole[-1]["first story"] != whole[-1]["stories"]
+    a = load_file(tmp_path / "segments" / "run" / "last" / "model.safetensors")
+    b = load_file(tmp_path / "whole" / "run" / "last" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    trained = slmlab.load(tmp_path / "whole" / "run" / "last")
+    layer = trained.model.layers[0].mlp.up_proj
+    assert isinstance(layer, Sparse24Linear) and sparsity(trained)["total"] == pytest.approx(0.5)
+    start = pack_2to4_(copy.deepcopy(pruned)).model.layers[0].mlp.up_proj
+    assert not torch.equal(layer.values, start.values)  # it trained

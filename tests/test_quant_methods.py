@@ -110,6 +110,12 @@ def test_calibrated_methods_need_calibration() -> None:
         QuantConfig(method="magic")
     with pytest.raises(ValueError, match="calibration must be a"):
         quantize_(small_model(), QuantConfig(method="gptq"), calibration=torch.rand(2, 8))
+    model = small_model()
+    widest = max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    with pytest.raises(ValueError, match=f"fewer than the {widest} inputs"):  # XᵀX singular
+        quantize_(
+            model, QuantConfig(method="gptq"), calibration=torch.zeros(1, 4, dtype=torch.long)
+        )
 
 
 def test_llm_int8_matches_bitsandbytes() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..layers.sparse import Sparse24Linear
 from ..quant.calibrate import calibration_tokens
 
 __all__ = ["Transform", "bits_per_parameter", "compare", "decode_tokens_per_s"]
@@ -51,7 +52,13 @@ def decode_tokens_per_s(model: torch.nn.Module, new_tokens: int = 32, repeats: i
 
 
 def _zeros(model: torch.nn.Module) -> int:
-    return sum(int((m.weight == 0).sum()) for m in model.modules() if type(m) is torch.nn.Linear)
+    """Zero weights in the linear layers, packed 2:4 ones included."""
+    weights = [
+        m.dense_weight() if isinstance(m, Sparse24Linear) else m.weight
+        for m in model.modules()
+        if type(m) is torch.nn.Linear or isinstance(m, Sparse24Linear)
+    ]
+    return sum(int((w == 0).sum()) for w in weights)
 
 
 def compare(

@@ -3,22 +3,33 @@
 `sparsity_sweep` prunes a fresh copy of the model with each method at each sparsity (and each
 N:M pattern) and measures it with `slmlab.experiments.compare`; `plot_sweep` draws perplexity
 against sparsity, one line per method. `benchmarks/prune_quality.py` runs it on the real model.
+`recovery_curve` trains a pruned model to win quality back (distilled from the unpruned one, or
+fine-tuned) and scores it as it goes: `benchmarks/prune_recovery.py`.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from ..checkpoint import load, save
+from ..distill import train_distill
 from ..lowrank import LowRankConfig, low_rank_
+from ..models import DecoderLM
 from ..prune import PruneConfig, StructureConfig, prune_, prune_structure_
+from ..train import TrainConfig, train
+from ..train.data import build_data
 from .compare import Transform, compare
 
 __all__ = [
     "low_rank_transforms",
     "plot_sweep",
     "prune_transforms",
+    "recovery_curve",
     "sparsity_sweep",
     "structure_transforms",
 ]
@@ -115,3 +126,94 @@ def plot_sweep(rows: Sequence[dict[str, Any]], *, title: str = ""):  # -> matplo
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def recovery_curve(
+    pruned: DecoderLM,
+    tokenizer: Any,
+    out: str | os.PathLike,
+    *,
+    texts: Sequence[str] | Mapping[str, Sequence[str]],
+    teacher: str | os.PathLike | None = None,
+    data: str = "python-docs",
+    data_size: int = 20_000,
+    steps: int = 48,
+    every: int = 12,
+    batch_size: int = 4,
+    seq_len: int = 128,
+    lr: float = 1e-4,
+    prepare: Callable[[DecoderLM], object] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train `pruned` to win back what pruning cost, scoring `texts` as `compare` does at step
+    0 and every `every` steps: rows of ``step``, ``tokens`` trained on and ``perplexity``, or,
+    for named sets of texts (a mapping), the perplexity on each under its name.
+
+    With a `teacher` (the unpruned model's checkpoint directory) the model learns the teacher's
+    next-token distributions on `data` (chapter 07's forward KL, mixed with the data's
+    cross-entropy); without one it is fine-tuned on `data`'s next tokens (`data_size`: how many
+    stories, where `data` is ``stories``). `prepare` changes the
+    model before it trains: ``pack_2to4_`` keeps a 2:4 model's pattern, since only the kept
+    values are parameters. The run (its checkpoints, metrics and loss plot) goes to `out`."""
+    from ..eval import score_texts
+    from ..tokenizers import END_OF_TEXT
+
+    if every <= 0 or steps % every:
+        raise ValueError(f"every ({every}) must be a positive divisor of steps ({steps})")
+    out = Path(out)
+    start = save(pruned, out / "start", tokenizer)
+    model_fields = {
+        k: v
+        for k, v in dataclasses.asdict(pruned.config).items()
+        if k not in ("vocab_size", "eos_token_id")
+    }
+    config = TrainConfig(
+        model=model_fields,
+        data=data,
+        data_size=data_size,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        steps=steps,
+        lr=lr,
+        min_lr=lr / 10,
+        warmup_steps=0,
+        weight_decay=0.0,  # pull the weights towards the teacher, not towards zero
+        eval_every=every,
+        eval_batches=2,
+        seed=seed,
+        init_from=str(start),
+        distill=None if teacher is None else {"teacher": str(teacher)},
+    )
+    train_data = build_data(config, tokenizer=tokenizer)
+    teacher_model = None if teacher is None else load(teacher)
+    separator = tokenizer.token_to_id(END_OF_TEXT)
+    named = texts if isinstance(texts, Mapping) else {"perplexity": texts}
+
+    def row(model: DecoderLM, step: int) -> dict[str, Any]:
+        scores = {
+            name: score_texts(model.eval(), tokenizer, held_out, separator=separator)
+            for name, held_out in named.items()
+        }
+        return {"step": step, "tokens": step * batch_size * seq_len} | {
+            name: 2 ** (score.bits / score.tokens) for name, score in scores.items()
+        }
+
+    first = copy.deepcopy(pruned)
+    if prepare is not None:
+        prepare(first)
+    rows = [row(first, 0)]
+    for stop in range(every, steps + 1, every):
+        options: dict[str, Any] = {
+            "max_steps": stop,
+            "resume": stop > every,
+            "data": train_data,
+            "prepare": prepare,
+            "progress": progress,
+        }
+        if teacher_model is None:
+            train(config, out / "run", **options)
+        else:
+            train_distill(config, out / "run", teacher=teacher_model, **options)
+        rows.append(row(load(out / "run" / "last"), stop))
+    return rows

@@ -79,6 +79,7 @@ def check_enough_tokens(
     """A one-line error where `calibration` holds fewer tokens than the widest of `layers` has
     inputs: the Hessian XᵀX of such a layer is singular, and only the dampening would hold up
     what `method` computes from it."""
+    _check_rows(calibration)
     name, widest = max(layers, key=lambda item: item[1].in_features)
     if calibration.numel() < widest.in_features:
         raise ValueError(

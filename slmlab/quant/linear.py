@@ -94,8 +94,10 @@ def quantize_(
 
         smooth_(model, calibration, config)  # an exactly equivalent model, easier to round
     if config.method == "gptq":
-        from .calibrate import sequential_hessians
+        from .calibrate import check_enough_tokens, sequential_hessians
         from .gptq import gptq_quantize
+
+        check_enough_tokens(calibration, targets, "gptq")
 
         for name, module, hessian in sequential_hessians(model, calibration, dict(targets)):
             q = gptq_quantize(

@@ -189,19 +189,13 @@ def test_a_build_target_the_compiler_does_not_know_is_named(tmp_path) -> None:
     assert "SLMLAB_CPU_ARCH='no-such-cpu'" in result.stderr
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_decode_step_with_int4_layers_matches_the_layers(symmetric, monkeypatch) -> None:
-    """A 4-bit model (q, k, v biased, so the biases are added too) decodes in the fused step
-    to the logits and cache of its layers run one by one through the int4 kernel, for every
-    row count the kernel computes in integers; more rows fall back to the layers."""
+def _decode_fused_and_layer_by_layer(model: DecoderLM, rows: int, monkeypatch):
+    """Four decoding steps of `rows` rows after a 6-token prefix, through the fused step and
+    again with the step declining (the layers one by one): whether each step ran fused, and
+    each run's logits and last cache."""
     import slmlab.models.decoder as decoder
-    from slmlab.quant import QuantConfig, quantize_
 
-    config = VARIANTS["qwen2-bias"]
-    torch.manual_seed(0)
-    model = DecoderLM(config).eval()
-    perturb_norms_and_biases(model)
-    quantize_(model, QuantConfig(bits=4, group_size=32, symmetric=symmetric))
+    config = model.config
     fused_step = decoder.fused_decode_step
     ran: list[bool] = []
 
@@ -218,17 +212,32 @@ def test_decode_step_with_int4_layers_matches_the_layers(symmetric, monkeypatch)
             steps = [model(ids[:, t : t + 1], cache=cache) for t in range(6, ids.shape[1])]
         return torch.cat(steps, 1), cache.keys[-1][:, :, : ids.shape[1]]
 
+    ids = torch.randint(0, config.vocab_size, (rows, 10))
+    fast = run(ids, watched)
+    reference = run(ids, lambda *args: None)
+    monkeypatch.setattr(decoder, "fused_decode_step", fused_step)  # for the next call
+    return ran, fast, reference
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_decode_step_with_int4_layers_matches_the_layers(symmetric, monkeypatch) -> None:
+    """A 4-bit model (q, k, v biased, so the biases are added too) decodes in the fused step
+    to the logits and cache of its layers run one by one through the int4 kernel, for every
+    row count the kernel computes in integers; more rows fall back to the layers."""
+    from slmlab.quant import QuantConfig, quantize_
+
+    config = VARIANTS["qwen2-bias"]
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    perturb_norms_and_biases(model)
+    quantize_(model, QuantConfig(bits=4, group_size=32, symmetric=symmetric))
     for rows in (1, kernels.INT4_MAX_ROWS_INT8):
-        ids = torch.randint(0, config.vocab_size, (rows, 10))
-        ran.clear()
-        fast = run(ids, watched)
+        ran, fast, reference = _decode_fused_and_layer_by_layer(model, rows, monkeypatch)
         assert ran == [True] * 4
-        reference = run(ids, lambda *args: None)  # the fused step declined: layer by layer
         for a, b in zip(fast, reference, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    ran.clear()
-    run(torch.randint(0, config.vocab_size, (kernels.INT4_MAX_ROWS_INT8 + 1, 8)), watched)
-    assert ran == [False] * 2
+    ran, _, _ = _decode_fused_and_layer_by_layer(model, kernels.INT4_MAX_ROWS_INT8 + 1, monkeypatch)
+    assert ran == [False] * 4
 
 
 def _sparse24(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -269,7 +278,6 @@ def test_sparse24_linear_declines_what_it_cannot_do() -> None:
 def test_decode_step_with_2to4_layers_matches_the_layers(monkeypatch) -> None:
     """A model whose projections are packed 2:4 (q, k, v biased) decodes in the fused step to
     the logits and cache of its layers run one by one, at 1 and 4 rows."""
-    import slmlab.models.decoder as decoder
     from slmlab.layers import Sparse24Linear
     from slmlab.prune import PruneConfig, pack_2to4_, prune_
 
@@ -282,27 +290,8 @@ def test_decode_step_with_2to4_layers_matches_the_layers(monkeypatch) -> None:
     assert sum(isinstance(m, Sparse24Linear) for m in model.modules()) == 7 * len(
         model.model.layers
     )
-    fused_step = decoder.fused_decode_step
-    ran: list[bool] = []
-
-    def watched(*args):
-        out = fused_step(*args)
-        ran.append(out is not None)
-        return out
-
-    def run(ids: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:
-        monkeypatch.setattr(decoder, "fused_decode_step", step)
-        cache = KVCache(config, ids.shape[0], 16)
-        with torch.no_grad():
-            model(ids[:, :6], cache=cache)
-            steps = [model(ids[:, t : t + 1], cache=cache) for t in range(6, ids.shape[1])]
-        return torch.cat(steps, 1), cache.keys[-1][:, :, : ids.shape[1]]
-
     for rows in (1, 4):
-        ids = torch.randint(0, config.vocab_size, (rows, 10))
-        ran.clear()
-        fast = run(ids, watched)
+        ran, fast, reference = _decode_fused_and_layer_by_layer(model, rows, monkeypatch)
         assert ran == [True] * 4
-        reference = run(ids, lambda *args: None)
         for a, b in zip(fast, reference, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

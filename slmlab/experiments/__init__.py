@@ -4,5 +4,6 @@
 * `quantization`: every quantization method on one model (chapter 08's table;
   `benchmarks/quant_quality.py`).
 * `pruning`: pruning methods and sparsities on one model (chapter 09's tables and curves;
-  `benchmarks/prune_quality.py`).
+  `benchmarks/prune_quality.py`), and what training wins back after (`recovery_curve`;
+  `benchmarks/prune_recovery.py`).
 """

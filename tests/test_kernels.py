@@ -66,6 +66,74 @@ def test_decode_step_matches_the_blocks(name: str) -> None:
         torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_decode_step_takes_a_few_tokens_per_row(name: str) -> None:
+    """Chunks of 1 to 4 tokens continuing the cache (how a speculative draft is checked) give
+    the blocks' logits and cache, padded batch included; and a token's logits are those of
+    the same token decoded alone, to the bit."""
+    config = VARIANTS[name]
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    perturb_norms_and_biases(model)
+    ids = torch.randint(0, config.vocab_size, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :3] = 0
+
+    def run(chunks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = KVCache(config, 2, 24)
+        out = []
+        with torch.no_grad():
+            model(ids[:, :5], mask[:, :5], cache)
+            t = 5
+            for n in chunks:
+                out.append(model(ids[:, t : t + n], mask[:, t : t + n], cache))
+                t += n
+        return torch.cat(out, 1), cache.keys[-1][:, :, :t]
+
+    chunked = run([1, 3, 4, 2, 4])
+    with kernels.disabled():
+        reference = run([1, 3, 4, 2, 4])
+    for fast, slow in zip(chunked, reference, strict=True):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    one_by_one = run([1] * 14)
+    assert torch.equal(chunked[0], one_by_one[0]) and torch.equal(chunked[1], one_by_one[1])
+
+
+def test_the_fused_step_sees_layers_swapped_and_hooks_added_after_it_ran() -> None:
+    """The step keeps each model's gathered operands between calls; a projection replaced, a
+    weight reassigned, a block removed or a hook registered afterwards is taken into account."""
+    from slmlab.models import replace_module
+
+    config = VARIANTS["llama-gqa-untied"]
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 8))
+
+    def decode() -> torch.Tensor:
+        cache = KVCache(config, 1, 8)
+        with torch.no_grad():
+            model(ids[:, :7], cache=cache)
+            return model(ids[:, 7:], cache=cache)
+
+    def blocks() -> torch.Tensor:
+        with kernels.disabled():
+            return decode()
+
+    decode()
+    replace_module(model, "model.layers.0.mlp.up_proj", torch.nn.Linear(64, 160, bias=False))
+    torch.testing.assert_close(decode(), blocks(), rtol=1e-4, atol=1e-4)
+    model.model.layers[1].self_attn.q_proj.weight = torch.nn.Parameter(
+        torch.randn_like(model.model.layers[1].self_attn.q_proj.weight)
+    )
+    torch.testing.assert_close(decode(), blocks(), rtol=1e-4, atol=1e-4)
+    del model.model.layers[0]
+    torch.testing.assert_close(decode(), blocks(), rtol=1e-4, atol=1e-4)
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: seen.append(1))
+    decode()
+    assert seen == [1, 1]  # the prompt's call and the decoded token's
+
+
 def test_generation_same_tokens_with_and_without_kernels() -> None:
     model = DecoderLM(VARIANTS["qwen2-bias"]).eval()
     prompts = [[3, 4, 5, 6], [7]]
@@ -199,9 +267,10 @@ def _decode_fused_and_layer_by_layer(model: DecoderLM, rows: int, monkeypatch):
     fused_step = decoder.fused_decode_step
     ran: list[bool] = []
 
-    def watched(*args):
-        out = fused_step(*args)
-        ran.append(out is not None)
+    def watched(model, input_ids, *args):
+        out = fused_step(model, input_ids, *args)
+        if input_ids.shape[1] == 1:  # the decoding steps, not the prefix
+            ran.append(out is not None)
         return out
 
     def run(ids: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,19 +1,32 @@
 """Inference: generation with a KV cache (fp32 or int8), token healing, chat through a model's
-template (chapter 03; chapter 10 adds speculative decoding)."""
+template (chapter 03); speculative decoding with a draft model or prompt lookup (chapter 10)."""
 
 from ..models.decoder import KVCache
 from .chat import Chat, ChatTemplateError, render_chat
-from .generate import generate, sample_next
+from .generate import generate, sample_next, token_probs
 from .healing import TokenHealer
 from .kv_cache import Int8KVCache
+from .speculative import (
+    ModelDrafter,
+    PromptLookupDrafter,
+    SpeculativeResult,
+    expected_speedup,
+    speculative_generate,
+)
 
 __all__ = [
     "Chat",
     "ChatTemplateError",
     "Int8KVCache",
     "KVCache",
+    "ModelDrafter",
+    "PromptLookupDrafter",
+    "SpeculativeResult",
     "TokenHealer",
+    "expected_speedup",
     "generate",
     "render_chat",
     "sample_next",
+    "speculative_generate",
+    "token_probs",
 ]

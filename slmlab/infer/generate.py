@@ -10,7 +10,7 @@ import torch
 from ..models.decoder import DecoderLM, KVCache
 from .kv_cache import Int8KVCache
 
-__all__ = ["generate", "sample_next"]
+__all__ = ["generate", "sample_next", "token_probs"]
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -24,15 +24,16 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_p must be in (0, 1] (or None: no cut), got {top_p}")
 
 
-def sample_next(
+def token_probs(
     logits: torch.Tensor,
     *,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The next token of each row of `logits` (B, vocab): argmax at temperature 0, else a draw.
+    """The distribution (…, vocab) that `sample_next` draws from, for each row of `logits`: the
+    softmax at `temperature` after the top-k and top-p cuts, or at temperature 0 all the mass on
+    the argmax. Speculative decoding compares two models' distributions through it.
 
     top-k keeps the k most likely tokens; top-p (nucleus) keeps the smallest set of most likely
     tokens whose probabilities sum to at least p. Both filter before the draw, as in
@@ -40,7 +41,7 @@ def sample_next(
     """
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -52,7 +53,23 @@ def sample_next(
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token of each row of `logits` (B, vocab): argmax at temperature 0, else a draw
+    from `token_probs`."""
+    if temperature == 0:
+        check_sampling(temperature, top_k, top_p)
+        return logits.argmax(dim=-1)
+    probs = token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

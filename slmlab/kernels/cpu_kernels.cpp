@@ -18,26 +18,61 @@
 #define SLMLAB_AVX2 1
 #endif
 
-static inline float dot_row(const float* __restrict w, const float* __restrict x, int64_t n) {
+// Row w against M rows of x at once (x's rows k apart), into sums[0..M): each block of w is
+// loaded once for all of them. Per row, the same four accumulators and the same order of
+// additions as M = 1, so a row's result does not depend on how many rows came with it.
+template <int M>
+static inline void dot_rows(const float* __restrict w, const float* __restrict x, int64_t k, int64_t n,
+                            float* sums) {
   int64_t i = 0;
-  float sum = 0.f;
+  for (int b = 0; b < M; ++b) sums[b] = 0.f;
 #ifdef SLMLAB_AVX2
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  __m256 acc[M][4];
+  for (int b = 0; b < M; ++b) acc[b][0] = acc[b][1] = acc[b][2] = acc[b][3] = _mm256_setzero_ps();
   for (; i + 32 <= n; i += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
+    const __m256 w2 = _mm256_loadu_ps(w + i + 16), w3 = _mm256_loadu_ps(w + i + 24);
+    for (int b = 0; b < M; ++b) {
+      const float* xb = x + b * k + i;
+      acc[b][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[b][0]);
+      acc[b][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[b][1]);
+      acc[b][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), acc[b][2]);
+      acc[b][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), acc[b][3]);
+    }
   }
-  __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  sum = _mm_cvtss_f32(s);
+  for (int b = 0; b < M; ++b) {
+    const __m256 a = _mm256_add_ps(_mm256_add_ps(acc[b][0], acc[b][1]), _mm256_add_ps(acc[b][2], acc[b][3]));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    sums[b] = _mm_cvtss_f32(s);
+  }
 #endif
-  for (; i < n; ++i) sum += w[i] * x[i];
+  for (int b = 0; b < M; ++b)
+    for (int64_t j = i; j < n; ++j) sums[b] += w[j] * x[b * k + j];
+}
+
+static inline float dot_row(const float* __restrict w, const float* __restrict x, int64_t n) {
+  float sum;
+  dot_rows<1>(w, x, n, n, &sum);
   return sum;
+}
+
+// y[b * n + row] = W[row] . x[b] for the m rows of x, up to four at a time.
+static inline void dense_outputs(const float* w, int64_t k, int64_t row, int64_t n, const float* x, int64_t m,
+                                 const float* bias, float* y) {
+  float sums[4];
+  for (int64_t b0 = 0; b0 < m; b0 += 4) {
+    const int64_t rows = std::min<int64_t>(4, m - b0);
+    const float* xb = x + b0 * k;
+    switch (rows) {
+      case 1: dot_rows<1>(w + row * k, xb, k, k, sums); break;
+      case 2: dot_rows<2>(w + row * k, xb, k, k, sums); break;
+      case 3: dot_rows<3>(w + row * k, xb, k, k, sums); break;
+      default: dot_rows<4>(w + row * k, xb, k, k, sums); break;
+    }
+    for (int64_t b = 0; b < rows; ++b) y[(b0 + b) * n + row] = bias ? sums[b] + bias[row] : sums[b];
+  }
 }
 
 // Waking a second thread costs microseconds, as much as reading a small matrix: split the rows
@@ -61,8 +96,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight) {
   float* yp = y.data_ptr<float>();
   const int64_t grain = grain_rows(k);
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t b = 0; b < m; ++b) yp[b * n + r] = dot_row(wp + r * k, xp + b * k, k);
+    for (int64_t r = begin; r < end; ++r) dense_outputs(wp, k, r, n, xp, m, nullptr, yp);
   });
   return y;
 }
@@ -90,8 +124,7 @@ std::vector<torch::Tensor> gemv_many(torch::Tensor x, std::vector<torch::Tensor>
     for (int64_t r = begin; r < end; ++r) {
       while (r >= offsets[j + 1]) ++j;
       const int64_t row = r - offsets[j], n = offsets[j + 1] - offsets[j];
-      float* yp = ys[j].data_ptr<float>();
-      for (int64_t b = 0; b < m; ++b) yp[b * n + row] = dot_row(wps[j] + row * k, xp + b * k, k);
+      dense_outputs(wps[j], k, row, n, xp, m, nullptr, ys[j].data_ptr<float>());
     }
   });
   return ys;
@@ -487,11 +520,14 @@ void unpack_sparse24_rows(const float* values, const uint8_t* positions, int64_t
 
 }  // namespace
 
-// 4. decode_step: every block of a Llama-family decoder for one new token per row.
+// 4. decode_step: every block of a Llama-family decoder for a few new tokens per row.
 //
 // The same computation as DecoderBlock.forward in slmlab/models/decoder.py, which is its
 // reference in the tests, written as one call so that a token costs one trip from Python
 // instead of dozens of small operator dispatches. Weights stay where PyTorch keeps them.
+// One token per row is decoding; a few (T) per row continue the cache causally, which is how
+// a speculative step checks a draft: every weight is still read once for all of them, and each
+// token's numbers are computed exactly as if it had come alone.
 namespace {
 
 void rms_norm(const float* x, const float* w, float* out, int64_t d, float eps) {
@@ -579,10 +615,7 @@ void project(const float* x, int64_t m, int64_t k, const std::vector<Linear>& w,
         sparse24_outputs(l.values, l.positions, k, row, n, x, m, bias[j], true, y[j]);
         continue;
       }
-      for (int64_t b = 0; b < m; ++b) {
-        const float v = dot_row(l.weight + row * k, x + b * k, k);
-        y[j][b * n + row] = bias[j] ? v + bias[j][row] : v;
-      }
+      dense_outputs(l.weight, k, row, n, x, m, bias[j], y[j]);
     }
   });
 }
@@ -591,25 +624,29 @@ const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>(
 
 }  // namespace
 
-// x: (B, d) embeddings of the new tokens; returns the residual stream after the last block.
+// x: (B * T, d) embeddings of the new tokens, T consecutive ones per row (row b's token t at
+// b * T + t); returns the residual stream after the last block.
 // layers[i] = {input_norm, q, k, v, bq, bk, bv, o, post_norm, gate, up, down}, where each
 // projection is three tensors (see Linear) and the biases are empty where there are none;
-// caches[i] = {keys, values}, each (B, K, max_len, D).
+// caches[i] = {keys, values}, each (B, K, max_len, D), filled from position `length`.
 torch::Tensor decode_step(torch::Tensor x, std::vector<std::vector<torch::Tensor>> layers,
                           std::vector<std::vector<torch::Tensor>> caches, torch::Tensor key_mask,
                           torch::Tensor cos, torch::Tensor sin, int64_t length, double eps,
-                          int64_t n_heads, int64_t n_kv_heads) {
+                          int64_t n_heads, int64_t n_kv_heads, int64_t tokens) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
-              "decode_step: contiguous fp32 (B, d) input expected");
+              "decode_step: contiguous fp32 (B * T, d) input expected");
   TORCH_CHECK(key_mask.scalar_type() == torch::kBool && key_mask.is_contiguous(), "decode_step: bool key_mask");
   x = x.clone();
-  const int64_t B = x.size(0), d = x.size(1);
+  const int64_t R = x.size(0), d = x.size(1), T = tokens;
+  TORCH_CHECK(T >= 1 && R % T == 0 && R / T == caches[0][0].size(0),
+              "decode_step: x must hold `tokens` rows for each row of the cache");
   const int64_t D = cos.size(1), H = n_heads, K = n_kv_heads, group = H / K;
   const int64_t q_size = H * D, kv_size = K * D;
-  const int64_t ff = layers[0][17].size(0), max_len = caches[0][0].size(2), S = length + 1;
+  const int64_t ff = layers[0][17].size(0), max_len = caches[0][0].size(2);
+  TORCH_CHECK(length + T <= max_len, "decode_step: the cache is full");
   const float scale = 1.0f / std::sqrt(float(D));
-  std::vector<float> h(B * d), q(B * q_size), k(B * kv_size), v(B * kv_size), o(B * q_size);
-  std::vector<float> gate(B * ff), up(B * ff), out(B * d);
+  std::vector<float> h(R * d), q(R * q_size), k(R * kv_size), v(R * kv_size), o(R * q_size);
+  std::vector<float> gate(R * ff), up(R * ff), out(R * d);
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   const bool* mask = key_mask.data_ptr<bool>();
@@ -620,37 +657,40 @@ torch::Tensor decode_step(torch::Tensor x, std::vector<std::vector<torch::Tensor
     for (size_t i : {0, 10, 11, 12, 16})
       TORCH_CHECK(!L[i].numel() || (L[i].scalar_type() == torch::kFloat32 && L[i].is_contiguous()),
                   "decode_step: contiguous fp32 norms and biases expected");
-    for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * d, L[0].data_ptr<float>(), h.data() + b * d, d, float(eps));
-    project(h.data(), B, d, {as_linear(L, 1, d), as_linear(L, 4, d), as_linear(L, 7, d)},
+    for (int64_t r = 0; r < R; ++r) rms_norm(xp + r * d, L[0].data_ptr<float>(), h.data() + r * d, d, float(eps));
+    project(h.data(), R, d, {as_linear(L, 1, d), as_linear(L, 4, d), as_linear(L, 7, d)},
             {opt(L[10]), opt(L[11]), opt(L[12])}, {q.data(), k.data(), v.data()});
     float* kc = caches[li][0].data_ptr<float>();
     float* vc = caches[li][1].data_ptr<float>();
     std::vector<float> tmp(D);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t hh = 0; hh < H; ++hh) rope(q.data() + b * q_size + hh * D, cp + b * D, sp + b * D, D, tmp.data());
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t b = r / T, position = length + r % T;
+      for (int64_t hh = 0; hh < H; ++hh) rope(q.data() + r * q_size + hh * D, cp + r * D, sp + r * D, D, tmp.data());
       for (int64_t g = 0; g < K; ++g) {
-        rope(k.data() + b * kv_size + g * D, cp + b * D, sp + b * D, D, tmp.data());
-        const int64_t at = ((b * K + g) * max_len + length) * D;
-        std::copy(k.data() + b * kv_size + g * D, k.data() + b * kv_size + (g + 1) * D, kc + at);
-        std::copy(v.data() + b * kv_size + g * D, v.data() + b * kv_size + (g + 1) * D, vc + at);
+        rope(k.data() + r * kv_size + g * D, cp + r * D, sp + r * D, D, tmp.data());
+        const int64_t at = ((b * K + g) * max_len + position) * D;
+        std::copy(k.data() + r * kv_size + g * D, k.data() + r * kv_size + (g + 1) * D, kc + at);
+        std::copy(v.data() + r * kv_size + g * D, v.data() + r * kv_size + (g + 1) * D, vc + at);
       }
     }
-    // Attention of each (row, head) to the S cached positions that are not padding.
-    at::parallel_for(0, B * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(S * D, 1)), [&](int64_t begin, int64_t end) {
-      std::vector<float> p(S);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / H, hh = bh % H, g = hh / group;
-        const float* qv = q.data() + b * q_size + hh * D;
+    // Attention of each (token, head) to the cached positions up to its own that are not
+    // padding; a token always sees itself, as the blocks' mask lets a padding query do.
+    const int64_t S_max = length + T;
+    at::parallel_for(0, R * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(S_max * D, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<float> p(S_max);
+      for (int64_t rh = begin; rh < end; ++rh) {
+        const int64_t r = rh / H, hh = rh % H, g = hh / group, b = r / T, self = length + r % T, S = self + 1;
+        const float* qv = q.data() + r * q_size + hh * D;
         const float* kb = kc + (b * K + g) * max_len * D;
         const float* vb = vc + (b * K + g) * max_len * D;
         float best = -INFINITY;
         for (int64_t j = 0; j < S; ++j) {
-          p[j] = mask[b * max_len + j] ? dot_row(kb + j * D, qv, D) * scale : -INFINITY;
+          p[j] = mask[b * max_len + j] || j == self ? dot_row(kb + j * D, qv, D) * scale : -INFINITY;
           best = std::max(best, p[j]);
         }
         float total = 0.f;
         for (int64_t j = 0; j < S; ++j) total += (p[j] = p[j] == -INFINITY ? 0.f : std::exp(p[j] - best));
-        float* ov = o.data() + b * q_size + hh * D;
+        float* ov = o.data() + r * q_size + hh * D;
         std::fill(ov, ov + D, 0.f);
         for (int64_t j = 0; j < S; ++j) {
           if (p[j] == 0.f) continue;
@@ -660,18 +700,17 @@ torch::Tensor decode_step(torch::Tensor x, std::vector<std::vector<torch::Tensor
         }
       }
     });
-    project(o.data(), B, q_size, {as_linear(L, 13, q_size)}, {nullptr}, {out.data()});
-    for (int64_t i = 0; i < B * d; ++i) xp[i] += out[i];
-    for (int64_t b = 0; b < B; ++b) rms_norm(xp + b * d, L[16].data_ptr<float>(), h.data() + b * d, d, float(eps));
-    project(h.data(), B, d, {as_linear(L, 17, d), as_linear(L, 20, d)}, {nullptr, nullptr},
+    project(o.data(), R, q_size, {as_linear(L, 13, q_size)}, {nullptr}, {out.data()});
+    for (int64_t i = 0; i < R * d; ++i) xp[i] += out[i];
+    for (int64_t r = 0; r < R; ++r) rms_norm(xp + r * d, L[16].data_ptr<float>(), h.data() + r * d, d, float(eps));
+    project(h.data(), R, d, {as_linear(L, 17, d), as_linear(L, 20, d)}, {nullptr, nullptr},
             {gate.data(), up.data()});
-    for (int64_t i = 0; i < B * ff; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-    project(gate.data(), B, ff, {as_linear(L, 23, ff)}, {nullptr}, {out.data()});
-    for (int64_t i = 0; i < B * d; ++i) xp[i] += out[i];
+    for (int64_t i = 0; i < R * ff; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    project(gate.data(), R, ff, {as_linear(L, 23, ff)}, {nullptr}, {out.data()});
+    for (int64_t i = 0; i < R * d; ++i) xp[i] += out[i];
   }
   return x;
 }
-
 
 // x: (m, k) fp32; packed: (n, k/2) uint8; scales: (n, k/group) fp32; zeros: (n, k/group) uint8,
 // or empty for symmetric codes (zero point 8). `max_rows_int8`: up to this many rows of x take
@@ -754,7 +793,7 @@ torch::Tensor sparse24_linear(torch::Tensor x, torch::Tensor values, torch::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x W^T for few rows of x");
   m.def("gemv_many", &gemv_many, "[x W_i^T for each W_i], in one parallel region");
-  m.def("decode_step", &decode_step, "all decoder blocks for one new token per row");
+  m.def("decode_step", &decode_step, "all decoder blocks for a few new tokens per row");
   m.def("int4_linear", &int4_linear, "y = x W^T, W as packed int4 codes with group scales and zeros");
   m.def("sparse24_linear", &sparse24_linear, "y = x W^T, W 2:4-sparse as kept values and 2-bit positions");
   m.def("set_min_floats_per_thread", &set_min_floats_per_thread, "parallel grain, in weights");

@@ -10,11 +10,21 @@ GQA when 1 < K < H, MQA when K = 1).
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import decode_step, fused_operands, linear, linear_many
+from ..kernels import (
+    GEMV_MAX_ROWS,
+    INT4_MAX_ROWS_INT8,
+    decode_step,
+    fused_operands,
+    linear,
+    linear_many,
+)
 from .config import ModelConfig
 from .rope import apply_rope, inverse_frequencies
 
@@ -236,18 +246,40 @@ class DecoderStack(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
-def fused_decode_step(
-    model: DecoderLM, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
-) -> torch.Tensor | None:
-    """Every block of `model` for one new token per row, through the compiled step
-    (`slmlab.kernels.decode_step`): the residual stream (B, 1, d) after the last block, the
-    cache filled exactly as the blocks' own forward would fill it. None where the step does not
-    apply (autograd, another device or dtype, a projection that offers no operands the step
-    takes: `slmlab.kernels.fused_operands`), and the caller runs the blocks itself."""
-    if torch.is_grad_enabled() or input_ids.device.type != "cpu" or input_ids.shape[1] != 1:
-        return None
-    if cache.keys[0].dtype is not torch.float32:
-        return None
+# The most new tokens per row the fused step takes: a speculative draft and the token after
+# it. Beyond a few, the products are no longer bound by reading the weights, and the blocks'
+# matrix products win; up to here, the head's product is gemv's too (`GEMV_MAX_ROWS`).
+FUSED_MAX_TOKENS = GEMV_MAX_ROWS
+
+# The step's operands, gathered once per model: gathering walks every projection of every
+# block, hundreds of attribute lookups that cost as much as the step itself for a small model.
+# A gathered plan is valid while no module, parameter or buffer is registered or assigned
+# anywhere (PyTorch's global registration hooks count them) and no projection has a hook.
+_registrations = 0
+
+
+def _count_registration(*args: object) -> None:
+    global _registrations
+    _registrations += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_count_registration)
+nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+nn.modules.module.register_module_buffer_registration_hook(_count_registration)
+
+
+@dataclass
+class _FusedPlan:
+    registrations: int
+    blocks: int
+    projections: list[nn.Module]
+    layers: list[list[torch.Tensor]] | None  # None: some projection offers no operands
+
+
+_plans: weakref.WeakKeyDictionary[nn.Module, dict[bool, _FusedPlan]] = weakref.WeakKeyDictionary()
+
+
+def _gather_operands(model: DecoderLM, rows: int) -> list[list[torch.Tensor]] | None:
     none = torch.empty(0)
     layers = []
     for block in model.model.layers:
@@ -256,8 +288,7 @@ def fused_decode_step(
         if any(getattr(m, "bias", None) is not None for m in unbiased):
             return None  # the step adds biases to q, k and v only, as the architectures do
         projections = [
-            fused_operands(m, input_ids.shape[0])
-            for m in (attn.q_proj, attn.k_proj, attn.v_proj, *unbiased)
+            fused_operands(m, rows) for m in (attn.q_proj, attn.k_proj, attn.v_proj, *unbiased)
         ]
         if any(p is None for p in projections):
             return None
@@ -277,7 +308,50 @@ def fused_decode_step(
                 *down,
             ]
         )
-    x = model.model.embed_tokens(input_ids)[:, 0].contiguous()
+    return layers
+
+
+def _fused_layers(model: DecoderLM, rows: int) -> list[list[torch.Tensor]] | None:
+    """The operands of every block for `rows` new tokens, from the model's valid plan or
+    gathered afresh."""
+    integer_rows = rows <= INT4_MAX_ROWS_INT8  # whether int4 projections take part
+    plans = _plans.setdefault(model, {})
+    plan = plans.get(integer_rows)
+    if (
+        plan is None
+        or plan.registrations != _registrations
+        or plan.blocks != len(model.model.layers)
+        or any(m._forward_hooks or m._forward_pre_hooks for m in plan.projections)
+    ):
+        projections = [
+            m
+            for block in model.model.layers
+            for m in (*block.self_attn.children(), *block.mlp.children())
+        ]
+        layers = _gather_operands(model, rows)
+        plan = _FusedPlan(_registrations, len(model.model.layers), projections, layers)
+        plans[integer_rows] = plan
+    return plan.layers
+
+
+def fused_decode_step(
+    model: DecoderLM, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+) -> torch.Tensor | None:
+    """Every block of `model` for a few new tokens per row that continue `cache`, through the
+    compiled step (`slmlab.kernels.decode_step`): the residual stream (B, T, d) after the last
+    block, the cache filled exactly as the blocks' own forward would fill it. None where the
+    step does not apply (autograd, another device or dtype, more than `FUSED_MAX_TOKENS`, a
+    projection that offers no operands the step takes: `slmlab.kernels.fused_operands`), and
+    the caller runs the blocks itself."""
+    B, T = input_ids.shape
+    if torch.is_grad_enabled() or input_ids.device.type != "cpu" or T > FUSED_MAX_TOKENS:
+        return None
+    if cache.keys[0].dtype is not torch.float32:
+        return None
+    layers = _fused_layers(model, B * T)
+    if layers is None:
+        return None
+    x = model.model.embed_tokens(input_ids)
     if x.dtype is not torch.float32:
         return None
     config = model.config
@@ -383,13 +457,9 @@ class DecoderLM(nn.Module):
                 )
 
         cos, sin = self.model.rotary_emb(positions, self.model.norm.weight.dtype)
-        # Decoding one token: the compiled step runs every block in one call where it applies
-        # (CPU, fp32, plain linear layers); it computes what the loop below computes.
-        x = (
-            fused_decode_step(self, input_ids, cos, sin, cache)
-            if cache is not None and T == 1
-            else None
-        )
+        # Decoding a few tokens: the compiled step runs every block in one call where it
+        # applies (CPU, fp32, plain linear layers); it computes what the loop below computes.
+        x = fused_decode_step(self, input_ids, cos, sin, cache) if cache is not None else None
         if x is None:
             x = self.model.embed_tokens(input_ids)
             for layer in self.model.layers:

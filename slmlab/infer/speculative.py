@@ -1,0 +1,294 @@
+"""Speculative decoding: a cheap drafter guesses a few tokens, the model checks them in one call.
+
+Decoding one token reads every weight of the model once, so a call that checks k + 1 tokens
+costs little more than a call that makes one (chapter 10 measures it). A drafter -- a smaller
+model, or a lookup of the text so far -- proposes k tokens; the target model scores all of
+them in one call and keeps a prefix. The rule of Leviathan et al. (2023) and Chen et al. (2023)
+decides what is kept so that the output is distributed exactly as the target's own sampling:
+draft token x, drawn from the draft's distribution q, is accepted with probability
+min(1, p(x) / q(x)); at the first rejection, the replacement is drawn from the residual
+max(0, p - q), normalised; when every draft is accepted, one more token comes from the target's
+last distribution for free. At temperature 0 both distributions put all their mass on the
+argmax, and the same rule keeps exactly the target's greedy tokens.
+
+Batch 1: a batch's rows would accept different numbers of tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from ..models.decoder import FUSED_MAX_TOKENS, DecoderLM, KVCache
+from .generate import check_sampling, token_probs
+
+__all__ = [
+    "Drafter",
+    "ModelDrafter",
+    "PromptLookupDrafter",
+    "SpeculativeResult",
+    "acceptance_probability",
+    "expected_speedup",
+    "residual_distribution",
+    "speculative_generate",
+]
+
+# The longest draft: the draft and the token after it are checked in one call of the fused step.
+MAX_DRAFT_TOKENS = FUSED_MAX_TOKENS - 1
+
+
+def acceptance_probability(p: torch.Tensor, q: torch.Tensor, token: int) -> float:
+    """The probability that a draft `token` drawn from `q` is kept when the target's
+    distribution is `p`: min(1, p(x) / q(x))."""
+    px, qx = float(p[token]), float(q[token])
+    return 1.0 if px >= qx else px / qx
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """What a rejected draft is replaced by: max(0, p - q), normalised. Where p and q agree to
+    rounding (a rejection then has probability ~0), p itself."""
+    residual = (p - q).clamp(min=0)
+    total = residual.sum()
+    return residual / total if total > 1e-12 else p
+
+
+def expected_speedup(acceptance: float, draft_tokens: int, draft_cost: float) -> float:
+    """Tokens per unit of time against the target alone, when each draft token is accepted
+    with probability `acceptance` independently, a round drafts `draft_tokens` at `draft_cost`
+    each (relative to one target call) and checks them in one target call: the expected tokens
+    a round yields, (1 - a^(k+1)) / (1 - a), over its cost, k·c + 1 (Leviathan et al., 2023)."""
+    a, k = acceptance, draft_tokens
+    tokens = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+    return tokens / (k * draft_cost + 1)
+
+
+class Drafter(Protocol):
+    """Proposes tokens that may continue a sequence; told afterwards how much was kept."""
+
+    def propose(self, ids: Sequence[int], count: int) -> tuple[list[int], torch.Tensor | None]:
+        """Up to `count` tokens continuing `ids`, and the distribution each was drawn from
+        ((len(tokens), vocab)), or None when the tokens were chosen, not drawn (a point mass)."""
+        ...
+
+    def keep(self, length: int) -> None:
+        """The sequence now has `length` tokens, of which the drafter's state may keep the
+        ones it proposed and that were accepted."""
+        ...
+
+
+class ModelDrafter:
+    """A smaller model with the target's tokenizer, sampling with the target's settings, its
+    own KV cache rolled back to what the target kept."""
+
+    def __init__(
+        self,
+        model: DecoderLM,
+        max_len: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.model = model
+        dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.cache = KVCache(model.config, 1, max_len, dtype=dtype, device=self.device)
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        self.generator = generator
+
+    @torch.no_grad()
+    def propose(self, ids: Sequence[int], count: int) -> tuple[list[int], torch.Tensor | None]:
+        feed = list(ids[self.cache.length :])
+        tokens: list[int] = []
+        dists: list[torch.Tensor] = []
+        for _ in range(count):
+            x = torch.tensor([feed], device=self.device)
+            logits = self.model(x, cache=self.cache, last_only=True)[0, -1]
+            q = token_probs(logits, **self.sampling)  # type: ignore[arg-type]
+            if self.sampling["temperature"] == 0:
+                token = int(q.argmax())
+            else:
+                token = int(torch.multinomial(q, 1, generator=self.generator))
+            tokens.append(token)
+            dists.append(q)
+            feed = [token]
+        return tokens, torch.stack(dists) if dists else None
+
+    def keep(self, length: int) -> None:
+        # Positions past length - 1 hold rejected drafts (or the last token, not yet fed).
+        self.cache.length = min(self.cache.length, length - 1)
+
+
+class PromptLookupDrafter:
+    """Drafts by copying: find the last few tokens earlier in the sequence (the longest match
+    of `max_ngram` down to `min_ngram` tokens, the latest occurrence) and propose what followed
+    them. No second model; it wins where the output repeats its input (summaries, edits,
+    extraction, code), as in transformers' prompt-lookup decoding."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, ids: Sequence[int], count: int) -> tuple[list[int], torch.Tensor | None]:
+        ids = list(ids)
+        for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
+            tail = ids[-n:]
+            for start in range(len(ids) - n - 1, -1, -1):  # latest occurrence first
+                if ids[start : start + n] == tail:
+                    follow = ids[start + n : start + n + count]
+                    if follow:
+                        return follow, None
+        return [], None
+
+    def keep(self, length: int) -> None:
+        pass
+
+
+@dataclass
+class SpeculativeResult:
+    """The ids (prompt included, cut after a stop token) and what the speculation did."""
+
+    ids: list[int]
+    drafted: int = 0
+    accepted: int = 0
+    target_calls: int = 0
+    draft_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """The share of drafted tokens the target kept."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_call(self) -> float:
+        """New tokens per call of the target: 1 without speculation."""
+        return (self.accepted + self.target_calls) / self.target_calls if self.target_calls else 0.0
+
+
+@torch.no_grad()
+def speculative_generate(
+    target: DecoderLM,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    draft: DecoderLM | Drafter | Literal["prompt-lookup"],
+    draft_tokens: int | Literal["adaptive"] = 4,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_tokens: int | Sequence[int] | None = None,
+) -> SpeculativeResult:
+    """Continue `prompt` by up to `max_new_tokens` tokens of `target`, drafted by `draft`.
+
+    The output has the distribution of ``slmlab.generate(target, ...)`` with the same sampling
+    settings; at temperature 0 it is the same tokens. `draft` is a smaller model sharing the
+    target's vocabulary, ``"prompt-lookup"`` (`PromptLookupDrafter`), or any `Drafter`.
+    `draft_tokens` is k, the tokens drafted per round, or ``"adaptive"``: start at 4, grow by 2
+    after a round that kept every draft, shrink by 1 after one that did not (the heuristic of
+    transformers' assisted generation). `stop_tokens` defaults to the target's
+    ``eos_token_id``; sampling draws from a generator seeded with `seed`.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if draft_tokens != "adaptive" and not (
+        isinstance(draft_tokens, int) and 1 <= draft_tokens <= MAX_DRAFT_TOKENS
+    ):
+        raise ValueError(
+            f"draft_tokens must be 'adaptive' or an int in [1, {MAX_DRAFT_TOKENS}], "
+            f"got {draft_tokens!r}"
+        )
+    if not prompt:
+        raise ValueError("speculative_generate needs a prompt of at least one token")
+    config = target.config
+    if stop_tokens is None:
+        stop_tokens = config.eos_token_id
+    stops = (
+        set()
+        if stop_tokens is None
+        else {stop_tokens}
+        if isinstance(stop_tokens, int)
+        else set(stop_tokens)
+    )
+    device = next(target.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0 if seed is None else seed)
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    max_len = len(prompt) + max_new_tokens + MAX_DRAFT_TOKENS + 1
+
+    drafter: Drafter
+    if isinstance(draft, DecoderLM):
+        if draft.config.vocab_size != config.vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the "
+                f"target's ({config.vocab_size}): speculation needs one tokenizer for both"
+            )
+        drafter = ModelDrafter(draft, max_len, **sampling, generator=generator)  # type: ignore[arg-type]
+    elif draft == "prompt-lookup":
+        drafter = PromptLookupDrafter()
+    else:
+        drafter = draft  # type: ignore[assignment]
+
+    def draw(p: torch.Tensor) -> int:
+        if temperature == 0:
+            return int(p.argmax())
+        return int(torch.multinomial(p, 1, generator=generator))
+
+    ids = list(prompt)
+    result = SpeculativeResult(ids=ids)
+    if max_new_tokens == 0:
+        return result
+    dtype = next(target.parameters()).dtype
+    cache = KVCache(config, 1, max_len, dtype=dtype, device=device)
+    # The first token comes from the prompt's own call, as `generate` makes it.
+    logits = target(torch.tensor([ids], device=device), cache=cache, last_only=True)[0, -1]
+    ids.append(draw(token_probs(logits, **sampling)))  # type: ignore[arg-type]
+    result.target_calls = 1
+    k = 4 if draft_tokens == "adaptive" else draft_tokens
+    new = 1
+    while new < max_new_tokens and ids[-1] not in stops:
+        count = min(k, max_new_tokens - new - 1)
+        tokens, q = drafter.propose(ids, count) if count > 0 else ([], None)
+        tokens = tokens[:count]
+        # One call scores the last kept token and every draft: len(tokens) + 1 distributions.
+        feed = ids[cache.length :] + tokens
+        logits = target(torch.tensor([feed], device=device), cache=cache)[0]
+        p = token_probs(logits[len(feed) - len(tokens) - 1 :], **sampling)  # type: ignore[arg-type]
+        result.target_calls += 1
+        result.drafted += len(tokens)
+        result.draft_lengths.append(len(tokens))
+        kept = 0
+        for i, token in enumerate(tokens):
+            qi = (
+                q[i]
+                if q is not None
+                else torch.nn.functional.one_hot(torch.tensor(token), p.shape[-1]).to(p)
+            )
+            u = float(torch.rand((), generator=generator, device=device))
+            if u < acceptance_probability(p[i], qi, token):
+                ids.append(token)
+                kept += 1
+                if token in stops:
+                    break
+            else:
+                ids.append(draw(residual_distribution(p[i], qi)))
+                break
+        else:
+            ids.append(draw(p[len(tokens)]))  # every draft kept: the target's next, for free
+        result.accepted += kept
+        new = len(ids) - len(prompt)
+        cache.length = len(ids) - 1
+        drafter.keep(len(ids))
+        if draft_tokens == "adaptive":
+            k = min(MAX_DRAFT_TOKENS, k + 2) if tokens and kept == len(tokens) else max(1, k - 1)
+    for i in range(len(prompt), len(ids)):
+        if ids[i] in stops:
+            del ids[i + 1 :]
+            break
+    return result

@@ -6,7 +6,13 @@ costs to run.
 with lm-evaluation-harness as ``--model slmlab``.
 """
 
-from .efficiency import disk_bytes, measure_efficiency, model_bytes, peak_rss_bytes
+from .efficiency import (
+    continuation_ms,
+    disk_bytes,
+    measure_efficiency,
+    model_bytes,
+    peak_rss_bytes,
+)
 from .perplexity import TextScore, count_words, score_texts, token_bits
 from .scorer import Scorer
 from .story_qa import answer_questions, story_qa_scores
@@ -30,6 +36,7 @@ __all__ = [
     "TaskResult",
     "TextScore",
     "answer_questions",
+    "continuation_ms",
     "count_words",
     "disk_bytes",
     "evaluate",

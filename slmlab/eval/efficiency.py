@@ -6,7 +6,9 @@
 * throughput: generated tokens per second at each batch size (all rows decode together);
 * memory: the process's peak resident set (Linux clears its high-water mark first, so the peak
   is this measurement's) and, on CUDA, the allocator's peak; the model's own bytes;
-* size on disk: the checkpoint directory's files, when a path is given.
+* size on disk: the checkpoint directory's files, when a path is given;
+* `continuation_ms`: one call of the model on a few new tokens after a cached context, which
+  is what decoding (one token) and a speculative check (a draft and one more) cost.
 
 Timings on a shared machine vary by a tenth or more between runs: compare numbers from one run.
 """
@@ -21,7 +23,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["disk_bytes", "measure_efficiency", "model_bytes", "peak_rss_bytes"]
+__all__ = [
+    "continuation_ms",
+    "disk_bytes",
+    "measure_efficiency",
+    "model_bytes",
+    "peak_rss_bytes",
+]
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -67,6 +75,31 @@ def peak_rss_bytes() -> int:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def continuation_ms(
+    model: torch.nn.Module, new_tokens: int, *, context: int = 16, repeats: int = 20
+) -> float:
+    """Milliseconds of one call of `model` on `new_tokens` tokens continuing a KV cache that
+    holds `context`: the best of 3 rounds of `repeats` calls (batch 1)."""
+    from ..models.decoder import KVCache
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, 1, context + new_tokens, dtype=dtype, device=device)
+    model(torch.arange(1, context + 1, device=device)[None], cache=cache)
+    x = torch.full((1, new_tokens), 5, device=device)
+    best = float("inf")
+    for _ in range(3):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            cache.length = context  # forget the last call's tokens: the same call again
+            model(x, cache=cache)
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best * 1e3
 
 
 @torch.no_grad()

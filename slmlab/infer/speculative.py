@@ -55,14 +55,18 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return residual / total if total > 1e-12 else p
 
 
-def expected_speedup(acceptance: float, draft_tokens: int, draft_cost: float) -> float:
+def expected_speedup(
+    acceptance: float, draft_tokens: int, draft_cost: float, *, check_cost: float = 1.0
+) -> float:
     """Tokens per unit of time against the target alone, when each draft token is accepted
-    with probability `acceptance` independently, a round drafts `draft_tokens` at `draft_cost`
-    each (relative to one target call) and checks them in one target call: the expected tokens
-    a round yields, (1 - a^(k+1)) / (1 - a), over its cost, k·c + 1 (Leviathan et al., 2023)."""
+    with probability `acceptance` independently and a round drafts `draft_tokens` (k) at
+    `draft_cost` (c) each, then checks them in one call of the target costing `check_cost` (v),
+    both relative to one decoding step of the target: the tokens a round yields on average,
+    (1 - a^(k+1)) / (1 - a), over its cost, k·c + v (Leviathan et al., 2023, with v = 1: a
+    check of k + 1 tokens costs what one token does while reading the weights is the cost)."""
     a, k = acceptance, draft_tokens
     tokens = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
-    return tokens / (k * draft_cost + 1)
+    return tokens / (k * draft_cost + check_cost)
 
 
 class Drafter(Protocol):

@@ -92,7 +92,14 @@ def _generate(args: argparse.Namespace) -> int:
         text = render_chat(settings["chat_template"], [{"role": "user", "content": text}], **tokens)
     prompt = tokenizer.encode(text, add_special_tokens=not args.chat).ids
     sampling = dict(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        stop_strings=args.stop,
+        tokenizer=tokenizer,
+        seed=args.seed,
     )
     if args.token_healing:
         _, spelled = TokenHealer(tokenizer).generate(model, prompt, args.max_new_tokens, **sampling)
@@ -545,6 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeats"
+    )
+    p.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop after this text"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument(_HEALING, action="store_true", help=_HEALING_HELP)

@@ -70,6 +70,27 @@ def test_generate_from_a_checkpoint(tmp_path) -> None:
     expected = slmlab.generate(model, prompt, 5)[0]
     assert out.stdout.rstrip("\n") == tok.decode(expected)
 
+    stop = tok.decode(expected[len(prompt) + 1 : len(prompt) + 3])
+    out = run(
+        "generate",
+        str(path),
+        "--prompt",
+        "once upon",
+        "--max-new-tokens",
+        "5",
+        "--stop",
+        stop,
+        "--repetition-penalty",
+        "1.3",
+        "--min-p",
+        "0.1",
+    )
+    assert out.returncode == 0, out.stderr
+    expected = slmlab.generate(
+        model, prompt, 5, stop_strings=[stop], tokenizer=tok, repetition_penalty=1.3, min_p=0.1
+    )[0]
+    assert out.stdout.rstrip("\n") == tok.decode(expected)
+
     from slmlab.infer import TokenHealer
 
     out = run(

@@ -146,6 +146,102 @@ def test_sample_next_filters_like_transformers() -> None:
         assert torch.equal(seen, allowed), (top_k, top_p)
 
 
+def test_min_p_keeps_what_transformers_keeps() -> None:
+    """token_probs with min-p (after temperature, top-k and top-p) is the softmax of what
+    transformers' warpers leave, in their order."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+    )
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 3
+    for temperature, top_k, min_p in [(1.0, None, 0.1), (0.7, 20, 0.05), (1.3, None, 0.5)]:
+        expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(None, expected)
+        expected = MinPLogitsWarper(min_p)(None, expected).softmax(-1)
+        got = slmlab.infer.token_probs(logits, temperature=temperature, top_k=top_k, min_p=min_p)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_repetition_penalty_and_logit_bias_equal_transformers(tmp_path) -> None:
+    """The penalty is transformers' RepetitionPenaltyLogitsProcessor, and greedy generation
+    with it, or with a logit bias (transformers' sequence_bias for single tokens), gives
+    transformers' tokens."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from slmlab.infer.generate import adjust_logits
+
+    ids = torch.tensor([[3, 3, 7, 1], [0, 9, 9, 9]])
+    logits = torch.randn(2, 12, generator=torch.Generator().manual_seed(2))
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(ids, logits.clone())
+    torch.testing.assert_close(adjust_logits(logits, ids, repetition_penalty=1.7), expected)
+
+    config = VARIANTS["llama-gqa-untied"]
+    theirs = save_hf(config, tmp_path)
+    ours = slmlab.load(tmp_path)
+    prompt = PROMPTS[0]
+    free = slmlab.generate(ours, prompt, 12, stop_tokens=())[0][len(prompt) :]
+    banned = free[2]
+    for ours_kwargs, theirs_kwargs in [
+        ({"repetition_penalty": 1.5}, {"repetition_penalty": 1.5}),
+        ({"repetition_penalty": 0.7}, {"repetition_penalty": 0.7}),
+        ({"logit_bias": {banned: -100.0}}, {"sequence_bias": {(banned,): -100.0}}),
+    ]:
+        expected = theirs.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            **theirs_kwargs,
+        )[0].tolist()
+        got = slmlab.generate(ours, prompt, 12, stop_tokens=(), **ours_kwargs)[0]
+        assert got == expected, ours_kwargs
+    assert banned not in got[len(prompt) :]
+
+
+class Letters:
+    """A tokenizer whose token i is the letter chr(97 + i % 26)."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_stop_strings_end_a_row_at_the_token_that_completes_them() -> None:
+    model = DecoderLM(VARIANTS["llama-gqa-untied"]).eval()
+    free = slmlab.generate(model, PROMPTS, 16, stop_tokens=())
+    texts = [Letters().decode(row[len(p) :]) for row, p in zip(free, PROMPTS, strict=True)]
+    stop = texts[0][5:7]  # two letters row 0 writes; other rows may write them too, or not
+    got = slmlab.generate(
+        model, PROMPTS, 16, stop_tokens=(), stop_strings=[stop], tokenizer=Letters()
+    )
+    for row, prompt, text in zip(got, PROMPTS, texts, strict=True):
+        end = text.find(stop)
+        expected = text if end < 0 else text[: end + len(stop)]
+        assert Letters().decode(row[len(prompt) :]) == expected
+    tensor = slmlab.generate(
+        model,
+        torch.tensor([PROMPTS[0]]),
+        16,
+        stop_tokens=(),
+        stop_strings=[stop],
+        tokenizer=Letters(),
+        pad_token_id=0,
+    )
+    assert tensor.shape[1] == len(got[0])  # the only row ended there, and so did generation
+
+
+def test_repeated_ngram_share() -> None:
+    from slmlab.eval import repeated_ngram_share
+
+    assert repeated_ngram_share(list("abcabcabc"), n=3) == 4 / 7
+    assert repeated_ngram_share([1, 2, 3, 4, 5], n=2) == 0.0
+    assert repeated_ngram_share([7] * 10, n=1) == 0.9
+    assert repeated_ngram_share([1, 2], n=3) == 0.0  # no n-gram at all
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -154,6 +250,7 @@ def test_sample_next_filters_like_transformers() -> None:
         ({"temperature": 1.0, "top_p": 1.5}, "top_p must be in"),
         ({"temperature": 1.0, "top_k": 0}, "top_k must be positive"),
         ({"top_k": 0}, "top_k must be positive"),  # greedy: unused, and still a mistake
+        ({"min_p": 1.5}, "min_p must be in"),
     ],
 )
 def test_bad_sampling_arguments(kwargs: dict, message: str) -> None:
@@ -169,6 +266,22 @@ def test_bad_sampling_arguments(kwargs: dict, message: str) -> None:
         )
     )
     with pytest.raises(ValueError, match=message):  # before any work
+        slmlab.generate(model, [[1, 2]], 4, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+        ({"logit_bias": {10_000: 1.0}}, "logit_bias names token 10000, outside the vocabulary"),
+        ({"logit_bias": {3: 101.0}}, r"logit_bias for token 3 must be in \[-100, 100\]"),
+        ({"stop_strings": ["x"]}, "stop_strings need the tokenizer"),
+        ({"stop_strings": [""], "tokenizer": Letters()}, "must not contain an empty string"),
+    ],
+)
+def test_bad_generation_controls(kwargs: dict, message: str) -> None:
+    model = DecoderLM(VARIANTS["llama-gqa-untied"]).eval()
+    with pytest.raises(ValueError, match=message):
         slmlab.generate(model, [[1, 2]], 4, **kwargs)
 
 

@@ -14,6 +14,7 @@ from .efficiency import (
     peak_rss_bytes,
 )
 from .perplexity import TextScore, count_words, score_texts, token_bits
+from .repetition import repeated_ngram_share
 from .scorer import Scorer
 from .story_qa import answer_questions, story_qa_scores
 from .story_tasks import STORY_TASKS, SUITE_SIZE, story_items, story_task_file
@@ -46,6 +47,7 @@ __all__ = [
     "model_bytes",
     "peak_rss_bytes",
     "perplexity_task",
+    "repeated_ngram_share",
     "score_texts",
     "story_items",
     "story_qa_scores",

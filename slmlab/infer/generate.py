@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -13,7 +14,9 @@ from .kv_cache import Int8KVCache
 __all__ = ["generate", "sample_next", "token_probs"]
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(
+    temperature: float, top_k: int | None, top_p: float | None, min_p: float | None = None
+) -> None:
     """Refuse settings that would sample something else than asked, before any work: checked
     even at temperature 0, where they are unused, because a mistyped value is still a mistake."""
     if not (math.isfinite(temperature) and temperature >= 0):  # NaN fails every comparison
@@ -22,6 +25,42 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_k must be positive (or None: no cut), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (or None: no cut), got {top_p}")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1] (or None: no cut), got {min_p}")
+
+
+def adjust_logits(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    repetition_penalty: float = 1.0,
+    logit_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`logits` (B, vocab) after the controls that look at the text, in transformers' order:
+    the repetition penalty of CTRL (Keskar et al., 2019: every token already in a row's `ids`
+    has a positive logit divided by the penalty and a negative one multiplied by it), then
+    `logit_bias` (vocab,) added, as OpenAI's API adds its ``logit_bias``."""
+    if repetition_penalty != 1.0:
+        seen = logits.gather(1, ids)
+        seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+        logits = logits.scatter(1, ids, seen)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    return logits
+
+
+def bias_vector(logit_bias: Mapping[int, float], vocab_size: int) -> torch.Tensor:
+    """OpenAI's ``logit_bias`` ({token id: bias in [-100, 100]}) as a (vocab,) tensor."""
+    bias = torch.zeros(vocab_size)
+    for token, value in logit_bias.items():
+        if not 0 <= int(token) < vocab_size:
+            raise ValueError(
+                f"logit_bias names token {token}, outside the vocabulary (0..{vocab_size - 1})"
+            )
+        if not (math.isfinite(value) and -100 <= value <= 100):
+            raise ValueError(f"logit_bias for token {token} must be in [-100, 100], got {value}")
+        bias[int(token)] = value
+    return bias
 
 
 def token_probs(
@@ -30,16 +69,18 @@ def token_probs(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
 ) -> torch.Tensor:
     """The distribution (…, vocab) that `sample_next` draws from, for each row of `logits`: the
-    softmax at `temperature` after the top-k and top-p cuts, or at temperature 0 all the mass on
-    the argmax. Speculative decoding compares two models' distributions through it.
+    softmax at `temperature` after the top-k, top-p and min-p cuts, or at temperature 0 all the
+    mass on the argmax. Speculative decoding compares two models' distributions through it.
 
     top-k keeps the k most likely tokens; top-p (nucleus) keeps the smallest set of most likely
-    tokens whose probabilities sum to at least p. Both filter before the draw, as in
-    transformers.
+    tokens whose probabilities sum to at least p; min-p keeps the tokens at least min_p times
+    as likely as the most likely one (Nguyen et al., 2024). They filter in that order before
+    the draw, as in transformers.
     """
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p)
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     logits = logits.float() / temperature
@@ -53,7 +94,11 @@ def token_probs(
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return logits.softmax(dim=-1)
+    probs = logits.softmax(dim=-1)
+    if min_p is not None:
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 def sample_next(
@@ -62,14 +107,15 @@ def sample_next(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The next token of each row of `logits` (B, vocab): argmax at temperature 0, else a draw
     from `token_probs`."""
     if temperature == 0:
-        check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p, min_p)
         return logits.argmax(dim=-1)
-    probs = token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    probs = token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -111,8 +157,13 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    logit_bias: Mapping[int, float] | None = None,
     seed: int | None = None,
     stop_tokens: int | Sequence[int] | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer: Any = None,
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
     use_cache: bool = True,
@@ -128,8 +179,11 @@ def generate(
     `pad_token_id`; lists come back as lists, each cut after its stop token.
 
     `stop_tokens` defaults to the config's ``eos_token_id``; pass ``()`` to never stop early.
+    `stop_strings` end a row once its new text (decoded by `tokenizer`) contains one of them;
+    the row keeps the token that completed it, as transformers does (an API cuts the text).
     Sampling (temperature > 0) draws from a generator seeded with `seed`, so the same call gives
-    the same tokens. `kv_cache_dtype` ``torch.int8`` keeps the cache in int8 (chapter 08's
+    the same tokens. `min_p`, `repetition_penalty` and `logit_bias` are the controls of
+    `token_probs` and `adjust_logits`, applied as transformers applies them. `kv_cache_dtype` ``torch.int8`` keeps the cache in int8 (chapter 08's
     `slmlab.infer.Int8KVCache`); by default it has the model's dtype.
 
     `prefix_allowed_tokens_fn(row, ids)` is transformers' constraint: given a row's index and
@@ -142,7 +196,16 @@ def generate(
     config = model.config
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p)
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be > 0 (1: none), got {repetition_penalty}")
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer that decodes the ids: pass tokenizer=")
+    if any(not s for s in stop_strings):
+        raise ValueError("stop_strings must not contain an empty string")
+    bias = None if not logit_bias else bias_vector(logit_bias, config.vocab_size)
     if stop_tokens is None:
         stop_tokens = config.eos_token_id
     stops = (
@@ -199,14 +262,27 @@ def generate(
 
     step_ids, step_mask = ids, mask
     length = T
+    ends: dict[int, int] = {}  # a row's end where a stop string ended it
     for _ in range(max_new_tokens):
         if cache is None:  # recompute the whole sequence: the reference the cache must match
             step_ids, step_mask = out[:, :length], full_mask[:, :length]
         logits = model(step_ids, step_mask, cache, last_only=True)[:, -1]
+        if repetition_penalty != 1.0 or bias is not None:
+            logits = adjust_logits(
+                logits,
+                out[:, :length],
+                repetition_penalty=repetition_penalty,
+                logit_bias=None if bias is None else bias.to(logits),
+            )
         if prefix_allowed_tokens_fn is not None:
             logits = _constrain(logits, out[:, :length], prefix_allowed_tokens_fn)
         token = sample_next(
-            logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            logits,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            generator=generator,
         )
         token = torch.where(done, torch.full_like(token, pad), token)
         out[:, length] = token
@@ -215,8 +291,12 @@ def generate(
             on_tokens(token)
         if len(stops):
             done |= torch.isin(token, stop_ids)
-            if bool(done.all()):
-                break
+        for row in range(B) if stop_strings else ():
+            if not done[row] and _ends_in_stop_string(out[row, T:length], tokenizer, stop_strings):
+                done[row] = True
+                ends[row] = length
+        if (len(stops) or stop_strings) and bool(done.all()):
+            break
         step_ids, step_mask = out[:, length - 1 : length], full_mask[:, length - 1 : length]
     out = out[:, :length]
 
@@ -224,10 +304,17 @@ def generate(
         return out
     result = []
     for row, prompt in enumerate(prompts):
-        new = out[row, T:].tolist()
+        new = out[row, T : ends.get(row, length)].tolist()
         for i, tok in enumerate(new):
             if tok in stops:
                 new = new[: i + 1]
                 break
         result.append(prompt + new)
     return result
+
+
+def _ends_in_stop_string(new: torch.Tensor, tokenizer: Any, stop_strings: Sequence[str]) -> bool:
+    """Whether the text of a row's `new` tokens contains a stop string. Checked after every
+    token until it does, so the token that makes it true is the one that completed it."""
+    text = tokenizer.decode(new.tolist())
+    return any(s in text for s in stop_strings)

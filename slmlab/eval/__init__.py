@@ -13,7 +13,7 @@ from .efficiency import (
     model_bytes,
     peak_rss_bytes,
 )
-from .perplexity import TextScore, count_words, score_texts, token_bits
+from .perplexity import TextScore, count_words, score_texts, streaming_token_bits, token_bits
 from .repetition import repeated_ngram_share
 from .scorer import Scorer
 from .story_qa import answer_questions, story_qa_scores
@@ -52,5 +52,6 @@ __all__ = [
     "story_items",
     "story_qa_scores",
     "story_task_file",
+    "streaming_token_bits",
     "token_bits",
 ]

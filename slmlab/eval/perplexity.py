@@ -6,6 +6,9 @@ the most context (the first window scores all its tokens, each later one only it
 `stride`). With ``stride == context`` the windows do not overlap: these are exactly
 lm-evaluation-harness's rolling windows, so a perplexity here equals its ``word_perplexity``.
 Smaller strides cost more compute and give each token more context.
+
+`streaming_token_bits` scores a text of any length in one pass through a cache of fixed size
+(`slmlab.infer.SinkKVCache`), token by token, as a model that generates past its context sees it.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..infer import SinkKVCache
 from ..tokenizers import encoder
 
-__all__ = ["TextScore", "count_words", "score_texts", "token_bits"]
+__all__ = ["TextScore", "count_words", "score_texts", "streaming_token_bits", "token_bits"]
 
 
 @torch.no_grad()
@@ -51,6 +55,24 @@ def token_bits(
         nll = F.cross_entropy(logits, tokens[start + 1 : end], reduction="none") / math.log(2)
         out[scored - 1 : end - 1] = nll[scored - 1 - start :].cpu()
         scored = end
+    return out
+
+
+@torch.no_grad()
+def streaming_token_bits(
+    model: torch.nn.Module, ids: Sequence[int], *, window: int, sinks: int = 4
+) -> torch.Tensor:
+    """−log2 p(ids[i] | what the cache holds) for i = 1 .. len(ids) − 1, feeding one token at a
+    time through a `SinkKVCache` of `sinks` + `window` positions: the first `sinks` tokens and
+    the `window` latest. With ``sinks=0`` it is a plain sliding window."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    cache = SinkKVCache(model.config, 1, window, sinks=sinks, dtype=dtype, device=device)
+    tokens = torch.as_tensor(list(ids), dtype=torch.long, device=device)
+    out = torch.empty(max(len(tokens) - 1, 0))
+    for i in range(len(tokens) - 1):
+        logits = model(tokens[i : i + 1][None], cache=cache)[0, -1].float()
+        out[i] = (torch.logsumexp(logits, -1) - logits[tokens[i + 1]]).cpu() / math.log(2)
     return out
 
 

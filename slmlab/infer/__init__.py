@@ -1,11 +1,12 @@
 """Inference: generation with a KV cache (fp32 or int8), token healing, chat through a model's
-template (chapter 03); speculative decoding with a draft model or prompt lookup (chapter 10)."""
+template (chapter 03); speculative decoding with a draft model or prompt lookup, generation
+past the context with attention sinks (chapter 10)."""
 
 from ..models.decoder import KVCache
 from .chat import Chat, ChatTemplateError, render_chat
 from .generate import generate, sample_next, token_probs
 from .healing import TokenHealer
-from .kv_cache import Int8KVCache
+from .kv_cache import Int8KVCache, SinkKVCache
 from .speculative import (
     ModelDrafter,
     PromptLookupDrafter,
@@ -21,6 +22,7 @@ __all__ = [
     "KVCache",
     "ModelDrafter",
     "PromptLookupDrafter",
+    "SinkKVCache",
     "SpeculativeResult",
     "TokenHealer",
     "expected_speedup",

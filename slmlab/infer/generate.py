@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..models.decoder import DecoderLM, KVCache
-from .kv_cache import Int8KVCache
+from .kv_cache import Int8KVCache, SinkKVCache
 
 __all__ = ["generate", "sample_next", "token_probs"]
 
@@ -168,6 +168,8 @@ def generate(
     pad_token_id: int | None = None,
     use_cache: bool = True,
     kv_cache_dtype: torch.dtype | None = None,
+    attention_window: int | None = None,
+    attention_sinks: int = 4,
     prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], Sequence[int]] | None = None,
     on_tokens: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor | list[list[int]]:
@@ -184,7 +186,9 @@ def generate(
     Sampling (temperature > 0) draws from a generator seeded with `seed`, so the same call gives
     the same tokens. `min_p`, `repetition_penalty` and `logit_bias` are the controls of
     `token_probs` and `adjust_logits`, applied as transformers applies them. `kv_cache_dtype` ``torch.int8`` keeps the cache in int8 (chapter 08's
-    `slmlab.infer.Int8KVCache`); by default it has the model's dtype.
+    `slmlab.infer.Int8KVCache`); by default it has the model's dtype. `attention_window` W keeps
+    the cache at `attention_sinks` + W positions (`slmlab.infer.SinkKVCache`: the first tokens
+    and the W latest), so that generation can go on past the model's context.
 
     `prefix_allowed_tokens_fn(row, ids)` is transformers' constraint: given a row's index and
     its ids so far (its padded prompt included), it returns the tokens that row may produce
@@ -248,7 +252,20 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
     cache = None
-    if use_cache:
+    if attention_window is not None:
+        if not use_cache or kv_cache_dtype is not None:
+            raise ValueError("attention_window needs the cache in the model's dtype")
+        capacity = attention_sinks + attention_window
+        if capacity < T:
+            raise ValueError(
+                f"the prompt ({T} tokens) does not fit the cache ({attention_sinks} sinks + a "
+                f"window of {attention_window}): shorten it or widen the window"
+            )
+        dtype = next(model.parameters()).dtype
+        cache = SinkKVCache(
+            config, B, attention_window, sinks=attention_sinks, dtype=dtype, device=device
+        )
+    elif use_cache:
         dtype = next(model.parameters()).dtype
         if kv_cache_dtype is torch.int8:
             cache = Int8KVCache(config, B, T + max_new_tokens, dtype=dtype, device=device)

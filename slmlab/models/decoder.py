@@ -114,6 +114,11 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def make_room(self, count: int) -> None:
+        """Called before `count` new tokens are stored, so that a cache that evicts can do it
+        then (`slmlab.infer.SinkKVCache`); this one only grows, and `span` refuses to
+        overflow."""
+
     def span(self, count: int) -> tuple[int, int]:
         """The positions [start, end) that `count` new tokens will fill; an error if full."""
         start, end = self.length, self.length + count
@@ -428,6 +433,8 @@ class DecoderLM(nn.Module):
                 raise ValueError("segments are for training rows: no attention_mask, no cache")
             return self._forward_segments(input_ids, segments, last_only, head)
         B, T = input_ids.shape
+        if cache is not None:
+            cache.make_room(T)
         start = cache.length if cache is not None else 0
         if attention_mask is not None:
             attention_mask = attention_mask.bool()

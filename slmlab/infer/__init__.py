@@ -1,8 +1,9 @@
 """Inference: generation with a KV cache (fp32 or int8), token healing, chat through a model's
 template (chapter 03); speculative decoding with a draft model or prompt lookup, generation
-past the context with attention sinks (chapter 10)."""
+past the context with attention sinks, continuous batching (chapter 10)."""
 
 from ..models.decoder import KVCache
+from .batching import BatchRequest, ContinuousBatcher
 from .chat import Chat, ChatTemplateError, render_chat
 from .generate import generate, sample_next, token_probs
 from .healing import TokenHealer
@@ -16,8 +17,10 @@ from .speculative import (
 )
 
 __all__ = [
+    "BatchRequest",
     "Chat",
     "ChatTemplateError",
+    "ContinuousBatcher",
     "Int8KVCache",
     "KVCache",
     "ModelDrafter",

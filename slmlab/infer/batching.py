@@ -1,0 +1,296 @@
+"""Continuous batching: many requests share one preallocated KV cache and one decode step.
+
+A server that runs requests one after the other leaves the machine idle: at batch 1 a decode
+step reads every weight to make one token. Run together, the same read makes a token for every
+row. Requests arrive and finish at different times, so rows are admitted and retired between
+decode steps (Orca, Yu et al., 2022; vLLM's scheduler): a request waits only for a free row,
+not for the batch.
+
+All rows share the cache's length, so a row's tokens end where every other row's end: a new
+request's prompt is computed alone and its keys and values placed just before that end, with
+the positions in front of them marked as padding (positions count real tokens only, so the
+model sees what it would see alone). When the cache is full, every row moves back by the
+padding they all have in front; when a prompt is longer than the shared length, every row moves
+forward. A request is admitted only when all the admitted ones can then finish within the
+cache. Each row computes exactly what it would compute alone: the fused step and the kernels
+compute a row's numbers independently of the other rows (up to 8 rows; more go through
+PyTorch's batched products, equal to rounding).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..models.decoder import DecoderLM, KVCache
+from .generate import adjust_logits, bias_vector, check_sampling, sample_next
+
+__all__ = ["BatchRequest", "ContinuousBatcher"]
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class BatchRequest:
+    """One request: its prompt and settings in, its tokens and how it finished out.
+
+    `on_token(request, token)` is called for every new token as it is made (streaming), and
+    once more with None when the request finishes. `finish_reason` is ``"stop"`` (a stop token
+    or string), ``"length"`` (`max_new_tokens`), or ``"cancelled"``.
+    """
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | None = None
+    seed: int = 0
+    stop_tokens: Sequence[int] = ()
+    stop_strings: Sequence[str] = ()
+    on_token: Callable[[BatchRequest, int | None], None] | None = None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Row:
+    request: BatchRequest
+    start: int  # where its first token sits in the cache
+    generator: torch.Generator | None
+    bias: torch.Tensor | None
+
+
+class ContinuousBatcher:
+    """Runs `BatchRequest`s on `model` in up to `max_batch` rows of one KV cache of `max_len`
+    positions (default: the model's context). `submit` queues a request, `step` admits what
+    fits and makes one token for every running row, `run` steps until everything is done.
+    `tokenizer` (with ``decode``) is needed only for stop strings. Not thread-safe: one thread
+    owns a batcher (a server's engine thread)."""
+
+    def __init__(
+        self,
+        model: DecoderLM,
+        *,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.model = model
+        self.config = model.config
+        self.max_batch = max_batch
+        self.max_len = max_len or self.config.max_position_embeddings
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.cache = KVCache(self.config, max_batch, self.max_len, dtype=dtype, device=self.device)
+        self.cache.key_mask.zero_()
+        self.rows: list[_Row | None] = [None] * max_batch
+        self.waiting: deque[BatchRequest] = deque()
+        self.steps = 0
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def check(self, request: BatchRequest) -> None:
+        """Refuse a request that could never run, before it waits: a ValueError naming why."""
+        check_sampling(request.temperature, request.top_k, request.top_p, request.min_p)
+        if not request.prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        total = len(request.prompt) + request.max_new_tokens
+        limit = min(self.max_len, self.config.max_position_embeddings)
+        if total > limit:
+            raise ValueError(
+                f"the prompt ({len(request.prompt)} tokens) plus max_new_tokens "
+                f"({request.max_new_tokens}) exceeds the context ({limit} tokens)"
+            )
+        if request.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need the batcher's tokenizer")
+        if any(not 0 <= t < self.config.vocab_size for t in request.prompt):
+            raise ValueError(f"the prompt has token ids outside 0..{self.config.vocab_size - 1}")
+        if request.logit_bias:
+            bias_vector(request.logit_bias, self.config.vocab_size)
+
+    def submit(self, request: BatchRequest) -> BatchRequest:
+        self.check(request)
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: BatchRequest) -> None:
+        """Stop `request` now (a client went away): its row is freed before the next step."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        for i, row in enumerate(self.rows):
+            if row is not None and row.request is request:
+                self._retire(i)
+        if not request.finished:
+            self._finish(request, "cancelled")
+
+    @property
+    def running(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and self.running == 0
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Admit the waiting requests that fit, then one decode step for every running row."""
+        self._admit()
+        active = [i for i, row in enumerate(self.rows) if row is not None]
+        if not active:
+            return
+        if self.cache.length == self.max_len:
+            self._compact()
+        B = self.max_batch
+        ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        mask = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        for i in active:
+            ids[i, 0] = self.rows[i].request.tokens[-1]  # type: ignore[union-attr]
+            mask[i, 0] = 1
+        logits = self.model(ids, mask, self.cache, last_only=True)[:, -1]
+        self.steps += 1
+        for i in active:
+            self._append(i, logits[i : i + 1])
+
+    def run(self) -> None:
+        while not self.idle:
+            self.step()
+
+    # -- inside ------------------------------------------------------------------------------
+
+    def _span(self, rows: list[tuple[int, BatchRequest]], length: int) -> int:
+        """Cache positions needed until every request of `rows` (start, request) is done."""
+        if not rows:
+            return 0
+        ends = [
+            start + len(r.prompt) + r.max_new_tokens - 1  # the last token is never fed
+            for start, r in rows
+        ]
+        return max(max(ends), length) - min(start for start, _ in rows)
+
+    def _admit(self) -> None:
+        while self.waiting and None in self.rows:
+            request = self.waiting[0]
+            length = self.cache.length
+            shift = max(0, len(request.prompt) - length)  # rows move forward for a long prompt
+            rows = [(row.start + shift, row.request) for row in self.rows if row is not None]
+            rows.append((length + shift - len(request.prompt), request))
+            if self._span(rows, length + shift) > self.max_len:
+                return  # waits for a row to finish
+            self.waiting.popleft()
+            if shift:
+                self._move(shift)
+            self._place(self.rows.index(None), request)
+
+    def _place(self, slot: int, request: BatchRequest) -> None:
+        """Compute `request`'s prompt alone, put its keys and values in row `slot` just before
+        the shared end, and make its first token."""
+        P, end = len(request.prompt), self.cache.length
+        alone = KVCache(self.config, 1, P, dtype=self.cache.keys[0].dtype, device=self.device)
+        prompt = torch.tensor([list(request.prompt)], device=self.device)
+        logits = self.model(prompt, cache=alone, last_only=True)[:, -1]
+        for shared, own in zip(
+            self.cache.keys + self.cache.values, alone.keys + alone.values, strict=True
+        ):
+            shared[slot, :, end - P : end] = own[0]
+        self.cache.key_mask[slot] = False
+        self.cache.key_mask[slot, end - P : end] = True
+        generator = None
+        if request.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(request.seed)
+        bias = None
+        if request.logit_bias:
+            bias = bias_vector(request.logit_bias, self.config.vocab_size).to(self.device)
+        self.rows[slot] = _Row(request, end - P, generator, bias)
+        self._append(slot, logits)
+
+    def _append(self, slot: int, logits: torch.Tensor) -> None:
+        """Sample row `slot`'s next token from `logits` (1, vocab); retire the row if done."""
+        row = self.rows[slot]
+        assert row is not None
+        request = row.request
+        if request.repetition_penalty != 1.0 or row.bias is not None:
+            seen = torch.tensor([[*request.prompt, *request.tokens]], device=self.device)
+            logits = adjust_logits(
+                logits, seen, repetition_penalty=request.repetition_penalty, logit_bias=row.bias
+            )
+        token = int(
+            sample_next(
+                logits,
+                temperature=request.temperature,
+                top_k=request.top_k,
+                top_p=request.top_p,
+                min_p=request.min_p,
+                generator=row.generator,
+            )[0]
+        )
+        request.tokens.append(token)
+        if request.on_token is not None:
+            request.on_token(request, token)
+        reason = None
+        if token in request.stop_tokens or self._stop_string(request):
+            reason = "stop"
+        elif len(request.tokens) >= request.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            self._retire(slot)
+            self._finish(request, reason)
+
+    def _stop_string(self, request: BatchRequest) -> bool:
+        if not request.stop_strings:
+            return False
+        text = self.tokenizer.decode(request.tokens)
+        return any(s in text for s in request.stop_strings)
+
+    def _finish(self, request: BatchRequest, reason: str) -> None:
+        request.finish_reason = reason
+        if request.on_token is not None:
+            request.on_token(request, None)
+
+    def _retire(self, slot: int) -> None:
+        self.rows[slot] = None
+        self.cache.key_mask[slot] = False
+        if self.running == 0:
+            self.cache.length = 0  # nothing to keep: start again from the front
+
+    def _move(self, shift: int) -> None:
+        """Every row `shift` positions forward (> 0) or back (< 0) in the cache; the positions
+        the tokens had in their texts do not change (they count real tokens, not places)."""
+        n = self.cache.length
+        lo, hi = (0, n) if shift > 0 else (-shift, n)
+        for t in [*self.cache.keys, *self.cache.values, self.cache.key_mask]:
+            block = t[..., lo:hi, :].clone() if t.dim() == 4 else t[:, lo:hi].clone()
+            if t.dim() == 4:
+                t[..., lo + shift : hi + shift, :] = block
+            else:
+                t[:, lo + shift : hi + shift] = block
+        if shift > 0:
+            self.cache.key_mask[:, :shift] = False
+        for row in self.rows:
+            if row is not None:
+                row.start += shift
+        self.cache.length = n + shift
+
+    def _compact(self) -> None:
+        front = min(row.start for row in self.rows if row is not None)
+        if front == 0:  # admission leaves room for every admitted request: cannot happen
+            raise RuntimeError("the batch's cache is full and no row can move back")
+        self._move(-front)

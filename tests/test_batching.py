@@ -1,0 +1,124 @@
+"""Continuous batching: every request gets exactly the tokens it would get alone, however the
+requests overlap, whatever rows move in the shared cache; a cancelled request frees its row."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import slmlab
+from slmlab.infer import BatchRequest, ContinuousBatcher
+from slmlab.models import DecoderLM, ModelConfig
+
+
+def tiny(context: int = 96) -> DecoderLM:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=60,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+    )
+    return DecoderLM(config, init_std=0.2).eval()
+
+
+def random_requests(n: int, seed: int = 0) -> list[BatchRequest]:
+    rng = random.Random(seed)
+    return [
+        BatchRequest(
+            [rng.randrange(60) for _ in range(rng.randint(1, 30))],
+            rng.randint(1, 25),
+            temperature=rng.choice([0.0, 0.0, 1.0]),
+            top_k=rng.choice([None, 10]),
+            seed=i,
+        )
+        for i in range(n)
+    ]
+
+
+def alone(model: DecoderLM, r: BatchRequest) -> list[int]:
+    out = slmlab.generate(
+        model,
+        [list(r.prompt)],
+        r.max_new_tokens,
+        temperature=r.temperature,
+        top_k=r.top_k,
+        seed=r.seed,
+        stop_tokens=r.stop_tokens,
+    )[0]
+    return out[len(r.prompt) :]
+
+
+@pytest.mark.parametrize(("max_batch", "max_len"), [(4, 64), (3, 56), (8, 60)])
+def test_each_request_gets_its_own_tokens(max_batch: int, max_len: int, monkeypatch) -> None:
+    """20 requests of mixed lengths and settings, greedy and sampled, through a cache small
+    enough that rows move forward (a long prompt) and back (the cache full) many times."""
+    model = tiny()
+    batcher = ContinuousBatcher(model, max_batch=max_batch, max_len=max_len)
+    moves = []
+    move = batcher._move
+    monkeypatch.setattr(batcher, "_move", lambda shift: (moves.append(shift), move(shift)))
+    requests = [batcher.submit(r) for r in random_requests(20)]
+    batcher.run()
+    assert any(s > 0 for s in moves) and any(s < 0 for s in moves)
+    for r in requests:
+        assert r.tokens == alone(model, r), r
+        assert r.finish_reason == "length"
+    # Batching did share steps: fewer decode steps than tokens.
+    assert batcher.steps < sum(r.max_new_tokens for r in requests) * 0.6
+
+
+def test_stop_tokens_strings_and_streaming() -> None:
+    model = tiny()
+    free = alone(model, BatchRequest([5, 6, 7], 20))
+    stop = free[4]
+    seen: list[int | None] = []
+    letters = type(
+        "Letters", (), {"decode": lambda self, ids: "".join(chr(97 + i % 26) for i in ids)}
+    )()
+    batcher = ContinuousBatcher(model, tokenizer=letters)
+    by_token = batcher.submit(BatchRequest([5, 6, 7], 20, stop_tokens=[stop]))
+    text = letters.decode(free)
+    by_string = batcher.submit(
+        BatchRequest([5, 6, 7], 20, stop_strings=[text[6:8]], on_token=lambda r, t: seen.append(t))
+    )
+    batcher.run()
+    assert by_token.tokens == free[: free.index(stop) + 1] and by_token.finish_reason == "stop"
+    assert letters.decode(by_string.tokens) == text[: text.index(text[6:8]) + 2]
+    assert seen == [*by_string.tokens, None]
+
+
+def test_a_cancelled_request_frees_its_row_for_the_next() -> None:
+    model = tiny()
+    batcher = ContinuousBatcher(model, max_batch=1)
+    first = batcher.submit(BatchRequest([1, 2, 3], 50))
+    second = batcher.submit(BatchRequest([4, 5], 5))
+    batcher.step()
+    batcher.step()
+    assert batcher.running == 1 and len(batcher.waiting) == 1
+    batcher.cancel(first)
+    assert first.finish_reason == "cancelled" and batcher.running == 0
+    batcher.run()
+    assert second.tokens == alone(model, second)
+
+
+def test_requests_that_cannot_run_are_refused() -> None:
+    batcher = ContinuousBatcher(tiny(context=32))
+    with pytest.raises(ValueError, match=r"plus max_new_tokens \(10\) exceeds the context \(32"):
+        batcher.submit(BatchRequest(list(range(25)), 10))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        batcher.submit(BatchRequest([], 10))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        batcher.submit(BatchRequest([1], 0))
+    with pytest.raises(ValueError, match=r"outside 0\.\.59"):
+        batcher.submit(BatchRequest([99], 3))
+    with pytest.raises(ValueError, match="stop strings need"):
+        batcher.submit(BatchRequest([1], 3, stop_strings=["x"]))
+    with pytest.raises(ValueError, match="temperature must be"):
+        batcher.submit(BatchRequest([1], 3, temperature=-1))
+    assert batcher.idle

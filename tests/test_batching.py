@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import slmlab
-from slmlab.infer import BatchRequest, ContinuousBatcher
+from slmlab.infer import BatchRequest, ContinuousBatcher, KVCache
 from slmlab.models import DecoderLM, ModelConfig
 
 
@@ -54,6 +54,27 @@ def alone(model: DecoderLM, r: BatchRequest) -> list[int]:
     return out[len(r.prompt) :]
 
 
+def assert_rows_hold_what_they_would_alone(model: DecoderLM, batcher: ContinuousBatcher) -> None:
+    """Each running row's cached keys and values, and only those positions unmasked, are the
+    ones its tokens get decoded alone: the prompt in one call, then one token at a time."""
+    cache = batcher.cache
+    for slot, row in enumerate(batcher.rows):
+        if row is None:
+            continue
+        r = row.request
+        fed = [*r.prompt, *r.tokens[:-1]]
+        own = KVCache(model.config, 1, len(fed))
+        with torch.no_grad():
+            model(torch.tensor([list(r.prompt)]), cache=own)
+            for token in r.tokens[:-1]:
+                model(torch.tensor([[token]]), cache=own)
+        span = slice(row.start, cache.length)
+        assert cache.length - row.start == len(fed)
+        assert cache.key_mask[slot, span].all() and not cache.key_mask[slot, : row.start].any()
+        for shared, alone_ in zip(cache.keys + cache.values, own.keys + own.values, strict=True):
+            assert torch.equal(shared[slot, :, span], alone_[0])
+
+
 @pytest.mark.parametrize(("max_batch", "max_len"), [(4, 64), (3, 56), (8, 60)])
 def test_each_request_gets_its_own_tokens(max_batch: int, max_len: int, monkeypatch) -> None:
     """20 requests of mixed lengths and settings, greedy and sampled, through a cache small
@@ -64,7 +85,10 @@ def test_each_request_gets_its_own_tokens(max_batch: int, max_len: int, monkeypa
     move = batcher._move
     monkeypatch.setattr(batcher, "_move", lambda shift: (moves.append(shift), move(shift)))
     requests = [batcher.submit(r) for r in random_requests(20)]
-    batcher.run()
+    while not batcher.idle:
+        batcher.step()
+        if batcher.steps % 7 == 0:
+            assert_rows_hold_what_they_would_alone(model, batcher)
     assert any(s > 0 for s in moves) and any(s < 0 for s in moves)
     for r in requests:
         assert r.tokens == alone(model, r), r

@@ -110,6 +110,29 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """`slmlab.serve`'s app under uvicorn until interrupted."""
+    import uvicorn
+
+    from .checkpoint import load, load_chat_settings, load_tokenizer
+    from .serve import create_app
+
+    if not 0 < args.port < 65536 or args.max_batch < 1 or args.max_queue < 0:
+        raise ValueError("--port must be in 1..65535, --max-batch >= 1, --max-queue >= 0")
+    where = _checkpoint_path(args.model, quiet=False)
+    app = create_app(
+        load(where),
+        load_tokenizer(where),
+        load_chat_settings(where),
+        name=args.name or args.model,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+    )
+    print(f"serving {args.name or args.model} at http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _chat(args: argparse.Namespace) -> int:
     """A conversation on the terminal, or one turn a line of standard input when it is piped."""
     from .checkpoint import load, load_chat_settings, load_tokenizer
@@ -580,6 +603,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.set_defaults(func=_chat)
+
+    p = verbs.add_parser("serve", help="an OpenAI-compatible HTTP API for a model")
+    p.add_argument("model", help="a checkpoint directory, a .gguf file or a zoo name")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="default 127.0.0.1: no authentication, keep it local"
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting; more get 429")
+    p.add_argument("--name", default=None, help="the model's name in the API (default: MODEL)")
+    p.set_defaults(func=_serve)
 
     p = verbs.add_parser(
         "train", help="train a model from a zoo recipe or a config file (torchrun-ready)"

@@ -112,6 +112,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """`slmlab.serve`'s app under uvicorn until interrupted."""
+    import threading
+
     import uvicorn
 
     from .checkpoint import load, load_chat_settings, load_tokenizer
@@ -127,9 +129,20 @@ def _serve(args: argparse.Namespace) -> int:
         name=args.name or args.model,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        engine_thread=False,
     )
+    # The HTTP side on a thread, the model on this one (see slmlab.serve.Engine).
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
     print(f"serving {args.name or args.model} at http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        app.state.engine.run(until=lambda: not thread.is_alive())
+    except KeyboardInterrupt:
+        server.should_exit = True
+        thread.join(timeout=10)
     return 0
 
 

@@ -14,6 +14,7 @@ frees its row. The server binds 127.0.0.1 unless told otherwise: it has no authe
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import math
@@ -22,7 +23,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -59,9 +60,16 @@ class RequestError(Exception):
 
 
 class Engine:
-    """The batcher on a thread of its own: `submit` and `cancel` from any thread; tokens come
-    back through each request's ``on_token``. At most `max_batch` requests run and `max_queue`
-    wait; one more is refused (429)."""
+    """The batcher's loop: `submit` and `cancel` from any thread; tokens come back through
+    each request's ``on_token``. At most `max_batch` requests run and `max_queue` wait; one
+    more is refused (429).
+
+    `run` loops on the calling thread; `start` runs it on a thread of its own. The loop is
+    fastest on the thread that first ran the model's parallel kernels (the main thread, as
+    `slmlab serve` arranges): each thread that starts parallel regions gets its own OpenMP
+    team, and two teams spinning on two cores slow each step 2-4x (measured: a stories-8m step
+    1.8 ms on the main thread, 7 ms on another).
+    """
 
     def __init__(
         self, model: DecoderLM, tokenizer: Any, *, max_batch: int = 8, max_queue: int = 64
@@ -78,10 +86,15 @@ class Engine:
     def start(self) -> None:
         self.thread.start()
 
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """The loop, on this thread, until `stop` or `until()`."""
+        self._run(until)
+
     def stop(self) -> None:
         self.stopping = True
         self.wake.set()
-        self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
 
     def submit(self, requests: list[BatchRequest]) -> None:
         """Queue `requests` together, or refuse them all: a RequestError when the queue is full."""
@@ -111,9 +124,9 @@ class Engine:
         with self.lock:
             self.outstanding -= 1
 
-    def _run(self) -> None:
+    def _run(self, until: Callable[[], bool] = lambda: False) -> None:
         batcher = self.batcher
-        while not self.stopping:
+        while not self.stopping and not until():
             while True:
                 try:
                     op, request = self.inbox.get_nowait()
@@ -135,6 +148,33 @@ class Engine:
                 traceback.print_exc()
                 for request in [*batcher.waiting, *(r.request for r in batcher.rows if r)]:
                     batcher.cancel(request)
+
+
+class _Mailbox:
+    """Tokens from the engine thread to one request's coroutine: `put` from the engine, `get`
+    all that arrived since the last `get`. The event loop is woken once per batch of tokens,
+    not once per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: collections.deque[tuple[int, int | None]] = collections.deque()
+        self.ready = asyncio.Event()
+        self.scheduled = False
+
+    def put(self, item: tuple[int, int | None]) -> None:
+        self.items.append(item)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self.ready.set)
+
+    async def get(self) -> list[tuple[int, int | None]]:
+        await self.ready.wait()
+        self.ready.clear()
+        self.scheduled = False  # before draining: a token put after this wakes us again
+        items = []
+        while self.items:
+            items.append(self.items.popleft())
+        return items
 
 
 class _Choice:
@@ -223,9 +263,12 @@ def create_app(
     name: str,
     max_batch: int = 8,
     max_queue: int = 64,
+    engine_thread: bool = True,
 ) -> Starlette:
     """The ASGI app serving `model` as `name`; `settings` are the checkpoint's chat settings
-    (`slmlab.checkpoint.load_chat_settings`), needed for chat completions."""
+    (`slmlab.checkpoint.load_chat_settings`), needed for chat completions. The app starts its
+    `Engine` on a thread of its own, or, with `engine_thread` False, leaves the caller to run
+    ``app.state.engine.run()`` (on the main thread: see `Engine`)."""
     tokenizer = as_hf_tokenizer(tokenizer)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     context = model.config.max_position_embeddings
@@ -336,16 +379,19 @@ def create_app(
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
                 raise RequestError(400, "stream must be true or false", param="stream")
+            options = body.get("stream_options") or {}
+            if not isinstance(options, dict):
+                raise RequestError(400, "stream_options must be an object", param="stream_options")
+            usage_chunk = bool(options.get("include_usage", False))
         except RequestError as err:
             return err.response()
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
+        events = _Mailbox(asyncio.get_running_loop())
         for index, job in enumerate(jobs):
 
             def on_token(job: BatchRequest, token: int | None, index: int = index) -> None:
                 if token is None:
                     engine.done()
-                loop.call_soon_threadsafe(events.put_nowait, (index, token))
+                events.put((index, token))
 
             job.on_token = on_token
         choices = [_Choice(i, job, tokenizer, _stops(body)) for i, job in enumerate(jobs)]
@@ -356,14 +402,15 @@ def create_app(
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": ident, "created": int(time.time()), "model": name}
         if stream:
+            usage = {"prompt_tokens": len(prompt)} if usage_chunk else None
             return StreamingResponse(
-                _stream(events, choices, head, chat, engine), media_type="text/event-stream"
+                _stream(events, choices, head, chat, engine, usage),
+                media_type="text/event-stream",
             )
         try:
             finished = 0
             while finished < len(jobs):
-                _, token = await events.get()
-                finished += token is None
+                finished += sum(token is None for _, token in await events.get())
         finally:
             for job in jobs:
                 if not job.finished:
@@ -407,7 +454,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine.start()
+        if engine_thread:
+            engine.start()
         yield
         engine.stop()
 
@@ -424,14 +472,16 @@ def create_app(
 
 
 async def _stream(
-    events: asyncio.Queue[tuple[int, int | None]],
+    events: _Mailbox,
     choices: list[_Choice],
     head: dict[str, Any],
     chat: bool,
     engine: Engine,
+    usage: dict[str, int] | None,
 ) -> AsyncIterator[str]:
     """Server-sent events: a chunk per piece of text as it is decoded, a last chunk per choice
-    with its finish reason, then ``[DONE]``. If the client goes away, its requests are
+    with its finish reason, a chunk with the token counts when `usage` (``stream_options:
+    {"include_usage": true}``), then ``[DONE]``. If the client goes away, its requests are
     cancelled and their rows freed."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -451,14 +501,25 @@ async def _stream(
             for c in choices:
                 yield chunk(c.index, None, None, role=True)
         while finished < len(choices):
-            index, token = await events.get()
-            c = choices[index]
-            piece = c.delta()
-            if piece:
-                yield chunk(index, piece, None)
-            if token is None:
+            # Every token that came since the last wake-up, in one piece of text per choice:
+            # under load, fewer and larger chunks.
+            arrived = await events.get()
+            ended = [index for index, token in arrived if token is None]
+            for index in dict.fromkeys(index for index, _ in arrived):
+                piece = choices[index].delta()
+                if piece:
+                    yield chunk(index, piece, None)
+            for index in ended:
                 finished += 1
-                yield chunk(index, None, c.finish_reason)
+                yield chunk(index, None, choices[index].finish_reason)
+        if usage is not None:
+            made = sum(len(c.request.tokens) for c in choices)
+            counts = {
+                **usage,
+                "completion_tokens": made,
+                "total_tokens": usage["prompt_tokens"] + made,
+            }
+            yield f"data: {json.dumps({**head, 'object': kind, 'choices': [], 'usage': counts})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         for c in choices:

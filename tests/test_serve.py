@@ -110,6 +110,15 @@ def test_chat_plain_and_streamed(served, client) -> None:
         reasons.append(chunk.choices[0].finish_reason)
     assert "".join(pieces) == got.choices[0].message.content
     assert reasons[-1] == got.choices[0].finish_reason and set(reasons[:-1]) == {None}
+    *_, last = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert last.choices == [] and last.usage.completion_tokens == got.usage.completion_tokens
 
 
 def test_stop_sequences_max_tokens_and_n(served, client) -> None:

@@ -19,6 +19,7 @@ PyTorch's batched products, equal to rounding).
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -153,21 +154,28 @@ class ContinuousBatcher:
     def step(self) -> None:
         """Admit the waiting requests that fit, then one decode step for every running row."""
         self._admit()
-        active = [i for i, row in enumerate(self.rows) if row is not None]
-        if not active:
+        self._pack()
+        n = self.running
+        if n == 0:
             return
         if self.cache.length == self.max_len:
             self._compact()
-        B = self.max_batch
-        ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-        mask = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-        for i in active:
-            ids[i, 0] = self.rows[i].request.tokens[-1]  # type: ignore[union-attr]
-            mask[i, 0] = 1
-        logits = self.model(ids, mask, self.cache, last_only=True)[:, -1]
+        # The running rows are the first n: the step computes those alone, on views of the
+        # cache's first n rows (the batch dimension is the outermost: the views are contiguous).
+        view = copy.copy(self.cache)
+        view.keys = [k[:n] for k in self.cache.keys]
+        view.values = [v[:n] for v in self.cache.values]
+        view.key_mask = self.cache.key_mask[:n]
+        ids = torch.tensor(
+            [[row.request.tokens[-1]] for row in self.rows[:n]],  # type: ignore[union-attr]
+            device=self.device,
+        )
+        logits = self.model(ids, torch.ones_like(ids), view, last_only=True)[:, -1]
+        self.cache.length = view.length
         self.steps += 1
-        for i in active:
+        for i in range(n):
             self._append(i, logits[i : i + 1])
+        self._pack()
 
     def run(self) -> None:
         while not self.idle:
@@ -264,6 +272,19 @@ class ContinuousBatcher:
         request.finish_reason = reason
         if request.on_token is not None:
             request.on_token(request, None)
+
+    def _pack(self) -> None:
+        """Move rows down into free slots, so that the running rows are the first ones."""
+        for slot in range(self.max_batch):
+            if self.rows[slot] is not None:
+                continue
+            last = max((i for i, r in enumerate(self.rows) if r is not None), default=-1)
+            if last < slot:
+                return
+            for t in [*self.cache.keys, *self.cache.values, self.cache.key_mask]:
+                t[slot] = t[last]
+            self.cache.key_mask[last] = False
+            self.rows[slot], self.rows[last] = self.rows[last], None
 
     def _retire(self, slot: int) -> None:
         self.rows[slot] = None

@@ -790,11 +790,15 @@ torch::Tensor sparse24_linear(torch::Tensor x, torch::Tensor values, torch::Tens
   return y;
 }
 
+// The kernels touch tensors only: other Python threads (a server's event loop) run meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "y = x W^T for few rows of x");
-  m.def("gemv_many", &gemv_many, "[x W_i^T for each W_i], in one parallel region");
-  m.def("decode_step", &decode_step, "all decoder blocks for a few new tokens per row");
-  m.def("int4_linear", &int4_linear, "y = x W^T, W as packed int4 codes with group scales and zeros");
-  m.def("sparse24_linear", &sparse24_linear, "y = x W^T, W 2:4-sparse as kept values and 2-bit positions");
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("gemv", &gemv, "y = x W^T for few rows of x", release());
+  m.def("gemv_many", &gemv_many, "[x W_i^T for each W_i], in one parallel region", release());
+  m.def("decode_step", &decode_step, "all decoder blocks for a few new tokens per row", release());
+  m.def("int4_linear", &int4_linear, "y = x W^T, W as packed int4 codes with group scales and zeros",
+        release());
+  m.def("sparse24_linear", &sparse24_linear,
+        "y = x W^T, W 2:4-sparse as kept values and 2-bit positions", release());
   m.def("set_min_floats_per_thread", &set_min_floats_per_thread, "parallel grain, in weights");
 }

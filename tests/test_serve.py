@@ -210,3 +210,41 @@ def test_a_full_queue_answers_429(served) -> None:
     for t in threads:
         t.join()
     assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 4
+
+
+def test_the_command_serves_until_interrupted(served, tmp_path) -> None:
+    """`slmlab serve CHECKPOINT --port N` (the engine on the main thread): it answers as the
+    library does, and Ctrl-C stops it cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = slmlab.save(served["model"], tmp_path / "ckpt", tokenizer=served["tokenizer"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "slmlab", "serve", str(path), "--port", str(port), "--name", "t"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        base = f"http://127.0.0.1:{port}/v1"
+        deadline = time.time() + 60
+        while True:
+            try:
+                assert httpx.get(base + "/models", timeout=1).json()["data"][0]["id"] == "t"
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.time() < deadline, process.stderr.read()
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+        got = client.completions.create(model="t", prompt="once upon", max_tokens=10, temperature=0)
+        ids = served["tokenizer"].encode("once upon").ids
+        assert got.choices[0].text == greedy_text(served, ids, 10)[0]
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0, process.stderr.read()

@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import threading
 import time
 
 import httpx
-import uvicorn
 
 from benchmarks.common import write
 from slmlab import checkpoint, zoo
 from slmlab.eval import peak_rss_bytes
-from slmlab.serve import create_app
+from slmlab.serve import BackgroundServer, create_app
 
 PROMPTS = [
     "Once upon a time, Lily went to the park.",
@@ -116,15 +114,7 @@ def serve(name: str, max_batch: int, max_queue: int):
         max_queue=max_queue,
         engine_thread=False,
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}/v1", app
+    return BackgroundServer(app), app
 
 
 def drive(app, coroutine) -> dict:
@@ -144,7 +134,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--soak-seconds", type=float, default=60)
     args = parser.parse_args()
-    server, thread, base, app = serve(args.model, max_batch=32, max_queue=16)
+    server, app = serve(args.model, max_batch=32, max_queue=16)
+    base = server.url
     drive(app, load(base, args.model, 1, 2))  # warm-up
     runs = []
     for clients in (1, 8, 32):
@@ -176,8 +167,7 @@ def main() -> None:
         f"{soak['refused']}, failed {soak['failed']}; RSS at start, half-way, end "
         f"{', '.join(f'{r / 2**20:.0f}' for r in rss)} MiB; left running {engine.batcher.running}"
     )
-    server.should_exit = True
-    thread.join(timeout=10)
+    server.stop()
     result = {
         "model": args.model,
         "max_batch": 32,

@@ -112,12 +112,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """`slmlab.serve`'s app under uvicorn until interrupted."""
-    import threading
-
-    import uvicorn
-
     from .checkpoint import load, load_chat_settings, load_tokenizer
-    from .serve import create_app
+    from .serve import BackgroundServer, create_app
 
     if not 0 < args.port < 65536 or args.max_batch < 1 or args.max_queue < 0:
         raise ValueError("--port must be in 1..65535, --max-batch >= 1, --max-queue >= 0")
@@ -132,17 +128,12 @@ def _serve(args: argparse.Namespace) -> int:
         engine_thread=False,
     )
     # The HTTP side on a thread, the model on this one (see slmlab.serve.Engine).
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    print(f"serving {args.name or args.model} at http://{args.host}:{args.port}/v1", flush=True)
+    server = BackgroundServer(app, host=args.host, port=args.port)
+    print(f"serving {args.name or args.model} at {server.url}", flush=True)
     try:
-        app.state.engine.run(until=lambda: not thread.is_alive())
+        app.state.engine.run(until=lambda: not server.running)
     except KeyboardInterrupt:
-        server.should_exit = True
-        thread.join(timeout=10)
+        server.stop()
     return 0
 
 

@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import queue
+import socket
 import threading
 import time
 import traceback
@@ -26,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -36,7 +38,7 @@ from .infer.chat import ChatTemplateError
 from .models import DecoderLM
 from .tokenizers import as_hf_tokenizer
 
-__all__ = ["Engine", "RequestError", "create_app"]
+__all__ = ["BackgroundServer", "Engine", "RequestError", "create_app"]
 
 MAX_N = 16  # completions per request
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
@@ -525,3 +527,31 @@ async def _stream(
         for c in choices:
             if not c.request.finished:
                 engine.cancel(c.request)
+
+
+class BackgroundServer:
+    """`app` served by uvicorn on a thread of this process, at `url` (``http://HOST:PORT/v1``):
+    how `slmlab serve`, a notebook or a test runs it. `port` None picks a free one."""
+
+    def __init__(self, app: Starlette, *, host: str = "127.0.0.1", port: int | None = None):
+        if port is None:
+            with socket.socket() as probe:
+                probe.bind((host, 0))
+                port = probe.getsockname()[1]
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.url = f"http://{host}:{port}/v1"
+        self.thread = threading.Thread(target=self.server.run, name="slmlab-http", daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise OSError(f"the server could not start on {host}:{port} (is the port taken?)")
+            time.sleep(0.02)
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -17,7 +17,7 @@ from slmlab.infer import render_chat
 from slmlab.models import DecoderLM, ModelConfig
 
 openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 CHATML = (
@@ -32,7 +32,7 @@ def served():
     port of 127.0.0.1 for the module's tests."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from slmlab.serve import create_app
+    from slmlab.serve import BackgroundServer, create_app
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -57,18 +57,9 @@ def served():
     model = DecoderLM(config, init_std=0.1).eval()
     settings = {"chat_template": CHATML, "eos_token": "<|im_end|>"}
     app = create_app(model, tok, settings, name="tiny", max_batch=4, max_queue=4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    base = f"http://127.0.0.1:{port}/v1"
-    yield {"model": model, "tokenizer": tok, "app": app, "base": base, "end": end}
-    server.should_exit = True
-    thread.join(timeout=10)
+    server = BackgroundServer(app)
+    yield {"model": model, "tokenizer": tok, "app": app, "base": server.url, "end": end}
+    server.stop()
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """`slmlab serve` under load: throughput and time to first token against concurrent clients.
 
     python -m benchmarks.serve [--model stories-8m] [--seconds 20] [--soak-seconds 60]
+                               [--batcher-models stories-8m,smollm2-135m-instruct]
 
 The server runs in this process on 127.0.0.1 (uvicorn on a thread, the engine on the main
 thread, as `slmlab serve` runs them);
@@ -11,7 +12,9 @@ ratio to one client's, and the time to the first piece of text (p50, p99). Then 
 clients for `--soak-seconds` against a queue of 32 rows and 16 waiting, so that some requests
 are refused with 429; every request must be answered or refused, and the process's resident
 memory is read at the start, half-way and at the end (a leak grows both halves alike). Goal: at least 5x one client's throughput
-at 32 clients on the 8M model. Writes benchmarks/results/serve.json.
+at 32 clients on the 8M model. Also the batcher alone, without HTTP, for each of
+`--batcher-models`: tokens/s at 1, 8 and 32 rows decoding together (32 new tokens each, after
+their prompts are in). Writes benchmarks/results/serve.json.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import httpx
 from benchmarks.common import write
 from slmlab import checkpoint, zoo
 from slmlab.eval import peak_rss_bytes
+from slmlab.infer import BatchRequest, ContinuousBatcher
 from slmlab.serve import BackgroundServer, create_app
 
 PROMPTS = [
@@ -103,6 +107,18 @@ async def load(base: str, name: str, clients: int, seconds: float) -> dict:
     }
 
 
+def batcher_alone(name: str, rows: int, tokens: int = 32) -> float:
+    """Tokens/s of `rows` requests decoded together by `ContinuousBatcher`, no HTTP."""
+    model = zoo.load(name, quick=False)
+    batcher = ContinuousBatcher(model, max_batch=rows)
+    for i in range(rows):
+        batcher.submit(BatchRequest([1, 2, 3, 4 + i], tokens, temperature=1.0, seed=i))
+    batcher.step()  # every prompt in, every first token made
+    start, steps = time.perf_counter(), batcher.steps
+    batcher.run()
+    return rows * (batcher.steps - steps) / (time.perf_counter() - start)
+
+
 def serve(name: str, max_batch: int, max_queue: int):
     path = zoo.ensure(name, quick=False)
     app = create_app(
@@ -133,7 +149,16 @@ def main() -> None:
     parser.add_argument("--model", default="stories-8m")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--soak-seconds", type=float, default=60)
+    parser.add_argument("--batcher-models", default="stories-8m,smollm2-135m-instruct")
     args = parser.parse_args()
+    alone: dict = {}
+    for name in filter(None, args.batcher_models.split(",")):
+        speeds = {rows: batcher_alone(name, rows) for rows in (1, 8, 32)}
+        alone[name] = [
+            {"rows": rows, "tokens_per_s": v, "speedup": v / speeds[1]}
+            for rows, v in speeds.items()
+        ]
+        print(name, "batcher alone:", ", ".join(f"{r}: {v:.0f} tok/s" for r, v in speeds.items()))
     server, app = serve(args.model, max_batch=32, max_queue=16)
     base = server.url
     drive(app, load(base, args.model, 1, 2))  # warm-up
@@ -174,6 +199,7 @@ def main() -> None:
         "max_queue": 16,
         "runs": runs,
         "soak": soak,
+        "batcher_alone": alone,
         "goal: 32 clients >= 5x one": runs[-1]["speedup"] >= 5,
     }
     print(write("serve", result))

@@ -97,40 +97,34 @@ def test_a_draft_equal_to_the_target_is_always_accepted(temperature: float) -> N
     assert len(got.ids) == 3 + 31
 
 
-def _exact_marginals(target: DecoderLM, prompt: list[int], temperature: float):
+def _exact_marginals(target: DecoderLM, prompt: list[int], **sampling):
     """The target's distribution of the 2nd and 3rd new tokens, by enumeration."""
     with torch.no_grad():
         vocab = target.config.vocab_size
-        first = token_probs(target(torch.tensor([prompt]))[0, -1].double(), temperature=temperature)
+        first = token_probs(target(torch.tensor([prompt]))[0, -1].double(), **sampling)
         rows = torch.tensor([[*prompt, t] for t in range(vocab)])
-        second = token_probs(target(rows)[:, -1].double(), temperature=temperature)  # (t1, t2)
+        second = token_probs(target(rows)[:, -1].double(), **sampling)  # (t1, t2)
         joint12 = first[:, None] * second
         rows3 = torch.tensor([[*prompt, a, b] for a in range(vocab) for b in range(vocab)])
-        third = token_probs(target(rows3)[:, -1].double(), temperature=temperature)
+        third = token_probs(target(rows3)[:, -1].double(), **sampling)
         third = third.reshape(vocab, vocab, vocab)
         return joint12.sum(0), (joint12[..., None] * third).sum((0, 1))
 
 
-def test_sampled_output_has_the_targets_distribution() -> None:
+@pytest.mark.parametrize("sampling", [{"temperature": 1.0}, {"temperature": 0.8, "min_p": 0.1}])
+def test_sampled_output_has_the_targets_distribution(sampling: dict) -> None:
     """Chi-square over 3000 seeded runs: the 2nd and 3rd sampled tokens (the first is the
     prompt call's own draw; the next ones pass the acceptance rule) follow the target's exact
     distribution, with a draft that disagrees often enough to exercise rejections."""
     stats = pytest.importorskip("scipy.stats")
     target, draft = tiny(0, vocab=10, std=0.5), tiny(3, vocab=10, std=0.5, layers=1)
     prompt = [1, 2]
-    second, third = _exact_marginals(target, prompt, 1.0)
+    second, third = _exact_marginals(target, prompt, **sampling)
     counts = np.zeros((2, 10))
     accepted = drafted = 0
     for seed in range(3000):
         got = speculative_generate(
-            target,
-            prompt,
-            3,
-            draft=draft,
-            draft_tokens=2,
-            temperature=1.0,
-            seed=seed,
-            stop_tokens=(),
+            target, prompt, 3, draft=draft, draft_tokens=2, seed=seed, stop_tokens=(), **sampling
         )
         counts[0, got.ids[3]] += 1
         counts[1, got.ids[4]] += 1
@@ -139,7 +133,9 @@ def test_sampled_output_has_the_targets_distribution() -> None:
     for observed, exact in zip(counts, (second, third), strict=True):
         expected = exact.double().numpy()
         expected = expected / expected.sum() * observed.sum()
-        assert stats.chisquare(observed, expected).pvalue > 1e-3
+        kept = expected > 0  # min-p leaves some tokens impossible: they must not appear
+        assert observed[~kept].sum() == 0
+        assert stats.chisquare(observed[kept], expected[kept]).pvalue > 1e-3
 
 
 def test_stop_tokens_end_the_output_where_generate_ends_it() -> None:

@@ -95,13 +95,14 @@ class ModelDrafter:
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         self.model = model
         dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.cache = KVCache(model.config, 1, max_len, dtype=dtype, device=self.device)
-        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
         self.generator = generator
 
     @torch.no_grad()
@@ -185,6 +186,7 @@ def speculative_generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     seed: int | None = None,
     stop_tokens: int | Sequence[int] | None = None,
 ) -> SpeculativeResult:
@@ -198,7 +200,7 @@ def speculative_generate(
     transformers' assisted generation). `stop_tokens` defaults to the target's
     ``eos_token_id``; sampling draws from a generator seeded with `seed`.
     """
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if draft_tokens != "adaptive" and not (
@@ -223,7 +225,7 @@ def speculative_generate(
     device = next(target.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(0 if seed is None else seed)
-    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
     max_len = len(prompt) + max_new_tokens + MAX_DRAFT_TOKENS + 1
 
     drafter: Drafter

@@ -177,6 +177,25 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from . import export
+
+    if args.quant is not None and args.to == "executorch":
+        raise ValueError("--quant: slmlab's ExecuTorch export writes fp32 (XNNPACK) only")
+    quants = {"gguf": export.GGUF_TYPES, "onnx": export.ONNX_QUANTS}
+    if args.quant is not None and args.quant not in quants[args.to]:
+        raise ValueError(f"--quant {args.quant!r}: {args.to} takes one of {list(quants[args.to])}")
+    where = _checkpoint_path(args.model, quiet=False)
+    if args.to == "gguf":
+        out = export.to_gguf(where, args.out, quant=args.quant or "f32", name=args.name)
+    elif args.to == "onnx":
+        out = export.to_onnx(where, args.out, quant=args.quant or "fp32")
+    else:
+        out = export.to_executorch(where, args.out)
+    print(f"{out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig
     from .zoo import recipe, resolve, train
@@ -598,6 +617,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gguf", help="a Llama-family .gguf file (llama.cpp's format)")
     p.add_argument("--out", required=True, help="the checkpoint directory to write")
     p.set_defaults(func=_convert)
+
+    p = verbs.add_parser(
+        "export", help="a model as llama.cpp's GGUF, an ONNX file or an ExecuTorch program"
+    )
+    p.add_argument("model", help="a checkpoint directory, a .gguf file or a zoo name")
+    p.add_argument("--to", required=True, choices=("gguf", "onnx", "executorch"))
+    p.add_argument(
+        "--quant",
+        default=None,
+        help="gguf: f32 (default), f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0; onnx: fp32, int8",
+    )
+    p.add_argument("--out", required=True, help="the file to write (.gguf, .onnx, .pte)")
+    p.add_argument("--name", default=None, help="gguf: general.name (default: the model's)")
+    p.set_defaults(func=_export)
 
     p = verbs.add_parser("chat", help="talk with a chat model (one turn a line when piped)")
     p.add_argument("model", help="a checkpoint directory, a .gguf file or a zoo name")

@@ -33,7 +33,9 @@ __all__ = [
     "SUPPORTED_TYPES",
     "GGUFError",
     "GGUFModel",
+    "gguf_name",
     "hf_name",
+    "permute_rows",
     "read_gguf",
     "read_gguf_metadata",
     "read_gguf_tokenizer",
@@ -131,6 +133,27 @@ def hf_name(name: str) -> str | None:
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_TENSORS:
         return f"model.layers.{parts[1]}.{_BLOCK_TENSORS[parts[2]]}.{kind}"
     return None
+
+
+def gguf_name(name: str) -> str | None:
+    """The GGUF name of Hugging Face tensor `name`: `hf_name` the other way."""
+    stem, _, kind = name.rpartition(".")
+    for gguf, hf in _TOP_TENSORS.items():
+        if stem == hf:
+            return f"{gguf}.{kind}"
+    parts = stem.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        for gguf, hf in _BLOCK_TENSORS.items():
+            if parts[3] == hf:
+                return f"blk.{parts[2]}.{gguf}.{kind}"
+    return None
+
+
+def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's row order of a Llama q or k projection: `unpermute_rows` the other way."""
+    rows = weight.shape[0]
+    half = rows // heads // 2
+    return weight.reshape(heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:

@@ -129,7 +129,8 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     Called for every linear layer of every decoded token, so it is written to be cheap.
     """
     return (
-        x.dtype is torch.float32
+        _enabled  # first: an exporter tracing with symbolic shapes turns the kernels off
+        and x.dtype is torch.float32
         and weight.dtype is torch.float32
         and x.device.type == "cpu"
         and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]

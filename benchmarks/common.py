@@ -31,28 +31,6 @@ def gutenberg_openings(chars: int) -> list[str] | None:
     return [text[i * size : i * size + per_book] for i in range(32)]
 
 
-def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Main-memory read bandwidth: the best of a few sums over a buffer far larger than cache."""
-    x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
-
-
-def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
-    """The largest CPU cache's size (Linux sysfs); `default` where it cannot be read."""
-    sizes = []
-    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = entry.read_text().strip()
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
-        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
-    return max(sizes, default=default)
-
-
 def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
     fn()  # warm-up
     best = float("inf")

@@ -24,7 +24,8 @@ import time
 import torch
 
 import slmlab
-from benchmarks.common import best_time, read_bandwidth_gbs, write
+from benchmarks.common import best_time, write
+from slmlab.devices import read_bandwidth_gbs
 from slmlab.models import DecoderLM, ModelConfig
 
 CONFIGS = {

@@ -22,8 +22,9 @@ import copy
 
 import torch
 
-from benchmarks.common import read_bandwidth_gbs, write
+from benchmarks.common import write
 from slmlab import checkpoint, zoo
+from slmlab.devices import read_bandwidth_gbs
 from slmlab.experiments.compare import decode_tokens_per_s
 from slmlab.layers import Sparse24Linear
 from slmlab.prune import PruneConfig, StructureConfig, pack_2to4_, prune_, prune_structure_

@@ -30,8 +30,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bitsandbytes_layer, last_level_cache_bytes, read_bandwidth_gbs, write
+from benchmarks.common import bitsandbytes_layer, write
 from slmlab import kernels
+from slmlab.devices import last_level_cache_bytes, read_bandwidth_gbs
 from slmlab.quant import pack_int4, quantize
 
 

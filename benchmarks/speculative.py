@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.common import last_level_cache_bytes, write
+from benchmarks.common import write
 from slmlab import checkpoint, zoo
 from slmlab.checkpoint import load_chat_settings
+from slmlab.devices import last_level_cache_bytes
 from slmlab.eval import continuation_ms
 from slmlab.infer import expected_speedup, generate, render_chat, speculative_generate
 

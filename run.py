@@ -60,6 +60,28 @@ def ensure_env() -> None:
     print(f"environment ready in {time.time() - t0:.0f} s", flush=True)
 
 
+WEB = ROOT / "web"
+WEB_STAMP = WEB / "node_modules" / ".slmlab-installed"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def ensure_web() -> None:
+    """web/node_modules from web/package-lock.json (llama.cpp in WebAssembly, for the browser
+    tests), where npm is installed; otherwise one line on what the tests will skip."""
+    if shutil.which("npm") is None:
+        print("npm not found: the browser tests (llama.cpp in WebAssembly) will skip", flush=True)
+        return
+    wanted = hashlib.sha256((WEB / "package-lock.json").read_bytes()).hexdigest()
+    if not (WEB_STAMP.exists() and WEB_STAMP.read_text() == wanted):
+        sh("npm", "ci", "--prefix", WEB, "--no-audit", "--no-fund")
+        WEB_STAMP.write_text(wanted)
+    if not CHROMIUM.exists():
+        print(
+            f"{CHROMIUM} not found (Debian: apt-get install chromium): the browser tests will skip",
+            flush=True,
+        )
+
+
 def book(output: Path = ROOT) -> None:
     """Train the zoo models the chapters name, then build the site with every chapter executed.
 
@@ -90,6 +112,7 @@ def test(extra: list[str]) -> None:
     # Chapters that train zoo models use their quick variants here (minutes, not the book's
     # numbers); `python3 run.py book` trains the full recipes once and caches them.
     os.environ.setdefault("SLMLAB_QUICK", "1")
+    ensure_web()
     sh(BIN / "ruff", "check", ".")
     sh(BIN / "lint-imports")  # the layers contract in pyproject.toml
     sh(PY, "tools/notebooks.py", "check")

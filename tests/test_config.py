@@ -41,7 +41,10 @@ def test_defaults_are_derived() -> None:
         ({"rope_theta": float("inf")}, "rope_theta must be a positive number, got inf"),
         ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a positive number, got nan"),
         ({"rms_norm_eps": True}, "rms_norm_eps must be a positive number, got True"),
-        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+        (
+            {"tie_word_embeddings": "false"},
+            "tie_word_embeddings must be true or false, got 'false'",
+        ),
         ({"attention_bias": 1}, "attention_bias must be true or false, got 1"),
         (
             {"rope_scaling": {"rope_type": "linear", "factor": float("inf")}},

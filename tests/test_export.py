@@ -33,7 +33,8 @@ CHAT = {
 
 def tiny(tokenizer, **changes) -> DecoderLM:
     """A random model over `tokenizer` whose matrix rows are whole 32-weight blocks, with norms
-    and biases moved off their initial values so that a lost one shows."""
+    and biases moved off their initial values so that a lost one shows, and queries and keys
+    large enough that attention is sharp (uniform attention would hide a wrong RoPE order)."""
     torch.manual_seed(0)
     fields = dict(
         vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
@@ -42,9 +43,11 @@ def tiny(tokenizer, **changes) -> DecoderLM:
     )  # fmt: skip
     model = DecoderLM(ModelConfig(**{**fields, **changes})).eval()
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8)
     return model
 
 
@@ -247,3 +250,28 @@ def test_merged_lora_exports(tmp_path, story_tokenizer) -> None:
     to_gguf(merged, tmp_path / "m.gguf", tokenizer=story_tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(slmlab.load(tmp_path / "m.gguf")(IDS), model(IDS))
+
+
+@pytest.mark.parametrize(("quant", "atol"), [("f32", 1e-3), ("q8_0", 0.05)])
+def test_llama_cpp_itself_continues_as_slmlab_does(tmp_path, checkpoint, quant, atol) -> None:
+    """llama.cpp (its WebAssembly build, in Chromium) reads the exported file, tokenizes the
+    prompt and decodes greedily: the same tokens as slmlab's greedy decoding, and the same
+    log-probabilities of the likeliest tokens at every step. The reference is the model that
+    was exported (f32), or the file as slmlab reads it (q8_0, whose products llama.cpp runs
+    with activations rounded to 8 bits too: hence the looser tolerance)."""
+    from tests.browser import llama_cpp_complete, skip_reason
+
+    if (reason := skip_reason()) is not None:
+        pytest.skip(reason)
+    path = to_gguf(checkpoint, tmp_path / f"tiny-{quant}.gguf", quant=quant)
+    prompt = "Once upon a time, Mia"
+    ids = slmlab.load_tokenizer(path).encode(prompt).ids
+    model = slmlab.load(checkpoint if quant == "f32" else path)
+    out = generate(model, torch.tensor([ids]), 12)[0].tolist()
+    with torch.no_grad():
+        logprobs = model(torch.tensor([out])).log_softmax(-1)[0, len(ids) - 1 : -1]
+    steps = llama_cpp_complete(path, prompt, 12, logprobs=3)["logprobs"]["content"]
+    assert [step["id"] for step in steps] == out[len(ids) :]
+    for step, expected in zip(steps, logprobs, strict=True):
+        for top in step["top_logprobs"]:
+            assert top["logprob"] == pytest.approx(float(expected[top["id"]]), abs=atol)

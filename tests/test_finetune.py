@@ -937,7 +937,9 @@ def test_grpo_runs_on_a_chat_model_and_records_its_rewards(base_checkpoint, tmp_
     config = GRPOConfig(steps=2, prompts=2, group=3, max_new_tokens=4, examples=8,
                         eval_questions=4, eval_every=1)  # fmt: skip
     result = grpo(sft, tmp_path / "grpo", config, progress=False)
-    records = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().split("\n") if x]
+    records = [
+        json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().split("\n") if x
+    ]
     assert [r["step"] for r in records] == [0, 1, 2]
     assert records[1]["kl"] == 0 and 0 <= records[1]["reward"] <= 1
     assert result["val_exact_match"][1] == records[-1]["val_exact_match"]

@@ -286,7 +286,9 @@ def test_the_real_smollm2_answers_and_matches_transformers() -> None:
     )
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     assert ids == theirs_tok.encode(prompt, add_special_tokens=False)
-    out = slmlab.generate(model, [ids], 16, temperature=0.0, stop_tokens=[model.config.eos_token_id])
+    out = slmlab.generate(
+        model, [ids], 16, temperature=0.0, stop_tokens=[model.config.eos_token_id]
+    )
     assert tokenizer.decode(out[0][len(ids) :]) == "The capital of France is Paris."
     from slmlab.checkpoint import load_chat_settings
     from slmlab.infer import Chat

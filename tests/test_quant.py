@@ -258,7 +258,9 @@ def test_absmax_rounding_against_its_definition() -> None:
     assert torch.equal(codes[1], torch.zeros(4))  # an all-zero row divides safely
     # LLM.int8's outliers are left out of the scale (and clamped in the codes).
     codes, scale = absmax_round(x[2:], 8, ignore=x[2:].abs() >= 6)
-    assert scale.item() == pytest.approx(1 / 127) and codes.tolist() == [[127.0, 127.0, -127.0, 32.0]]
+    assert scale.item() == pytest.approx(1 / 127) and codes.tolist() == [
+        [127.0, 127.0, -127.0, 32.0]
+    ]
     assert torch.equal(absmax_scale(x, 4), x.abs().amax(-1).clamp(min=1e-12) / 7)
 
 

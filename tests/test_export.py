@@ -195,10 +195,19 @@ def test_onnx_logits_equal_the_model_with_padding_and_cache(onnx_file, checkpoin
     np.testing.assert_allclose(np.concatenate((first, rest), 1), expected[:1].numpy(), atol=1e-4)
 
 
-def test_onnx_greedy_tokens_equal_slmlab_generate(onnx_file, checkpoint) -> None:
-    model = slmlab.load(checkpoint)
+def test_onnx_greedy_tokens_and_scores_equal_slmlab(onnx_file, checkpoint) -> None:
+    from slmlab.eval import token_bits
+
+    model, runner = slmlab.load(checkpoint), OnnxDecoder(onnx_file)
     expected = generate(model, IDS, 24)[0, IDS.shape[1] :].tolist()
-    assert OnnxDecoder(onnx_file).generate(IDS[0].tolist(), 24) == expected
+    assert runner.generate(IDS[0].tolist(), 24) == expected
+    ids = torch.randint(0, model.config.vocab_size, (150,)).tolist()  # past the context: windows
+    torch.testing.assert_close(
+        token_bits(runner, ids, context=64, stride=32),
+        token_bits(model, ids, context=64, stride=32),
+        rtol=0,
+        atol=1e-4,
+    )
 
 
 def test_onnx_int8_stores_int8_weights_and_stays_close(tmp_path, onnx_file, checkpoint) -> None:
@@ -220,10 +229,10 @@ def test_executorch_program_matches_the_model(tmp_path, checkpoint) -> None:
     pytest.importorskip("executorch")
     from slmlab.export import ExecuTorchDecoder, to_executorch
 
-    path = to_executorch(checkpoint, tmp_path / "m.pte")
+    path = to_executorch(checkpoint, tmp_path / "m.pte", context=48)
     runner, model = ExecuTorchDecoder(path), slmlab.load(checkpoint)
     with torch.no_grad():
-        torch.testing.assert_close(runner.logits(IDS), model(IDS), rtol=0, atol=1e-4)
+        torch.testing.assert_close(runner.logits(IDS), model(IDS)[:, -1:], rtol=0, atol=1e-4)
     expected = generate(model, IDS, 16)[0, IDS.shape[1] :].tolist()
     assert runner.generate(IDS[0].tolist(), 16) == expected
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,7 @@ __all__ = ["TextScore", "count_words", "score_texts", "streaming_token_bits", "t
 
 @torch.no_grad()
 def token_bits(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
     ids: Sequence[int],
     *,
     context: int | None = None,
@@ -38,12 +38,15 @@ def token_bits(
     """−log2 p(ids[i] | ids[:i]) for i = 1 .. len(ids) − 1 (the first token is the condition).
 
     The model sees at most `context` tokens (default: its ``max_position_embeddings``) at once.
+    `model` may be any callable from token ids (1, T) to logits (1, T, vocab): an exported
+    model in its runtime (`slmlab.export.OnnxDecoder`), given its `context`.
     """
     context = context or model.config.max_position_embeddings
     stride = stride or context
     if not 0 < stride <= context:
         raise ValueError(f"stride must be in 1..context ({context}), got {stride}")
-    device = next(model.parameters()).device
+    parameters = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    device = parameters.device if parameters is not None else torch.device("cpu")
     tokens = torch.as_tensor(list(ids), dtype=torch.long, device=device)
     n = len(tokens)
     out = torch.empty(max(n - 1, 0))

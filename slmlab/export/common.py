@@ -130,9 +130,10 @@ class DecoderWithPast(nn.Module):
     takes the keys and values so far, (batch, kv heads, past, head dim) per layer, and returns
     them grown by the new tokens. `DecoderLM`'s own blocks run; only the cache differs."""
 
-    def __init__(self, model: DecoderLM) -> None:
+    def __init__(self, model: DecoderLM, *, last_only: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.last_only = last_only  # logits of the last position alone (all generation needs)
 
     def forward(
         self,
@@ -154,6 +155,8 @@ class DecoderWithPast(nn.Module):
         x = stack.embed_tokens(input_ids)
         for layer in stack.layers:
             x = layer(x, cos, sin, mask, cache)
+        if self.last_only:
+            x = x[:, -1:]
         logits = linear(stack.norm(x), self.model.lm_head)
         return (logits, *(t for kv in cache.present for t in kv))
 

@@ -6,8 +6,9 @@ elementwise) to that library of hand-tuned CPU kernels (the same on an Arm phone
 laptop), and what remains runs on ExecuTorch's portable kernels. The program's memory is
 planned ahead of time, so every dynamic size has an upper bound: here the context length.
 
-The traced function is `slmlab.export.common.DecoderWithPast`, the ONNX export's: the cache
-goes in and comes out. `ExecuTorchDecoder` runs a program with ExecuTorch's Python runtime.
+The traced function is `slmlab.export.common.DecoderWithPast`, the ONNX export's (the cache
+goes in and comes out), with logits for the last position only, as ExecuTorch's own Llama
+export does: a prompt's logits at every position would be planned for the longest prompt. `ExecuTorchDecoder` runs a program with ExecuTorch's Python runtime.
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ from .common import DecoderWithPast, ExportError, exportable
 __all__ = ["ExecuTorchDecoder", "to_executorch"]
 
 
-def to_executorch(source: str | os.PathLike | DecoderLM, out: str | os.PathLike) -> Path:
+def to_executorch(
+    source: str | os.PathLike | DecoderLM,
+    out: str | os.PathLike,
+    *,
+    context: int | None = None,
+) -> Path:
     """Write checkpoint `source` (a directory, a GGUF file or a model) as the ExecuTorch program
-    `out` (``.pte``), fp32, delegated to XNNPACK; batch 1, sequence and cache up to the model's
-    context. The file appears whole or not at all. Returns `out`."""
+    `out` (``.pte``), fp32, delegated to XNNPACK: batch 1, prompt and cache together up to
+    `context` tokens (default: the model's context, at most 2048; ExecuTorch plans memory for
+    the largest sizes), logits of the last position. The file appears whole or not at all."""
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
             XnnpackPartitioner,
@@ -39,8 +46,11 @@ def to_executorch(source: str | os.PathLike | DecoderLM, out: str | os.PathLike)
             "ExecuTorch is not installed: pip install 'slmlab[export]' (executorch)"
         ) from None
     model = exportable(source, "ExecuTorch").model
-    context = model.config.max_position_embeddings
-    traced = DecoderWithPast(model).eval()
+    longest = model.config.max_position_embeddings
+    context = min(longest, 2048) if context is None else context
+    if not 2 <= context <= longest:
+        raise ExportError(f"context {context}: must be in 2..{longest} (max_position_embeddings)")
+    traced = DecoderWithPast(model, last_only=True).eval()
     sequence = torch.export.Dim("sequence", min=1, max=context)
     past = torch.export.Dim("past_sequence", min=0, max=context - 1)
     total = torch.export.Dim("total_sequence", min=1, max=context)
@@ -82,7 +92,7 @@ class ExecuTorchDecoder:
         return [torch.zeros(1, s[1], 0, s[3]) for s in self._cache_shapes]
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (1, T, vocab) of one row of token ids, from an empty cache."""
+        """Logits (1, 1, vocab) of the last of one row of token ids, from an empty cache."""
         return self._run(torch.as_tensor(input_ids).long(), self.empty_cache())[0]
 
     def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:

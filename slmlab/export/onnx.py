@@ -121,6 +121,10 @@ class OnnxDecoder:
         logits, _ = self._run(ids, self.empty_cache(ids.shape[0]), mask)
         return torch.from_numpy(logits)
 
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`logits`, so that the runner scores text as a model does (`slmlab.eval.token_bits`)."""
+        return self.logits(input_ids)
+
     def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation of `prompt`: the prompt in one call, then a token per call."""
         logits, past = self._run(np.array([prompt]), self.empty_cache())

@@ -1,0 +1,65 @@
+"""llama.cpp's batch-1 speed on one GGUF file, through llama-cpp-python: one JSON line.
+
+    PYTHON benchmarks/llama_cpp_decode.py FILE --prompt-tokens 128 --new-tokens 128 --threads 2
+
+Run by `benchmarks/targets.py` with the interpreter given to its ``--llama-cpp-python``: an
+environment of its own with llama-cpp-python built from source (``pip install --no-binary
+llama-cpp-python llama-cpp-python``, about ten minutes on two cores), since its wheels are not
+built for every machine. Needs nothing else: no slmlab, no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux's VmHWM: unlike getrusage's ru_maxrss, it
+    starts afresh at exec, so a child does not inherit its parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("file")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    from llama_cpp import Llama
+
+    context = max(args.prompt_tokens, 16 + args.new_tokens + 1)
+    llm = Llama(args.file, n_ctx=context, n_threads=args.threads, n_batch=512, verbose=False)
+    prompt = [(17 * i + 5) % 600 + 10 for i in range(args.prompt_tokens)]  # as targets.py
+
+    def timed(tokens: list[int], n: int) -> float:
+        llm.reset()
+        start = time.perf_counter()
+        for count, _ in enumerate(llm.generate(tokens, top_k=1, temp=0.0), 1):
+            if count == n:
+                break
+        return time.perf_counter() - start
+
+    timed(prompt[:16], 4)  # warm-up
+    first = min(timed(prompt, 1) for _ in range(2))
+    short = min(timed(prompt[:16], 1) for _ in range(2))
+    long = min(timed(prompt[:16], args.new_tokens + 1) for _ in range(2))
+    print(
+        json.dumps(
+            {
+                "decode_tok_s": args.new_tokens / (long - short),
+                "prefill_tok_s": args.prompt_tokens / first,
+                "peak_rss_mib": peak_rss_mib(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

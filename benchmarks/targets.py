@@ -1,0 +1,215 @@
+"""Batch-1 decoding on every runtime slmlab exports to, same weights, beside the roofline.
+
+    python -m benchmarks.targets [--models stories-8m base-76M smollm2-135m-instruct]
+                                 [--new-tokens 128] [--llama-cpp-python PYTHON]
+
+For each model: slmlab itself (fp32, and int4 with groups of 32 and the head rounded too,
+Q4_0's layout), ONNX Runtime (fp32, and int8 by its dynamic quantization), ExecuTorch with
+XNNPACK (fp32), and llama.cpp (F32, Q8_0, Q4_0 files written by `slmlab.export.to_gguf`)
+where an interpreter with llama-cpp-python is given. Each runs in a process of its own, so
+that its peak memory (the process's maximum resident set, Python and the runtime included)
+is its own. Decode tokens/s is the time of 128 greedy tokens after a 16-token prompt less
+that of one; prefill tokens/s, a 128-token prompt's first token. Beside each row, the
+roofline's prediction (`slmlab.devices.roofline`) for this machine, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import write
+from benchmarks.decode_speed import CONFIGS
+from benchmarks.llama_cpp_decode import peak_rss_mib
+from slmlab.devices import last_level_cache_bytes, roofline, this_machine
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = [
+    ("slmlab", "fp32"), ("slmlab", "int4"),
+    ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+    ("executorch", "fp32"),
+    ("llama.cpp", "f32"), ("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"),
+]  # fmt: skip
+ROOFLINE_WEIGHTS = {"fp32": "fp32", "f32": "fp32", "int4": "q4_0", "int8": "int8",
+                    "q8_0": "q8_0", "q4_0": "q4_0"}  # fmt: skip
+PROMPT, SHORT = 128, 16
+
+
+def prompt_ids() -> list[int]:
+    """The same token ids for every runtime (every model here has more than 610 tokens)."""
+    return [(17 * i + 5) % 600 + 10 for i in range(PROMPT)]
+
+
+def checkpoint_of(name: str, work: Path) -> Path:
+    """A zoo model's checkpoint, or a random model of `CONFIGS[name]`'s shape with the
+    stories tokenizer (its speed does not depend on its weights' values)."""
+    from slmlab import checkpoint, zoo
+
+    if name not in CONFIGS:
+        return zoo.ensure(name)
+    path = work / name
+    if not (path / "config.json").exists():
+        from slmlab.models import DecoderLM
+
+        torch.manual_seed(0)
+        model = DecoderLM(CONFIGS[name]).eval()
+        checkpoint.save(model, path, checkpoint.load_tokenizer(zoo.ensure("stories-8m")))
+    return path
+
+
+def export_file(ckpt: Path, runtime: str, precision: str, work: Path, context: int) -> Path:
+    from slmlab import export
+
+    suffix = {"onnxruntime": "onnx", "executorch": "pte", "llama.cpp": "gguf"}[runtime]
+    out = work / f"{ckpt.parent.name}-{ckpt.name}-{precision}.{suffix}"
+    if not out.exists():
+        if runtime == "onnxruntime":
+            export.to_onnx(ckpt, out, quant=precision)
+        elif runtime == "executorch":
+            export.to_executorch(ckpt, out, context=context)
+        else:
+            export.to_gguf(ckpt, out, quant=precision)
+    return out
+
+
+def run_one(runtime: str, precision: str, path: str, new_tokens: int) -> dict:
+    """In the measuring process: load, warm up, time; peak memory last."""
+    if runtime == "slmlab":
+        from slmlab import checkpoint
+        from slmlab.infer import generate
+        from slmlab.quant import QuantConfig, quantize_
+
+        model = checkpoint.load(path)
+        if precision == "int4":
+            config = QuantConfig(bits=4, group_size=32, skip=(), embedding_bits=4)
+            model = quantize_(copy.deepcopy(model), config)
+
+        def run(tokens: list[int], n: int) -> None:
+            generate(model, torch.tensor([tokens]), n)
+
+    elif runtime == "onnxruntime":
+        from slmlab.export import OnnxDecoder
+
+        runner = OnnxDecoder(path)
+
+        def run(tokens: list[int], n: int) -> None:
+            runner.generate(tokens, n)
+    else:
+        from slmlab.export import ExecuTorchDecoder
+
+        et = ExecuTorchDecoder(path)
+
+        def run(tokens: list[int], n: int) -> None:
+            et.generate(tokens, n)
+
+    ids = prompt_ids()
+
+    def timed(tokens: list[int], n: int) -> float:
+        start = time.perf_counter()
+        run(tokens, n)
+        return time.perf_counter() - start
+
+    timed(ids[:SHORT], 4)
+    first = min(timed(ids, 1) for _ in range(2))
+    short = min(timed(ids[:SHORT], 1) for _ in range(2))
+    long = min(timed(ids[:SHORT], new_tokens + 1) for _ in range(2))
+    return {
+        "decode_tok_s": new_tokens / (long - short),
+        "prefill_tok_s": PROMPT / first,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def measure(
+    runtime: str, precision: str, file: Path, new_tokens: int, llama_python: str | None
+) -> dict | None:
+    if runtime == "llama.cpp":
+        if llama_python is None:
+            return None
+        cmd = [llama_python, str(ROOT / "benchmarks" / "llama_cpp_decode.py"), str(file),
+               "--prompt-tokens", str(PROMPT), "--new-tokens", str(new_tokens)]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "benchmarks.targets", "--one", runtime, precision,
+               str(file), "--new-tokens", str(new_tokens)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{runtime} {precision} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["stories-8m", "base-76M",
+                                                         "smollm2-135m-instruct"])  # fmt: skip
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--llama-cpp-python", default=None, help="a Python with llama_cpp")
+    parser.add_argument("--one", nargs=3, metavar=("RUNTIME", "PRECISION", "FILE"))
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one, new_tokens=args.new_tokens)))
+        return
+
+    from slmlab import checkpoint
+
+    device = this_machine()
+    cache = last_level_cache_bytes()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in args.models:
+            ckpt = checkpoint_of(name, work)
+            config = checkpoint.load(ckpt).config
+            for runtime, precision in CASES:
+                if runtime == "llama.cpp" and args.llama_cpp_python is None:
+                    continue
+                context = max(PROMPT, SHORT + args.new_tokens + 1)
+                file = (
+                    ckpt
+                    if runtime == "slmlab"
+                    else export_file(ckpt, runtime, precision, work, context)
+                )
+                got = measure(runtime, precision, file, args.new_tokens, args.llama_cpp_python)
+                weights = ROOFLINE_WEIGHTS[precision]
+                predicted = roofline(config, device, weights=weights, context=SHORT + 64,
+                                     prompt=PROMPT)  # fmt: skip
+                row = {
+                    "model": name,
+                    "runtime": runtime,
+                    "precision": precision,
+                    "file_mib": None if runtime == "slmlab" else file.stat().st_size / 2**20,
+                    **got,
+                    "predicted_decode_tok_s": predicted.decode_tokens_per_s,
+                    "predicted_prefill_tok_s": predicted.prefill_tokens_per_s,
+                    "weights_fit_in_cache": predicted.weight_bytes <= cache,
+                }
+                row["decode_measured_over_predicted"] = (
+                    row["decode_tok_s"] / row["predicted_decode_tok_s"]
+                )
+                rows.append(row)
+                print(
+                    f"{name:24s} {runtime:12s} {precision:5s} decode {got['decode_tok_s']:7.1f} "
+                    f"(roofline {predicted.decode_tokens_per_s:7.1f}) prefill "
+                    f"{got['prefill_tok_s']:7.1f} (roofline {predicted.prefill_tokens_per_s:7.1f})"
+                    f" peak {got['peak_rss_mib']:6.0f} MiB",
+                    flush=True,
+                )
+    result = {
+        "this_machine": device.__dict__,
+        "last_level_cache_mib": cache / 2**20,
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": PROMPT,
+        "rows": rows,
+    }
+    print(write("targets", result))
+
+
+if __name__ == "__main__":
+    main()

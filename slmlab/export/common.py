@@ -34,7 +34,14 @@ from ..models.decoder import (
     SwiGLU,
 )
 
-__all__ = ["DecoderWithPast", "ExportError", "Exportable", "check_plain", "exportable"]
+__all__ = [
+    "DecoderWithPast",
+    "ExportError",
+    "Exportable",
+    "RuntimeDecoder",
+    "check_plain",
+    "exportable",
+]
 
 _PLAIN = (
     DecoderLM, DecoderStack, DecoderBlock, Attention, SwiGLU, RMSNorm, RotaryEmbedding,
@@ -192,3 +199,26 @@ class DecoderWithPast(nn.Module):
         past = [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
         present = [f"present.{i}.{kind}" for i in layers for kind in ("key", "value")]
         return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+class RuntimeDecoder:
+    """What a runner of an exported `DecoderWithPast` shares: greedy decoding through the
+    runtime's own cache. A runner says how one call goes (`_step`: a row of new token ids and
+    the cache so far in; the last position's logits and the grown cache out) and what an
+    empty cache is."""
+
+    def _step(self, ids: list[int], past: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+        raise NotImplementedError
+
+    def empty_cache(self) -> list[Any]:
+        raise NotImplementedError
+
+    def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of `prompt`: the prompt in one call, then a token per call."""
+        logits, past = self._step(list(prompt), self.empty_cache())
+        out: list[int] = []
+        while len(out) < max_new_tokens:
+            out.append(int(logits.argmax()))
+            if len(out) < max_new_tokens:
+                logits, past = self._step([out[-1]], past)
+        return out

@@ -21,7 +21,7 @@ import torch
 from ..io import atomic_path
 from ..kernels import disabled as kernels_disabled
 from ..models.decoder import DecoderLM
-from .common import DecoderWithPast, ExportError, exportable
+from .common import DecoderWithPast, ExportError, RuntimeDecoder, exportable
 
 __all__ = ["ExecuTorchDecoder", "to_executorch"]
 
@@ -68,7 +68,7 @@ def to_executorch(
     return Path(out)
 
 
-class ExecuTorchDecoder:
+class ExecuTorchDecoder(RuntimeDecoder):
     """A program `to_executorch` wrote, run by ExecuTorch's runtime: `logits`, greedy `generate`."""
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -95,13 +95,6 @@ class ExecuTorchDecoder:
         """Logits (1, 1, vocab) of the last of one row of token ids, from an empty cache."""
         return self._run(torch.as_tensor(input_ids).long(), self.empty_cache())[0]
 
-    def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation of `prompt`: the prompt in one call, then a token per call."""
-        logits, past = self._run(torch.tensor([prompt]), self.empty_cache())
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            out.append(int(logits[0, -1].argmax()))
-            if len(out) == max_new_tokens:
-                break
-            logits, past = self._run(torch.tensor([[out[-1]]]), past)
-        return out
+    def _step(self, ids: list[int], past: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+        logits, present = self._run(torch.tensor([ids]), past)
+        return logits[0, -1], present

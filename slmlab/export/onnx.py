@@ -26,7 +26,7 @@ import torch
 from ..io import atomic_path
 from ..kernels import disabled as kernels_disabled
 from ..models.decoder import DecoderLM
-from .common import DecoderWithPast, ExportError, exportable
+from .common import DecoderWithPast, ExportError, RuntimeDecoder, exportable
 
 __all__ = ["ONNX_QUANTS", "OnnxDecoder", "to_onnx"]
 
@@ -77,7 +77,7 @@ def to_onnx(
     return Path(out)
 
 
-class OnnxDecoder:
+class OnnxDecoder(RuntimeDecoder):
     """An exported decoder run by ONNX Runtime: `logits` of a batch, `generate` greedy tokens.
 
     `threads` sets ONNX Runtime's intra-op threads (None: its default, one per core)."""
@@ -125,13 +125,6 @@ class OnnxDecoder:
         """`logits`, so that the runner scores text as a model does (`slmlab.eval.token_bits`)."""
         return self.logits(input_ids)
 
-    def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation of `prompt`: the prompt in one call, then a token per call."""
-        logits, past = self._run(np.array([prompt]), self.empty_cache())
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            out.append(int(logits[0, -1].argmax()))
-            if len(out) == max_new_tokens:
-                break
-            logits, past = self._run(np.array([[out[-1]]]), past)
-        return out
+    def _step(self, ids: list[int], past: list[np.ndarray]) -> tuple[torch.Tensor, list]:
+        logits, present = self._run(np.array([ids]), past)
+        return torch.from_numpy(logits[0, -1]), present

@@ -66,10 +66,14 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 def ensure_web() -> None:
-    """web/node_modules from web/package-lock.json (llama.cpp in WebAssembly, for the browser
-    tests), where npm is installed; otherwise one line on what the tests will skip."""
+    """web/node_modules from web/package-lock.json (MathJax and llama.cpp in WebAssembly, which
+    the site serves itself), where npm is installed; otherwise one line on what is missing."""
     if shutil.which("npm") is None:
-        print("npm not found: the browser tests (llama.cpp in WebAssembly) will skip", flush=True)
+        print(
+            "npm not found (Debian: apt-get install npm): the site will load MathJax from its CDN, "
+            "chapter 10b's story box has no model, and the browser tests will skip",
+            flush=True,
+        )
         return
     wanted = hashlib.sha256((WEB / "package-lock.json").read_bytes()).hexdigest()
     if not (WEB_STAMP.exists() and WEB_STAMP.read_text() == wanted):
@@ -82,12 +86,18 @@ def ensure_web() -> None:
         )
 
 
+# A broken cross-reference or a missing image fails the build, every page's warnings listed
+# first: -n reports references to nothing, -W makes each warning an error.
+STRICT = ("-n", "-W", "--keep-going")
+
+
 def book(output: Path = ROOT) -> None:
     """Train the zoo models the chapters name, then build the site with every chapter executed.
 
     The chapters then run with training off (SLMLAB_ZOO_TRAIN=0): a chapter that asks for a
     model its front matter does not name fails at once instead of training inside a cell."""
     t0 = time.time()
+    ensure_web()  # the site serves MathJax and llama.cpp's WebAssembly build itself
     sh(PY, "tools/notebooks.py", "zoo")
     t1 = time.time()
     sh(
@@ -98,6 +108,7 @@ def book(output: Path = ROOT) -> None:
         "html",
         "--path-output",
         output,
+        *STRICT,
         env={**os.environ, "SLMLAB_ZOO_TRAIN": "0"},
     )
     sh(PY, "tools/notebooks.py", "times", output / "_build" / ".jupyter_cache")
@@ -112,7 +123,6 @@ def test(extra: list[str]) -> None:
     # Chapters that train zoo models use their quick variants here (minutes, not the book's
     # numbers); `python3 run.py book` trains the full recipes once and caches them.
     os.environ.setdefault("SLMLAB_QUICK", "1")
-    ensure_web()
     sh(BIN / "ruff", "check", ".")
     sh(BIN / "lint-imports")  # the layers contract in pyproject.toml
     sh(PY, "tools/notebooks.py", "check")
@@ -133,7 +143,11 @@ def test(extra: list[str]) -> None:
         "-p",
         "no:cacheprovider",
         *extra,
-        env={**os.environ, "SLMLAB_EXECUTED_BOOK": str(executed)},
+        env={
+            **os.environ,
+            "SLMLAB_EXECUTED_BOOK": str(executed),
+            "SLMLAB_BUILT_SITE": str(quick / "_build" / "html"),  # the browser tests open it
+        },
     )
 
 

@@ -1,6 +1,6 @@
 """Every chapter runs top to bottom, and its checked cells print what the notebook says.
 
-A cell marked ``# NBVAL_CHECK_OUTPUT`` keeps its output in ``notebooks/NAME.ipynb``; the
+A cell tagged ``nbval-check-output`` keeps its output in ``notebooks/NAME.ipynb``; the
 executed chapter must print the same, after the substitutions of ``tests/nbval_sanitize.cfg``
 (addresses, progress bars, timings), compared as nbval compares them in its ``--nbval-lax``
 mode (stream text by stream, every other output by MIME type, images left out), except that
@@ -23,7 +23,7 @@ import pytest
 from nbval.plugin import coalesce_streams, get_sanitize_patterns
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECK = "# NBVAL_CHECK_OUTPUT"
+CHECK = "nbval-check-output"
 SANITIZE = get_sanitize_patterns((ROOT / "tests" / "nbval_sanitize.cfg").read_text())
 SKIP = {
     "metadata",
@@ -67,11 +67,11 @@ def differences(expected: nbformat.NotebookNode, executed: nbformat.NotebookNode
         return ["the executed chapter's code is not the notebook's (a stale build?)"]
     found = []
     for number, (stored, ran) in enumerate(zip(want, have, strict=True)):
-        if CHECK not in stored.source:
+        if CHECK not in stored.metadata.get("tags", []):
             continue
         a, b = comparable(stored.outputs), comparable(ran.outputs)
         if a != b:
-            first = stored.source.splitlines()[1] if "\n" in stored.source else stored.source
+            first = stored.source.splitlines()[0] if stored.source else ""
             found.append(f"code cell {number} ({first[:60]!r}):\n  stored:   {a}\n  executed: {b}")
     return found
 
@@ -109,10 +109,8 @@ def test_chapter_prints_its_checked_outputs(name: str) -> None:
 
 def test_a_changed_checked_output_is_reported() -> None:
     """The comparison itself: a changed number fails, sanitized noise and images do not."""
-    source = f"{CHECK}\nprint(x)"
-
     def notebook(text: str, image: str) -> nbformat.NotebookNode:
-        cell = nbformat.v4.new_code_cell(source)
+        cell = nbformat.v4.new_code_cell("print(x)", metadata={"tags": [CHECK]})
         cell.outputs = [
             nbformat.v4.new_output("stream", name="stdout", text=text),
             nbformat.v4.new_output(
@@ -132,3 +130,6 @@ def test_a_changed_checked_output_is_reported() -> None:
     stale = notebook("loss 0.2011 at 0x7f00aa\n", "AAAA")
     stale.cells[0].source = "print(y)"
     assert "stale" in differences(stored, stale)[0]
+    untagged = notebook("loss 0.2011 at 0x7f00aa\n", "AAAA")
+    untagged.cells[0].metadata = {}
+    assert differences(untagged, notebook("loss 0.9 at 0x7f00aa\n", "AAAA")) == []

@@ -7,8 +7,9 @@
 
 The markdown is the source: it diffs well and is what the book builds from. `sync` converts it
 with jupytext, executes it (unless only the prose changed), and keeps only the outputs of cells
-marked `# NBVAL_CHECK_OUTPUT`,
-which are the outputs nbval compares; every other output is dropped so the notebooks stay small.
+tagged `nbval-check-output` (`:tags: [nbval-check-output]` under the cell's opening line), which
+are the outputs nbval compares; every other output is dropped so the notebooks stay small. A tag
+rather than nbval's comment marker, so that the reader's page and notebook show no testing line.
 `check` compares cell by cell (type and source) and names the first difference.
 
 A chapter names the zoo models it loads in its front matter, so that the book build trains them
@@ -29,7 +30,7 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOK, NOTEBOOKS = ROOT / "book", ROOT / "notebooks"
-CHECK = "# NBVAL_CHECK_OUTPUT"
+CHECK = "nbval-check-output"  # the cell tag nbval reads, like its comment marker
 
 
 def chapters() -> list[Path]:
@@ -87,7 +88,7 @@ def sync(md: Path) -> None:
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
-        if CHECK not in cell.source:
+        if CHECK not in cell.metadata.get("tags", []):
             cell.outputs = []
             cell.execution_count = None  # nbval refuses stored outputs of a cell never run
         cell.metadata.pop("execution", None)
@@ -105,10 +106,11 @@ def drift(md: Path) -> str | None:
         return f"{md.relative_to(ROOT)} has no notebook {ipynb.relative_to(ROOT)}"
     want, have = from_markdown(md).cells, nbformat.read(ipynb, as_version=4).cells
     for i, (a, b) in enumerate(zip(want, have, strict=False)):
-        if (a.cell_type, a.source) != (b.cell_type, b.source):
+        tags_a, tags_b = a.metadata.get("tags", []), b.metadata.get("tags", [])
+        if (a.cell_type, a.source, tags_a) != (b.cell_type, b.source, tags_b):
             first = (a.source.splitlines() or [""])[0][:70]
             return f"{ipynb.relative_to(ROOT)} cell {i} differs from {md.relative_to(ROOT)} ({first!r})"
-        if a.cell_type == "code" and CHECK in a.source and not b.outputs:
+        if a.cell_type == "code" and CHECK in a.metadata.get("tags", []) and not b.outputs:
             return (
                 f"{ipynb.relative_to(ROOT)} cell {i} is checked by nbval but has no stored output"
             )

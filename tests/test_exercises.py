@@ -1,0 +1,119 @@
+"""slmlab.exercises: every exercise's expected answers agree with an independent reference, the
+library's own solution passes, and each plausible wrong answer is rejected with a paragraph a
+student can act on (the failing case, its input, what was expected and a hint)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slmlab.exercises import EXERCISES, check, show
+
+
+def _reference_rmsnorm(x, weight, eps):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(weight.numel(), eps=eps)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        return norm(x)
+
+
+def _reference_rope(x, positions, theta):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.outer(positions.double(), inv)
+    emb = torch.cat((angles, angles), -1)
+    q, _ = apply_rotary_pos_emb(x.double(), x.double(), emb.cos()[None], emb.sin()[None])
+    return q.float()
+
+
+def _reference_rtn(w, group_size):
+    out = torch.empty_like(w)
+    for r in range(w.shape[0]):  # a loop over groups, as one would write it on paper
+        for start in range(0, w.shape[1], group_size):
+            group = w[r, start : start + group_size]
+            scale = max(group.abs().max().item(), 1e-12) / 7
+            out[r, start : start + group_size] = (group / scale).round().clamp(-7, 7) * scale
+    return out
+
+
+def _reference_lr(step, lr, min_lr, warmup, steps):
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def _reference_perplexity(logprobs, mask):
+    # as a loss would compute it: negative log-likelihood over the real tokens, then exp
+    keep = mask.bool()
+    return math.exp(
+        F.nll_loss(logprobs[keep][:, None], torch.zeros(int(keep.sum()), dtype=torch.long)).item()
+    )
+
+
+REFERENCES = {
+    "03.rmsnorm": _reference_rmsnorm,
+    "03.rope": _reference_rope,
+    "08.rtn": _reference_rtn,
+    "05.lr": _reference_lr,
+    "11.perplexity": _reference_perplexity,
+}
+
+
+def test_every_exercise_has_a_reference_and_wrong_answers() -> None:
+    assert set(REFERENCES) == set(EXERCISES)
+    assert all(len(e.wrong) >= 2 for e in EXERCISES.values())
+
+
+@pytest.mark.parametrize("name", sorted(EXERCISES))
+def test_expected_answers_match_an_independent_reference(name: str) -> None:
+    exercise = EXERCISES[name]
+    result = check(name, REFERENCES[name])
+    assert result.passed, result.message
+    assert len(list(exercise.cases())) >= 2
+
+
+@pytest.mark.parametrize("name", sorted(EXERCISES))
+def test_the_library_solution_passes(name: str) -> None:
+    result = check(name, EXERCISES[name].expected)
+    assert result.passed and "cases passed" in result.message
+
+
+@pytest.mark.parametrize(
+    ("name", "mistake"), [(n, w) for n, e in sorted(EXERCISES.items()) for w in e.wrong]
+)
+def test_a_plausible_wrong_answer_is_rejected(name: str, mistake: str) -> None:
+    result = check(name, EXERCISES[name].wrong[mistake])
+    assert not result.passed
+    message = result.message
+    assert message.startswith(f"{name}: ") and "\n" not in message
+    assert "with input" in message and "is wrong:" in message and "Hint:" in message
+
+
+def test_code_that_raises_gets_a_paragraph_not_a_traceback() -> None:
+    def broken(w, group_size):
+        return w.reshape(-1, group_size, 3)
+
+    result = check("08.rtn", broken)
+    assert not result.passed
+    assert "raised RuntimeError" in result.message and "case 1" in result.message
+
+
+def test_a_solution_that_writes_into_its_input_does_not_spoil_the_check() -> None:
+    def in_place(x, weight, eps):
+        return x.mul_(torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).mul_(weight)
+
+    assert check("03.rmsnorm", in_place).passed
+
+
+def test_unknown_exercise_names_the_known_ones() -> None:
+    with pytest.raises(KeyError, match=r"03\.rmsnorm"):
+        check("99.nothing", lambda: None)
+    assert show("08.rtn").startswith("08.rtn: rtn_int4(w, group_size)")

@@ -22,10 +22,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .data.chat import IGNORE
+from .eval import choice_picks
 from .layers.formats import dequantize, quantize
 from .models import ModelConfig
 from .models.decoder import RMSNorm
 from .models.rope import apply_rope, inverse_frequencies
+from .tokenizers.bpe import merge_pair
 from .train.config import TrainConfig
 from .train.optim import lr_at
 
@@ -72,11 +75,21 @@ def _describe(value: Any) -> str:
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_describe(v) for v in value) + ")"
     return repr(value)
 
 
 def _mismatch(got: Any, want: Any, atol: float, rtol: float) -> str | None:
     """Why `got` is not `want`, or None when it is (tensors within tolerance, same shape)."""
+    if isinstance(want, tuple):
+        if not isinstance(got, (tuple, list)) or len(got) != len(want):
+            return f"expected {len(want)} results, got {_describe(got)}"
+        for k, (one, wanted) in enumerate(zip(got, want, strict=True)):
+            why = _mismatch(one, wanted, atol, rtol)
+            if why is not None:
+                return f"result {k + 1} of {len(want)}: {why}"
+        return None
     if isinstance(want, torch.Tensor):
         if not isinstance(got, torch.Tensor):
             return f"expected a tensor, got {type(got).__name__}"
@@ -273,6 +286,156 @@ def _perplexity_cases() -> Iterator[Case]:
     yield Case("3 rows of different lengths (padding masked)", (logprobs, mask))
 
 
+# 05.adamw -----------------------------------------------------------------------------------
+
+
+def _adamw_expected(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    """One step of PyTorch's AdamW (what the training loop uses) from the given moments."""
+    param = torch.nn.Parameter(p.clone())
+    optimizer = torch.optim.AdamW(
+        [param], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
+    )
+    param.grad = g.clone()
+    state = optimizer.state[param]
+    state["step"] = torch.tensor(float(step - 1))
+    state["exp_avg"], state["exp_avg_sq"] = m.clone(), v.clone()
+    optimizer.step()
+    return param.detach(), state["exp_avg"], state["exp_avg_sq"]
+
+
+def _adamw_cases() -> Iterator[Case]:
+    g = _generator(4)
+    zeros = torch.zeros(3)
+    yield Case(
+        "the first step, moments at zero",
+        (
+            torch.tensor([1.0, -2.0, 0.5]),
+            torch.tensor([0.1, 0.2, -0.3]),
+            zeros,
+            zeros,
+            1,
+            1e-2,
+            0.9,
+            0.999,
+            1e-8,
+            0.1,
+        ),
+    )
+    p, grad = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    m, v = 0.1 * torch.randn(4, 5, generator=g), 0.01 * torch.rand(4, 5, generator=g)
+    yield Case("step 10, moments under way", (p, grad, m, v, 10, 3e-4, 0.9, 0.95, 1e-8, 0.1))
+    yield Case("no weight decay, step 3", (p, grad, m, v, 3, 1e-3, 0.8, 0.99, 1e-6, 0.0))
+    tiny = torch.tensor([1e-6, -2e-6])
+    yield Case(
+        "tiny gradients, where eps matters",
+        (
+            torch.tensor([1.0, -1.0]),
+            tiny,
+            torch.zeros(2),
+            torch.zeros(2),
+            1,
+            1e-3,
+            0.9,
+            0.999,
+            1e-6,
+            0.0,
+        ),
+    )
+
+
+# 06.masked_loss -----------------------------------------------------------------------------
+
+
+def _masked_loss_expected(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+def _masked_loss_cases() -> Iterator[Case]:
+    g = _generator(5)
+    logits = torch.randn(2, 6, 11, generator=g)
+    every = torch.randint(0, 11, (2, 6), generator=g)
+    yield Case("every token learnt", (logits, every))
+    replies = every.clone()
+    replies[0, :4] = IGNORE  # the prompt of row 0
+    replies[1, :2] = IGNORE
+    replies[1, 5] = IGNORE  # and row 1's padding
+    yield Case("only the replies learnt (the rest IGNORE = -100)", (logits, replies))
+
+
+# 08.nf4 -------------------------------------------------------------------------------------
+
+
+def _nf4_expected(w: torch.Tensor, block: int) -> torch.Tensor:
+    return dequantize(quantize(w, "nf4", 4, group_size=block))
+
+
+def _nf4_cases() -> Iterator[Case]:
+    g = _generator(6)
+    yield Case(
+        "one block of 8", (torch.tensor([[0.9, -0.45, 0.1, 0.0, -1.8, 0.33, 0.7, -0.05]]), 8)
+    )
+    yield Case("(4, 128) in blocks of 64", (torch.randn(4, 128, generator=g), 64))
+    yield Case("(2, 96) in blocks of 32, heavy tails", (torch.randn(2, 96, generator=g) ** 3, 32))
+
+
+# 11.acc_norm --------------------------------------------------------------------------------
+
+
+def _picks_expected(loglikelihoods: list[float], choices: list[str]) -> tuple[int, int]:
+    picks = choice_picks(loglikelihoods, choices)
+    return picks["acc"], picks["acc_norm"]
+
+
+def _picks_cases() -> Iterator[Case]:
+    yield Case(
+        "a long choice with the best total",
+        ([-9.0, -4.0, -6.5], [" a big red dog", " Tom", " the cat"]),
+    )
+    yield Case("the shortest wins per character", ([-3.0, -8.0], [" no", " a long answer here"]))
+    yield Case(
+        "a tie in total, broken per character",
+        ([-5.0, -5.0, -7.0], [" apple", " fig", " cherries"]),
+    )
+
+
+# 02.bpe_merge -------------------------------------------------------------------------------
+
+
+def _merge_cases() -> Iterator[Case]:
+    yield Case("a pair that occurs twice", (list("abcab"), ("a", "b")))
+    yield Case("three equal parts in a row", (list("aaa"), ("a", "a")))
+    yield Case("parts already merged once", (["th", "e", " ", "th", "e", "n"], ("th", "e")))
+    yield Case("a pair that never occurs", (list("hello"), ("l", "h")))
+    yield Case("one part", (["x"], ("x", "x")))
+
+
+# 03.gqa_attention ---------------------------------------------------------------------------
+
+
+def _attention_expected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """What `slmlab.models.Attention` computes after its projections: causal, grouped."""
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+def _attention_cases() -> Iterator[Case]:
+    g = _generator(7)
+    yield Case(
+        "4 query heads, 4 key/value heads (MHA)",
+        tuple(torch.randn(1, 4, 5, 8, generator=g) for _ in range(3)),
+    )
+    q = torch.randn(2, 6, 7, 16, generator=g)
+    yield Case(
+        "6 query heads sharing 2 key/value heads (GQA)",
+        (q, torch.randn(2, 2, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)),
+    )
+    yield Case(
+        "4 query heads, 1 key/value head (MQA)",
+        (q[:, :4], torch.randn(2, 1, 7, 16, generator=g), torch.randn(2, 1, 7, 16, generator=g)),
+    )
+
+
 EXERCISES: dict[str, Exercise] = {
     e.name: e
     for e in (
@@ -361,8 +524,177 @@ EXERCISES: dict[str, Exercise] = {
                 "base 2": lambda lp, m: 2 ** (-(lp * m).sum().item() / m.sum().item()),
             },
         ),
+        Exercise(
+            "05.adamw",
+            "adamw_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay) -> (p, m, v) "
+            "after one AdamW step (step counts from 1): moments updated, bias-corrected, and the "
+            "weight decay decoupled (p shrinks by lr·weight_decay·p).",
+            _adamw_expected,
+            _adamw_cases,
+            "decay the weight first (p·(1 − lr·wd)), then m̂ = m/(1 − β1^step), v̂ = v/(1 − β2^step), "
+            "p −= lr·m̂/(√v̂ + eps).",
+            atol=1e-6,
+            wrong={
+                "no bias correction": lambda p, g, m, v, s, lr, b1, b2, e, wd: _adamw_by(
+                    p, g, m, v, s, lr, b1, b2, e, wd, correct=False
+                ),
+                "L2 in the gradient (Adam, not AdamW)": lambda p, g, m, v, s, lr, b1, b2, e, wd: (
+                    _adamw_expected(p, g + wd * p, m, v, s, lr, b1, b2, e, 0.0)
+                ),
+                "eps inside the root": lambda p, g, m, v, s, lr, b1, b2, e, wd: _adamw_by(
+                    p, g, m, v, s, lr, b1, b2, e, wd, eps_inside=True
+                ),
+            },
+        ),
+        Exercise(
+            "06.masked_loss",
+            "masked_loss(logits, targets) -> the mean cross-entropy (nats) over the tokens whose "
+            "target is not -100 (logits[b, t] already predicts targets[b, t]).",
+            _masked_loss_expected,
+            _masked_loss_cases,
+            "leave the -100 targets out of both the sum and the count, and average over every "
+            "learnt token of the batch together.",
+            wrong={
+                "ignored tokens counted": lambda lo, ta: (
+                    F.cross_entropy(
+                        lo.flatten(0, 1), ta.flatten(), ignore_index=IGNORE, reduction="sum"
+                    )
+                    / ta.numel()
+                ),
+                "mean of the rows' means": lambda lo, ta: torch.stack(
+                    [F.cross_entropy(lo[i], ta[i], ignore_index=IGNORE) for i in range(len(ta))]
+                ).mean(),
+                "targets one step late": lambda lo, ta: F.cross_entropy(
+                    lo[:, :-1].flatten(0, 1), ta[:, 1:].flatten(), ignore_index=IGNORE
+                ),
+            },
+        ),
+        Exercise(
+            "08.nf4",
+            "nf4_round(w, block) -> w rounded to NF4 and back: each block of `block` inputs of a "
+            "row divided by its largest |w|, each value moved to the nearest of the 16 NF4 values "
+            '(slmlab.layers.formats.codebook("nf4")), then multiplied back.',
+            _nf4_expected,
+            _nf4_cases,
+            "normalise by the block's absmax, pick the nearest codebook value (not a uniform "
+            "grid), multiply by the same absmax.",
+            wrong={
+                "a uniform 4-bit grid": lambda w, b: _rtn_expected(w, b),
+                "one absmax per row": lambda w, b: _nf4_expected(w, w.shape[1]),
+                "scaled by the mean |w|": lambda w, b: _nf4_by_mean(w, b),
+            },
+        ),
+        Exercise(
+            "11.acc_norm",
+            "picks(loglikelihoods, choices) -> (acc, acc_norm): the index of the choice with the "
+            "highest log-likelihood, and with the highest log-likelihood per character of the "
+            "choice's text (lm-evaluation-harness's definitions).",
+            _picks_expected,
+            _picks_cases,
+            "acc_norm divides each log-likelihood by len(choice) in characters (the leading space "
+            "counts) and takes the largest: log-likelihoods are negative.",
+            wrong={
+                "per token count, not characters": lambda ll, ch: (
+                    _picks_expected(ll, ch)[0],
+                    max(range(len(ch)), key=lambda i: ll[i] / len(ch[i].split())),
+                ),
+                "the smallest per character": lambda ll, ch: (
+                    _picks_expected(ll, ch)[0],
+                    min(range(len(ch)), key=lambda i: ll[i] / len(ch[i])),
+                ),
+                "multiplied by the length": lambda ll, ch: (
+                    _picks_expected(ll, ch)[0],
+                    max(range(len(ch)), key=lambda i: ll[i] * len(ch[i])),
+                ),
+            },
+        ),
+        Exercise(
+            "02.bpe_merge",
+            "merge(parts, pair) -> parts with every occurrence of the adjacent pair joined into "
+            "one part, scanning left to right (of three equal parts in a row, the first two "
+            "merge).",
+            merge_pair,
+            _merge_cases,
+            "walk left to right; when parts[i], parts[i + 1] is the pair, emit the joined part "
+            "and skip both, else emit parts[i].",
+            wrong={
+                "the first occurrence only": lambda parts, pair: _merge_first(parts, pair),
+                "right to left": lambda parts, pair: _merge_from_the_right(parts, pair),
+            },
+        ),
+        Exercise(
+            "03.gqa_attention",
+            "attention(q, k, v) -> causal softmax(q·kᵀ/√D)·v for q of shape (B, Hq, T, D) and "
+            "k, v of shape (B, Hkv, T, D): query head h uses key/value head h // (Hq / Hkv).",
+            _attention_expected,
+            _attention_cases,
+            "repeat each key/value head for its group of consecutive query heads "
+            "(repeat_interleave, not repeat), scale by 1/√D, and mask the future.",
+            atol=1e-5,
+            wrong={
+                "heads grouped round-robin": lambda q, k, v: _attention_by(
+                    q, k, v, interleave=False
+                ),
+                "no causal mask": lambda q, k, v: _attention_by(q, k, v, causal=False),
+                "no 1/√D": lambda q, k, v: _attention_by(q, k, v, scale=1.0),
+            },
+        ),
     )
 }
+
+
+def _merge_first(parts: list[str], pair: tuple[str, str]) -> list[str]:
+    for i in range(len(parts) - 1):
+        if (parts[i], parts[i + 1]) == pair:
+            return [*parts[:i], pair[0] + pair[1], *parts[i + 2 :]]
+    return list(parts)
+
+
+def _merge_from_the_right(parts: list[str], pair: tuple[str, str]) -> list[str]:
+    merged, i = [], len(parts) - 1
+    while i >= 0:
+        if i > 0 and (parts[i - 1], parts[i]) == pair:
+            merged.append(pair[0] + pair[1])
+            i -= 2
+        else:
+            merged.append(parts[i])
+            i -= 1
+    return merged[::-1]
+
+
+def _attention_by(q, k, v, *, interleave=True, causal=True, scale=None):
+    groups = q.shape[1] // k.shape[1]
+    expand = (
+        (lambda x: x.repeat_interleave(groups, 1))
+        if interleave
+        else (lambda x: x.repeat(1, groups, 1, 1))
+    )
+    k, v = expand(k), expand(v)
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if causal:
+        t = q.shape[2]
+        scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def _adamw_by(p, g, m, v, step, lr, beta1, beta2, eps, wd, *, correct=True, eps_inside=False):
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    m_hat = m / (1 - beta1**step) if correct else m
+    v_hat = v / (1 - beta2**step) if correct else v
+    denominator = (v_hat + eps).sqrt() if eps_inside else v_hat.sqrt() + eps
+    return p * (1 - lr * wd) - lr * m_hat / denominator, m, v
+
+
+def _nf4_by_mean(w: torch.Tensor, block: int) -> torch.Tensor:
+    from .layers.formats import codebook
+
+    rows, cols = w.shape
+    grouped = w.reshape(rows, cols // block, block)
+    scale = grouped.abs().mean(-1, keepdim=True).clamp(min=1e-12)
+    values = codebook("nf4")
+    nearest = (grouped / scale).unsqueeze(-1).sub(values).abs().argmin(-1)
+    return (values[nearest] * scale).reshape(rows, cols)
 
 
 def _rope_interleaved(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:

@@ -58,7 +58,75 @@ def _reference_perplexity(logprobs, mask):
     )
 
 
+def _reference_adamw(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    # Loshchilov and Hutter's algorithm 2, written out
+    p = p * (1 - lr * weight_decay)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g**2
+    m_hat, v_hat = m / (1 - beta1**step), v / (1 - beta2**step)
+    return p - lr * m_hat / (v_hat.sqrt() + eps), m, v
+
+
+def _reference_masked_loss(logits, targets):
+    learnt = targets != -100
+    logps = logits.log_softmax(-1)[learnt]
+    return -logps.gather(-1, targets[learnt][:, None]).mean()
+
+
+def _reference_nf4(w, block):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import get_4bit_type
+
+    values = get_4bit_type("nf4", device="cpu")  # bitsandbytes' own table
+    out = torch.empty_like(w)
+    for r in range(w.shape[0]):
+        for start in range(0, w.shape[1], block):
+            group = w[r, start : start + block]
+            scale = group.abs().max()
+            nearest = (group[:, None] / scale - values).abs().argmin(-1)
+            out[r, start : start + block] = values[nearest] * scale
+    return out
+
+
+def _reference_picks(loglikelihoods, choices):
+    # lm-evaluation-harness: acc_norm divides by len(choice), characters of the continuation
+    scores = range(len(choices))
+    acc = max(scores, key=lambda i: loglikelihoods[i])
+    acc_norm = max(scores, key=lambda i: loglikelihoods[i] / len(choices[i]))
+    return acc, acc_norm
+
+
+def _reference_merge(parts, pair):
+    # a regular expression over the parts joined by a separator no part holds: non-overlapping
+    # matches, left to right, each pair bounded by separators it does not consume
+    import re
+
+    sep = "\x00"
+    joined = sep + sep.join(parts) + sep
+    pattern = f"(?<={sep}){re.escape(pair[0])}{sep}{re.escape(pair[1])}(?={sep})"
+    return re.sub(pattern, pair[0] + pair[1], joined).strip(sep).split(sep)
+
+
+def _reference_attention(q, k, v):
+    batch, heads, length, dim = q.shape
+    group = heads // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        for h in range(heads):
+            kv = h // group
+            for t in range(length):
+                scores = (k[b, kv, : t + 1] @ q[b, h, t]) / math.sqrt(dim)
+                out[b, h, t] = scores.softmax(-1) @ v[b, kv, : t + 1]
+    return out
+
+
 REFERENCES = {
+    "02.bpe_merge": _reference_merge,
+    "03.gqa_attention": _reference_attention,
+    "05.adamw": _reference_adamw,
+    "06.masked_loss": _reference_masked_loss,
+    "08.nf4": _reference_nf4,
+    "11.acc_norm": _reference_picks,
     "03.rmsnorm": _reference_rmsnorm,
     "03.rope": _reference_rope,
     "08.rtn": _reference_rtn,

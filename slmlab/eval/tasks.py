@@ -46,6 +46,7 @@ __all__ = [
     "Task",
     "TaskError",
     "TaskResult",
+    "choice_picks",
     "evaluate",
     "exact_match",
     "load_task",
@@ -329,6 +330,18 @@ _METRICS = {
 }
 
 
+def choice_picks(loglikelihoods: Sequence[float], choices: Sequence[str]) -> dict[str, int]:
+    """Which choice each multiple-choice metric picks, as lm-evaluation-harness defines them:
+    ``acc`` the highest log-likelihood, ``acc_norm`` the highest per character of the choice,
+    ``acc_bytes`` per byte of its UTF-8 text."""
+    lls = np.asarray(loglikelihoods, dtype=np.float64)
+    return {
+        "acc": int(np.argmax(lls)),
+        "acc_norm": int(np.argmax(lls / np.array([float(len(c)) for c in choices]))),
+        "acc_bytes": int(np.argmax(lls / np.array([float(len(c.encode())) for c in choices]))),
+    }
+
+
 def exact_match(
     predictions: Sequence[str],
     references: Sequence[str],
@@ -404,11 +417,7 @@ def evaluate(
             lls = np.array([ll for ll, _ in results[first : first + len(choices)]])
             greedy = [g for _, g in results[first : first + len(choices)]]
             gold = task.target(i)
-            picks = {
-                "acc": np.argmax(lls),
-                "acc_norm": np.argmax(lls / np.array([float(len(c)) for c in choices])),
-                "acc_bytes": np.argmax(lls / np.array([float(len(c.encode())) for c in choices])),
-            }
+            picks = choice_picks(lls, choices)
             for name in task.metrics:
                 value = float(greedy[gold]) if name == "exact_match" else float(picks[name] == gold)
                 per_doc[name].append(value)

@@ -37,6 +37,7 @@ __all__ = [
     "byte_level",
     "bytes_to_unicode",
     "hf_tokenizer_json",
+    "merge_pair",
     "train_bpe",
 ]
 
@@ -65,6 +66,21 @@ def bytes_to_unicode() -> dict[int, str]:
             table[b] = chr(256 + extra)
             extra += 1
     return table
+
+
+def merge_pair(parts: list[str], pair: tuple[str, str]) -> list[str]:
+    """One BPE merge: every occurrence of `pair` in `parts` joined, left to right, so that of
+    three equal parts in a row the first two merge."""
+    first, second = pair
+    merged, i = [], 0
+    while i < len(parts):
+        if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
+            merged.append(first + second)
+            i += 2
+        else:
+            merged.append(parts[i])
+            i += 1
+    return merged
 
 
 def _pretokens(text: str, superwords: bool) -> list[str]:
@@ -125,16 +141,7 @@ class BPETokenizer:
             rank, _ = min(ranked)
             if rank == len(self.ranks):
                 break
-            first, second = self.merges[rank]
-            merged, i = [], 0
-            while i < len(parts):  # merge every occurrence of the pair, left to right
-                if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+            parts = merge_pair(parts, self.merges[rank])
         ids = [self.vocab[p] for p in parts]
         if not self.superwords:  # words repeat; whole documents would only fill memory
             self._cache[piece] = ids

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,6 +57,28 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
 
 
+# Mixtral's files name its MoE block and its experts' projections their own way; the model's
+# modules have the names of Qwen2-MoE and OLMoE (`slmlab.models.mlp`), renamed at the file.
+_MIXTRAL_PROJECTIONS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def _mixtral_file_name(name: str) -> str:
+    name = re.sub(r"\.mlp\.(gate|experts)\.", r".block_sparse_moe.\1.", name)
+    return re.sub(
+        r"(block_sparse_moe\.experts\.\d+\.)(gate_proj|up_proj|down_proj)\.",
+        lambda m: f"{m[1]}{_MIXTRAL_PROJECTIONS[m[2]]}.",
+        name,
+    )
+
+
+def _mixtral_model_name(name: str) -> str:
+    ours = {v: k for k, v in _MIXTRAL_PROJECTIONS.items()}
+    name = re.sub(
+        r"(block_sparse_moe\.experts\.\d+\.)(w1|w2|w3)\.", lambda m: f"{m[1]}{ours[m[2]]}.", name
+    )
+    return name.replace(".block_sparse_moe.", ".mlp.")
+
+
 def save(
     model: DecoderLM,
     path: str | os.PathLike,
@@ -100,6 +123,8 @@ def save(
         if model.config.tie_word_embeddings:
             # The same tensors as the embedding's; stored once.
             state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+        if model.config.model_type == "mixtral":
+            state = {_mixtral_file_name(k): v for k, v in state.items()}
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp / "tokenizer.json")
@@ -321,6 +346,8 @@ def load(
     sections = json.loads(config_file.read_text())
     files = ", ".join(f.name for f in _weight_files(path))
     tensors = load_state_dict(path)
+    if config.model_type == "mixtral":
+        tensors = {_mixtral_model_name(k): v for k, v in tensors.items()}
     model = _assemble(
         config,
         tensors,

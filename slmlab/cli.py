@@ -133,7 +133,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         app.state.engine.run(until=lambda: not server.running)
     except KeyboardInterrupt:
-        server.stop()
+        if not server.stop():
+            # A client still holds a connection: exit anyway (the thread is a daemon's).
+            print("slmlab serve: connections still open after 10 s; exiting", file=sys.stderr)
     return 0
 
 

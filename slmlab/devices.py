@@ -196,12 +196,13 @@ def roofline(
         raise ValueError("context must be >= 0 and prompt >= 1")
     counts = param_count(config)
     head = config.vocab_size * config.hidden_size  # the head's matrix, tied or not
-    read = counts.attention + counts.mlp + counts.norms + head
+    mlp = counts.mlp - counts.idle  # a token reads and runs only the experts routed to it
+    read = counts.attention + mlp + counts.norms + head
     weight_bytes = read * WEIGHT_BITS[weights] / 8
     stored = counts.total * WEIGHT_BITS[weights] / 8
     per_token_kv = kv_cache_bytes_per_token(config, "fp32") * _KV_BITS[kv] / 32
     peak, bandwidth = device.peak(weights), device.bandwidth_gbs * 1e9
-    matmul = 2 * (counts.attention + counts.mlp + head)
+    matmul = 2 * (counts.attention + mlp + head)
 
     def attention_flops(ctx: float) -> float:
         return 4 * config.num_hidden_layers * config.q_size * ctx

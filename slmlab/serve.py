@@ -552,6 +552,9 @@ class BackgroundServer:
     def running(self) -> bool:
         return self.thread.is_alive()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Ask uvicorn to finish (open connections closed, answers in flight sent) and wait up
+        to `timeout` seconds; whether it has stopped."""
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=timeout)
+        return not self.thread.is_alive()

@@ -69,8 +69,8 @@ def test_decode_step_matches_the_blocks(name: str) -> None:
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_decode_step_takes_a_few_tokens_per_row(name: str) -> None:
     """Chunks of 1 to 4 tokens continuing the cache (how a speculative draft is checked) give
-    the blocks' logits and cache, padded batch included; and a token's logits are those of
-    the same token decoded alone, to the bit."""
+    the blocks' logits and cache, padded batch included; and, where the compiled step runs, a
+    token's logits are those of the same token decoded alone, to the bit."""
     config = VARIANTS[name]
     torch.manual_seed(0)
     model = DecoderLM(config).eval()
@@ -95,6 +95,8 @@ def test_decode_step_takes_a_few_tokens_per_row(name: str) -> None:
         reference = run([1, 3, 4, 2, 4])
     for fast, slow in zip(chunked, reference, strict=True):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    if config.num_experts or config.sliding_window:
+        return  # the blocks run these (the step has no experts or window): equal to rounding
     one_by_one = run([1] * 14)
     assert torch.equal(chunked[0], one_by_one[0]) and torch.equal(chunked[1], one_by_one[1])
 

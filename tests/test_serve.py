@@ -215,22 +215,26 @@ def test_the_command_serves_until_interrupted(served, tmp_path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "slmlab", "serve", str(path), "--port", str(port), "--name", "t"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    # Output to files, not pipes: a pipe nobody reads until the end can fill and block the
+    # server. PYTHONFAULTHANDLER: if it hangs, SIGABRT makes it print every thread's stack.
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        command = ["serve", str(path), "--port", str(port), "--name", "t"]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "slmlab", *command],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
+        )
     try:
         base = f"http://127.0.0.1:{port}/v1"
-        deadline = time.time() + 60
+        deadline = time.time() + 120  # the first run may compile the CPU kernels
         while True:
             try:
                 assert httpx.get(base + "/models", timeout=1).json()["data"][0]["id"] == "t"
                 break
             except httpx.TransportError:
-                assert process.poll() is None and time.time() < deadline, process.stderr.read()
+                assert process.poll() is None and time.time() < deadline, log.read_text()
                 time.sleep(0.2)
         client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
         got = client.completions.create(model="t", prompt="once upon", max_tokens=10, temperature=0)
@@ -238,4 +242,10 @@ def test_the_command_serves_until_interrupted(served, tmp_path) -> None:
         assert got.choices[0].text == greedy_text(served, ids, 10)[0]
     finally:
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0, process.stderr.read()
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)  # the stacks of every thread, into the log
+            process.wait(timeout=30)
+            pytest.fail(f"slmlab serve still running 30 s after SIGINT:\n{log.read_text()}")
+    assert code == 0, log.read_text()

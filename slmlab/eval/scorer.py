@@ -41,6 +41,7 @@ from .perplexity import token_bits
 
 __all__ = ["Scorer"]
 
+
 class Scorer:
     """A model and its tokenizer, scored by lm-evaluation-harness's rules (see the module)."""
 

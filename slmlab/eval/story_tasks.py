@@ -34,6 +34,7 @@ SUITE_SIZE = 200
 SEED = 9_001  # the training corpora use seeds 1 (train) and 2 (validation)
 CHOICES = 4
 
+
 def _who(story: str) -> tuple[str, str, tuple[str, ...], set[str]] | None:
     cast, _ = cast_of(story)
     cue = f" In the end, {cast['hero']} and"

@@ -33,6 +33,7 @@ from ..models.decoder import (
     RotaryEmbedding,
     SwiGLU,
 )
+from ..models.mlp import SparseMoE
 
 __all__ = [
     "DecoderWithPast",
@@ -55,6 +56,7 @@ _FIXES = {
     QuantEmbedding: "export the unquantized checkpoint and let the target quantize (its --quant)",
     Sparse24Linear: "export the checkpoint before pack_2to4_ (the zeros stay; the format does not)",
     LowRankLinear: "export a checkpoint without factorised layers: the target has no such layer",
+    SparseMoE: "the exporters write dense MLPs only; a mixture of experts stays in slmlab",
 }
 
 
@@ -98,7 +100,14 @@ def exportable(
 
 
 def check_plain(model: nn.Module, fmt: str) -> None:
-    """Refuse a model whose layers are not the plain Llama block's, naming the first such layer."""
+    """Refuse a model whose layers are not the plain Llama block's, naming the first such layer,
+    or whose attention is not over every earlier token (a sliding window)."""
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if window is not None:
+        raise ExportError(
+            f"config.sliding_window is {window}: the {fmt} export attends to every earlier "
+            "token; export a model without a sliding window"
+        )
     for name, module in model.named_modules():
         if not isinstance(module, _PLAIN) or (
             isinstance(module, nn.Linear | nn.Embedding) and type(module) not in _PLAIN

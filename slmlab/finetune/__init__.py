@@ -64,6 +64,14 @@ _ARCHITECTURE = (
     "bos_token_id",
     "pad_token_id",
     "model_type",
+    "sliding_window",
+    "layer_types",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "norm_topk_prob",
+    "router_aux_loss_coef",
 )
 
 

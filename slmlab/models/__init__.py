@@ -1,4 +1,5 @@
-"""Models: the config, its budgets, and (chapter 03) the decoder itself."""
+"""Models: the config, its budgets, and (chapter 03) the decoder itself, with its options:
+sliding-window attention and a mixture of experts."""
 
 from .budget import (
     BITS,
@@ -13,7 +14,8 @@ from .budget import (
     weight_bytes,
 )
 from .config import ConfigError, ModelConfig
-from .decoder import Attention, DecoderBlock, DecoderLM, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from .decoder import Attention, DecoderBlock, DecoderLM, KVCache, RMSNorm, RotaryEmbedding
+from .mlp import SparseMoE, SwiGLU, load_balancing_loss
 from .swap import ATTENTION, LINEAR_TARGETS, MLP, linear_layers, replace_module, swap_linears
 
 __all__ = [
@@ -31,10 +33,12 @@ __all__ = [
     "PublishedModel",
     "RMSNorm",
     "RotaryEmbedding",
+    "SparseMoE",
     "SwiGLU",
     "flops_per_token",
     "kv_cache_bytes_per_token",
     "linear_layers",
+    "load_balancing_loss",
     "max_context_length",
     "param_count",
     "published_models",

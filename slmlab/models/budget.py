@@ -34,17 +34,25 @@ BITS: dict[str, float] = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8, "int8": 
 
 @dataclass(frozen=True)
 class ParamCount:
-    """Parameters by where they live. ``lm_head`` is 0 when it is tied to the embedding."""
+    """Parameters by where they live. ``lm_head`` is 0 when it is tied to the embedding.
+    ``idle`` counts the MLP parameters a token leaves unused: the experts its router does not
+    pick (0 for a dense model)."""
 
     embedding: int
     attention: int
     mlp: int
     norms: int
     lm_head: int
+    idle: int = 0
 
     @property
     def total(self) -> int:
         return self.embedding + self.attention + self.mlp + self.norms + self.lm_head
+
+    @property
+    def active(self) -> int:
+        """Parameters one token runs through: what a mixture of experts' compute pays for."""
+        return self.total - self.idle
 
     @property
     def non_embedding(self) -> int:
@@ -65,6 +73,12 @@ def param_count(config: ModelConfig) -> ParamCount:
     if config.attention_bias:
         attention += q + 2 * kv
     mlp = 3 * d * config.intermediate_size  # gate, up and down projections of SwiGLU
+    idle = 0
+    if config.num_experts:  # E experts, a router, and maybe a gated shared expert
+        expert, shared = 3 * d * config.expert_size, config.shared_expert_intermediate_size
+        mlp = config.num_experts * expert + d * config.num_experts
+        mlp += (3 * d * shared + d) if shared else 0
+        idle = (config.num_experts - config.num_experts_per_tok) * expert
     norms = 2 * d  # one RMSNorm before attention, one before the MLP
     embedding = config.vocab_size * d
     return ParamCount(
@@ -73,6 +87,7 @@ def param_count(config: ModelConfig) -> ParamCount:
         mlp=L * mlp,
         norms=L * norms + d,  # + the final norm
         lm_head=0 if config.tie_word_embeddings else embedding,
+        idle=L * idle,
     )
 
 
@@ -103,15 +118,18 @@ def flops_per_token(config: ModelConfig, context_length: int = 0) -> int:
     Every weight of a matrix product costs a multiply and an add (2 FLOPs), the output head
     included even when it is tied; attention adds ``QKᵀ`` and ``A·V`` against the context,
     2 × 2 × heads × head_dim FLOPs per layer per context token. Norms, activations and the
-    softmax are left out: they are a fraction of a percent for these shapes.
+    softmax are left out: they are a fraction of a percent for these shapes. Experts a token
+    does not run cost nothing; a sliding layer attends to at most its window.
     """
     if context_length < 0:
         raise ValueError(f"context_length must be >= 0, got {context_length}")
     p = param_count(config)
-    matmul_weights = p.attention + p.mlp + config.vocab_size * config.hidden_size
+    matmul_weights = p.attention + p.mlp - p.idle + config.vocab_size * config.hidden_size
     if config.attention_bias:
         matmul_weights -= config.num_hidden_layers * (config.q_size + 2 * config.kv_size)
-    attention = 4 * config.num_hidden_layers * config.q_size * context_length
+    window = config.sliding_window or context_length + 1  # keys seen, the token itself included
+    seen = [min(context_length, window - 1) if s else context_length for s in config.sliding_layers]
+    attention = 4 * config.q_size * sum(seen)
     return 2 * matmul_weights + attention
 
 

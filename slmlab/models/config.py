@@ -17,9 +17,19 @@ from typing import Any
 
 __all__ = ["ConfigError", "ModelConfig"]
 
-# Architectures whose weights map one to one onto ours. Qwen2 is Llama with a bias on q, k, v.
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Architectures whose weights map one to one onto ours. Qwen2 is Llama with a bias on q, k, v;
+# Mistral is Llama with a sliding window; Mixtral and Qwen2-MoE put experts in the MLP.
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+}
 ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names
+BIASED = ("qwen2", "qwen2_moe")  # a bias on q, k and v
+EXPERTS = ("mixtral", "qwen2_moe")  # a mixture of experts in every MLP
 
 
 def _positive_real(value: Any) -> bool:
@@ -39,6 +49,16 @@ class ModelConfig:
     ``num_key_value_heads`` picks the attention variant: equal to ``num_attention_heads`` is MHA,
     1 is MQA, anything between is GQA. ``head_dim`` defaults to ``hidden_size //
     num_attention_heads``. ``attention_bias`` puts a bias on the q, k and v projections (Qwen2).
+
+    ``sliding_window`` W lets a token of a sliding layer see itself and the W - 1 tokens before
+    it; ``layer_types`` says which layers slide (``"sliding_attention"``) and which see
+    everything (``"full_attention"``): unset, every layer slides when W is set (Mistral) and none
+    does otherwise. ``num_experts`` above 0 replaces each MLP by that many experts of
+    ``moe_intermediate_size`` (default ``intermediate_size``), ``num_experts_per_tok`` of them
+    chosen per token by a router, plus one always-on shared expert of
+    ``shared_expert_intermediate_size`` when that is above 0 (Qwen2-MoE);
+    ``norm_topk_prob`` rescales the chosen experts' weights to sum to 1 (Mixtral) and
+    ``router_aux_loss_coef`` weighs the load-balancing loss in training.
     """
 
     vocab_size: int
@@ -58,6 +78,14 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     model_type: str = field(default="llama")
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.01
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -101,15 +129,21 @@ class ModelConfig:
         for name in ("rope_theta", "rms_norm_eps"):  # inf and nan pass a bare "> 0"
             if not _positive_real(getattr(self, name)):
                 raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
-        for name in ("tie_word_embeddings", "attention_bias"):  # "false" would read as true
+        # "false" would read as true
+        for name in ("tie_word_embeddings", "attention_bias", "norm_topk_prob"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.model_type not in HF_ARCHITECTURES:
             raise ConfigError(
                 f"model_type must be one of {sorted(HF_ARCHITECTURES)}, got {self.model_type!r}"
             )
-        if self.model_type == "qwen2" and not self.attention_bias:
-            raise ConfigError("model_type 'qwen2' always has attention_bias=True")
+        if self.attention_bias != (self.model_type in BIASED):
+            raise ConfigError(
+                f"model_type {self.model_type!r} has attention_bias="
+                f"{self.model_type in BIASED}; {BIASED} are the architectures with q/k/v biases"
+            )
+        self._check_sliding_window()
+        self._check_experts()
         if self.rope_scaling is not None:
             # Own a normalised copy: callers (transformers among them) mutate dicts they are given.
             scaling = dict(self.rope_scaling)
@@ -117,6 +151,84 @@ class ModelConfig:
                 scaling.setdefault("rope_type", scaling.pop("type"))
             self._check_rope_scaling(scaling)
             object.__setattr__(self, "rope_scaling", scaling)
+
+    def _check_sliding_window(self) -> None:
+        window, types, kind = self.sliding_window, self.layer_types, self.model_type
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+                raise ConfigError(f"sliding_window must be a positive integer, got {window!r}")
+            if window > self.max_position_embeddings:
+                raise ConfigError(
+                    f"sliding_window ({window}) is longer than max_position_embeddings "
+                    f"({self.max_position_embeddings}): it would never slide; leave it unset"
+                )
+        if types is not None:
+            if not isinstance(types, list | tuple) or len(types) != self.num_hidden_layers:
+                raise ConfigError(
+                    f"layer_types must list one type per layer ({self.num_hidden_layers}), "
+                    f"got {types!r}"
+                )
+            unknown = [t for t in types if t not in LAYER_TYPES]
+            if unknown:
+                raise ConfigError(f"layer_types: {unknown[0]!r} is not one of {list(LAYER_TYPES)}")
+            object.__setattr__(self, "layer_types", list(types))
+            if window is None and "sliding_attention" in types:
+                raise ConfigError("layer_types has sliding layers but sliding_window is unset")
+        if window is None:
+            return
+        if kind in ("llama", "qwen2_moe"):
+            raise ConfigError(
+                f"model_type {kind!r} has no sliding window; use 'mistral' (Llama's block with "
+                "one) or 'qwen2' (with layer_types)"
+            )
+        if (
+            kind in ("mistral", "mixtral")
+            and types is not None
+            and set(types) != {"sliding_attention"}
+        ):
+            raise ConfigError(
+                f"model_type {kind!r} slides in every layer; for a pattern of sliding and full "
+                "layers use model_type 'qwen2' with layer_types"
+            )
+
+    def _check_experts(self) -> None:
+        for name in ("num_experts", "num_experts_per_tok", "shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        size = self.moe_intermediate_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            raise ConfigError(f"moe_intermediate_size must be a positive integer, got {size!r}")
+        coef = self.router_aux_loss_coef
+        real = isinstance(coef, int | float) and not isinstance(coef, bool)
+        if not (real and math.isfinite(coef) and coef >= 0):
+            raise ConfigError(f"router_aux_loss_coef must be a number >= 0, got {coef!r}")
+        kind = self.model_type
+        if kind not in EXPERTS:
+            if self.num_experts or self.shared_expert_intermediate_size or size is not None:
+                raise ConfigError(
+                    f"model_type {kind!r} has a dense MLP: num_experts, moe_intermediate_size "
+                    f"and shared_expert_intermediate_size are for {list(EXPERTS)}"
+                )
+            return
+        if self.num_experts < 1:
+            raise ConfigError(f"model_type {kind!r} needs num_experts >= 1")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
+                f"num_experts ({self.num_experts})"
+            )
+        if kind == "mixtral" and (self.shared_expert_intermediate_size or size is not None):
+            raise ConfigError(
+                "model_type 'mixtral' has no shared expert and its experts are "
+                "intermediate_size wide: leave shared_expert_intermediate_size and "
+                "moe_intermediate_size unset, or use 'qwen2_moe'"
+            )
+        if kind == "qwen2_moe" and not self.shared_expert_intermediate_size:
+            raise ConfigError(
+                "model_type 'qwen2_moe' always has a shared expert: set "
+                "shared_expert_intermediate_size (or use 'mixtral', which has none)"
+            )
 
     @staticmethod
     def _check_rope_scaling(scaling: dict[str, Any]) -> None:
@@ -145,6 +257,22 @@ class ModelConfig:
     def kv_size(self) -> int:
         """Width of the concatenated key (or value) heads."""
         return self.num_key_value_heads * self.head_dim  # type: ignore[operator]
+
+    @property
+    def sliding_layers(self) -> list[bool]:
+        """For each layer, whether its attention is limited to the last `sliding_window` tokens."""
+        if self.sliding_window is None:
+            return [False] * self.num_hidden_layers
+        if self.layer_types is None:
+            return [True] * self.num_hidden_layers
+        return [t == "sliding_attention" for t in self.layer_types]
+
+    @property
+    def expert_size(self) -> int:
+        """Width of one expert's hidden layer (0 for a dense MLP)."""
+        if not self.num_experts:
+            return 0
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def attention_kind(self) -> str:
@@ -201,10 +329,33 @@ class ModelConfig:
             "attention_dropout": 0.0,
             "torch_dtype": "float32",
         }
-        if self.model_type == "llama":
+        kind, window = self.model_type, self.sliding_window
+        if kind == "llama":
             out.update(attention_bias=False, mlp_bias=False)
-        else:
-            out.update(use_sliding_window=False, sliding_window=None)
+        elif kind in ("mistral", "mixtral"):
+            out.update(sliding_window=window)
+        else:  # qwen2, qwen2_moe: the window per layer
+            types = ["sliding_attention" if s else "full_attention" for s in self.sliding_layers]
+            out.update(use_sliding_window=window is not None, sliding_window=window)
+            out.update(max_window_layers=self.num_hidden_layers, layer_types=types)
+        if kind == "mixtral":
+            out.update(num_local_experts=self.num_experts, router_jitter_noise=0.0)
+        if kind == "qwen2_moe":
+            out.update(
+                num_experts=self.num_experts,
+                moe_intermediate_size=self.expert_size,
+                shared_expert_intermediate_size=self.shared_expert_intermediate_size,
+                norm_topk_prob=self.norm_topk_prob,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+                qkv_bias=True,
+            )
+        if kind in EXPERTS:
+            out.update(
+                num_experts_per_tok=self.num_experts_per_tok,
+                router_aux_loss_coef=self.router_aux_loss_coef,
+                output_router_logits=False,
+            )
         return out
 
     @classmethod
@@ -229,8 +380,8 @@ class ModelConfig:
                 f"{source}: Llama with attention_bias/mlp_bias is not supported "
                 "(q/k/v bias without an output bias is the Qwen2 architecture)"
             )
-        if hf.get("use_sliding_window"):
-            raise ConfigError(f"{source}: sliding-window attention is not supported")
+        experts = _hf_experts(hf, model_type, source)
+        window, layer_types = _hf_sliding_window(hf, model_type)
         rope = dict(hf.get("rope_parameters") or {})
         rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         scaling = hf.get("rope_scaling") or (rope if rope else None)
@@ -265,11 +416,14 @@ class ModelConfig:
                 rope_scaling=scaling,
                 rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
                 tie_word_embeddings=hf.get("tie_word_embeddings", model_type != "llama"),
-                attention_bias=model_type == "qwen2",
+                attention_bias=model_type in BIASED,
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"),
                 pad_token_id=hf.get("pad_token_id"),
                 model_type=model_type,
+                sliding_window=window,
+                layer_types=layer_types,
+                **experts,
             )
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
@@ -290,4 +444,53 @@ class ModelConfig:
             f"heads={self.num_attention_heads}/{self.num_key_value_heads} ({self.attention_kind}) "
             f"ff={self.intermediate_size} vocab={self.vocab_size}"
             f"{' tied' if self.tie_word_embeddings else ''}"
+            + (f" window={self.sliding_window}" if self.sliding_window else "")
+            + (
+                f" experts={self.num_experts_per_tok}/{self.num_experts}"
+                if self.num_experts
+                else ""
+            )
         )
+
+
+def _hf_sliding_window(hf: dict[str, Any], model_type: str) -> tuple[Any, Any]:
+    """`sliding_window` and `layer_types` from a Hugging Face config of `model_type`."""
+    if model_type in ("mistral", "mixtral"):
+        return hf.get("sliding_window"), None
+    if model_type not in ("qwen2", "qwen2_moe") or not hf.get("use_sliding_window"):
+        return None, None
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types")
+    if types is None:  # transformers' own rule for Qwen2: layers from max_window_layers on slide
+        start = hf.get("max_window_layers", 0)
+        types = [
+            "sliding_attention" if i >= start else "full_attention"
+            for i in range(hf.get("num_hidden_layers", 0))
+        ]
+    return window, types
+
+
+def _hf_experts(hf: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Hugging Face config, or a refusal of the options
+    (jitter, dense layers between sparse ones) this model does not implement."""
+    if model_type not in EXPERTS:
+        return {}
+    if hf.get("router_jitter_noise"):
+        raise ConfigError(f"{source}: router_jitter_noise is not supported (set it to 0)")
+    if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+        raise ConfigError(
+            f"{source}: dense layers between the sparse ones (decoder_sparse_step, "
+            "mlp_only_layers) are not supported: every layer must have experts"
+        )
+    out = {
+        "num_experts": hf.get("num_local_experts" if model_type == "mixtral" else "num_experts"),
+        "num_experts_per_tok": hf.get("num_experts_per_tok", 2),
+        "router_aux_loss_coef": hf.get("router_aux_loss_coef", 0.01),
+    }
+    if model_type == "qwen2_moe":
+        out.update(
+            moe_intermediate_size=hf.get("moe_intermediate_size"),
+            shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size"),
+            norm_topk_prob=hf.get("norm_topk_prob", False),
+        )
+    return out

@@ -26,6 +26,7 @@ from ..kernels import (
     linear_many,
 )
 from .config import ModelConfig
+from .mlp import SparseMoE, SwiGLU
 from .rope import apply_rope, inverse_frequencies
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "SwiGLU",
+    "recent_keys",
 ]
 
 
@@ -137,11 +139,14 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with any number of key/value heads, through PyTorch's fused SDPA."""
+    """Multi-head attention with any number of key/value heads, through PyTorch's fused SDPA.
+    `sliding_window` (None: every earlier token) is how many tokens a query sees, itself
+    included, in a sliding layer; the mask the model passes in already says so."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
+        self.sliding_window = config.sliding_window if config.sliding_layers[layer_index] else None
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -198,33 +203,30 @@ class Attention(nn.Module):
         q, k, _ = self.rotated_qkv(x, cos, sin)
         k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # each group's k
         scores = q @ k.transpose(-1, -2) / self.head_dim**0.5
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if self.sliding_window is not None:
+            visible = visible & recent_keys(0, T, self.sliding_window, x.device)
+        return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) · up(x)): the gated MLP of Llama-family models."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear_many(x, [self.gate_proj, self.up_proj])
-        return linear(F.silu(gate) * up, self.down_proj)
+def recent_keys(start: int, count: int, window: int, device: torch.device) -> torch.Tensor:
+    """(count, start + count): True where key j is among the `window` latest tokens of query
+    `start + i` (itself included), the sliding window's mask before the causal one."""
+    keys = torch.arange(start + count, device=device)
+    queries = start + torch.arange(count, device=device)[:, None]
+    return keys > queries - window
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x)). The MLP is a
+    SwiGLU, or a mixture of SwiGLU experts when the config has experts."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config)
+        self.mlp = SparseMoE(config) if config.num_experts else SwiGLU(config)
 
     def forward(
         self,
@@ -289,6 +291,8 @@ def _gather_operands(model: DecoderLM, rows: int) -> list[list[torch.Tensor]] | 
     layers = []
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
+        if not isinstance(mlp, SwiGLU):
+            return None  # the step knows one MLP, the dense SwiGLU
         unbiased = (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if any(getattr(m, "bias", None) is not None for m in unbiased):
             return None  # the step adds biases to q, k and v only, as the architectures do
@@ -351,6 +355,9 @@ def fused_decode_step(
     B, T = input_ids.shape
     if torch.is_grad_enabled() or input_ids.device.type != "cpu" or T > FUSED_MAX_TOKENS:
         return None
+    window = model.config.sliding_window
+    if window is not None and cache.length + T > window:
+        return None  # the step attends to the whole cache; a window would leave some out
     if cache.keys[0].dtype is not torch.float32:
         return None
     layers = _fused_layers(model, B * T)
@@ -462,6 +469,12 @@ class DecoderLM(nn.Module):
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(
                     start
                 )
+        window = self.config.sliding_window
+        sliding_mask = mask
+        if window is not None and start + T > window:  # the window leaves keys out
+            causal = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device)
+            causal = causal.tril(start) if mask is None else mask
+            sliding_mask = causal & recent_keys(start, T, window, input_ids.device)
 
         cos, sin = self.model.rotary_emb(positions, self.model.norm.weight.dtype)
         # Decoding a few tokens: the compiled step runs every block in one call where it
@@ -470,7 +483,8 @@ class DecoderLM(nn.Module):
         if x is None:
             x = self.model.embed_tokens(input_ids)
             for layer in self.model.layers:
-                x = layer(x, cos, sin, mask, cache)
+                slides = layer.self_attn.sliding_window is not None
+                x = layer(x, cos, sin, sliding_mask if slides else mask, cache)
         if cache is not None:
             cache.length += T
         if last_only:
@@ -487,10 +501,14 @@ class DecoderLM(nn.Module):
         positions = index - torch.where(starts, index, 0).cummax(-1).values
         causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
         mask = (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]
+        sliding_mask = mask
+        if self.config.sliding_window is not None:
+            sliding_mask = mask & recent_keys(0, T, self.config.sliding_window, input_ids.device)
         cos, sin = self.model.rotary_emb(positions, self.model.norm.weight.dtype)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, None)
+            slides = layer.self_attn.sliding_window is not None
+            x = layer(x, cos, sin, sliding_mask if slides else mask, None)
         if last_only:
             x = x[:, -1:]
         return linear(self.model.norm(x), self.lm_head) if head else self.model.norm(x)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.mlp import SparseMoE
 from ..models.swap import replace_module
 from ..quant.calibrate import blocks, run_until
 
@@ -73,12 +74,24 @@ def _check_importance(importance: str) -> None:
         raise ValueError(f"unknown importance {importance!r}; choose from {', '.join(IMPORTANCE)}")
 
 
+def _dense_mlp_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks, each with a dense SwiGLU: MLP channels are a dense MLP's."""
+    stack = blocks(model)
+    for i, block in enumerate(stack):
+        if isinstance(block.mlp, SparseMoE):
+            raise ValueError(
+                f"model.layers.{i}.mlp is a mixture of experts: MLP channel pruning takes dense "
+                "MLPs; prune the experts' linear layers by weight instead (slmlab.prune)"
+            )
+    return stack
+
+
 def mlp_channel_importance(
     model: nn.Module, calibration: torch.Tensor, *, importance: str = "activation"
 ) -> list[torch.Tensor]:
     """Per block, one score per MLP channel (``intermediate_size`` of them)."""
     _check_importance(importance)
-    stack = blocks(model)
+    stack = _dense_mlp_blocks(model)
     if importance == "taylor":
 
         def channels(block: nn.Module) -> torch.Tensor:
@@ -236,7 +249,7 @@ def _count(keep: int | float, total: int, what: str, least: int = 1) -> int:
 def prune_mlp_(model: nn.Module, keep: int | float, scores: Sequence[torch.Tensor]) -> nn.Module:
     """Keep the `keep` highest-scoring MLP channels of every block (a count, or a share of
     ``intermediate_size``); ``intermediate_size`` becomes `keep`."""
-    stack = blocks(model)
+    stack = _dense_mlp_blocks(model)
     total = model.config.intermediate_size
     keep = _count(keep, total, "MLP channels")
     _check_scores(scores, stack, total, "MLP channel")

@@ -32,6 +32,7 @@ def bitsandbytes_(
         ) from None
     if kind not in ("nf4", "fp4", "int8"):
         raise ValueError(f"kind must be nf4, fp4 or int8, got {kind!r}")
+
     def build(name: str, linear: nn.Linear) -> nn.Module:
         device = linear.weight.device
         if kind == "int8":

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..layers.formats import dequantize, quantize
+from ..models.mlp import SparseMoE
 from .calibrate import blocks, collect_inputs, walk_blocks
 
 __all__ = ["awq_scales", "fold_scales", "scale_groups", "smooth_", "smoothquant_scales"]
@@ -39,6 +40,11 @@ def scale_groups(block: nn.Module) -> Iterator[tuple[nn.Module, list[nn.Linear]]
     into v_proj when it feeds o_proj one to one (no grouped key/value heads).
     """
     attn, mlp = block.self_attn, block.mlp
+    if isinstance(mlp, SparseMoE):  # the router reads the norm too: folding would reroute
+        raise ValueError(
+            "smoothing (AWQ, SmoothQuant) folds scales into dense MLPs only; this block's MLP "
+            "is a mixture of experts: use method='rtn' or 'gptq'"
+        )
     yield block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]
     yield block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]
     yield mlp.up_proj, [mlp.down_proj]

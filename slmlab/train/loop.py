@@ -27,6 +27,7 @@ from ..data.chat import IGNORE
 from ..env import bf16_is_fast
 from ..layers.lora import apply_lora_
 from ..models.decoder import DecoderLM
+from ..models.mlp import router_loss
 from .config import PREFERENCE_OBJECTIVES, TrainConfig
 from .data import Batch, TrainData, build_data
 from .distributed import PARALLEL, join, mean_over_processes, share
@@ -127,7 +128,8 @@ def train_step(
                 )  # fmt: skip
             else:
                 loss = _learnt_loss(runner, chunk, autocast)[0] / learnt
-            loss.backward()
+            balance = router_loss(runner)  # experts: keep the router's load even
+            (loss if balance is None else loss + balance / config.grad_accum).backward()
         loss_sum += loss.detach()
     loss_value = mean_over_processes(loss_sum, world).item()
     if not math.isfinite(loss_value):

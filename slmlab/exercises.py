@@ -594,7 +594,7 @@ EXERCISES: dict[str, Exercise] = {
             "acc_norm divides each log-likelihood by len(choice) in characters (the leading space "
             "counts) and takes the largest: log-likelihoods are negative.",
             wrong={
-                "per token count, not characters": lambda ll, ch: (
+                "per word, not per character": lambda ll, ch: (
                     _picks_expected(ll, ch)[0],
                     max(range(len(ch)), key=lambda i: ll[i] / len(ch[i].split())),
                 ),

@@ -274,3 +274,16 @@ def test_transforms_for_dense_mlps_refuse_experts_by_layer() -> None:
         mlp_channel_importance(model, calibration)
     with pytest.raises(ValueError, match="folds scales into dense MLPs only"):
         quantize_(model, QuantConfig(method="awq", group_size=16), calibration=calibration)
+
+
+def test_dropped_blocks_take_their_window_with_them(tmp_path) -> None:
+    """Removing a block of a sliding/full/sliding model leaves sliding/sliding, in the config
+    and in the blocks: saved and loaded again, the model gives the same logits."""
+    from slmlab.prune.structured import drop_layers_
+
+    model = drop_layers_(model_of("qwen2-sliding-and-full"), [1])
+    assert model.config.layer_types == ["sliding_attention", "sliding_attention"]
+    ids = ids_of(model.config)
+    slmlab.save(model, tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(slmlab.load(tmp_path / "ckpt")(ids), model(ids))

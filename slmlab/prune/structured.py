@@ -311,7 +311,12 @@ def drop_layers_(model: nn.Module, layers: Sequence[int]) -> nn.Module:
     for i, block in enumerate(kept):
         block.self_attn.layer_index = i  # the KV cache is indexed by position in the stack
     model.model.layers = nn.ModuleList(kept)
-    model.config = dataclasses.replace(model.config, num_hidden_layers=len(kept))
+    types = model.config.layer_types  # which layers slide: the kept ones' own
+    model.config = dataclasses.replace(
+        model.config,
+        num_hidden_layers=len(kept),
+        layer_types=None if types is None else [t for i, t in enumerate(types) if i not in gone],
+    )
     return model
 
 

@@ -26,7 +26,8 @@ from .data.chat import IGNORE
 from .eval import choice_picks
 from .layers.formats import dequantize, quantize
 from .models import ModelConfig
-from .models.decoder import RMSNorm
+from .models.decoder import RMSNorm, recent_keys
+from .models.mlp import top_k_routing
 from .models.rope import apply_rope, inverse_frequencies
 from .tokenizers.bpe import merge_pair
 from .train.config import TrainConfig
@@ -436,6 +437,58 @@ def _attention_cases() -> Iterator[Case]:
     )
 
 
+# 03.sliding_window ---------------------------------------------------------------------------
+
+
+def _window_expected(length: int, window: int) -> torch.Tensor:
+    """The mask `DecoderLM` gives a sliding layer: causal, and the `window` latest keys."""
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return causal & recent_keys(0, length, window, torch.device("cpu"))
+
+
+def _window_cases() -> Iterator[Case]:
+    yield Case("8 tokens, a window of 3", (8, 3))
+    yield Case("5 tokens, a window of 1 (each token sees itself only)", (5, 1))
+    yield Case("6 tokens, a window longer than the text", (6, 10))
+    yield Case("12 tokens, a window of 4", (12, 4))
+
+
+def _window_by(length: int, window: int, *, causal: bool = True) -> torch.Tensor:
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None]
+    near = (i - j).abs() < window
+    return near & (j <= i) if causal else near
+
+
+# 03.moe_routing --------------------------------------------------------------------------------
+
+
+def _routing_cases() -> Iterator[Case]:
+    g = _generator(11)
+    yield Case(
+        "6 tokens, 4 experts, top 2, rescaled (Mixtral)", (torch.randn(6, 4, generator=g), 2, True)
+    )
+    yield Case(
+        "5 tokens, 8 experts, top 3, not rescaled (Qwen2-MoE)",
+        (torch.randn(5, 8, generator=g), 3, False),
+    )
+    yield Case("3 tokens, 4 experts, top 1, rescaled", (torch.randn(3, 4, generator=g), 1, True))
+    yield Case(
+        "4 tokens, 3 experts, all 3 chosen, not rescaled",
+        (torch.randn(4, 3, generator=g), 3, False),
+    )
+
+
+def _routing_over_chosen_logits(logits: torch.Tensor, k: int, normalize: bool) -> tuple:
+    top, experts = logits.topk(k, dim=-1)
+    return experts, top.softmax(dim=-1)
+
+
+def _routing_least_probable(logits: torch.Tensor, k: int, normalize: bool) -> tuple:
+    experts, weights = top_k_routing(-logits, k, False)
+    weights = logits.float().softmax(-1).gather(-1, experts)
+    return experts, weights / weights.sum(-1, keepdim=True) if normalize else weights
+
+
 EXERCISES: dict[str, Exercise] = {
     e.name: e
     for e in (
@@ -637,6 +690,36 @@ EXERCISES: dict[str, Exercise] = {
                 ),
                 "no causal mask": lambda q, k, v: _attention_by(q, k, v, causal=False),
                 "no 1/√D": lambda q, k, v: _attention_by(q, k, v, scale=1.0),
+            },
+        ),
+        Exercise(
+            "03.sliding_window",
+            "window_mask(length, window) -> a (length, length) bool tensor, True where query i "
+            "may attend to key j in a sliding layer: j ≤ i and at most window tokens, itself "
+            "included.",
+            _window_expected,
+            _window_cases,
+            "query i sees keys i − window + 1 … i: the window counts the token itself, and "
+            "never a later one.",
+            wrong={
+                "the window plus itself": lambda t, w: _window_by(t, w + 1),
+                "no causal mask": lambda t, w: _window_by(t, w, causal=False),
+                "one key short": lambda t, w: _window_by(t, max(w - 1, 1)),
+            },
+        ),
+        Exercise(
+            "03.moe_routing",
+            "route(logits, k, normalize) for router logits (N, E) -> (experts, weights), both "
+            "(N, k), largest weight first: softmax over all E experts, the k most probable, "
+            "their probabilities rescaled to sum to 1 if normalize.",
+            lambda logits, k, normalize: top_k_routing(logits, k, normalize),
+            _routing_cases,
+            "softmax first, over every expert, then take the top k (torch.topk); rescale only "
+            "when asked: Qwen2-MoE keeps the probabilities as they are.",
+            wrong={
+                "softmax over the k chosen logits": _routing_over_chosen_logits,
+                "never rescaled": lambda lg, k, n: top_k_routing(lg, k, False),
+                "the k least probable": _routing_least_probable,
             },
         ),
     )

@@ -120,7 +120,35 @@ def _reference_attention(q, k, v):
     return out
 
 
+def _reference_window(length, window):
+    # transformers' own mask function for sliding layers, asked query by query, key by key
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    visible = sliding_window_causal_mask_function(window)
+    index = [torch.tensor(i) for i in range(length)]
+    return torch.tensor([[bool(visible(0, 0, i, j)) for j in index] for i in index])
+
+
+def _reference_routing(logits, k, normalize):
+    # transformers' Qwen2-MoE router (norm_topk_prob as asked), its weight the identity so that
+    # its logits are these
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+
+    experts = logits.shape[-1]
+    config = Qwen2MoeConfig(
+        hidden_size=experts, num_experts=experts, num_experts_per_tok=k, norm_topk_prob=normalize
+    )
+    router = Qwen2MoeTopKRouter(config)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(experts))
+        _, weights, chosen = router(logits)
+    return chosen, weights
+
+
 REFERENCES = {
+    "03.sliding_window": _reference_window,
+    "03.moe_routing": _reference_routing,
     "02.bpe_merge": _reference_merge,
     "03.gqa_attention": _reference_attention,
     "05.adamw": _reference_adamw,

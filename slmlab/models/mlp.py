@@ -22,7 +22,7 @@ from torch import nn
 from ..kernels import linear, linear_many
 from .config import ModelConfig
 
-__all__ = ["SparseMoE", "SwiGLU", "load_balancing_loss", "router_loss"]
+__all__ = ["SparseMoE", "SwiGLU", "load_balancing_loss", "router_loss", "top_k_routing"]
 
 
 class SwiGLU(nn.Module):
@@ -65,13 +65,9 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For tokens x (N, d): the router's logits (N, E), the chosen experts (N, k) and their
-        weights (N, k): a softmax over all E experts (in fp32), the k largest kept, rescaled to
-        sum to 1 when `norm_topk_prob` (Mixtral) or left as they are (Qwen2-MoE)."""
+        weights (N, k) (`top_k_routing`)."""
         logits = self.gate(x)
-        probs = logits.float().softmax(dim=-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        experts, weights = top_k_routing(logits, self.top_k, self.norm_topk_prob)
         return logits, experts, weights.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +84,19 @@ class SparseMoE(nn.Module):
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.reshape(shape)
+
+
+def top_k_routing(
+    logits: torch.Tensor, top_k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts (N, k) each token goes to and their weights (N, k), largest first: a softmax
+    of the router's logits (N, E) over all E experts, in fp32, and the k largest probabilities,
+    rescaled to sum to 1 when `normalize` (Mixtral) or left as they are (Qwen2-MoE)."""
+    probs = logits.float().softmax(dim=-1)
+    weights, experts = probs.topk(top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return experts, weights
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:

@@ -287,3 +287,17 @@ def test_dropped_blocks_take_their_window_with_them(tmp_path) -> None:
     slmlab.save(model, tmp_path / "ckpt")
     with torch.no_grad():
         torch.testing.assert_close(slmlab.load(tmp_path / "ckpt")(ids), model(ids))
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_speculative_decoding_keeps_the_greedy_tokens(name: str) -> None:
+    """Drafts checked in chunks and rolled back when refused: the tokens of plain greedy
+    decoding, window and experts included."""
+    from slmlab.infer.speculative import speculative_generate
+
+    torch.manual_seed(0)
+    model = DecoderLM(VARIANTS[name], init_std=0.2).eval()
+    prompt = [5, 17, 3, 99, 42, 7, 8, 9, 5, 17, 3]
+    plain = slmlab.generate(model, [prompt], 24, stop_tokens=())[0]
+    drafted = speculative_generate(model, prompt, 24, draft="prompt-lookup", stop_tokens=())
+    assert drafted.ids == plain and drafted.drafted > 0

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 
 from .data.chat import IGNORE
 from .eval import choice_picks
+from .infer.speculative import residual_distribution
 from .layers.formats import dequantize, quantize
 from .models import ModelConfig
+from .models.budget import kv_cache_bytes_per_token, param_count
 from .models.decoder import RMSNorm, recent_keys
 from .models.mlp import top_k_routing
 from .models.rope import apply_rope, inverse_frequencies
@@ -437,6 +439,54 @@ def _attention_cases() -> Iterator[Case]:
     )
 
 
+# 01.param_count, 01.kv_cache_bytes -----------------------------------------------------------
+
+_BUDGET_CONFIGS = (
+    ("Llama-shaped, tied head, GQA 8/2", ModelConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=8, num_key_value_heads=2)),
+    ("untied head, MHA", ModelConfig(
+        vocab_size=500, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, tie_word_embeddings=False)),
+    ("MQA, head_dim 32 wider than hidden/heads", ModelConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32)),
+    ("Qwen2: biases on q, k and v", ModelConfig(
+        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attention_bias=True, model_type="qwen2")),
+)  # fmt: skip
+
+
+def _param_cases() -> Iterator[Case]:
+    for label, config in _BUDGET_CONFIGS:
+        yield Case(label, (config,))
+
+
+def _params_with(config: ModelConfig, *, head: bool = False, kv_as_q: bool = False,
+                 norms_per_block: int = 2) -> int:  # fmt: skip
+    counts = param_count(config)
+    total = counts.total - config.num_hidden_layers * (2 - norms_per_block) * config.hidden_size
+    if head and config.tie_word_embeddings:
+        total += config.vocab_size * config.hidden_size
+    if kv_as_q:
+        total += (
+            2 * config.num_hidden_layers * config.hidden_size * (config.q_size - config.kv_size)
+        )
+    return total
+
+
+def _kv_cases() -> Iterator[Case]:
+    for (label, config), context, width in zip(
+        _BUDGET_CONFIGS, (2048, 100, 4096, 1), (2, 4, 1, 2), strict=True
+    ):
+        yield Case(f"{label}, {context} tokens, {width}-byte values", (config, context, width))
+
+
+def _kv_expected(config: ModelConfig, context: int, bytes_per_value: int) -> int:
+    dtype = {1: "int8", 2: "bf16", 4: "fp32"}[bytes_per_value]
+    return kv_cache_bytes_per_token(config, dtype) * context
+
+
 # 03.sliding_window ---------------------------------------------------------------------------
 
 
@@ -489,9 +539,55 @@ def _routing_least_probable(logits: torch.Tensor, k: int, normalize: bool) -> tu
     return experts, weights / weights.sum(-1, keepdim=True) if normalize else weights
 
 
+# 10.residual ----------------------------------------------------------------------------------
+
+
+def _residual_cases() -> Iterator[Case]:
+    g = _generator(13)
+    p, q = torch.randn(6, generator=g).softmax(-1), torch.randn(6, generator=g).softmax(-1)
+    yield Case("two distributions over 6 tokens", (p, q))
+    sharp = torch.tensor([0.9, 0.05, 0.05, 0.0])
+    yield Case("a sharp target, a flat draft", (sharp, torch.full((4,), 0.25)))
+    yield Case("the draft gives no mass where the target does", (
+        torch.tensor([0.5, 0.5, 0.0]), torch.tensor([1.0, 0.0, 0.0])))  # fmt: skip
+    yield Case("draft equal to the target (a rejection never happens)", (p, p.clone()))
+
+
 EXERCISES: dict[str, Exercise] = {
     e.name: e
     for e in (
+        Exercise(
+            "01.param_count",
+            "param_count(config) -> the number of parameters of the decoder a ModelConfig "
+            "describes: embedding, per block the q/k/v/o projections (and Qwen2's q/k/v "
+            "biases), the three MLP projections and two norms, the final norm, and the output "
+            "head unless it is tied to the embedding.",
+            lambda config: param_count(config).total,
+            _param_cases,
+            "keys and values have num_key_value_heads × head_dim outputs, queries "
+            "num_attention_heads × head_dim; a tied head adds nothing.",
+            wrong={
+                "the tied head counted": lambda c: _params_with(c, head=True),
+                "keys and values as wide as queries": lambda c: _params_with(c, kv_as_q=True),
+                "one norm per block": lambda c: _params_with(c, norms_per_block=1),
+            },
+        ),
+        Exercise(
+            "01.kv_cache_bytes",
+            "kv_bytes(config, context, bytes_per_value) -> bytes the KV cache of one sequence of "
+            "`context` tokens holds: a key and a value vector per token, per key/value head, per "
+            "layer.",
+            _kv_expected,
+            _kv_cases,
+            "2 (keys and values) × layers × num_key_value_heads × head_dim × context × bytes.",
+            wrong={
+                "keys only": lambda c, t, b: _kv_expected(c, t, b) // 2,
+                "a cache per query head": lambda c, t, b: (
+                    2 * c.num_hidden_layers * c.q_size * t * b
+                ),
+                "one layer": lambda c, t, b: _kv_expected(c, t, b) // c.num_hidden_layers,
+            },
+        ),
         Exercise(
             "03.rmsnorm",
             "rms_norm(x, weight, eps) -> x / sqrt(mean(x², last dim) + eps) · weight, in x's shape.",
@@ -690,6 +786,24 @@ EXERCISES: dict[str, Exercise] = {
                 ),
                 "no causal mask": lambda q, k, v: _attention_by(q, k, v, causal=False),
                 "no 1/√D": lambda q, k, v: _attention_by(q, k, v, scale=1.0),
+            },
+        ),
+        Exercise(
+            "10.residual",
+            "residual(p, q) -> the distribution a rejected draft token is replaced by, for the "
+            "target's next-token probabilities p and the draft's q: max(0, p − q), normalised; "
+            "p itself where p and q are equal.",
+            residual_distribution,
+            _residual_cases,
+            "clamp p − q at 0 before normalising (not |p − q|); when nothing is left (p = q) "
+            "there is no rejection to replace, and p is the answer.",
+            atol=1e-6,
+            wrong={
+                "the target itself": lambda p, q: p,
+                "|p − q| normalised": lambda p, q: (
+                    (p - q).abs() / (p - q).abs().sum().clamp(min=1e-12)
+                ),
+                "p − q, not clamped": lambda p, q: (p - q) / (p - q).sum().clamp(min=1e-12),
             },
         ),
         Exercise(

@@ -146,7 +146,34 @@ def _reference_routing(logits, k, normalize):
     return chosen, weights
 
 
+def _reference_param_count(config):
+    # the model itself, built without memory, its parameters counted one tensor at a time
+    from slmlab.models import DecoderLM
+
+    with torch.device("meta"):
+        return DecoderLM(config).num_parameters()
+
+
+def _reference_kv_bytes(config, context, bytes_per_value):
+    # the cache generation allocates, in a dtype of that width, measured
+    from slmlab.infer import KVCache
+
+    dtype = {1: torch.int8, 2: torch.bfloat16, 4: torch.float32}[bytes_per_value]
+    return KVCache(config, 1, context, dtype=dtype).nbytes()
+
+
+def _reference_residual(p, q):
+    # Leviathan et al.'s rule, written as a loop over the vocabulary
+    if torch.equal(p, q):
+        return p
+    residual = torch.tensor([max(0.0, float(a) - float(b)) for a, b in zip(p, q, strict=True)])
+    return (residual / residual.sum()).to(p.dtype)
+
+
 REFERENCES = {
+    "01.param_count": _reference_param_count,
+    "01.kv_cache_bytes": _reference_kv_bytes,
+    "10.residual": _reference_residual,
     "03.sliding_window": _reference_window,
     "03.moe_routing": _reference_routing,
     "02.bpe_merge": _reference_merge,

@@ -301,3 +301,18 @@ def test_speculative_decoding_keeps_the_greedy_tokens(name: str) -> None:
     plain = slmlab.generate(model, [prompt], 24, stop_tokens=())[0]
     drafted = speculative_generate(model, prompt, 24, draft="prompt-lookup", stop_tokens=())
     assert drafted.ids == plain and drafted.drafted > 0
+
+
+def test_transforms_leave_the_router_as_it_is_by_default() -> None:
+    """Quantization and pruning over every linear layer keep the head and the routers (which
+    every token reads to choose its experts), as llama.cpp's quantizer does."""
+    from slmlab.prune import PruneConfig, prune_
+    from slmlab.quant import QuantConfig, quantize_
+
+    model = quantize_(model_of("qwen2-moe-shared-expert"), QuantConfig(bits=4, group_size=16))
+    moe = model.model.layers[1].mlp
+    assert type(moe.gate) is torch.nn.Linear and type(moe.shared_expert_gate) is torch.nn.Linear
+    pruned = prune_(model_of("mixtral-moe"), PruneConfig("magnitude", sparsity=0.5))
+    router = pruned.model.layers[0].mlp.gate.weight
+    assert bool((router != 0).all())
+    assert float((pruned.model.layers[0].mlp.experts[0].up_proj.weight == 0).float().mean()) == 0.5

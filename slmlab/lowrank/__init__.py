@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..layers.lowrank import LowRankLinear
-from ..models.swap import LINEAR_TARGETS, linear_layers, replace_module
+from ..models.swap import KEEP, LINEAR_TARGETS, linear_layers, replace_module
 from ..quant.calibrate import check_enough_tokens, require_calibration, sequential_hessians
 
 __all__ = ["METHODS", "LowRankConfig", "LowRankLinear", "factorize", "low_rank_", "rank_for"]
@@ -48,7 +48,7 @@ class LowRankConfig:
     ratio: float | None = None
     alpha: float = 0.5  # ASVD's exponent on the channel scale
     targets: Sequence[str] = LINEAR_TARGETS
-    skip: Sequence[str] = ("lm_head",)
+    skip: Sequence[str] = KEEP
     damp: float = 0.01  # SVD-LLM: a share of the mean diagonal added before the Cholesky factor
 
     def __post_init__(self) -> None:

@@ -16,11 +16,12 @@ from .budget import (
 from .config import ConfigError, ModelConfig
 from .decoder import Attention, DecoderBlock, DecoderLM, KVCache, RMSNorm, RotaryEmbedding
 from .mlp import SparseMoE, SwiGLU, load_balancing_loss
-from .swap import ATTENTION, LINEAR_TARGETS, MLP, linear_layers, replace_module, swap_linears
+from .swap import ATTENTION, KEEP, LINEAR_TARGETS, MLP, linear_layers, replace_module, swap_linears
 
 __all__ = [
     "ATTENTION",
     "BITS",
+    "KEEP",
     "LINEAR_TARGETS",
     "MLP",
     "Attention",

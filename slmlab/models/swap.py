@@ -14,11 +14,23 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-__all__ = ["ATTENTION", "LINEAR_TARGETS", "MLP", "linear_layers", "replace_module", "swap_linears"]
+__all__ = [
+    "ATTENTION",
+    "KEEP",
+    "LINEAR_TARGETS",
+    "MLP",
+    "linear_layers",
+    "replace_module",
+    "swap_linears",
+]
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 LINEAR_TARGETS = ATTENTION + MLP  # every linear layer of a block; the head is not among them
+# What a transform over "all" linear layers leaves as it is by default: the output head, and a
+# mixture of experts' router and shared-expert gate (small, and read by every token to choose
+# its experts: llama.cpp's quantizer keeps them too).
+KEEP = ("lm_head", "mlp.gate", "mlp.shared_expert_gate")
 
 EMBEDDING = "model.embed_tokens"
 

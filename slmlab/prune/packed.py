@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..layers.sparse import Sparse24Linear, is_2to4
-from ..models.swap import swap_linears
+from ..models.swap import KEEP, swap_linears
 
 __all__ = ["pack_2to4_"]
 
 
-def pack_2to4_(model: nn.Module, *, skip: Sequence[str] = ("lm_head",)) -> nn.Module:
+def pack_2to4_(model: nn.Module, *, skip: Sequence[str] = KEEP) -> nn.Module:
     """Swap every ``nn.Linear`` whose weight is 2:4 sparse (and whose name ends in none of
     `skip`) for its packed form, in place, and return the model. The logits stay the same up
     to fp32 summation order."""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..layers.sparse import Sparse24Linear
-from ..models.swap import linear_layers
+from ..models.swap import KEEP, linear_layers
 from ..quant.calibrate import check_enough_tokens, require_calibration, sequential_hessians
 from .masks import check_sparsity, magnitude_scores, nm_mask, parse_pattern, top_mask, wanda_scores
 from .sparsegpt import sparsegpt_prune
@@ -45,7 +45,7 @@ class PruneConfig:
     sparsity: float | None = None
     pattern: str | None = None
     scope: str | None = None
-    skip: Sequence[str] = ("lm_head",)  # module names (suffixes) left dense
+    skip: Sequence[str] = KEEP  # module names (suffixes) left dense
     block_size: int = 128  # SparseGPT's columns per lazy update
     damp: float = 0.01  # SparseGPT's Hessian dampening, a share of the mean diagonal
 
@@ -150,7 +150,7 @@ def prune_(
 
 
 def sparsity(
-    model: nn.Module, targets: Sequence[str] | str = "all", *, skip: Sequence[str] = ("lm_head",)
+    model: nn.Module, targets: Sequence[str] | str = "all", *, skip: Sequence[str] = KEEP
 ) -> dict[str, float]:
     """The share of zero weights in each linear layer, packed 2:4 ones included (``"total"``:
     over all of them)."""

@@ -14,14 +14,12 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..models.swap import swap_linears
+from ..models.swap import KEEP, swap_linears
 
 __all__ = ["bitsandbytes_"]
 
 
-def bitsandbytes_(
-    model: nn.Module, kind: str = "nf4", *, skip: Sequence[str] = ("lm_head",)
-) -> nn.Module:
+def bitsandbytes_(model: nn.Module, kind: str = "nf4", *, skip: Sequence[str] = KEEP) -> nn.Module:
     """Replace `model`'s linear layers by bitsandbytes' 4-bit (``nf4``, ``fp4``) or 8-bit
     (``int8``) layers, in place, on the model's device."""
     try:

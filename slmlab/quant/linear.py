@@ -30,7 +30,7 @@ from torch import nn
 
 from ..layers.formats import FORMATS, quantize
 from ..layers.quantized import QuantEmbedding, QuantLinear
-from ..models.swap import linear_layers, replace_module
+from ..models.swap import KEEP, linear_layers, replace_module
 from .calibrate import require_calibration
 
 __all__ = ["METHODS", "QuantConfig", "quantize_"]
@@ -47,7 +47,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int | None = 128  # None or -1: one scale per output channel
     symmetric: bool = True
-    skip: Sequence[str] = ("lm_head",)  # module names (suffixes) left in full precision
+    skip: Sequence[str] = KEEP  # module names (suffixes) left in full precision
     embedding_bits: int | None = None  # also quantize the token embedding (int, per row)
     act_order: bool = False  # GPTQ: round the most active input columns first
     alpha: float = 0.5  # SmoothQuant's migration strength

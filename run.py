@@ -33,6 +33,10 @@ STAMP = VENV / ".slmlab-installed"
 # Like activating the environment: chapters may call `!slmlab ...`, and it must be this one.
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ["VIRTUAL_ENV"] = str(VENV)
+# The book downloads nothing from a model hub. Said once here, a library that would try
+# (transformers or bitsandbytes looking for a kernel on the hub) fails at once instead of
+# waiting on a connection that a machine without the internet never answers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def sh(*cmd: str | Path, **kw) -> None:

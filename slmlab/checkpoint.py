@@ -79,6 +79,33 @@ def _mixtral_model_name(name: str) -> str:
     return name.replace(".block_sparse_moe.", ".mlp.")
 
 
+# Bamba's files name the MLP, its norm and the final norm their own way (Llama's names here).
+_BAMBA_NAMES = (
+    (".mlp.", ".feed_forward."),
+    (".post_attention_layernorm.", ".pre_ff_layernorm."),
+)
+
+
+def _bamba_file_name(name: str) -> str:
+    for ours, theirs in _BAMBA_NAMES:
+        name = name.replace(ours, theirs)
+    return "model.final_layernorm." + name[11:] if name.startswith("model.norm.") else name
+
+
+def _bamba_model_name(name: str) -> str:
+    for ours, theirs in _BAMBA_NAMES:
+        name = name.replace(theirs, ours)
+    prefix = "model.final_layernorm."
+    return "model.norm." + name[len(prefix) :] if name.startswith(prefix) else name
+
+
+# model_type -> (a model's parameter name -> the file's, the file's -> the model's)
+_FILE_NAMES = {
+    "mixtral": (_mixtral_file_name, _mixtral_model_name),
+    "bamba": (_bamba_file_name, _bamba_model_name),
+}
+
+
 def save(
     model: DecoderLM,
     path: str | os.PathLike,
@@ -123,8 +150,9 @@ def save(
         if model.config.tie_word_embeddings:
             # The same tensors as the embedding's; stored once.
             state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
-        if model.config.model_type == "mixtral":
-            state = {_mixtral_file_name(k): v for k, v in state.items()}
+        if model.config.model_type in _FILE_NAMES:
+            to_file = _FILE_NAMES[model.config.model_type][0]
+            state = {to_file(k): v for k, v in state.items()}
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp / "tokenizer.json")
@@ -346,8 +374,9 @@ def load(
     sections = json.loads(config_file.read_text())
     files = ", ".join(f.name for f in _weight_files(path))
     tensors = load_state_dict(path)
-    if config.model_type == "mixtral":
-        tensors = {_mixtral_model_name(k): v for k, v in tensors.items()}
+    if config.model_type in _FILE_NAMES:
+        to_model = _FILE_NAMES[config.model_type][1]
+        tensors = {to_model(k): v for k, v in tensors.items()}
     model = _assemble(
         config,
         tensors,

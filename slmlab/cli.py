@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -127,6 +128,10 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         engine_thread=False,
     )
+    # Ctrl-C and `kill` (how a container is stopped) both end it cleanly, also where the shell
+    # started it with SIGINT ignored (a background job), as uvicorn's own runner does.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.default_int_handler)
     # The HTTP side on a thread, the model on this one (see slmlab.serve.Engine).
     server = BackgroundServer(app, host=args.host, port=args.port)
     print(f"serving {args.name or args.model} at {server.url}", flush=True)

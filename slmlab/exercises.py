@@ -31,6 +31,7 @@ from .models.budget import kv_cache_bytes_per_token, param_count
 from .models.decoder import RMSNorm, recent_keys
 from .models.mlp import top_k_routing
 from .models.rope import apply_rope, inverse_frequencies
+from .models.ssm import ssd_step
 from .tokenizers.bpe import merge_pair
 from .train.config import TrainConfig
 from .train.optim import lr_at
@@ -539,6 +540,41 @@ def _routing_least_probable(logits: torch.Tensor, k: int, normalize: bool) -> tu
     return experts, weights / weights.sum(-1, keepdim=True) if normalize else weights
 
 
+# 03.ssd_step ----------------------------------------------------------------------------------
+
+
+def _ssd_step_expected(state, x, dt, A, B, C) -> tuple[torch.Tensor, torch.Tensor]:
+    y, new = ssd_step(x[None], dt[None], A, B[None], C[None], state[None])
+    return y[0], new[0]
+
+
+def _ssd_step_cases() -> Iterator[Case]:
+    g = _generator(17)
+    for label, h, p, n in (("2 heads of 3 channels, a state of 4", 2, 3, 4),
+                           ("1 head of 5 channels, a state of 2", 1, 5, 2),
+                           ("4 heads of 2 channels, a state of 8", 4, 2, 8)):  # fmt: skip
+        state = torch.randn(h, p, n, generator=g)
+        x, dt = torch.randn(h, p, generator=g), torch.rand(h, generator=g) + 0.1
+        A = -torch.rand(h, generator=g) * 3 - 0.1
+        B, C = torch.randn(h, n, generator=g), torch.randn(h, n, generator=g)
+        yield Case(label, (state, x, dt, A, B, C))
+    yield Case("an empty state: the first token", (torch.zeros(2, 3, 4), *(
+        t for t in (torch.randn(2, 3, generator=g), torch.full((2,), 0.5), -torch.ones(2),
+                    torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)))))  # fmt: skip
+
+
+def _ssd_step_squeezed(*args, **how) -> tuple[torch.Tensor, torch.Tensor]:
+    y, new = _ssd_step_by(*args, **how)
+    return y[..., 0], new
+
+
+def _ssd_step_by(state, x, dt, A, B, C, *, decay_dt=True, write_dt=True, read_new=True):
+    decay = torch.exp((dt if decay_dt else 1.0) * A)[:, None, None]
+    write = (dt[:, None] if write_dt else 1.0) * x
+    new = decay * state + write[..., None] * B[:, None, :]
+    return (new if read_new else state) @ C[..., None], new
+
+
 # 10.residual ----------------------------------------------------------------------------------
 
 
@@ -819,6 +855,23 @@ EXERCISES: dict[str, Exercise] = {
                 "the window plus itself": lambda t, w: _window_by(t, w + 1),
                 "no causal mask": lambda t, w: _window_by(t, w, causal=False),
                 "one key short": lambda t, w: _window_by(t, max(w - 1, 1)),
+            },
+        ),
+        Exercise(
+            "03.ssd_step",
+            "ssd_step(state, x, dt, A, B, C) -> (y, new_state): one token of a Mamba-2 layer's "
+            "recurrence, per head h: new_state[h] = exp(dt[h]·A[h])·state[h] + dt[h]·x[h] ⊗ "
+            "B[h] and y[h] = new_state[h] · C[h]; state (H, P, N), x (H, P), dt and A (H,), B "
+            "and C (H, N); y (H, P).",
+            _ssd_step_expected,
+            _ssd_step_cases,
+            "the time step scales both the decay (exp(dt·A), not exp(A)) and what the token "
+            "writes; the output reads the state after this token's write.",
+            atol=1e-5,
+            wrong={
+                "decay exp(A), no time step": lambda *a: _ssd_step_squeezed(*a, decay_dt=False),
+                "x written without dt": lambda *a: _ssd_step_squeezed(*a, write_dt=False),
+                "the old state read": lambda *a: _ssd_step_squeezed(*a, read_new=False),
             },
         ),
         Exercise(

@@ -129,6 +129,23 @@ VARIANTS: dict[str, ModelConfig] = {
         norm_topk_prob=False,
         max_position_embeddings=256,
     ),
+    # Chunks shorter than the tests' 40 tokens, so that the state passes between them.
+    "bamba-hybrid": ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        model_type="bamba",
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        mamba_n_heads=8,
+        mamba_n_groups=2,
+        mamba_d_state=16,
+        mamba_chunk_size=16,
+        tie_word_embeddings=False,
+        max_position_embeddings=256,
+    ),
 }
 
 

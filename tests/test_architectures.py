@@ -19,7 +19,13 @@ from slmlab.models.mlp import SparseMoE, load_balancing_loss, router_loss
 
 from .hf_reference import VARIANTS, perturb_norms_and_biases
 
-NEW = ["mistral-sliding", "qwen2-sliding-and-full", "mixtral-moe", "qwen2-moe-shared-expert"]
+NEW = [
+    "mistral-sliding",
+    "qwen2-sliding-and-full",
+    "mixtral-moe",
+    "qwen2-moe-shared-expert",
+    "bamba-hybrid",
+]
 
 
 def model_of(name: str, seed: int = 0) -> DecoderLM:
@@ -188,6 +194,7 @@ def test_quantization_reaches_the_experts_by_name() -> None:
     [
         ("mistral-sliding", "gguf", "config.sliding_window is 7"),
         ("qwen2-moe-shared-expert", "onnx", "'model.layers.0.mlp' is a SparseMoE"),
+        ("bamba-hybrid", "gguf", "'model.layers.0.mamba' is a Mamba2Mixer"),
     ],
 )
 def test_exporters_refuse_what_they_cannot_write(name, fmt, message, tmp_path) -> None:

@@ -146,3 +146,22 @@ def test_requests_that_cannot_run_are_refused() -> None:
     with pytest.raises(ValueError, match="temperature must be"):
         batcher.submit(BatchRequest([1], 3, temperature=-1))
     assert batcher.idle
+
+
+def test_a_hybrid_model_batches_with_its_states() -> None:
+    """Mamba-2 layers keep a state per row instead of keys: it is placed with the prompt, moves
+    with its row and stays when the rows move in the cache; each request's tokens are its own."""
+    config = tiny().config.replace(
+        model_type="bamba",
+        layer_types=["linear_attention", "full_attention"],
+        mamba_n_heads=4,
+        mamba_d_state=8,
+        mamba_chunk_size=8,
+    )
+    torch.manual_seed(0)
+    model = DecoderLM(config, init_std=0.2).eval()
+    batcher = ContinuousBatcher(model, max_batch=3, max_len=56)
+    requests = [batcher.submit(r) for r in random_requests(10, seed=1)]
+    batcher.run()
+    for r in requests:
+        assert r.tokens == alone(model, r), r

@@ -109,6 +109,7 @@ def test_chapter_prints_its_checked_outputs(name: str) -> None:
 
 def test_a_changed_checked_output_is_reported() -> None:
     """The comparison itself: a changed number fails, sanitized noise and images do not."""
+
     def notebook(text: str, image: str) -> nbformat.NotebookNode:
         cell = nbformat.v4.new_code_cell("print(x)", metadata={"tags": [CHECK]})
         cell.outputs = [

@@ -146,6 +146,19 @@ def _reference_routing(logits, k, normalize):
     return chosen, weights
 
 
+def _reference_ssd_step(state, x, dt, A, B, C):
+    # transformers' Mamba-2 decoding step (Bamba's), each head its own group, no D
+    from transformers.models.bamba.modeling_bamba import mamba2_selective_state_update
+
+    h, p, n = state.shape
+    state = state[None].clone()
+    y = mamba2_selective_state_update(
+        state, x[None], dt[None, :, None].expand(1, h, p), A[:, None, None].expand(h, p, n),
+        B[None], C[None],
+    )  # fmt: skip
+    return y[0], state[0]
+
+
 def _reference_param_count(config):
     # the model itself, built without memory, its parameters counted one tensor at a time
     from slmlab.models import DecoderLM
@@ -176,6 +189,7 @@ REFERENCES = {
     "10.residual": _reference_residual,
     "03.sliding_window": _reference_window,
     "03.moe_routing": _reference_routing,
+    "03.ssd_step": _reference_ssd_step,
     "02.bpe_merge": _reference_merge,
     "03.gqa_attention": _reference_attention,
     "05.adamw": _reference_adamw,

@@ -203,9 +203,11 @@ def test_a_full_queue_answers_429(served) -> None:
     assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 4
 
 
-def test_the_command_serves_until_interrupted(served, tmp_path) -> None:
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_the_command_serves_until_interrupted(served, tmp_path, stop) -> None:
     """`slmlab serve CHECKPOINT --port N` (the engine on the main thread): it answers as the
-    library does, and Ctrl-C stops it cleanly."""
+    library does, and Ctrl-C or `kill` stops it cleanly, also when it was started as a
+    shell's background job is, with SIGINT ignored."""
     import os
     import signal
     import subprocess
@@ -225,6 +227,7 @@ def test_the_command_serves_until_interrupted(served, tmp_path) -> None:
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
     try:
         base = f"http://127.0.0.1:{port}/v1"
@@ -241,11 +244,11 @@ def test_the_command_serves_until_interrupted(served, tmp_path) -> None:
         ids = served["tokenizer"].encode("once upon").ids
         assert got.choices[0].text == greedy_text(served, ids, 10)[0]
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(getattr(signal, stop))
         try:
             code = process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGABRT)  # the stacks of every thread, into the log
             process.wait(timeout=30)
-            pytest.fail(f"slmlab serve still running 30 s after SIGINT:\n{log.read_text()}")
+            pytest.fail(f"slmlab serve still running 30 s after {stop}:\n{log.read_text()}")
     assert code == 0, log.read_text()

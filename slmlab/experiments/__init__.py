@@ -6,4 +6,6 @@
 * `pruning`: pruning methods and sparsities on one model (chapter 09's tables and curves;
   `benchmarks/prune_quality.py`), and what training wins back after (`recovery_curve`;
   `benchmarks/prune_recovery.py`).
+* `architectures`: checkpoints of different architectures, measured the same way (chapter
+  03b's table; `benchmarks/architectures.py`).
 """

@@ -19,6 +19,7 @@ exact resume, torchrun), so `finetune` is `finetune_config` then `train`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,10 @@ _ARCHITECTURE = (
     "norm_topk_prob",
     "router_aux_loss_coef",
 )
+# ...and those of a hybrid's Mamba-2 layers, where it has some.
+_MAMBA_ARCHITECTURE = tuple(
+    f.name for f in dataclasses.fields(ModelConfig) if f.name.startswith("mamba_")
+)
 
 
 def _qlora_base(architecture: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +113,8 @@ def finetune_config(
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     model = ModelConfig.from_json(Path(base) / "config.json").to_dict()
-    architecture = {k: model[k] for k in _ARCHITECTURE if model[k] is not None}
+    copied = _ARCHITECTURE + (_MAMBA_ARCHITECTURE if model["mamba_n_heads"] else ())
+    architecture = {k: model[k] for k in copied if model[k] is not None}
     lora = None
     if method in ("lora", "qlora"):
         lora = LoraConfig(r=rank, alpha=alpha or 2.0 * rank, targets=tuple(targets)).to_dict()

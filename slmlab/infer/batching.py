@@ -166,6 +166,8 @@ class ContinuousBatcher:
         view.keys = [k[:n] for k in self.cache.keys]
         view.values = [v[:n] for v in self.cache.values]
         view.key_mask = self.cache.key_mask[:n]
+        view.conv_states = {i: t[:n] for i, t in self.cache.conv_states.items()}
+        view.ssm_states = {i: t[:n] for i, t in self.cache.ssm_states.items()}
         ids = torch.tensor(
             [[row.request.tokens[-1]] for row in self.rows[:n]],  # type: ignore[union-attr]
             device=self.device,
@@ -218,6 +220,8 @@ class ContinuousBatcher:
             self.cache.keys + self.cache.values, alone.keys + alone.values, strict=True
         ):
             shared[slot, :, end - P : end] = own[0]
+        for shared, own in zip(self.cache.states, alone.states, strict=True):
+            shared[slot] = own[0]  # a Mamba-2 layer's state, the prompt's whole past
         self.cache.key_mask[slot] = False
         self.cache.key_mask[slot, end - P : end] = True
         generator = None
@@ -281,7 +285,12 @@ class ContinuousBatcher:
             last = max((i for i, r in enumerate(self.rows) if r is not None), default=-1)
             if last < slot:
                 return
-            for t in [*self.cache.keys, *self.cache.values, self.cache.key_mask]:
+            for t in [
+                *self.cache.keys,
+                *self.cache.values,
+                *self.cache.states,
+                self.cache.key_mask,
+            ]:
                 t[slot] = t[last]
             self.cache.key_mask[last] = False
             self.rows[slot], self.rows[last] = self.rows[last], None
@@ -308,7 +317,8 @@ class ContinuousBatcher:
         for row in self.rows:
             if row is not None:
                 row.start += shift
-        self.cache.length = n + shift
+        # Every token stays, in another place: the states (which hold no places) stay as well.
+        self.cache.restore((n + shift, self.cache.states))
 
     def _compact(self) -> None:
         front = min(row.start for row in self.rows if row is not None)

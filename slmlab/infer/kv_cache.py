@@ -125,5 +125,6 @@ class SinkKVCache(KVCache):
             values[:, :, s : end - drop] = values[:, :, s + drop : end].clone()
         self.key_mask[:, s : end - drop] = self.key_mask[:, s + drop : end].clone()
         self.key_mask[:, end - drop :] = True
-        self.length = end - drop
+        # Positions are freed, no token is forgotten by a Mamba-2 state: not a cut back.
+        self._length = end - drop
         self.evicted += drop

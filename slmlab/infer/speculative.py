@@ -69,6 +69,18 @@ def expected_speedup(
     return tokens / (k * draft_cost + check_cost)
 
 
+def cut_back(cache: KVCache, length: int, saved: tuple[int, list[torch.Tensor]]) -> None:
+    """Forget what `cache` holds past `length` tokens. A cache with Mamba-2 states cannot
+    forget a token it has read: it goes back to `saved` (taken before the call that read too
+    far), and the kept tokens are read again by the next call."""
+    if length >= cache.length:
+        return
+    if cache.ssm_states:
+        cache.restore(saved)
+    else:
+        cache.length = length
+
+
 class Drafter(Protocol):
     """Proposes tokens that may continue a sequence; told afterwards how much was kept."""
 
@@ -104,9 +116,11 @@ class ModelDrafter:
         self.cache = KVCache(model.config, 1, max_len, dtype=dtype, device=self.device)
         self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
         self.generator = generator
+        self.saved = self.cache.snapshot()
 
     @torch.no_grad()
     def propose(self, ids: Sequence[int], count: int) -> tuple[list[int], torch.Tensor | None]:
+        self.saved = self.cache.snapshot()
         feed = list(ids[self.cache.length :])
         tokens: list[int] = []
         dists: list[torch.Tensor] = []
@@ -125,7 +139,7 @@ class ModelDrafter:
 
     def keep(self, length: int) -> None:
         # Positions past length - 1 hold rejected drafts (or the last token, not yet fed).
-        self.cache.length = min(self.cache.length, length - 1)
+        cut_back(self.cache, length - 1, self.saved)
 
 
 class PromptLookupDrafter:
@@ -264,6 +278,7 @@ def speculative_generate(
         tokens = tokens[:count]
         # One call scores the last kept token and every draft: len(tokens) + 1 distributions.
         feed = ids[cache.length :] + tokens
+        saved = cache.snapshot()
         logits = target(torch.tensor([feed], device=device), cache=cache)[0]
         p = token_probs(logits[len(feed) - len(tokens) - 1 :], **sampling)  # type: ignore[arg-type]
         result.target_calls += 1
@@ -289,7 +304,7 @@ def speculative_generate(
             ids.append(draw(p[len(tokens)]))  # every draft kept: the target's next, for free
         result.accepted += kept
         new = len(ids) - len(prompt)
-        cache.length = len(ids) - 1
+        cut_back(cache, len(ids) - 1, saved)
         drafter.keep(len(ids))
         if draft_tokens == "adaptive":
             k = min(MAX_DRAFT_TOKENS, k + 2) if tokens and kept == len(tokens) else max(1, k - 1)

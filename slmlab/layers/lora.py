@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..models.swap import LINEAR_TARGETS, swap_linears
+from ..models.swap import LINEAR_TARGETS, MAMBA, swap_linears
 from .quantized import QuantLinear
 
 __all__ = [
@@ -221,11 +221,11 @@ def apply_lora_(model: nn.Module, config: LoraConfig) -> nn.Module:
     other parameter: only the updates train. Returns `model`, changed in place."""
     if lora_modules(model):
         raise LoraError("this model has LoRA layers already: merge them or load a fresh model")
-    unknown = [t for t in config.targets if t not in LINEAR_TARGETS]
+    unknown = [t for t in config.targets if t not in LINEAR_TARGETS + MAMBA]
     if unknown:
         raise LoraError(
             f"lora targets {unknown} name no linear layer of a decoder block; choose among "
-            f"{list(LINEAR_TARGETS)}"
+            f"{list(LINEAR_TARGETS + MAMBA)}"
         )
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,5 +1,5 @@
 """Models: the config, its budgets, and (chapter 03) the decoder itself, with its options:
-sliding-window attention and a mixture of experts."""
+sliding-window attention, a mixture of experts, and Mamba-2 layers beside attention."""
 
 from .budget import (
     BITS,
@@ -10,25 +10,38 @@ from .budget import (
     max_context_length,
     param_count,
     published_models,
+    recurrent_state_bytes,
     shape_for_params,
     weight_bytes,
 )
 from .config import ConfigError, ModelConfig
 from .decoder import Attention, DecoderBlock, DecoderLM, KVCache, RMSNorm, RotaryEmbedding
 from .mlp import SparseMoE, SwiGLU, load_balancing_loss
-from .swap import ATTENTION, KEEP, LINEAR_TARGETS, MLP, linear_layers, replace_module, swap_linears
+from .ssm import Mamba2Mixer
+from .swap import (
+    ATTENTION,
+    KEEP,
+    LINEAR_TARGETS,
+    MAMBA,
+    MLP,
+    linear_layers,
+    replace_module,
+    swap_linears,
+)
 
 __all__ = [
     "ATTENTION",
     "BITS",
     "KEEP",
     "LINEAR_TARGETS",
+    "MAMBA",
     "MLP",
     "Attention",
     "ConfigError",
     "DecoderBlock",
     "DecoderLM",
     "KVCache",
+    "Mamba2Mixer",
     "ModelConfig",
     "ParamCount",
     "PublishedModel",
@@ -43,6 +56,7 @@ __all__ = [
     "max_context_length",
     "param_count",
     "published_models",
+    "recurrent_state_bytes",
     "replace_module",
     "shape_for_params",
     "swap_linears",

@@ -22,6 +22,7 @@ __all__ = [
     "max_context_length",
     "param_count",
     "published_models",
+    "recurrent_state_bytes",
     "shape_for_params",
     "table",
     "weight_bytes",
@@ -36,7 +37,8 @@ BITS: dict[str, float] = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8, "int8": 
 class ParamCount:
     """Parameters by where they live. ``lm_head`` is 0 when it is tied to the embedding.
     ``idle`` counts the MLP parameters a token leaves unused: the experts its router does not
-    pick (0 for a dense model)."""
+    pick (0 for a dense model). ``mamba`` counts the Mamba-2 layers that take attention's place
+    in a hybrid."""
 
     embedding: int
     attention: int
@@ -44,10 +46,11 @@ class ParamCount:
     norms: int
     lm_head: int
     idle: int = 0
+    mamba: int = 0
 
     @property
     def total(self) -> int:
-        return self.embedding + self.attention + self.mlp + self.norms + self.lm_head
+        return self.embedding + self.attention + self.mamba + self.mlp + self.norms + self.lm_head
 
     @property
     def active(self) -> int:
@@ -57,7 +60,7 @@ class ParamCount:
     @property
     def non_embedding(self) -> int:
         """Parameters outside the embedding and the output head (Kaplan et al.'s N)."""
-        return self.attention + self.mlp + self.norms
+        return self.attention + self.mamba + self.mlp + self.norms
 
     @property
     def embedding_share(self) -> float:
@@ -81,14 +84,44 @@ def param_count(config: ModelConfig) -> ParamCount:
         idle = (config.num_experts - config.num_experts_per_tok) * expert
     norms = 2 * d  # one RMSNorm before attention, one before the MLP
     embedding = config.vocab_size * d
+    mamba_layers = sum(config.linear_layers)
     return ParamCount(
         embedding=embedding,
-        attention=L * attention,
+        attention=(L - mamba_layers) * attention,
         mlp=L * mlp,
         norms=L * norms + d,  # + the final norm
         lm_head=0 if config.tie_word_embeddings else embedding,
         idle=L * idle,
+        mamba=mamba_layers * _mamba_layer_params(config),
     )
+
+
+def _mamba_layer_params(config: ModelConfig) -> int:
+    """One Mamba-2 layer: the input projection (gate, x, B, C and time steps), the
+    convolution, dt_bias, A_log and D per head, the gated norm and the output projection."""
+    if not config.mamba_n_heads:
+        return 0
+    d, inner, heads = config.hidden_size, config.mamba_intermediate_size, config.mamba_n_heads
+    channels = inner + 2 * config.mamba_n_groups * config.mamba_d_state
+    projected = inner + channels + heads
+    params = d * projected + channels * config.mamba_d_conv + 3 * heads + inner + inner * d
+    if config.mamba_conv_bias:
+        params += channels
+    if config.mamba_proj_bias:
+        params += projected + d
+    return params
+
+
+def recurrent_state_bytes(config: ModelConfig) -> int:
+    """Bytes of the fixed-size state of a hybrid's Mamba-2 layers, per sequence (fp32): it
+    does not grow with the context, unlike `kv_cache_bytes_per_token`."""
+    if not config.mamba_n_heads:
+        return 0
+    channels = config.mamba_intermediate_size + 2 * config.mamba_n_groups * config.mamba_d_state
+    per_layer = (config.mamba_d_conv - 1) * channels + (
+        config.mamba_intermediate_size * config.mamba_d_state
+    )
+    return 4 * sum(config.linear_layers) * per_layer
 
 
 def weight_bytes(config: ModelConfig, dtype: str = "bf16", *, group_size: int | None = None) -> int:
@@ -106,10 +139,13 @@ def weight_bytes(config: ModelConfig, dtype: str = "bf16", *, group_size: int | 
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype: str = "bf16") -> int:
-    """Bytes the KV cache grows by for every token of context (keys and values, all layers)."""
+    """Bytes the KV cache grows by for every token of context (keys and values, all attention
+    layers; a hybrid's Mamba-2 layers keep a state of fixed size instead,
+    `recurrent_state_bytes`)."""
     if dtype not in BITS:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(BITS)}")
-    return round(2 * config.num_hidden_layers * config.kv_size * BITS[dtype] / 8)
+    attention_layers = config.num_hidden_layers - sum(config.linear_layers)
+    return round(2 * attention_layers * config.kv_size * BITS[dtype] / 8)
 
 
 def flops_per_token(config: ModelConfig, context_length: int = 0) -> int:
@@ -119,18 +155,31 @@ def flops_per_token(config: ModelConfig, context_length: int = 0) -> int:
     included even when it is tied; attention adds ``QKᵀ`` and ``A·V`` against the context,
     2 × 2 × heads × head_dim FLOPs per layer per context token. Norms, activations and the
     softmax are left out: they are a fraction of a percent for these shapes. Experts a token
-    does not run cost nothing; a sliding layer attends to at most its window.
+    does not run cost nothing; a sliding layer attends to at most its window. A Mamba-2 layer
+    costs its projections and, whatever the context, its convolution (2 FLOPs per tap and
+    channel) and its state (decayed, written and read: about 6 FLOPs per entry).
     """
     if context_length < 0:
         raise ValueError(f"context_length must be >= 0, got {context_length}")
     p = param_count(config)
     matmul_weights = p.attention + p.mlp - p.idle + config.vocab_size * config.hidden_size
+    attention_layers = config.num_hidden_layers - sum(config.linear_layers)
     if config.attention_bias:
-        matmul_weights -= config.num_hidden_layers * (config.q_size + 2 * config.kv_size)
+        matmul_weights -= attention_layers * (config.q_size + 2 * config.kv_size)
     window = config.sliding_window or context_length + 1  # keys seen, the token itself included
-    seen = [min(context_length, window - 1) if s else context_length for s in config.sliding_layers]
+    seen = [
+        0 if m else min(context_length, window - 1) if s else context_length
+        for s, m in zip(config.sliding_layers, config.linear_layers, strict=True)
+    ]
     attention = 4 * config.q_size * sum(seen)
-    return 2 * matmul_weights + attention
+    mamba = 0
+    if config.mamba_n_heads:
+        inner = config.mamba_intermediate_size
+        channels = inner + 2 * config.mamba_n_groups * config.mamba_d_state
+        projections = config.hidden_size * (2 * inner + channels + config.mamba_n_heads)
+        scan = 2 * config.mamba_d_conv * channels + 6 * inner * config.mamba_d_state
+        mamba = sum(config.linear_layers) * (2 * projections + scan)
+    return 2 * matmul_weights + attention + mamba
 
 
 def max_context_length(

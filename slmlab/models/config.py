@@ -18,18 +18,44 @@ from typing import Any
 __all__ = ["ConfigError", "ModelConfig"]
 
 # Architectures whose weights map one to one onto ours. Qwen2 is Llama with a bias on q, k, v;
-# Mistral is Llama with a sliding window; Mixtral and Qwen2-MoE put experts in the MLP.
+# Mistral is Llama with a sliding window; Mixtral and Qwen2-MoE put experts in the MLP; Bamba
+# mixes attention layers with Mamba-2 layers, a linear-time recurrence.
 HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
+    "bamba": "BambaForCausalLM",
 }
 ROPE_TYPES = ("default", "linear", "llama3")
-LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names
+# transformers' names; "linear_attention" is a Mamba-2 layer (a recurrence that is attention
+# without the softmax, with a decay: see `slmlab.models.ssm`).
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
 BIASED = ("qwen2", "qwen2_moe")  # a bias on q, k and v
 EXPERTS = ("mixtral", "qwen2_moe")  # a mixture of experts in every MLP
+HYBRID = ("bamba",)  # Mamba-2 layers among the attention layers
+# The Mamba-2 fields, with transformers' Bamba names and defaults scaled for a small model.
+_MAMBA_FIELDS = (
+    "mamba_n_heads",
+    "mamba_d_head",
+    "mamba_n_groups",
+    "mamba_d_state",
+    "mamba_d_conv",
+    "mamba_expand",
+    "mamba_chunk_size",
+)
+_HF_MAMBA_DEFAULTS = {
+    "mamba_n_heads": 128,
+    "mamba_d_head": "auto",
+    "mamba_n_groups": 1,
+    "mamba_d_state": 256,
+    "mamba_d_conv": 4,
+    "mamba_expand": 2,
+    "mamba_chunk_size": 256,
+    "mamba_conv_bias": True,
+    "mamba_proj_bias": False,
+}
 
 
 def _positive_real(value: Any) -> bool:
@@ -59,6 +85,13 @@ class ModelConfig:
     ``shared_expert_intermediate_size`` when that is above 0 (Qwen2-MoE);
     ``norm_topk_prob`` rescales the chosen experts' weights to sum to 1 (Mixtral) and
     ``router_aux_loss_coef`` weighs the load-balancing loss in training.
+
+    ``partial_rotary_factor`` below 1 rotates only the first part of each query and key head
+    (Bamba rotates half; unset, each architecture's own). A ``"linear_attention"`` layer (model_type ``bamba``) is a Mamba-2
+    mixer instead of attention: ``mamba_n_heads`` heads of ``mamba_d_head`` channels (together
+    ``mamba_expand`` × hidden_size), a state of ``mamba_d_state`` per channel whose input and
+    output maps are shared by ``mamba_n_groups`` groups of heads, a causal convolution of width
+    ``mamba_d_conv``; training computes it ``mamba_chunk_size`` tokens at a time.
     """
 
     vocab_size: int
@@ -86,6 +119,16 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = True
     router_aux_loss_coef: float = 0.01
+    partial_rotary_factor: float | None = None
+    mamba_n_heads: int = 0
+    mamba_d_head: int | None = None
+    mamba_n_groups: int = 1
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_chunk_size: int = 64
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -130,7 +173,13 @@ class ModelConfig:
             if not _positive_real(getattr(self, name)):
                 raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         # "false" would read as true
-        for name in ("tie_word_embeddings", "attention_bias", "norm_topk_prob"):
+        for name in (
+            "tie_word_embeddings",
+            "attention_bias",
+            "norm_topk_prob",
+            "mamba_conv_bias",
+            "mamba_proj_bias",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.model_type not in HF_ARCHITECTURES:
@@ -144,6 +193,8 @@ class ModelConfig:
             )
         self._check_sliding_window()
         self._check_experts()
+        self._check_rotary_fraction()
+        self._check_mamba()
         if self.rope_scaling is not None:
             # Own a normalised copy: callers (transformers among them) mutate dicts they are given.
             scaling = dict(self.rope_scaling)
@@ -174,9 +225,14 @@ class ModelConfig:
             object.__setattr__(self, "layer_types", list(types))
             if window is None and "sliding_attention" in types:
                 raise ConfigError("layer_types has sliding layers but sliding_window is unset")
+            if "linear_attention" in types and kind not in HYBRID:
+                raise ConfigError(
+                    f"layer_types: model_type {kind!r} has no linear_attention (Mamba-2) layers; "
+                    f"use {list(HYBRID)}"
+                )
         if window is None:
             return
-        if kind in ("llama", "qwen2_moe"):
+        if kind in ("llama", "qwen2_moe", *HYBRID):
             raise ConfigError(
                 f"model_type {kind!r} has no sliding window; use 'mistral' (Llama's block with "
                 "one) or 'qwen2' (with layer_types)"
@@ -230,6 +286,60 @@ class ModelConfig:
                 "shared_expert_intermediate_size (or use 'mixtral', which has none)"
             )
 
+    def _check_rotary_fraction(self) -> None:
+        expected = 0.5 if self.model_type in HYBRID else 1.0  # transformers fixes Bamba's at 0.5
+        if self.partial_rotary_factor is None:
+            object.__setattr__(self, "partial_rotary_factor", expected)
+        factor = self.partial_rotary_factor
+        if factor != expected:
+            raise ConfigError(
+                f"partial_rotary_factor must be {expected} for model_type {self.model_type!r}, "
+                f"got {factor!r}"
+            )
+        if self.rotary_dim % 2:
+            raise ConfigError(
+                f"head_dim × partial_rotary_factor ({self.rotary_dim}) must be even: the "
+                "rotation turns pairs of channels"
+            )
+
+    def _check_mamba(self) -> None:
+        kind, types = self.model_type, self.layer_types
+        if kind not in HYBRID:
+            if self.mamba_n_heads:
+                raise ConfigError(
+                    f"model_type {kind!r} has no Mamba-2 layers: mamba_n_heads is for {list(HYBRID)}"
+                )
+            return
+        if types is None or "linear_attention" not in types:
+            raise ConfigError(
+                f"model_type {kind!r} needs layer_types with at least one 'linear_attention' "
+                "(Mamba-2) layer; the others are 'full_attention'"
+            )
+        for name in _MAMBA_FIELDS:
+            value = getattr(self, name)
+            if name == "mamba_d_head" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        inner = self.mamba_intermediate_size
+        if inner % self.mamba_n_heads:
+            raise ConfigError(
+                f"mamba_n_heads ({self.mamba_n_heads}) must divide mamba_expand × hidden_size "
+                f"({inner})"
+            )
+        if self.mamba_d_head is None:
+            object.__setattr__(self, "mamba_d_head", inner // self.mamba_n_heads)
+        elif self.mamba_d_head * self.mamba_n_heads != inner:
+            raise ConfigError(
+                f"mamba_d_head × mamba_n_heads ({self.mamba_d_head} × {self.mamba_n_heads}) must "
+                f"equal mamba_expand × hidden_size ({inner})"
+            )
+        if self.mamba_n_heads % self.mamba_n_groups:
+            raise ConfigError(
+                f"mamba_n_groups ({self.mamba_n_groups}) must divide mamba_n_heads "
+                f"({self.mamba_n_heads}): each group's input and output maps serve whole heads"
+            )
+
     @staticmethod
     def _check_rope_scaling(scaling: dict[str, Any]) -> None:
         rope_type = scaling.get("rope_type", scaling.get("type"))
@@ -268,6 +378,23 @@ class ModelConfig:
         return [t == "sliding_attention" for t in self.layer_types]
 
     @property
+    def linear_layers(self) -> list[bool]:
+        """For each layer, whether it is a Mamba-2 mixer (``"linear_attention"``) instead of
+        attention."""
+        types = self.layer_types or ["full_attention"] * self.num_hidden_layers
+        return [t == "linear_attention" for t in types]
+
+    @property
+    def mamba_intermediate_size(self) -> int:
+        """Width of a Mamba-2 layer's inner channels (0 without such layers)."""
+        return self.mamba_expand * self.hidden_size if self.mamba_n_heads else 0
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many channels of each query and key head the rotary embedding turns."""
+        return int(self.head_dim * self.partial_rotary_factor)  # type: ignore[operator,arg-type]
+
+    @property
     def expert_size(self) -> int:
         """Width of one expert's hidden layer (0 for a dense MLP)."""
         if not self.num_experts:
@@ -281,7 +408,10 @@ class ModelConfig:
         return "MQA" if self.num_key_value_heads == 1 else "GQA"
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). Another model_type takes its own
+        partial rotary factor unless one is given."""
+        if "model_type" in changes:
+            changes.setdefault("partial_rotary_factor", None)
         return dataclasses.replace(self, **changes)
 
     # --- dictionaries and Hugging Face config.json -------------------------------------------
@@ -330,11 +460,18 @@ class ModelConfig:
             "torch_dtype": "float32",
         }
         kind, window = self.model_type, self.sliding_window
-        if kind == "llama":
+        if kind in ("llama", *HYBRID):
             out.update(attention_bias=False, mlp_bias=False)
+        if kind in HYBRID:
+            out.update(
+                attn_layer_indices=[i for i, m in enumerate(self.linear_layers) if not m],
+                **{name: getattr(self, name) for name in _MAMBA_FIELDS},
+                mamba_conv_bias=self.mamba_conv_bias,
+                mamba_proj_bias=self.mamba_proj_bias,
+            )
         elif kind in ("mistral", "mixtral"):
             out.update(sliding_window=window)
-        else:  # qwen2, qwen2_moe: the window per layer
+        elif kind in ("qwen2", "qwen2_moe"):  # the window per layer
             types = ["sliding_attention" if s else "full_attention" for s in self.sliding_layers]
             out.update(use_sliding_window=window is not None, sliding_window=window)
             out.update(max_window_layers=self.num_hidden_layers, layer_types=types)
@@ -381,7 +518,10 @@ class ModelConfig:
                 "(q/k/v bias without an output bias is the Qwen2 architecture)"
             )
         experts = _hf_experts(hf, model_type, source)
+        mamba = _hf_mamba(hf, model_type, source)
         window, layer_types = _hf_sliding_window(hf, model_type)
+        if mamba:
+            layer_types = mamba.pop("layer_types")
         rope = dict(hf.get("rope_parameters") or {})
         rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         scaling = hf.get("rope_scaling") or (rope if rope else None)
@@ -414,8 +554,10 @@ class ModelConfig:
                 max_position_embeddings=hf.get("max_position_embeddings", 2048),
                 rope_theta=float(rope_theta),
                 rope_scaling=scaling,
-                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-                tie_word_embeddings=hf.get("tie_word_embeddings", model_type != "llama"),
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-5 if model_type in HYBRID else 1e-6),
+                tie_word_embeddings=hf.get(
+                    "tie_word_embeddings", model_type not in ("llama", *HYBRID)
+                ),
                 attention_bias=model_type in BIASED,
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"),
@@ -424,6 +566,7 @@ class ModelConfig:
                 sliding_window=window,
                 layer_types=layer_types,
                 **experts,
+                **mamba,
             )
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
@@ -448,6 +591,11 @@ class ModelConfig:
             + (
                 f" experts={self.num_experts_per_tok}/{self.num_experts}"
                 if self.num_experts
+                else ""
+            )
+            + (
+                f" mamba={sum(self.linear_layers)}/{self.num_hidden_layers}"
+                if self.mamba_n_heads
                 else ""
             )
         )
@@ -494,3 +642,30 @@ def _hf_experts(hf: dict[str, Any], model_type: str, source: str) -> dict[str, A
             norm_topk_prob=hf.get("norm_topk_prob", False),
         )
     return out
+
+
+def _hf_mamba(hf: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """The Mamba-2 fields and the layer pattern of a Hugging Face hybrid config (Bamba)."""
+    if model_type not in HYBRID:
+        return {}
+    limit = list(hf.get("time_step_limit") or (0.0, None))
+    unbounded = (None, float("inf"), {"__float__": "Infinity"})  # transformers writes the last
+    if len(limit) != 2 or limit[0] != 0 or limit[1] not in unbounded:
+        raise ConfigError(
+            f"{source}: time_step_limit {list(limit)} is not supported; only the default "
+            "[0.0, inf], which leaves the time steps as they are"
+        )
+    if hf.get("z_loss_coefficient"):
+        raise ConfigError(f"{source}: z_loss_coefficient is not supported (set it to 0)")
+    attention = hf.get("attn_layer_indices") or []
+    layers = hf.get("num_hidden_layers", 0)
+    # transformers' defaults for what a config leaves out
+    out = {**_HF_MAMBA_DEFAULTS, **{k: hf[k] for k in _HF_MAMBA_DEFAULTS if k in hf}}
+    if out["mamba_d_head"] == "auto":
+        out["mamba_d_head"] = None
+    return {
+        **out,
+        "layer_types": [
+            "full_attention" if i in attention else "linear_attention" for i in range(layers)
+        ],
+    }

@@ -28,6 +28,7 @@ from ..kernels import (
 from .config import ModelConfig
 from .mlp import SparseMoE, SwiGLU
 from .rope import apply_rope, inverse_frequencies
+from .ssm import Mamba2Mixer
 
 __all__ = [
     "Attention",
@@ -91,7 +92,11 @@ class KVCache:
 
     ``keys[i]`` and ``values[i]`` are (B, K, max_len, D) for layer i; ``length`` is how many
     positions are filled. ``key_mask`` (B, max_len) is False where a position holds padding
-    (left-padded prompts of a batch), so attention never looks at it.
+    (left-padded prompts of a batch), so attention never looks at it. A Mamba-2 layer keeps no
+    keys (its tensors have no positions) but a fixed-size state instead: ``conv_states[i]`` (B,
+    width − 1, channels), its convolution's last inputs, and ``ssm_states[i]`` (B, heads,
+    head_dim, d_state), always fp32. Such a state holds every token it has read, so it cannot
+    be cut back to an earlier length, only saved and restored (`snapshot`, `restore`).
     """
 
     def __init__(
@@ -102,19 +107,62 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
-        ]
-        self.values = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
-        ]
+        linear_layers = config.linear_layers
+
+        def kv() -> list[torch.Tensor]:
+            shapes = [
+                (batch_size, config.num_key_value_heads, 0 if m else max_len, config.head_dim)
+                for m in linear_layers
+            ]
+            return [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
+
+        self.keys, self.values = kv(), kv()
+        conv = (batch_size, config.mamba_d_conv - 1, Mamba2Mixer.conv_channels(config))
+        ssm = (batch_size, config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state)
+        mamba = [i for i, m in enumerate(linear_layers) if m]
+        self.conv_states = {i: torch.zeros(conv, device=device) for i in mamba}
+        self.ssm_states = {i: torch.zeros(ssm, device=device) for i in mamba}
         self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
-        self.length = 0
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        if value == 0:  # a fresh start: the states forget too
+            for t in self.states:
+                t.zero_()
+        elif value < self._length and self.ssm_states:
+            raise ValueError(
+                f"cannot cut a cache with Mamba-2 states back from {self._length} to {value} "
+                "tokens: a state holds every token it has read; save it with snapshot() and "
+                "go back with restore()"
+            )
+        self._length = value
+
+    @property
+    def states(self) -> list[torch.Tensor]:
+        """The Mamba-2 layers' states, convolutions' then scans' (empty without such layers)."""
+        return [*self.conv_states.values(), *self.ssm_states.values()]
+
+    def snapshot(self) -> tuple[int, list[torch.Tensor]]:
+        """What `restore` needs to bring the cache back to this moment: the length and a copy
+        of the fixed-size states (keys and values past the length are simply overwritten)."""
+        return self._length, [t.clone() for t in self.states]
+
+    def restore(self, snapshot: tuple[int, list[torch.Tensor]]) -> None:
+        length, saved = snapshot
+        for t, copy in zip(self.states, saved, strict=True):
+            if t is not copy:
+                t.copy_(copy)
+        self._length = length
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        tensors = [*self.keys, *self.values, *self.states]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def make_room(self, count: int) -> None:
         """Called before `count` new tokens are stored, so that a cache that evicts can do it
@@ -219,14 +267,25 @@ def recent_keys(start: int, count: int, window: int, device: torch.device) -> to
 
 class DecoderBlock(nn.Module):
     """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x)). The MLP is a
-    SwiGLU, or a mixture of SwiGLU experts when the config has experts."""
+    SwiGLU, or a mixture of SwiGLU experts when the config has experts. In a
+    ``"linear_attention"`` layer a Mamba-2 mixer (``mamba``) takes attention's place
+    (``self_attn``)."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_index)
+        if config.linear_layers[layer_index]:
+            self.mamba = Mamba2Mixer(config, layer_index)
+        else:
+            self.self_attn = Attention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SparseMoE(config) if config.num_experts else SwiGLU(config)
+
+    @property
+    def slides(self) -> bool:
+        """Whether this block's attention is a sliding window's (it takes that mask)."""
+        attention = getattr(self, "self_attn", None)
+        return attention is not None and attention.sliding_window is not None
 
     def forward(
         self,
@@ -235,8 +294,16 @@ class DecoderBlock(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
+        *,
+        real: torch.Tensor | None = None,
+        resets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        """`mask` is attention's; a Mamba-2 layer reads `real` (False at padding) and
+        `resets` (True where a packed example starts) instead."""
+        if hasattr(self, "mamba"):
+            x = x + self.mamba(self.input_layernorm(x), real, resets, cache)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -289,6 +356,8 @@ _plans: weakref.WeakKeyDictionary[nn.Module, dict[bool, _FusedPlan]] = weakref.W
 def _gather_operands(model: DecoderLM, rows: int) -> list[list[torch.Tensor]] | None:
     none = torch.empty(0)
     layers = []
+    if model.config.mamba_n_heads or model.config.rotary_dim != model.config.head_dim:
+        return None  # the step knows attention with a full rotary embedding
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
         if not isinstance(mlp, SwiGLU):
@@ -335,7 +404,9 @@ def _fused_layers(model: DecoderLM, rows: int) -> list[list[torch.Tensor]] | Non
         projections = [
             m
             for block in model.model.layers
-            for m in (*block.self_attn.children(), *block.mlp.children())
+            for part in (getattr(block, "self_attn", None), block.mlp)
+            if part is not None
+            for m in part.children()
         ]
         layers = _gather_operands(model, rows)
         plan = _FusedPlan(_registrations, len(model.model.layers), projections, layers)
@@ -450,9 +521,11 @@ class DecoderLM(nn.Module):
         padded = attention_mask is not None and not bool(attention_mask.all())
         if cache is not None:
             padded = padded or not bool(cache.key_mask[:, : start + T].all())
+        real = None  # which new tokens are not padding, for Mamba-2 layers
         if padded:
             assert cache is not None or attention_mask is not None
             key_mask = cache.key_mask[:, : start + T] if cache is not None else attention_mask
+            real = key_mask[:, start:]
             # Positions count real tokens only, so a left-padded prompt starts at position 0.
             positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
             causal = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
@@ -483,8 +556,7 @@ class DecoderLM(nn.Module):
         if x is None:
             x = self.model.embed_tokens(input_ids)
             for layer in self.model.layers:
-                slides = layer.self_attn.sliding_window is not None
-                x = layer(x, cos, sin, sliding_mask if slides else mask, cache)
+                x = layer(x, cos, sin, sliding_mask if layer.slides else mask, cache, real=real)
         if cache is not None:
             cache.length += T
         if last_only:
@@ -507,8 +579,7 @@ class DecoderLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions, self.model.norm.weight.dtype)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            slides = layer.self_attn.sliding_window is not None
-            x = layer(x, cos, sin, sliding_mask if slides else mask, None)
+            x = layer(x, cos, sin, sliding_mask if layer.slides else mask, None, resets=starts)
         if last_only:
             x = x[:, -1:]
         return linear(self.model.norm(x), self.lm_head) if head else self.model.norm(x)

@@ -20,9 +20,9 @@ __all__ = ["apply_rope", "inverse_frequencies", "rotate_half"]
 
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    """The ``head_dim / 2`` angular frequencies ω_i, after any rope scaling, in fp32."""
-    dim = config.head_dim
-    assert dim is not None
+    """The ``rotary_dim / 2`` angular frequencies ω_i, after any rope scaling, in fp32
+    (``rotary_dim`` is ``head_dim`` unless the config rotates only part of each head)."""
+    dim = config.rotary_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
@@ -56,5 +56,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     ``x·cos + rotate_half(x)·sin`` written as two fused operations for speed: rolling the last
     dimension by half swaps the halves, and `signed_sin` carries the minus sign of the first
     half (``signed_sin = cat(−sin, sin)`` over the two halves, see `RotaryEmbedding`).
+    Tables narrower than `x` turn its first channels and pass the others through (a partial
+    rotary embedding, as GPT-NeoX, Phi and Bamba use).
     """
+    rotated = cos.shape[-1]
+    if rotated < x.shape[-1]:
+        turned = apply_rope(x[..., :rotated], cos, signed_sin)
+        return torch.cat((turned, x[..., rotated:]), dim=-1)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)

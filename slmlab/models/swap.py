@@ -18,6 +18,7 @@ __all__ = [
     "ATTENTION",
     "KEEP",
     "LINEAR_TARGETS",
+    "MAMBA",
     "MLP",
     "linear_layers",
     "replace_module",
@@ -26,6 +27,7 @@ __all__ = [
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+MAMBA = ("in_proj", "out_proj")  # a Mamba-2 layer's, where a hybrid has one instead of attention
 LINEAR_TARGETS = ATTENTION + MLP  # every linear layer of a block; the head is not among them
 # What a transform over "all" linear layers leaves as it is by default: the output head, and a
 # mixture of experts' router and shared-expert gate (small, and read by every token to choose

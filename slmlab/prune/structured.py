@@ -138,6 +138,7 @@ def head_group_importance(
 ) -> list[torch.Tensor]:
     """Per block, one score per key/value head, standing for the query heads that share it."""
     _check_importance(importance)
+    _check_attention_only(model)
     stack = blocks(model)
     if importance == "taylor":
 
@@ -270,6 +271,7 @@ def prune_heads_(model: nn.Module, keep: int | float, scores: Sequence[torch.Ten
     """Keep the `keep` highest-scoring key/value groups of every block (a count, or a share of
     ``num_key_value_heads``), with the query heads that read them. ``head_dim`` is unchanged;
     the hidden size no longer equals heads × head_dim, so the config says ``head_dim`` itself."""
+    _check_attention_only(model)
     stack = blocks(model)
     config = model.config
     K, group, D = (
@@ -309,7 +311,8 @@ def drop_layers_(model: nn.Module, layers: Sequence[int]) -> nn.Module:
         raise ValueError(f"layers names all {count} blocks: a model keeps at least one")
     kept = [block for i, block in enumerate(stack) if i not in gone]
     for i, block in enumerate(kept):
-        block.self_attn.layer_index = i  # the KV cache is indexed by position in the stack
+        mixer = block.mamba if hasattr(block, "mamba") else block.self_attn
+        mixer.layer_index = i  # the KV cache is indexed by position in the stack
     model.model.layers = nn.ModuleList(kept)
     types = model.config.layer_types  # which layers slide: the kept ones' own
     model.config = dataclasses.replace(
@@ -318,6 +321,15 @@ def drop_layers_(model: nn.Module, layers: Sequence[int]) -> nn.Module:
         layer_types=None if types is None else [t for i, t in enumerate(types) if i not in gone],
     )
     return model
+
+
+def _check_attention_only(model: nn.Module) -> None:
+    if any(model.config.linear_layers):
+        raise ValueError(
+            "head pruning takes key/value groups out of every block, and this model has "
+            "Mamba-2 layers (layer_types 'linear_attention'); prune its MLP channels or its "
+            "layers instead"
+        )
 
 
 def _check_scores(scores: Sequence[torch.Tensor], stack: list, width: int, what: str) -> None:

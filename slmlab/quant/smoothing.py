@@ -39,6 +39,11 @@ def scale_groups(block: nn.Module) -> Iterator[tuple[nn.Module, list[nn.Linear]]
     SmoothQuant folds into the norms only; AWQ also into up_proj (which feeds down_proj), and
     into v_proj when it feeds o_proj one to one (no grouped key/value heads).
     """
+    if hasattr(block, "mamba"):
+        raise ValueError(
+            "smoothing (AWQ, SmoothQuant) folds scales into attention blocks only; this model "
+            "has Mamba-2 layers: use method='rtn' or 'gptq'"
+        )
     attn, mlp = block.self_attn, block.mlp
     if isinstance(mlp, SparseMoE):  # the router reads the norm too: folding would reroute
         raise ValueError(

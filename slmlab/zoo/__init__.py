@@ -190,6 +190,51 @@ RECIPES: dict[str, Recipe] = {
         quick_steps=60,
         minutes=18,
     ),
+    # stories-1m's recipe (its data, steps and rows) with one change of architecture each
+    # (chapter 03b), at about its parameters and FLOPs per token: every layer attends to the
+    # last 16 tokens only (Mistral's sliding window); 8 experts of half the MLP's width, 2 of
+    # them run per token (Mixtral's mixture: 4× the MLP weights, the same active ones); three
+    # of the four layers Mamba-2 instead of attention (Bamba's hybrid).
+    "stories-1m-window": Recipe(
+        _STORIES_1M.replace(
+            model={**_STORIES_1M.model, "model_type": "mistral", "sliding_window": 16}
+        ),
+        quick_steps=30,
+        minutes=3,
+    ),
+    "stories-1m-moe": Recipe(
+        _STORIES_1M.replace(
+            model={
+                **_STORIES_1M.model,
+                "model_type": "mixtral",
+                "intermediate_size": 176,
+                "num_experts": 8,
+                "num_experts_per_tok": 2,
+            }
+        ),
+        quick_steps=30,
+        minutes=3,
+    ),
+    "stories-1m-hybrid": Recipe(
+        _STORIES_1M.replace(
+            model={
+                **_STORIES_1M.model,
+                "model_type": "bamba",
+                "layer_types": [
+                    "linear_attention",
+                    "full_attention",
+                    "linear_attention",
+                    "linear_attention",
+                ],
+                "mamba_n_heads": 4,
+                "mamba_expand": 1,
+                "mamba_d_state": 32,
+                "mamba_chunk_size": 64,
+            }
+        ),
+        quick_steps=30,
+        minutes=3,
+    ),
     # stories-8m on superword tokens, whose merges cross spaces (chapter 02): 2.6 times the
     # text in the same steps, and what that costs the story suites.
     "stories-8m-superwords": Recipe(

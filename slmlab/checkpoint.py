@@ -397,6 +397,28 @@ def load(
 
 
 _CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"model\.layers\.0\.mlp\.experts\.(\d+)\.")
+
+
+def _check_counts(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], where: Path, described_by: str
+) -> None:
+    """The layers and experts the config asks for against those the tensors' names hold, before
+    any module is built: a config saying 200,000 layers over a two-layer file would otherwise
+    spend minutes building modules only to fail on the first missing tensor."""
+    for field, pattern, wanted in (
+        ("num_hidden_layers", _LAYER, config.num_hidden_layers),
+        ("num_experts", _EXPERT, config.num_experts),
+    ):
+        held = {int(m.group(1)) for name in tensors if (m := pattern.match(name))}
+        missing = wanted - len(held & set(range(wanted)))  # extras: "unexpected tensor" later
+        if missing and (held or wanted > 1024):
+            holds = f"{len(held)} (numbered {min(held)} to {max(held)})" if held else "none"
+            raise CheckpointError(
+                f"{where}: {described_by} says {field} = {wanted}, but the weights hold {holds}; "
+                f"correct {field} in {described_by}"
+            )
 
 
 def _assemble(
@@ -412,6 +434,7 @@ def _assemble(
 ) -> DecoderLM:
     """The model `config` (read from `described_by`) describes, holding `tensors` (checked name
     by name, shape by shape; an error names `where`)."""
+    _check_counts(config, tensors, where, described_by)
     with torch.device("meta"):
         model = DecoderLM(config)
         if quantization is not None:

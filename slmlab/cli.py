@@ -345,6 +345,19 @@ def _zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _course(args: argparse.Namespace) -> int:
+    from . import course
+
+    if args.action == "plan":
+        print(course.plan(args.notebooks))
+        return 0
+    if args.out is None:
+        raise ValueError("slmlab course release needs --out DIR, the course folder to write")
+    for path in course.release(args.out, args.chapters, args.notebooks):
+        print(path)
+    return 0
+
+
 def _checkpoint_path(name_or_path: str, *, quiet: bool) -> Path:
     """A checkpoint directory, or a zoo recipe's (trained first if needed)."""
     from .zoo import ensure, names
@@ -849,6 +862,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_zoo)
+
+    p = verbs.add_parser(
+        "course",
+        help="the chapters as nbgrader labs: release them (solutions stripped, checks kept), "
+        "or plan a course (time, prerequisites, zoo models)",
+    )
+    p.add_argument("action", choices=["release", "plan"])
+    p.add_argument("--out", type=Path, help="release: the course folder (source/, release/)")
+    p.add_argument(
+        "--chapters", nargs="+", metavar="NN", help="release only these (08 or 08_quantization)"
+    )
+    p.add_argument(
+        "--notebooks", type=Path, help="the chapter notebooks (default: the repository's)"
+    )
+    p.set_defaults(func=_course)
     return parser
 
 
@@ -858,8 +886,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Verb = args.func
     try:
         return func(args)
-    except (ValueError, RuntimeError, FileNotFoundError, KeyError) as err:
-        # Library errors already name the file and the problem: one line, no traceback.
+    except (ValueError, RuntimeError, OSError, KeyError, ArithmeticError) as err:
+        # Library errors already name the file and the problem: one line, no traceback (a
+        # diverging run's FloatingPointError and an unwritable --out included). SLMLAB_DEBUG=1
+        # shows the traceback instead.
+        if os.environ.get("SLMLAB_DEBUG"):
+            raise
         parser.exit(1, f"slmlab {args.verb}: error: {err}\n")
 
 

@@ -36,6 +36,14 @@ def cache_dir() -> Path:
 
 
 @cache
+def memory_bytes(device: str | torch.device = "cpu") -> int:
+    """How much memory `device` has in all: the machine's RAM, or a GPU's own."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags the kernel reports (Linux); empty where they cannot be read."""
     try:

@@ -19,19 +19,25 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import gguf
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .data.chat import IGNORE
+from .data.packing import pack
+from .distill.losses import divergence
 from .eval import choice_picks
 from .infer.speculative import residual_distribution
 from .layers.formats import dequantize, quantize
 from .models import ModelConfig
 from .models.budget import kv_cache_bytes_per_token, param_count
-from .models.decoder import RMSNorm, recent_keys
+from .models.decoder import KVCache, RMSNorm, recent_keys
 from .models.mlp import top_k_routing
 from .models.rope import apply_rope, inverse_frequencies
 from .models.ssm import ssd_step
+from .prune.masks import top_mask, wanda_scores
+from .quant.gptq import gptq_quantize
 from .tokenizers.bpe import merge_pair
 from .train.config import TrainConfig
 from .train.optim import lr_at
@@ -81,6 +87,8 @@ def _describe(value: Any) -> str:
         return f"{value:.6g}"
     if isinstance(value, tuple):
         return "(" + ", ".join(_describe(v) for v in value) + ")"
+    if isinstance(value, list) and len(repr(value)) > 80:
+        return f"a list of {len(value)} items"
     return repr(value)
 
 
@@ -109,6 +117,8 @@ def _mismatch(got: Any, want: Any, atol: float, rtol: float) -> str | None:
             )
         return None
     if isinstance(want, float):
+        if isinstance(got, torch.Tensor) and got.numel() == 1:  # a loss as a 0-d tensor
+            got = got.item()
         if not isinstance(got, (int, float)) or isinstance(got, bool):
             return f"expected a number, got {type(got).__name__}"
         if not math.isclose(got, want, rel_tol=rtol, abs_tol=atol):
@@ -575,6 +585,212 @@ def _ssd_step_by(state, x, dt, A, B, C, *, decay_dt=True, write_dt=True, read_ne
     return (new if read_new else state) @ C[..., None], new
 
 
+# 04.pack --------------------------------------------------------------------------------------
+
+
+def _pack_cases() -> Iterator[Case]:
+    yield Case("three documents, rows of 3 + 1", ([[5, 6, 7], [8, 9], [10, 11, 12, 13]], 3, 0))
+    yield Case("one long document: the partial last row is dropped", ([list(range(1, 12))], 4, 0))
+    yield Case("an empty document keeps its separator", ([[1, 2], [], [3, 4, 5]], 2, 99))
+    g = _generator(4)
+    lengths = torch.randint(0, 12, (9,), generator=g).tolist()
+    documents = [torch.randint(1, 50, (n,), generator=g).tolist() for n in lengths]
+    yield Case("nine random documents, seq_len 7", (documents, 7, 0))
+
+
+def _pack_by(documents, seq_len, separator, *, before=False, pad=False, width=None):
+    stream = [t for doc in documents for t in ([separator, *doc] if before else [*doc, separator])]
+    width = seq_len + 1 if width is None else width
+    if pad and len(stream) % width:
+        stream += [separator] * (width - len(stream) % width)
+    rows = len(stream) // width
+    return torch.tensor(stream[: rows * width], dtype=torch.long).view(rows, width)
+
+
+# 07.kd_loss -----------------------------------------------------------------------------------
+
+
+def _kd_expected(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> float:
+    soft = divergence(student, teacher, "forward-kl", temperature=temperature)
+    return float(temperature**2 * soft.mean())
+
+
+def _kd_cases() -> Iterator[Case]:
+    g = _generator(7)
+    yield Case("4 positions, 10 tokens, T = 1", (
+        torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g), 1.0))  # fmt: skip
+    yield Case("6 positions, 32 tokens, T = 2", (
+        torch.randn(6, 32, generator=g), 3 * torch.randn(6, 32, generator=g), 2.0))  # fmt: skip
+    sharp = torch.randn(3, 16, generator=g) * 8
+    yield Case("a confident teacher, T = 4", (torch.randn(3, 16, generator=g), sharp, 4.0))
+    same = torch.randn(2, 8, generator=g)
+    yield Case("the student is the teacher: nothing to learn", (same, same.clone(), 3.0))
+
+
+def _kd_by(student, teacher, temperature, *, squared=True, reverse=False, reduce="mean"):
+    loss = "reverse-kl" if reverse else "forward-kl"
+    soft = divergence(student, teacher, loss, temperature=temperature)
+    total = soft.sum() if reduce == "sum" else soft.mean()
+    return float((temperature**2 if squared else 1.0) * total)
+
+
+# 08.gptq --------------------------------------------------------------------------------------
+
+
+def _gptq_expected(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    cols = weight.shape[1]
+    q = gptq_quantize(weight, hessian, bits=4, group_size=cols, damp=0.0, block_size=cols)
+    return dequantize(q, torch.float64).to(weight.dtype)
+
+
+def _gptq_cases() -> Iterator[Case]:
+    g = _generator(8)
+
+    def hessian(x: torch.Tensor) -> torch.Tensor:
+        return 2 * x.T @ x
+
+    x = torch.randn(32, 8, generator=g, dtype=torch.float64)
+    yield Case(
+        "(4, 8), independent inputs",
+        (torch.randn(4, 8, generator=g, dtype=torch.float64), hessian(x)),
+    )
+    shared = torch.randn(64, 1, generator=g, dtype=torch.float64)
+    x = shared + 0.3 * torch.randn(64, 16, generator=g, dtype=torch.float64)
+    yield Case("(3, 16), inputs that move together", (
+        torch.randn(3, 16, generator=g, dtype=torch.float64), hessian(x)))  # fmt: skip
+    diagonal = torch.diag(torch.rand(8, generator=g, dtype=torch.float64) + 0.5)
+    yield Case("a diagonal Hessian: GPTQ is round to nearest", (
+        torch.randn(5, 8, generator=g, dtype=torch.float64), diagonal))  # fmt: skip
+
+
+def _gptq_by(weight, hessian, *, spread=True, divide=True, cholesky=True):
+    w = weight.clone()
+    scale = w.abs().amax(1).clamp(min=1e-12) / 7
+    inverse = torch.linalg.inv(hessian)
+    u = torch.linalg.cholesky(inverse, upper=True) if cholesky else inverse
+    for j in range(w.shape[1]):
+        q = (w[:, j] / scale).round().clamp(-7, 7) * scale
+        if spread:
+            error = (w[:, j] - q) / (u[j, j] if divide else 1.0)
+            w[:, j + 1 :] -= error[:, None] * u[j, j + 1 :][None, :]
+        w[:, j] = q
+    return w
+
+
+# 09.wanda -------------------------------------------------------------------------------------
+
+
+def _wanda_expected(weight: torch.Tensor, input_norms: torch.Tensor, sparsity: float):
+    return weight * top_mask(wanda_scores(weight, input_norms), sparsity, per="row")
+
+
+def _wanda_cases() -> Iterator[Case]:
+    g = _generator(9)
+    yield Case("(4, 8), half removed", (
+        torch.randn(4, 8, generator=g), torch.rand(8, generator=g) + 0.1, 0.5))  # fmt: skip
+    loud = torch.ones(16)
+    loud[3] = 50.0  # one outlier input channel, as real activations have
+    yield Case("one loud input channel: its small weights matter", (
+        torch.randn(6, 16, generator=g), loud, 0.5))  # fmt: skip
+    yield Case("(3, 8), a quarter removed", (
+        torch.randn(3, 8, generator=g), torch.rand(8, generator=g) + 0.1, 0.25))  # fmt: skip
+    yield Case("sparsity 0: nothing removed", (
+        torch.randn(2, 4, generator=g), torch.rand(4, generator=g), 0.0))  # fmt: skip
+
+
+def _wanda_by(weight, input_norms, sparsity, *, norms=True, per="row", highest=False):
+    scores = weight.abs() * (input_norms[None, :] if norms else 1.0)
+    keep = top_mask(-scores if highest else scores, sparsity, per=per)
+    return weight * keep
+
+
+# 10b.q4_0 -------------------------------------------------------------------------------------
+
+
+def _q4_0_expected(x: torch.Tensor) -> torch.Tensor:
+    """What `slmlab export --quant q4_0` writes, read back: gguf's Q4_0, llama.cpp's bit for bit."""
+    kind = gguf.GGMLQuantizationType.Q4_0
+    blocks = gguf.quants.quantize(x.numpy().reshape(1, -1), kind)
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(blocks, kind))).reshape(-1)
+
+
+def _q4_0_cases() -> Iterator[Case]:
+    g = _generator(10)
+    yield Case("one block of 32", (torch.randn(32, generator=g),))
+    scales = torch.tensor([0.01, 1.0, 30.0, 0.2]).repeat_interleave(32)
+    yield Case("four blocks of very different sizes", (torch.randn(128, generator=g) * scales,))
+    positive = torch.rand(32, generator=g)
+    positive[5] = 2.0  # the largest magnitude is positive: d is negative
+    yield Case("a block whose largest value is positive", (positive,))
+    yield Case("a block of zeros, then a random one", (
+        torch.cat([torch.zeros(32), torch.randn(32, generator=g)]),))  # fmt: skip
+
+
+def _q4_0_by(x: torch.Tensor, *, signed=True, half=True, symmetric7=False) -> torch.Tensor:
+    blocks = x.reshape(-1, 32)
+    if symmetric7:
+        scale = blocks.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 7
+        return ((blocks / scale).round().clamp(-7, 7) * scale).reshape(-1)
+    largest = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    d = (largest if signed else largest.abs()) / -8
+    inverse = torch.where(d == 0, 0.0, 1 / d)
+    q = torch.floor(blocks * inverse + 8.5).clamp(0, 15)
+    stored = d.half().float() if half else d
+    return ((q - 8) * stored).reshape(-1)
+
+
+# 10.kv_step -----------------------------------------------------------------------------------
+
+
+def _kv_step_expected(q, k, v, cache_k, cache_v, length):
+    batch, heads, _, dim = q.shape
+    kv_heads, max_len = cache_k.shape[1], cache_k.shape[2]
+    config = ModelConfig(
+        vocab_size=1, hidden_size=heads * dim, intermediate_size=1, num_hidden_layers=1,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=dim,
+    )  # fmt: skip
+    cache = KVCache(config, batch, max_len)
+    cache.keys[0], cache.values[0] = cache_k.clone(), cache_v.clone()
+    cache.length = length
+    keys, values = cache.update(0, k, v)
+    out = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+    return out, cache.keys[0], cache.values[0]
+
+
+def _kv_step_cases() -> Iterator[Case]:
+    g = _generator(11)
+
+    def step(batch, heads, kv_heads, dim, max_len, length):
+        def r(*shape):
+            return torch.randn(*shape, generator=g)
+
+        cache_k, cache_v = torch.zeros(2, batch, kv_heads, max_len, dim)
+        cache_k[:, :, :length], cache_v[:, :, :length] = (
+            r(batch, kv_heads, length, dim),
+            r(batch, kv_heads, length, dim),
+        )
+        q, k, v = r(batch, heads, 1, dim), r(batch, kv_heads, 1, dim), r(batch, kv_heads, 1, dim)
+        return q, k, v, cache_k, cache_v, length
+
+    yield Case("the first token (an empty cache), 2 heads", step(1, 2, 2, 4, 6, 0))
+    yield Case("5 tokens cached of 8, GQA 4/2", step(1, 4, 2, 8, 8, 5))
+    yield Case("a batch of 2, MQA 3/1, 3 cached of 10", step(2, 3, 1, 4, 10, 3))
+    yield Case("the last free position", step(1, 2, 1, 4, 4, 3))
+
+
+def _kv_step_by(q, k, v, cache_k, cache_v, length, *, write=True, at=0, read_all=False):
+    if write:
+        cache_k[:, :, length + at], cache_v[:, :, length + at] = k[:, :, 0], v[:, :, 0]
+    end = cache_k.shape[2] if read_all else length + 1
+    keys, values = cache_k[:, :, :end], cache_v[:, :, :end]
+    if not write:
+        keys, values = cache_k[:, :, :length], cache_v[:, :, :length]
+    groups = q.shape[1] // k.shape[1]
+    keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+    weights = (q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+    return weights @ values, cache_k, cache_v
+
+
 # 10.residual ----------------------------------------------------------------------------------
 
 
@@ -887,6 +1103,115 @@ EXERCISES: dict[str, Exercise] = {
                 "softmax over the k chosen logits": _routing_over_chosen_logits,
                 "never rescaled": lambda lg, k, n: top_k_routing(lg, k, False),
                 "the k least probable": _routing_least_probable,
+            },
+        ),
+        Exercise(
+            "04.pack",
+            "pack(documents, seq_len, separator) -> a (rows, seq_len + 1) long tensor: the "
+            "documents (lists of token ids) concatenated, each followed by `separator`, cut into "
+            "rows of seq_len + 1 tokens; the incomplete last row is dropped.",
+            pack,
+            _pack_cases,
+            "one stream of tokens, the separator after every document (an empty one too), then "
+            "as many whole rows of seq_len + 1 as fit: a row's inputs are row[:-1], its targets "
+            "row[1:].",
+            wrong={
+                "the separator before each document": lambda d, n, s: _pack_by(
+                    d, n, s, before=True
+                ),
+                "rows of seq_len tokens": lambda d, n, s: _pack_by(d, n, s, width=n),
+                "the last row padded, not dropped": lambda d, n, s: _pack_by(d, n, s, pad=True),
+            },
+        ),
+        Exercise(
+            "07.kd_loss",
+            "kd_loss(student_logits, teacher_logits, temperature) -> Hinton's soft-target loss "
+            "for logits (N, V): T² · KL(p ‖ q) averaged over the N positions, with p = "
+            "softmax(teacher / T) and q = softmax(student / T), in nats.",
+            _kd_expected,
+            _kd_cases,
+            "soften both models with the same T, take KL(teacher ‖ student) = Σ p (log p − log q) "
+            "over the vocabulary, average over positions, and multiply by T² so the gradients "
+            "keep their size as T grows.",
+            atol=1e-6,
+            rtol=1e-5,
+            wrong={
+                "no T²": lambda s, t, T: _kd_by(s, t, T, squared=False),
+                "KL(student ‖ teacher)": lambda s, t, T: _kd_by(s, t, T, reverse=True),
+                "summed over positions": lambda s, t, T: _kd_by(s, t, T, reduce="sum"),
+            },
+        ),
+        Exercise(
+            "08.gptq",
+            "gptq(weight, hessian) -> the weight quantized by GPTQ and back: symmetric int4, one "
+            "scale per row (the row's max|w| before any update / 7, codes in [−7, 7]). With U "
+            "the upper Cholesky factor of H⁻¹, for each column j in order: q = the column "
+            "rounded to the grid, e = (w_j − q) / U[j, j], the columns after j −= e ⊗ U[j, j+1:], "
+            "and column j becomes q.",
+            _gptq_expected,
+            _gptq_cases,
+            "fix the scales from the weight as given; spread each column's error onto the "
+            "columns not yet quantized, divided by U[j, j], with row j of the Cholesky factor "
+            "of H⁻¹ (torch.linalg.cholesky(torch.linalg.inv(H), upper=True)).",
+            atol=1e-6,
+            wrong={
+                "round to nearest, no error spread": lambda w, h: _gptq_by(w, h, spread=False),
+                "the error not divided by U[j, j]": lambda w, h: _gptq_by(w, h, divide=False),
+                "rows of H⁻¹, not of its Cholesky factor": lambda w, h: _gptq_by(
+                    w, h, cholesky=False
+                ),
+            },
+        ),
+        Exercise(
+            "09.wanda",
+            "wanda_prune(weight, input_norms, sparsity) -> the (out, in) weight with, in each "
+            "row, the round(sparsity · in) weights of lowest score |W_ij| · ‖X_j‖ set to zero "
+            "(input_norms holds ‖X_j‖, the norm of input j over the calibration tokens).",
+            _wanda_expected,
+            _wanda_cases,
+            "score each weight by its size times the norm of the input it multiplies, and "
+            "compare weights within a row only: every output keeps the same number.",
+            wrong={
+                "magnitude only": lambda w, n, s: _wanda_by(w, n, s, norms=False),
+                "the whole layer ranked together": lambda w, n, s: _wanda_by(w, n, s, per="layer"),
+                "the highest scores removed": lambda w, n, s: _wanda_by(w, n, s, highest=True),
+            },
+        ),
+        Exercise(
+            "10b.q4_0",
+            "q4_0(x) -> x (float32, a multiple of 32 long) through llama.cpp's Q4_0 and back: "
+            "per block of 32, d = the value of largest magnitude, its sign kept, / −8; codes "
+            "q = min(15, floor(x · (1/d) + 8.5)) (all 8 where d is 0); the file stores d as "
+            "float16, so the value read back is (q − 8) · float16(d).",
+            _q4_0_expected,
+            _q4_0_cases,
+            "keep the sign of the largest value, so that it lands on code 0 (−8·d) and never "
+            "needs the missing +8; compute codes with d in float32, dequantize with d rounded "
+            "to float16, as the file stores it.",
+            atol=0.0,
+            rtol=1e-6,
+            wrong={
+                "d from max|x| (the sign dropped)": lambda x: _q4_0_by(x, signed=False),
+                "d kept in float32": lambda x: _q4_0_by(x, half=False),
+                "symmetric int4, max|x| / 7": lambda x: _q4_0_by(x, symmetric7=True),
+            },
+        ),
+        Exercise(
+            "10.kv_step",
+            "attend_step(q, k, v, cache_k, cache_v, length) -> (out, cache_k, cache_v): one "
+            "decoding step. q (B, H, 1, D) is the new token's query, k and v (B, Hkv, 1, D) its "
+            "key and value; cache_k and cache_v (B, Hkv, max_len, D) hold `length` earlier "
+            "tokens. Write k and v at position `length`, then attend q to keys 0 … length: "
+            "softmax(q·kᵀ/√D)·v, query head h reading key/value head h // (H / Hkv).",
+            _kv_step_expected,
+            _kv_step_cases,
+            "the new token is written first and attends to itself; read only the length + 1 "
+            "positions filled, never the zeros after them.",
+            atol=1e-5,
+            wrong={
+                "attended before writing": lambda *a: _kv_step_by(*a, write=False),
+                "written one position late": lambda *a: _kv_step_by(*a, at=1),
+                "the whole buffer attended": lambda *a: _kv_step_by(*a, read_all=True),
             },
         ),
     )

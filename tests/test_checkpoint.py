@@ -119,6 +119,20 @@ def test_wrong_shape_is_named(ckpt) -> None:
         slmlab.load(path)
 
 
+def test_a_config_asking_for_more_layers_than_the_weights_hold_is_refused_at_once(ckpt) -> None:
+    """Before any module is built: 200,000 layers took minutes to build and then failed."""
+    _, path = ckpt
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] = 200_000
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError,
+        match=r"config\.json says num_hidden_layers = 200000, but the weights hold 2 \(numbered "
+        r"0 to 1\); correct num_hidden_layers in config\.json",
+    ):
+        slmlab.load(path)
+
+
 def test_unexpected_tensor_is_named(ckpt) -> None:
     _, path = ckpt
     corrupt(path, **{"model.layers.9.extra": torch.ones(2)})

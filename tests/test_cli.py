@@ -126,3 +126,31 @@ def test_bad_requests_are_refused_before_any_work(tmp_path) -> None:
     out = run("quantize", str(ckpt), "--out", str(ckpt / "."))
     assert out.returncode == 1
     assert "is the checkpoint being quantized" in out.stderr.strip().splitlines()[-1]
+
+
+def test_an_unwritable_output_is_one_line_and_slmlab_debug_shows_the_traceback(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = ["budget", "SmolLM2-135M", "--json", str(blocker / "budget.json")]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(lines) == 1 and lines[0].startswith("slmlab budget: error: ") and "a-file" in lines[0]
+    )
+    monkeypatch.setenv("SLMLAB_DEBUG", "1")
+    with pytest.raises(OSError):
+        main(args)
+
+
+def test_a_typo_in_a_quantization_table_is_named(tmp_path, capsys) -> None:
+    from slmlab.quant import QuantConfig
+
+    with pytest.raises(
+        ValueError, match=r"qat\.bitz is not a QuantConfig field; known: \[.*'bits'"
+    ):
+        QuantConfig.from_table({"bitz": 4}, "qat")
+    assert QuantConfig.from_table({"bits": 2}, "qat") == QuantConfig(bits=2)

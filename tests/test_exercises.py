@@ -183,6 +183,86 @@ def _reference_residual(p, q):
     return (residual / residual.sum()).to(p.dtype)
 
 
+def _reference_pack(documents, seq_len, separator):
+    # the stream cut with a slice per row, as one would on paper
+    stream = []
+    for doc in documents:
+        stream += [*doc, separator]
+    width = seq_len + 1
+    rows = [stream[i : i + width] for i in range(0, len(stream), width)]
+    return torch.tensor([r for r in rows if len(r) == width], dtype=torch.long)
+
+
+def _reference_kd_loss(student, teacher, temperature):
+    # PyTorch's KLDivLoss as Hinton et al.'s recipe uses it: batchmean, times T²
+    t = temperature
+    return t * t * F.kl_div(
+        F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
+        reduction="batchmean", log_target=True,
+    ).item()  # fmt: skip
+
+
+def _reference_gptq(weight, hessian):
+    # Optimal Brain Quantization's update, derived again at every column: the free columns'
+    # inverse Hessian recomputed from H itself, no Cholesky factor (Frantar et al. 2022, eq. 2)
+    w = weight.clone()
+    scale = w.abs().amax(1) / 7
+    cols = w.shape[1]
+    for j in range(cols):
+        free = torch.arange(j, cols)
+        inverse = torch.linalg.inv(hessian[free][:, free])
+        q = (w[:, j] / scale).round().clamp(-7, 7) * scale
+        error = (w[:, j] - q) / inverse[0, 0]
+        w[:, j:] -= error[:, None] * inverse[0][None, :]
+        w[:, j] = q
+    return w
+
+
+def _reference_wanda(weight, input_norms, sparsity):
+    # Sun et al.'s Algorithm 1, one row at a time with a sort
+    out = weight.clone()
+    drop = round(sparsity * weight.shape[1])
+    for r in range(weight.shape[0]):
+        scores = weight[r].abs() * input_norms
+        out[r, torch.sort(scores, stable=True).indices[:drop]] = 0.0
+    return out
+
+
+def _reference_q4_0(x):
+    # llama.cpp's quantize_row_q4_0_ref and dequantize_row_q4_0 (ggml-quants.c), one block and
+    # one value at a time, in float32 as C computes them
+    import numpy as np
+
+    values = x.numpy().astype(np.float32)
+    out = np.empty_like(values)
+    for start in range(0, len(values), 32):
+        block = values[start : start + 32]
+        amax, largest = np.float32(0), np.float32(0)
+        for v in block:
+            if abs(v) > amax:
+                amax, largest = abs(v), v
+        d = np.float32(largest / np.float32(-8))
+        inverse = np.float32(1) / d if d else np.float32(0)
+        stored = np.float32(np.float16(d))
+        for i, v in enumerate(block):
+            q = min(15, int(np.float32(v * inverse) + np.float32(8.5)))
+            out[start + i] = np.float32(q - 8) * stored
+    return torch.from_numpy(out)
+
+
+def _reference_kv_step(q, k, v, cache_k, cache_v, length):
+    # the cache written by hand, then transformers' own attention over what it holds
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    cache_k, cache_v = cache_k.clone(), cache_v.clone()
+    cache_k[:, :, length], cache_v[:, :, length] = k[:, :, 0], v[:, :, 0]
+    groups = q.shape[1] // k.shape[1]
+    keys = repeat_kv(cache_k[:, :, : length + 1], groups)
+    values = repeat_kv(cache_v[:, :, : length + 1], groups)
+    out = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ values
+    return out, cache_k, cache_v
+
+
 REFERENCES = {
     "01.param_count": _reference_param_count,
     "01.kv_cache_bytes": _reference_kv_bytes,
@@ -201,6 +281,12 @@ REFERENCES = {
     "08.rtn": _reference_rtn,
     "05.lr": _reference_lr,
     "11.perplexity": _reference_perplexity,
+    "04.pack": _reference_pack,
+    "07.kd_loss": _reference_kd_loss,
+    "08.gptq": _reference_gptq,
+    "09.wanda": _reference_wanda,
+    "10b.q4_0": _reference_q4_0,
+    "10.kv_step": _reference_kv_step,
 }
 
 

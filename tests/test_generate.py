@@ -285,6 +285,14 @@ def test_bad_generation_controls(kwargs: dict, message: str) -> None:
         slmlab.generate(model, [[1, 2]], 4, **kwargs)
 
 
+def test_more_new_tokens_than_memory_holds_are_refused_before_allocating() -> None:
+    model = DecoderLM(VARIANTS["llama-gqa-untied"]).eval()
+    with pytest.raises(
+        ValueError, match=r"1 × 100000000002 tokens need .* GiB of cache, more than"
+    ):
+        slmlab.generate(model, [[1, 2]], 10**11)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_generation_on_cuda_gives_the_cpu_tokens(monkeypatch) -> None:

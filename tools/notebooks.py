@@ -4,6 +4,7 @@
     python tools/notebooks.py check            # fail if any pair has drifted apart
     python tools/notebooks.py zoo              # train the zoo models the chapters name
     python tools/notebooks.py times CACHE      # how long each chapter took in the book build
+    python tools/notebooks.py times CACHE --json   # ... and the zoo's training: the teachers' page
 
 The markdown is the source: it diffs well and is what the book builds from. `sync` converts it
 with jupytext, executes it (unless only the prose changed), and keeps only the outputs of cells
@@ -119,6 +120,38 @@ def drift(md: Path) -> str | None:
     return None
 
 
+def write_times(runs: dict[str, float | None]) -> None:
+    """benchmarks/results/chapters.json: each chapter's seconds in the build that filled the
+    jupyter cache, and each zoo model's in $SLMLAB_HOME/zoo (from its lock file, taken when its
+    training began, to its newest file): run it after a full build from an empty cache, which
+    is what a teacher preparing a class does."""
+    import datetime
+    import json
+
+    from slmlab.env import cache_dir, report
+
+    zoo = {}
+    for lock in sorted((cache_dir() / "zoo").glob("*.lock"), key=lambda p: p.stat().st_mtime):
+        folder = lock.with_suffix("")
+        files = [f.stat().st_mtime for f in folder.rglob("*") if f.is_file()]
+        if files:
+            zoo[folder.name.rsplit("-", 1)[0]] = round(max(files) - lock.stat().st_mtime)
+    result = {
+        "benchmark": "chapters",
+        "date": datetime.date.today().isoformat(),
+        "machine": report(),
+        "chapters": {
+            md.stem: {"seconds": round(runs[md.name])} for md in chapters() if runs.get(md.name)
+        },
+        "zoo": zoo,
+    }
+    out = ROOT / "benchmarks" / "results" / "chapters.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["sync"]:
         names = set(argv[1:])
@@ -131,7 +164,7 @@ def main(argv: list[str]) -> int:
 
         zoo.prepare(name for md in chapters() for name in zoo_models(md))
         return 0
-    if argv[:1] == ["times"] and len(argv) == 2:
+    if argv[:1] == ["times"] and len(argv) in (2, 3) and argv[2:] in ([], ["--json"]):
         from jupyter_cache import get_cache
 
         runs = {
@@ -141,6 +174,8 @@ def main(argv: list[str]) -> int:
         for md in chapters():
             seconds = runs.get(md.name)
             print(f"{md.stem:<20} " + (f"{seconds:6.0f} s" if seconds else "     —"))
+        if argv[2:] == ["--json"]:
+            write_times(runs)
         return 0
     if argv[:1] == ["check"]:
         for md in chapters():

@@ -154,7 +154,9 @@ def round_base_(model: DecoderLM, config: TrainConfig) -> DecoderLM:
     and the output head stay in full precision."""
     assert config.quantize_base is not None
     skip = ("lm_head", "lora_A", "lora_B")
-    return quantize_(model, QuantConfig(**{**config.quantize_base, "skip": skip}))
+    return quantize_(
+        model, QuantConfig.from_table({**config.quantize_base, "skip": skip}, "quantize_base")
+    )
 
 
 def train_finetune(config: TrainConfig, out: str | Path, **options: Any) -> TrainResult:

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..env import memory_bytes
+from ..models.budget import kv_cache_bytes_per_token
 from ..models.decoder import DecoderLM, KVCache
 from .kv_cache import Int8KVCache, SinkKVCache
 
@@ -148,6 +150,18 @@ def _constrain(
     return logits + mask
 
 
+def _check_fits(config, batch: int, length: int, device: torch.device) -> None:
+    """Refuse, before allocating, a generation whose cache alone would not fit in memory: asked
+    for 10^11 tokens, torch would otherwise try to allocate terabytes, or swap for hours."""
+    needed = batch * length * (kv_cache_bytes_per_token(config, "fp32") + 16)  # + ids and mask
+    have = memory_bytes(device)
+    if needed > have:
+        raise ValueError(
+            f"{batch} × {length} tokens need {needed / 2**30:,.1f} GiB of cache, more than the "
+            f"{have / 2**30:,.1f} GiB this {device.type} has; ask for fewer new tokens"
+        )
+
+
 @torch.no_grad()
 def generate(
     model: DecoderLM,
@@ -245,6 +259,7 @@ def generate(
         generator = torch.Generator(device=device)
         generator.manual_seed(0 if seed is None else seed)
 
+    _check_fits(config, B, T + max_new_tokens, device)
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
     out[:, :T] = ids
     full_mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)

@@ -22,8 +22,10 @@ large vocabulary is a large share of the bytes; the tied output head then shares
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,6 +77,16 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         return self.method in ("gptq", "awq", "smoothquant")
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any], where: str) -> QuantConfig:
+        """A config's ``[where]`` table (``qat``, ``quantize_base``) as a QuantConfig: a field
+        that does not exist (a typo such as ``bitz``) is an error, never a default in silence."""
+        known = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(table) - set(known))
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]} is not a QuantConfig field; known: {known}")
+        return cls(**table)
 
 
 @torch.no_grad()

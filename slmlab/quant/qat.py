@@ -87,5 +87,5 @@ def train_qat(config: TrainConfig, out, **kwargs) -> TrainResult:
     real-valued weights underneath. A config without `qat` trains as it would anyway."""
     if config.qat is None:
         return _train(config, out, **kwargs)
-    qat = QuantConfig(**config.qat)
+    qat = QuantConfig.from_table(config.qat, "qat")
     return _train(config, out, prepare=lambda model: prepare_qat_(model, qat), **kwargs)

@@ -354,7 +354,7 @@ def load(name: str, *, quick: bool | None = None, progress: bool = True):  # -> 
         from ..quant import QuantConfig
         from ..quant.qat import convert_qat_, prepare_qat_
 
-        convert_qat_(prepare_qat_(model, QuantConfig(**qat)))
+        convert_qat_(prepare_qat_(model, QuantConfig.from_table(qat, "qat")))
     return model
 
 

@@ -397,3 +397,58 @@ def test_fingerprint_covers_every_field_and_ignores_defaults() -> None:
     prints = {TINY.replace(**needs.get(k, {}), **{k: v}).fingerprint() for k, v in changed.items()}
     assert len(prints) == len(changed) and TINY.fingerprint() not in prints
     assert TINY.replace(qat=None).fingerprint() == TINY.fingerprint()
+
+
+KILLABLE = """
+import os, pathlib, signal, sys
+from slmlab.train import TrainConfig, train
+
+config, out, kill_at = TrainConfig.from_file(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3])
+rename, calls = pathlib.Path.rename, [0]
+
+def killed_on_a_rename(self, target):  # checkpoint saves rename twice: aside, then into place
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(self, target)
+
+pathlib.Path.rename = killed_on_a_rename
+resume = (out / "last").exists() or any(out.glob(".last.*"))
+train(config, out, resume=resume, progress=False)
+"""
+
+
+def test_sigkilled_runs_resume_to_the_uninterrupted_weights(tmp_path, data) -> None:
+    """Real kills (SIGKILL, no clean-up runs): inside a first save, between the two renames of a
+    later one, and at a moment drawn from a seeded clock; each time the run is started again
+    with --resume, and the end is the uninterrupted run's weights and log, bit for bit."""
+    import random
+
+    straight = train(TINY, tmp_path / "straight", progress=False, data=data).out
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY.to_toml())
+    run = tmp_path / "run"
+
+    def start(kill_at: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", KILLABLE, str(recipe), str(run), str(kill_at)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    for kill_at in (1, 2):  # the first save's rename; the second save's, between its two
+        done = start(kill_at)
+        assert done.wait(timeout=300) == -9, done.stderr.read()[-2000:]
+    late = start(0)
+    time = random.Random(0).uniform(0.5, 3.0)
+    try:
+        late.wait(timeout=time)
+    except subprocess.TimeoutExpired:
+        late.kill()
+        late.wait()
+    final = start(0)
+    assert final.wait(timeout=300) == 0, final.stderr.read()[-2000:]
+    a, b = weights(straight), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = lambda r: [json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert log(straight) == log(run)
+    assert [p.name for p in run.iterdir() if p.name.startswith(".last")] == []

@@ -256,9 +256,22 @@ def load_task(spec: str | Path) -> Task:
         raise TaskError(
             f"{spec}: no such task file, and not a built-in task ({', '.join(STORY_TASKS)})"
         )
-    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise TaskError(
+            f"{path}: not a readable YAML file ({' '.join(str(err).split())})"
+        ) from None
     if not isinstance(config, dict):
         raise TaskError(f"{path}: a task file is a YAML mapping")
+    try:
+        return _task(config, path)
+    except (TypeError, AttributeError) as err:
+        # A field of the wrong kind (a list where a name belongs) no check above caught.
+        raise TaskError(f"{path}: a field has the wrong type ({err})") from None
+
+
+def _task(config: dict[str, Any], path: Path) -> Task:
     unknown = set(config) - SUPPORTED - IGNORED
     if unknown:
         raise TaskError(

@@ -503,8 +503,19 @@ class ModelConfig:
         and the transformers 5 one (``rope_parameters``). Anything that would change the
         computation and that this model does not implement is refused, never ignored.
         """
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{source}: must hold a JSON object, got {type(hf).__name__}")
+        try:
+            return cls._from_hf_dict(hf, source)
+        except (TypeError, AttributeError, OverflowError) as err:
+            # A field of the wrong kind (a list where a number belongs, a string where a table
+            # does) that no specific check above caught: still one line naming the file.
+            raise ConfigError(f"{source}: a field has the wrong type ({err})") from None
+
+    @classmethod
+    def _from_hf_dict(cls, hf: dict[str, Any], source: str) -> ModelConfig:
         model_type = hf.get("model_type")
-        if model_type not in HF_ARCHITECTURES:
+        if not isinstance(model_type, str) or model_type not in HF_ARCHITECTURES:
             raise ConfigError(
                 f"{source}: unknown architecture model_type={model_type!r}; slmlab loads "
                 f"{sorted(HF_ARCHITECTURES)} checkpoints"
@@ -522,8 +533,13 @@ class ModelConfig:
         window, layer_types = _hf_sliding_window(hf, model_type)
         if mamba:
             layer_types = mamba.pop("layer_types")
+        for table in ("rope_parameters", "rope_scaling"):
+            if hf.get(table) is not None and not isinstance(hf[table], dict):
+                raise ConfigError(f"{source}: {table} must be a table, got {hf[table]!r}")
         rope = dict(hf.get("rope_parameters") or {})
         rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        if isinstance(rope_theta, bool) or not isinstance(rope_theta, int | float):
+            raise ConfigError(f"{source}: rope_theta must be a number, got {rope_theta!r}")
         scaling = hf.get("rope_scaling") or (rope if rope else None)
         if scaling is not None:
             scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
@@ -577,7 +593,7 @@ class ModelConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
         return cls.from_hf_dict(data, source=str(path))
 

@@ -287,10 +287,11 @@ def test_bad_generation_controls(kwargs: dict, message: str) -> None:
 
 def test_more_new_tokens_than_memory_holds_are_refused_before_allocating() -> None:
     model = DecoderLM(VARIANTS["llama-gqa-untied"]).eval()
-    with pytest.raises(
-        ValueError, match=r"1 × 100000000002 tokens need .* GiB of cache, more than"
-    ):
+    with pytest.raises(ValueError, match=r"1 × 100000000002 tokens need .* GiB, more than the"):
         slmlab.generate(model, [[1, 2]], 10**11)
+    # a window bounds the cache, not the ids: 10^13 tokens are still refused
+    with pytest.raises(ValueError, match=r"1 × 10000000000002 tokens need"):
+        slmlab.generate(model, [[1, 2]], 10**13, attention_window=8, attention_sinks=2)
 
 
 @pytest.mark.cuda

@@ -125,3 +125,25 @@ def test_long_generation_and_bad_settings() -> None:
         slmlab.generate(model, [1], 4, attention_window=20, kv_cache_dtype=torch.int8)
     with pytest.raises(ValueError, match="position 32 is beyond"):
         slmlab.generate(model, [1, 2, 3], 40, stop_tokens=())  # without a window
+
+
+def test_a_sliding_model_needs_a_cache_no_longer_than_its_window() -> None:
+    """Mistral's layers all look back `sliding_window` tokens: a cache of that many positions
+    and no sinks (positions shifted as tokens leave) decodes the tokens of the full cache, with
+    memory that stops growing at the window."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, model_type="mistral", sliding_window=8,
+        max_position_embeddings=256,
+    )  # fmt: skip
+    model = DecoderLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)  # sharp distributions: a wrong key shows in the tokens
+    full = slmlab.generate(model, [[1, 2, 3, 4, 5]], 60)
+    bounded = slmlab.generate(model, [[1, 2, 3, 4, 5]], 60, attention_window=8, attention_sinks=0)
+    assert full == bounded
+    assert len(set(full[0][20:])) > 5  # it kept writing new tokens past the window
+    shorter = slmlab.generate(model, [[1, 2, 3, 4, 5]], 60, attention_window=6, attention_sinks=0)
+    assert shorter != full  # the check can tell: two keys short of the window changes the text

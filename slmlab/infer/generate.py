@@ -150,14 +150,15 @@ def _constrain(
     return logits + mask
 
 
-def _check_fits(config, batch: int, length: int, device: torch.device) -> None:
-    """Refuse, before allocating, a generation whose cache alone would not fit in memory: asked
-    for 10^11 tokens, torch would otherwise try to allocate terabytes, or swap for hours."""
-    needed = batch * length * (kv_cache_bytes_per_token(config, "fp32") + 16)  # + ids and mask
+def _check_fits(config, batch: int, length: int, cached: int, device: torch.device) -> None:
+    """Refuse, before allocating, a generation that would not fit in memory: the ids and mask
+    of `length` tokens a row, and a cache of `cached` positions. Asked for 10^11 tokens, torch
+    would otherwise try to allocate terabytes, or swap for hours."""
+    needed = batch * (length * 16 + cached * kv_cache_bytes_per_token(config, "fp32"))
     have = memory_bytes(device)
     if needed > have:
         raise ValueError(
-            f"{batch} × {length} tokens need {needed / 2**30:,.1f} GiB of cache, more than the "
+            f"{batch} × {length} tokens need {needed / 2**30:,.1f} GiB, more than the "
             f"{have / 2**30:,.1f} GiB this {device.type} has; ask for fewer new tokens"
         )
 
@@ -259,7 +260,9 @@ def generate(
         generator = torch.Generator(device=device)
         generator.manual_seed(0 if seed is None else seed)
 
-    _check_fits(config, B, T + max_new_tokens, device)
+    total = T + max_new_tokens
+    cached = total if attention_window is None else min(total, attention_sinks + attention_window)
+    _check_fits(config, B, total, cached if use_cache else 0, device)
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
     out[:, :T] = ids
     full_mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)

@@ -76,6 +76,11 @@ class SinkKVCache(KVCache):
     is linear in the position; llama.cpp's context shift does the same). `evict` 1 is
     StreamingLLM; more drops that many at a time, so the cache is copied less often, as
     llama.cpp drops half its context when it fills.
+
+    For a model whose every layer slides (Mistral's `sliding_window`), ``sinks=0`` and
+    ``window=sliding_window`` lose nothing: no layer looks further back, so the cache stops
+    growing at the window and decodes the tokens a full cache would
+    (``generate(..., attention_window=W, attention_sinks=0)``).
     """
 
     def __init__(

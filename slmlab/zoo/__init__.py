@@ -213,7 +213,7 @@ RECIPES: dict[str, Recipe] = {
             }
         ),
         quick_steps=30,
-        minutes=3,
+        minutes=4.5,
     ),
     "stories-1m-hybrid": Recipe(
         _STORIES_1M.replace(
@@ -233,7 +233,7 @@ RECIPES: dict[str, Recipe] = {
             }
         ),
         quick_steps=30,
-        minutes=3,
+        minutes=5,
     ),
     # stories-8m on superword tokens, whose merges cross spaces (chapter 02): 2.6 times the
     # text in the same steps, and what that costs the story suites.

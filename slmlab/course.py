@@ -110,7 +110,7 @@ def labs(notebooks: Path | None = None, times: Path | None = None) -> list[Lab]:
         if not any(
             c.cell_type == "markdown" and "## Exercises" in c.source for c in notebook.cells
         ):
-            continue  # a page without exercises (the tour)
+            continue  # a page without exercises
         _, _, items, _ = _exercises(path, notebook)
         meta = notebook.metadata.get("slmlab", {})
         title = next(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .data.chat import IGNORE
 from .data.packing import pack
 from .distill.losses import divergence
-from .eval import choice_picks
+from .eval import TextScore, choice_picks
 from .infer.speculative import residual_distribution
 from .layers.formats import dequantize, quantize
 from .models import ModelConfig
@@ -585,6 +585,23 @@ def _ssd_step_by(state, x, dt, A, B, C, *, decay_dt=True, write_dt=True, read_ne
     return (new if read_new else state) @ C[..., None], new
 
 
+# 00.bits_per_char ------------------------------------------------------------------------------
+
+
+def _bpc_expected(token_nats: torch.Tensor, text: str) -> float:
+    bits = float(token_nats.double().sum()) / math.log(2)
+    return TextScore(bits, len(token_nats), len(text), len(text.encode()), 0).bits_per_char
+
+
+def _bpc_cases() -> Iterator[Case]:
+    g = _generator(0)
+    yield Case("three tokens of 'Once upon'", (torch.tensor([2.0, 1.5, 0.5]), "Once upon"))
+    yield Case("letters outside ASCII (2 bytes each)", (
+        torch.rand(5, generator=g, dtype=torch.float64) * 4, "Léo était là — à midi."))  # fmt: skip
+    story = "Once upon a time, Mia found a red ball. She was happy. The end."
+    yield Case("a story, 20 tokens", (torch.rand(20, generator=g, dtype=torch.float64) * 3, story))
+
+
 # 04.pack --------------------------------------------------------------------------------------
 
 
@@ -1103,6 +1120,23 @@ EXERCISES: dict[str, Exercise] = {
                 "softmax over the k chosen logits": _routing_over_chosen_logits,
                 "never rescaled": lambda lg, k, n: top_k_routing(lg, k, False),
                 "the k least probable": _routing_least_probable,
+            },
+        ),
+        Exercise(
+            "00.bits_per_char",
+            "bits_per_char(token_nats, text) -> the book's measure of a model on `text`: the "
+            "losses of its tokens (natural-log, one per token, a tensor) summed, in bits, per "
+            "character of the text.",
+            _bpc_expected,
+            _bpc_cases,
+            "sum the losses, divide by ln 2 to turn nats into bits, and divide by the number of "
+            "characters (len(text)), not of tokens or of bytes.",
+            atol=1e-9,
+            rtol=1e-9,
+            wrong={
+                "nats, not bits": lambda n, t: float(n.double().sum()) / len(t),
+                "per token": lambda n, t: float(n.double().sum()) / math.log(2) / len(n),
+                "per byte": lambda n, t: float(n.double().sum()) / math.log(2) / len(t.encode()),
             },
         ),
         Exercise(

@@ -263,6 +263,11 @@ def _reference_kv_step(q, k, v, cache_k, cache_v, length):
     return out, cache_k, cache_v
 
 
+def _reference_bits_per_char(token_nats, text):
+    # a closed form: log2(e) bits in a nat, one character at a time
+    return sum(float(x) for x in token_nats) * math.log2(math.e) / sum(1 for _ in text)
+
+
 REFERENCES = {
     "01.param_count": _reference_param_count,
     "01.kv_cache_bytes": _reference_kv_bytes,
@@ -281,6 +286,7 @@ REFERENCES = {
     "08.rtn": _reference_rtn,
     "05.lr": _reference_lr,
     "11.perplexity": _reference_perplexity,
+    "00.bits_per_char": _reference_bits_per_char,
     "04.pack": _reference_pack,
     "07.kd_loss": _reference_kd_loss,
     "08.gptq": _reference_gptq,

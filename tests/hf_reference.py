@@ -146,6 +146,23 @@ VARIANTS: dict[str, ModelConfig] = {
         tie_word_embeddings=False,
         max_position_embeddings=256,
     ),
+    # DeepSeek-V3's latent attention: a query latent too, and its interleaved rotary layout.
+    "deepseek-latent": ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        model_type="deepseek_v3",
+        head_dim=8,
+        kv_lora_rank=24,
+        q_lora_rank=32,
+        qk_nope_head_dim=12,
+        v_head_dim=16,
+        rope_interleave=True,
+        tie_word_embeddings=False,
+        max_position_embeddings=256,
+    ),
 }
 
 

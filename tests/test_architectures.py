@@ -1,4 +1,5 @@
-"""The architecture options of the one `DecoderLM`: a sliding window, a mixture of experts.
+"""The architecture options of the one `DecoderLM`: a sliding window, a mixture of experts,
+Mamba-2 layers, latent attention.
 
 Transformers' parity for Mistral, Qwen2 (sliding and full layers), Mixtral and Qwen2-MoE is in
 test_decoder.py (both directions, through checkpoints); here: the cache changes nothing, the
@@ -25,6 +26,7 @@ NEW = [
     "mixtral-moe",
     "qwen2-moe-shared-expert",
     "bamba-hybrid",
+    "deepseek-latent",
 ]
 
 
@@ -195,6 +197,7 @@ def test_quantization_reaches_the_experts_by_name() -> None:
         ("mistral-sliding", "gguf", "config.sliding_window is 7"),
         ("qwen2-moe-shared-expert", "onnx", "'model.layers.0.mlp' is a SparseMoE"),
         ("bamba-hybrid", "gguf", "'model.layers.0.mamba' is a Mamba2Mixer"),
+        ("deepseek-latent", "onnx", "'model.layers.0.self_attn' is a LatentAttention"),
     ],
 )
 def test_exporters_refuse_what_they_cannot_write(name, fmt, message, tmp_path) -> None:
@@ -242,6 +245,49 @@ BASE = VARIANTS["mixtral-moe"].to_dict()
 def test_bad_architecture_fields_are_refused_by_name(changes: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict({**BASE, **changes})
+
+
+LATENT = VARIANTS["deepseek-latent"].to_dict()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"kv_lora_rank": 65}, r"kv_lora_rank \(65\) is above hidden_size \(64\)"),
+        ({"q_lora_rank": 128}, r"q_lora_rank \(128\) is above hidden_size \(64\)"),
+        ({"kv_lora_rank": 0}, "kv_lora_rank must be a positive integer for 'deepseek_v3'"),
+        ({"num_key_value_heads": 2}, "num_key_value_heads must equal num_attention_heads"),
+        ({"sliding_window": 8}, "latent attention over dense MLPs here: no sliding_window"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling is not supported"),
+        ({"model_type": "llama"}, "kv_lora_rank, q_lora_rank, qk_nope_head_dim and v_head_dim are"),
+    ],
+)
+def test_bad_latent_attention_fields_are_refused_by_name(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict({**LATENT, **changes})
+
+
+def test_deepseeks_mixture_of_experts_is_refused_not_misread() -> None:
+    hf = VARIANTS["deepseek-latent"].to_hf_dict()
+    assert ModelConfig.from_hf_dict(hf) == VARIANTS["deepseek-latent"]
+    with pytest.raises(
+        ConfigError, match=r"first_k_dense_replace \(1\) is below num_hidden_layers"
+    ):
+        ModelConfig.from_hf_dict({**hf, "first_k_dense_replace": 1})
+
+
+def test_the_latent_cache_holds_the_latent_and_the_shared_key() -> None:
+    """What latent attention is for: per token and layer, kv_lora_rank + rotated channels,
+    whatever the number of heads (here 24 + 8 against 2 × 4 heads × 8 channels)."""
+    from slmlab.models.budget import kv_cache_bytes_per_token
+
+    config = VARIANTS["deepseek-latent"]
+    cache = KVCache(config, 1, 10)
+    assert cache.nbytes() == 10 * kv_cache_bytes_per_token(config, "fp32")
+    assert kv_cache_bytes_per_token(config, "fp32") == 2 * (24 + 8) * 4
+    ordinary = config.replace(model_type="llama", kv_lora_rank=0, q_lora_rank=None,
+                              qk_nope_head_dim=0, v_head_dim=0, rope_interleave=False)  # fmt: skip
+    assert kv_cache_bytes_per_token(ordinary, "fp32") == 2 * 2 * 4 * 8 * 4
 
 
 def test_hf_configs_with_options_slmlab_lacks_are_refused(tmp_path) -> None:
@@ -323,3 +369,20 @@ def test_transforms_leave_the_router_as_it_is_by_default() -> None:
     router = pruned.model.layers[0].mlp.gate.weight
     assert bool((router != 0).all())
     assert float((pruned.model.layers[0].mlp.experts[0].up_proj.weight == 0).float().mean()) == 0.5
+
+
+def test_transforms_that_need_key_and_value_projections_refuse_latent_attention() -> None:
+    """Head pruning cuts key/value groups and smoothing folds scales into q, k and v: latent
+    attention has neither, and says so instead of failing inside."""
+    from slmlab.prune import prune_heads_
+    from slmlab.quant import QuantConfig, quantize_
+    from slmlab.quant.smoothing import scale_groups
+
+    model = model_of("deepseek-latent")
+    scores = [torch.ones(4) for _ in model.model.layers]
+    with pytest.raises(ValueError, match="read one shared latent"):
+        prune_heads_(model, 2, scores)
+    with pytest.raises(ValueError, match="attention is latent"):
+        next(scale_groups(model.model.layers[0]))
+    quantize_(model, QuantConfig(bits=8, group_size=8))  # round to nearest reaches every layer
+    assert type(model.model.layers[0].self_attn.kv_b_proj).__name__ == "QuantLinear"

@@ -108,6 +108,7 @@ class SinkKVCache(KVCache):
         self.sinks, self.window, self.evict = sinks, window, evict
         self.inv_freq = inverse_frequencies(config).to(device)
         self.evicted = 0  # tokens dropped so far
+        self.latent = config.latent
 
     def make_room(self, count: int) -> None:
         overflow = self.length + count - self.max_len
@@ -125,9 +126,14 @@ class SinkKVCache(KVCache):
         cos = torch.cat((angles.cos(), angles.cos()))
         signed_sin = torch.cat((-angles.sin(), angles.sin()))
         for keys, values in zip(self.keys, self.values, strict=True):
-            kept = keys[:, :, s + drop : end]
-            keys[:, :, s : end - drop] = apply_rope(kept.float(), cos, signed_sin).to(keys.dtype)
-            values[:, :, s : end - drop] = values[:, :, s + drop : end].clone()
+            # Latent attention caches its latents as keys (no rotation in them) and its shared
+            # rotated key as values: the second turns back, not the first.
+            turned, moved = (values, keys) if self.latent else (keys, values)
+            kept = turned[:, :, s + drop : end]
+            turned[:, :, s : end - drop] = apply_rope(kept.float(), cos, signed_sin).to(
+                turned.dtype
+            )
+            moved[:, :, s : end - drop] = moved[:, :, s + drop : end].clone()
         self.key_mask[:, s : end - drop] = self.key_mask[:, s + drop : end].clone()
         self.key_mask[:, end - drop :] = True
         # Positions are freed, no token is forgotten by a Mamba-2 state: not a cut back.

@@ -75,6 +75,8 @@ def param_count(config: ModelConfig) -> ParamCount:
     attention = d * q + 2 * d * kv + q * d  # q, k, v and output projections
     if config.attention_bias:
         attention += q + 2 * kv
+    if config.latent:
+        attention = _latent_layer_params(config)
     mlp = 3 * d * config.intermediate_size  # gate, up and down projections of SwiGLU
     idle = 0
     if config.num_experts:  # E experts, a router, and maybe a gated shared expert
@@ -94,6 +96,24 @@ def param_count(config: ModelConfig) -> ParamCount:
         idle=L * idle,
         mamba=mamba_layers * _mamba_layer_params(config),
     )
+
+
+def _latent_layer_params(config: ModelConfig) -> int:
+    """One layer of latent attention: the query (through its latent and norm, or direct), the
+    key-value latent with the shared rotated key, its norm, its expansion, the output."""
+    d, heads, rank, rope = (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.kv_lora_rank,
+        config.head_dim,
+    )
+    qk = heads * (config.qk_nope_head_dim + rope)
+    r = config.q_lora_rank
+    query = d * qk if r is None else d * r + r + r * qk
+    keys_values = (
+        d * (rank + rope) + rank + rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
+    )
+    return query + keys_values + heads * config.v_head_dim * d
 
 
 def _mamba_layer_params(config: ModelConfig) -> int:
@@ -145,6 +165,8 @@ def kv_cache_bytes_per_token(config: ModelConfig, dtype: str = "bf16") -> int:
     if dtype not in BITS:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(BITS)}")
     attention_layers = config.num_hidden_layers - sum(config.linear_layers)
+    if config.latent:  # the latent and the shared rotated key, whatever the heads
+        return round(attention_layers * (config.kv_lora_rank + config.head_dim) * BITS[dtype] / 8)
     return round(2 * attention_layers * config.kv_size * BITS[dtype] / 8)
 
 
@@ -172,6 +194,11 @@ def flops_per_token(config: ModelConfig, context_length: int = 0) -> int:
         for s, m in zip(config.sliding_layers, config.linear_layers, strict=True)
     ]
     attention = 4 * config.q_size * sum(seen)
+    if config.latent:  # scores over nope + rope channels, values of v_head_dim, every head
+        per_key = config.num_attention_heads * (
+            2 * (config.qk_nope_head_dim + config.head_dim) + 2 * config.v_head_dim
+        )
+        attention = per_key * sum(seen)
     mamba = 0
     if config.mamba_n_heads:
         inner = config.mamba_intermediate_size

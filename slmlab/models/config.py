@@ -27,6 +27,7 @@ HF_ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "bamba": "BambaForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 # transformers' names; "linear_attention" is a Mamba-2 layer (a recurrence that is attention
@@ -35,6 +36,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
 BIASED = ("qwen2", "qwen2_moe")  # a bias on q, k and v
 EXPERTS = ("mixtral", "qwen2_moe")  # a mixture of experts in every MLP
 HYBRID = ("bamba",)  # Mamba-2 layers among the attention layers
+LATENT = ("deepseek_v3",)  # multi-head latent attention: keys and values from a small latent
 # The Mamba-2 fields, with transformers' Bamba names and defaults scaled for a small model.
 _MAMBA_FIELDS = (
     "mamba_n_heads",
@@ -92,6 +94,14 @@ class ModelConfig:
     ``mamba_expand`` × hidden_size), a state of ``mamba_d_state`` per channel whose input and
     output maps are shared by ``mamba_n_groups`` groups of heads, a causal convolution of width
     ``mamba_d_conv``; training computes it ``mamba_chunk_size`` tokens at a time.
+
+    Multi-head latent attention (model_type ``deepseek_v3``, DeepSeek-V2/V3's) reads every
+    head's keys and values from one latent of ``kv_lora_rank`` channels per token, plus one
+    shared key of ``head_dim`` channels that carries the rotation (``qk_rope_head_dim`` in
+    transformers); the cache holds those two. Each head's query and key have
+    ``qk_nope_head_dim`` more channels without rotation, its value ``v_head_dim``; queries come
+    through a latent of ``q_lora_rank`` when it is set. ``rope_interleave`` is DeepSeek's layout
+    of the rotated channels (pairs side by side).
     """
 
     vocab_size: int
@@ -129,6 +139,11 @@ class ModelConfig:
     mamba_chunk_size: int = 64
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
+    kv_lora_rank: int = 0
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -179,6 +194,7 @@ class ModelConfig:
             "norm_topk_prob",
             "mamba_conv_bias",
             "mamba_proj_bias",
+            "rope_interleave",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -195,6 +211,7 @@ class ModelConfig:
         self._check_experts()
         self._check_rotary_fraction()
         self._check_mamba()
+        self._check_latent()
         if self.rope_scaling is not None:
             # Own a normalised copy: callers (transformers among them) mutate dicts they are given.
             scaling = dict(self.rope_scaling)
@@ -340,6 +357,49 @@ class ModelConfig:
                 f"({self.mamba_n_heads}): each group's input and output maps serve whole heads"
             )
 
+    def _check_latent(self) -> None:
+        kind = self.model_type
+        if kind not in LATENT:
+            if self.kv_lora_rank or self.q_lora_rank or self.qk_nope_head_dim or self.v_head_dim:
+                raise ConfigError(
+                    f"model_type {kind!r} has ordinary attention: kv_lora_rank, q_lora_rank, "
+                    f"qk_nope_head_dim and v_head_dim are for {list(LATENT)}"
+                )
+            if self.rope_interleave:
+                raise ConfigError(f"rope_interleave is DeepSeek's layout: {list(LATENT)} only")
+            return
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer for {kind!r}, got {value!r}")
+        q_rank = self.q_lora_rank
+        if q_rank is not None and (
+            isinstance(q_rank, bool) or not isinstance(q_rank, int) or q_rank <= 0
+        ):
+            raise ConfigError(f"q_lora_rank must be a positive integer or unset, got {q_rank!r}")
+        for name in ("kv_lora_rank", "q_lora_rank"):
+            rank = getattr(self, name)
+            if rank is not None and rank > self.hidden_size:
+                raise ConfigError(
+                    f"{name} ({rank}) is above hidden_size ({self.hidden_size}): a latent wider "
+                    "than what it compresses saves nothing; lower it"
+                )
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ConfigError(
+                f"model_type {kind!r} gives every head its own key and value from the latent: "
+                "num_key_value_heads must equal num_attention_heads"
+            )
+        if self.sliding_window is not None or self.num_experts or self.mamba_n_heads:
+            raise ConfigError(
+                f"model_type {kind!r} is latent attention over dense MLPs here: no "
+                "sliding_window, num_experts or Mamba-2 layers"
+            )
+        if self.rope_scaling is not None:
+            raise ConfigError(
+                f"model_type {kind!r}: rope_scaling is not supported (DeepSeek's YaRN also "
+                "rescales the attention logits); leave it unset"
+            )
+
     @staticmethod
     def _check_rope_scaling(scaling: dict[str, Any]) -> None:
         rope_type = scaling.get("rope_type", scaling.get("type"))
@@ -402,7 +462,14 @@ class ModelConfig:
         return self.moe_intermediate_size or self.intermediate_size
 
     @property
+    def latent(self) -> bool:
+        """Whether attention is multi-head latent attention (DeepSeek's)."""
+        return self.kv_lora_rank > 0
+
+    @property
     def attention_kind(self) -> str:
+        if self.latent:
+            return "MLA"
         if self.num_key_value_heads == self.num_attention_heads:
             return "MHA"
         return "MQA" if self.num_key_value_heads == 1 else "GQA"
@@ -460,8 +527,18 @@ class ModelConfig:
             "torch_dtype": "float32",
         }
         kind, window = self.model_type, self.sliding_window
-        if kind in ("llama", *HYBRID):
+        if kind in ("llama", *HYBRID, *LATENT):
             out.update(attention_bias=False, mlp_bias=False)
+        if kind in LATENT:
+            out.update(
+                kv_lora_rank=self.kv_lora_rank,
+                q_lora_rank=self.q_lora_rank,
+                qk_nope_head_dim=self.qk_nope_head_dim,
+                qk_rope_head_dim=self.head_dim,
+                v_head_dim=self.v_head_dim,
+                rope_interleave=self.rope_interleave,
+                first_k_dense_replace=self.num_hidden_layers,  # every MLP dense
+            )
         if kind in HYBRID:
             out.update(
                 attn_layer_indices=[i for i, m in enumerate(self.linear_layers) if not m],
@@ -530,6 +607,7 @@ class ModelConfig:
             )
         experts = _hf_experts(hf, model_type, source)
         mamba = _hf_mamba(hf, model_type, source)
+        latent = _hf_latent(hf, model_type, source)
         window, layer_types = _hf_sliding_window(hf, model_type)
         if mamba:
             layer_types = mamba.pop("layer_types")
@@ -566,13 +644,13 @@ class ModelConfig:
                 num_hidden_layers=hf["num_hidden_layers"],
                 num_attention_heads=hf["num_attention_heads"],
                 num_key_value_heads=hf.get("num_key_value_heads"),
-                head_dim=hf.get("head_dim"),
+                head_dim=latent.pop("head_dim", hf.get("head_dim")),
                 max_position_embeddings=hf.get("max_position_embeddings", 2048),
                 rope_theta=float(rope_theta),
                 rope_scaling=scaling,
                 rms_norm_eps=hf.get("rms_norm_eps", 1e-5 if model_type in HYBRID else 1e-6),
                 tie_word_embeddings=hf.get(
-                    "tie_word_embeddings", model_type not in ("llama", *HYBRID)
+                    "tie_word_embeddings", model_type not in ("llama", *HYBRID, *LATENT)
                 ),
                 attention_bias=model_type in BIASED,
                 bos_token_id=hf.get("bos_token_id"),
@@ -583,6 +661,7 @@ class ModelConfig:
                 layer_types=layer_types,
                 **experts,
                 **mamba,
+                **latent,
             )
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
@@ -684,4 +763,27 @@ def _hf_mamba(hf: dict[str, Any], model_type: str, source: str) -> dict[str, Any
         "layer_types": [
             "full_attention" if i in attention else "linear_attention" for i in range(layers)
         ],
+    }
+
+
+def _hf_latent(hf: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """The latent-attention fields of a Hugging Face DeepSeek-V3 config (its defaults for what
+    the file leaves out); its mixture of experts is refused, dense layers only."""
+    if model_type not in LATENT:
+        return {}
+    layers = hf.get("num_hidden_layers", 0)
+    dense = hf.get("first_k_dense_replace", 3)
+    if not isinstance(dense, int) or isinstance(dense, bool) or dense < layers:
+        raise ConfigError(
+            f"{source}: first_k_dense_replace ({dense!r}) is below num_hidden_layers ({layers}): "
+            "DeepSeek's mixture of experts (grouped routing over sigmoid scores) is not "
+            "implemented; slmlab loads DeepSeek-V3's attention over dense MLPs"
+        )
+    return {
+        "kv_lora_rank": hf.get("kv_lora_rank", 512),
+        "q_lora_rank": hf.get("q_lora_rank", 1536),
+        "qk_nope_head_dim": hf.get("qk_nope_head_dim", 128),
+        "v_head_dim": hf.get("v_head_dim", 128),
+        "rope_interleave": hf.get("rope_interleave", True),
+        "head_dim": hf.get("qk_rope_head_dim", 64),  # the rotated channels: transformers' too
     }

@@ -26,7 +26,9 @@ from ..kernels import (
     linear_many,
 )
 from .config import ModelConfig
+from .mla import LatentAttention
 from .mlp import SparseMoE, SwiGLU
+from .norm import RMSNorm
 from .rope import apply_rope, inverse_frequencies
 from .ssm import Mamba2Mixer
 
@@ -40,20 +42,6 @@ __all__ = [
     "SwiGLU",
     "recent_keys",
 ]
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) · weight: LayerNorm without the mean and the bias, computed in fp32."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (a no-op for fp32 inputs), scale in the input's dtype, as Llama does.
-        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
-        return self.weight * normed.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -90,8 +78,9 @@ class RotaryEmbedding(nn.Module):
 class KVCache:
     """Preallocated keys and values for every layer: decoding writes in place, never reallocates.
 
-    ``keys[i]`` and ``values[i]`` are (B, K, max_len, D) for layer i; ``length`` is how many
-    positions are filled. ``key_mask`` (B, max_len) is False where a position holds padding
+    ``keys[i]`` and ``values[i]`` are (B, K, max_len, D) for layer i (latent attention keeps
+    its latent as the keys and its shared rotated key as the values, one "head" each);
+    ``length`` is how many positions are filled. ``key_mask`` (B, max_len) is False where a position holds padding
     (left-padded prompts of a batch), so attention never looks at it. A Mamba-2 layer keeps no
     keys (its tensors have no positions) but a fixed-size state instead: ``conv_states[i]`` (B,
     width − 1, channels), its convolution's last inputs, and ``ssm_states[i]`` (B, heads,
@@ -109,14 +98,14 @@ class KVCache:
     ) -> None:
         linear_layers = config.linear_layers
 
-        def kv() -> list[torch.Tensor]:
-            shapes = [
-                (batch_size, config.num_key_value_heads, 0 if m else max_len, config.head_dim)
-                for m in linear_layers
-            ]
+        def kv(width: int, heads: int = config.num_key_value_heads) -> list[torch.Tensor]:
+            shapes = [(batch_size, heads, 0 if m else max_len, width) for m in linear_layers]
             return [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
 
-        self.keys, self.values = kv(), kv()
+        if config.latent:  # one latent and one shared rotated key a token (`LatentAttention`)
+            self.keys, self.values = kv(config.kv_lora_rank, 1), kv(config.head_dim, 1)
+        else:
+            self.keys, self.values = kv(config.head_dim), kv(config.head_dim)
         conv = (batch_size, config.mamba_d_conv - 1, Mamba2Mixer.conv_channels(config))
         ssm = (batch_size, config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state)
         mamba = [i for i, m in enumerate(linear_layers) if m]
@@ -269,13 +258,15 @@ class DecoderBlock(nn.Module):
     """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x)). The MLP is a
     SwiGLU, or a mixture of SwiGLU experts when the config has experts. In a
     ``"linear_attention"`` layer a Mamba-2 mixer (``mamba``) takes attention's place
-    (``self_attn``)."""
+    (``self_attn``); with ``kv_lora_rank`` attention is latent (`slmlab.models.mla`)."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.linear_layers[layer_index]:
             self.mamba = Mamba2Mixer(config, layer_index)
+        elif config.latent:
+            self.self_attn = LatentAttention(config, layer_index)
         else:
             self.self_attn = Attention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -356,8 +347,9 @@ _plans: weakref.WeakKeyDictionary[nn.Module, dict[bool, _FusedPlan]] = weakref.W
 def _gather_operands(model: DecoderLM, rows: int) -> list[list[torch.Tensor]] | None:
     none = torch.empty(0)
     layers = []
-    if model.config.mamba_n_heads or model.config.rotary_dim != model.config.head_dim:
-        return None  # the step knows attention with a full rotary embedding
+    config = model.config
+    if config.mamba_n_heads or config.latent or config.rotary_dim != config.head_dim:
+        return None  # the step knows ordinary attention with a full rotary embedding
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
         if not isinstance(mlp, SwiGLU):

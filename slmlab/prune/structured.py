@@ -324,6 +324,12 @@ def drop_layers_(model: nn.Module, layers: Sequence[int]) -> nn.Module:
 
 
 def _check_attention_only(model: nn.Module) -> None:
+    if model.config.latent:
+        raise ValueError(
+            "head pruning takes key/value groups out of every block, and this model's heads "
+            "read one shared latent (latent attention: model_type 'deepseek_v3'); prune its "
+            "MLP channels or its layers instead"
+        )
     if any(model.config.linear_layers):
         raise ValueError(
             "head pruning takes key/value groups out of every block, and this model has "

@@ -45,6 +45,11 @@ def scale_groups(block: nn.Module) -> Iterator[tuple[nn.Module, list[nn.Linear]]
             "has Mamba-2 layers: use method='rtn' or 'gptq'"
         )
     attn, mlp = block.self_attn, block.mlp
+    if not hasattr(attn, "k_proj"):
+        raise ValueError(
+            "smoothing (AWQ, SmoothQuant) folds scales into q, k and v projections; this "
+            "block's attention is latent (DeepSeek's), which has none: use method='rtn' or 'gptq'"
+        )
     if isinstance(mlp, SparseMoE):  # the router reads the norm too: folding would reroute
         raise ValueError(
             "smoothing (AWQ, SmoothQuant) folds scales into dense MLPs only; this block's MLP "

@@ -147,3 +147,23 @@ def test_a_sliding_model_needs_a_cache_no_longer_than_its_window() -> None:
     assert len(set(full[0][20:])) > 5  # it kept writing new tokens past the window
     shorter = slmlab.generate(model, [[1, 2, 3, 4, 5]], 60, attention_window=6, attention_sinks=0)
     assert shorter != full  # the check can tell: two keys short of the window changes the text
+
+
+def test_latent_attention_evicts_by_turning_back_its_shared_key() -> None:
+    """Latent attention caches latents (no rotation in them) and one rotated key: after
+    evictions, a one-layer model (whose cached entries depend on their token alone) gives the
+    logits of the model run afresh on the tokens the cache kept, at their cache positions."""
+    torch.manual_seed(0)
+    model = perturb_norms_and_biases(
+        DecoderLM(VARIANTS["deepseek-latent"].replace(num_hidden_layers=1)).eval()
+    )
+    sinks, window = 2, 6
+    ids = torch.randint(0, 100, (20,), generator=torch.Generator().manual_seed(2))
+    cache = SinkKVCache(model.config, 1, window, sinks=sinks)
+    with torch.no_grad():
+        for t in range(len(ids)):
+            got = model(ids[t : t + 1][None], cache=cache)[0, -1]
+            seen = ids[: t + 1]
+            kept = seen if t < sinks + window else torch.cat((seen[:sinks], seen[-window:]))
+            torch.testing.assert_close(got, model(kept[None])[0, -1], rtol=1e-4, atol=1e-4)
+    assert cache.evicted == len(ids) - sinks - window

@@ -301,12 +301,13 @@ def test_hf_configs_with_options_slmlab_lacks_are_refused(tmp_path) -> None:
     assert ModelConfig.from_hf_dict(qwen) == VARIANTS["qwen2-moe-shared-expert"]
 
 
-def test_the_batcher_gives_each_request_its_own_tokens() -> None:
+@pytest.mark.parametrize("name", ["mixtral-moe", "deepseek-latent"])
+def test_the_batcher_gives_each_request_its_own_tokens(name: str) -> None:
     """Rows join and leave one cache at different offsets; the window counts each row's own
-    tokens, and the experts route each token alone."""
+    tokens, the experts route each token alone, and latents move with their rows."""
     from slmlab.infer import BatchRequest, ContinuousBatcher
 
-    model = model_of("mixtral-moe")
+    model = model_of(name)
     batcher = ContinuousBatcher(model, max_batch=2, max_len=48)
     prompts = [[5, 17, 3, 99, 42, 7, 8, 9, 10, 11, 12], [11, 12], [60, 61, 62, 63, 64]]
     requests = [batcher.submit(BatchRequest(p, 14, temperature=0.0)) for p in prompts]

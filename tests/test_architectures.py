@@ -387,3 +387,63 @@ def test_transforms_that_need_key_and_value_projections_refuse_latent_attention(
         next(scale_groups(model.model.layers[0]))
     quantize_(model, QuantConfig(bits=8, group_size=8))  # round to nearest reaches every layer
     assert type(model.model.layers[0].self_attn.kv_b_proj).__name__ == "QuantLinear"
+
+
+def _shared_and_unrolled(repeats: int = 2) -> tuple[DecoderLM, DecoderLM]:
+    """A model whose blocks each run `repeats` times, and the same model written out: a block
+    per run, each a copy of the shared one (the reference sharing must equal)."""
+    base = VARIANTS["llama-gqa-untied"]
+    torch.manual_seed(0)
+    shared = perturb_norms_and_biases(DecoderLM(base.replace(block_repeats=repeats)).eval())
+    layers = base.num_hidden_layers
+    unrolled = DecoderLM(base.replace(num_hidden_layers=layers * repeats)).eval()
+    state = {}
+    for name, tensor in shared.state_dict().items():
+        if name.startswith("model.layers."):
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            for r in range(repeats):
+                state[f"model.layers.{int(i) * repeats + r}.{rest}"] = tensor
+        else:
+            state[name] = tensor
+    unrolled.load_state_dict(state)
+    return shared, unrolled
+
+
+def test_shared_blocks_are_the_deeper_model_with_copied_weights(tmp_path) -> None:
+    """MobileLLM's block-wise sharing: each block run twice in a row is the model of twice the
+    depth whose blocks are copies, in logits, in cached decoding, and through a checkpoint;
+    the budget counts the shared weights once and the runs' compute and cache twice."""
+    from slmlab.models.budget import kv_cache_bytes_per_token
+
+    shared, unrolled = _shared_and_unrolled()
+    ids = ids_of(shared.config)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(ids), unrolled(ids), rtol=0, atol=1e-5)
+    prompts = [[5, 17, 3, 99, 42, 7, 8, 9, 10], [11, 12]]
+    cached = slmlab.generate(shared, prompts, 12, stop_tokens=())
+    assert cached == slmlab.generate(shared, prompts, 12, stop_tokens=(), use_cache=False)
+    assert cached == slmlab.generate(unrolled, prompts, 12, stop_tokens=())
+    slmlab.save(shared, tmp_path / "shared")
+    with torch.no_grad():
+        torch.testing.assert_close(slmlab.load(tmp_path / "shared")(ids), shared(ids))
+    config, deep = shared.config, unrolled.config
+    assert param_count(config).total == shared.num_parameters() < unrolled.num_parameters()
+    assert flops_per_token(config, 50) == flops_per_token(deep, 50)
+    assert kv_cache_bytes_per_token(config) == kv_cache_bytes_per_token(deep)
+    assert KVCache(config, 1, 8).nbytes() == KVCache(deep, 1, 8).nbytes()
+
+
+def test_shared_blocks_refuse_what_walks_each_block_once(tmp_path) -> None:
+    from slmlab.export.common import ExportError, check_plain
+    from slmlab.quant import QuantConfig, quantize_
+
+    shared, _ = _shared_and_unrolled()
+    calibration = ids_of(shared.config, batch=8, length=32)
+    with pytest.raises(ValueError, match="block_repeats is 2: each block runs 2 times"):
+        quantize_(shared, QuantConfig(method="gptq", group_size=16), calibration=calibration)
+    with pytest.raises(ExportError, match=r"config\.block_repeats is 2"):
+        check_plain(shared, "gguf")
+    with pytest.raises(ConfigError, match="block_repeats must be a positive integer, got 0"):
+        VARIANTS["llama-gqa-untied"].replace(block_repeats=0)
+    with pytest.raises(ConfigError, match="block_repeats with Mamba-2 layers is not supported"):
+        VARIANTS["bamba-hybrid"].replace(block_repeats=2)

@@ -102,7 +102,13 @@ def exportable(
 def check_plain(model: nn.Module, fmt: str) -> None:
     """Refuse a model whose layers are not the plain Llama block's, naming the first such layer,
     or whose attention is not over every earlier token (a sliding window)."""
-    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    config = getattr(model, "config", None)
+    if getattr(config, "block_repeats", 1) > 1:
+        raise ExportError(
+            f"config.block_repeats is {config.block_repeats}: the {fmt} export runs each block "
+            "once; export a model whose blocks do not repeat"
+        )
+    window = getattr(config, "sliding_window", None)
     if window is not None:
         raise ExportError(
             f"config.sliding_window is {window}: the {fmt} export attends to every earlier "

@@ -164,7 +164,7 @@ def kv_cache_bytes_per_token(config: ModelConfig, dtype: str = "bf16") -> int:
     `recurrent_state_bytes`)."""
     if dtype not in BITS:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(BITS)}")
-    attention_layers = config.num_hidden_layers - sum(config.linear_layers)
+    attention_layers = len(config.cache_layers) - sum(config.cache_layers)  # each run of a block
     if config.latent:  # the latent and the shared rotated key, whatever the heads
         return round(attention_layers * (config.kv_lora_rank + config.head_dim) * BITS[dtype] / 8)
     return round(2 * attention_layers * config.kv_size * BITS[dtype] / 8)
@@ -179,26 +179,29 @@ def flops_per_token(config: ModelConfig, context_length: int = 0) -> int:
     softmax are left out: they are a fraction of a percent for these shapes. Experts a token
     does not run cost nothing; a sliding layer attends to at most its window. A Mamba-2 layer
     costs its projections and, whatever the context, its convolution (2 FLOPs per tap and
-    channel) and its state (decayed, written and read: about 6 FLOPs per entry).
+    channel) and its state (decayed, written and read: about 6 FLOPs per entry). Blocks that
+    repeat (`block_repeats`) cost every run.
     """
     if context_length < 0:
         raise ValueError(f"context_length must be >= 0, got {context_length}")
     p = param_count(config)
-    matmul_weights = p.attention + p.mlp - p.idle + config.vocab_size * config.hidden_size
+    blocks = p.attention + p.mlp - p.idle
     attention_layers = config.num_hidden_layers - sum(config.linear_layers)
     if config.attention_bias:
-        matmul_weights -= attention_layers * (config.q_size + 2 * config.kv_size)
+        blocks -= attention_layers * (config.q_size + 2 * config.kv_size)
+    repeats = config.block_repeats
+    matmul_weights = repeats * blocks + config.vocab_size * config.hidden_size
     window = config.sliding_window or context_length + 1  # keys seen, the token itself included
     seen = [
         0 if m else min(context_length, window - 1) if s else context_length
         for s, m in zip(config.sliding_layers, config.linear_layers, strict=True)
     ]
-    attention = 4 * config.q_size * sum(seen)
+    attention = 4 * config.q_size * sum(seen) * repeats
     if config.latent:  # scores over nope + rope channels, values of v_head_dim, every head
         per_key = config.num_attention_heads * (
             2 * (config.qk_nope_head_dim + config.head_dim) + 2 * config.v_head_dim
         )
-        attention = per_key * sum(seen)
+        attention = per_key * sum(seen) * repeats
     mamba = 0
     if config.mamba_n_heads:
         inner = config.mamba_intermediate_size

@@ -102,6 +102,11 @@ class ModelConfig:
     ``qk_nope_head_dim`` more channels without rotation, its value ``v_head_dim``; queries come
     through a latent of ``q_lora_rank`` when it is set. ``rope_interleave`` is DeepSeek's layout
     of the rotated channels (pairs side by side).
+
+    ``block_repeats`` above 1 runs each block that many times in a row, its weights shared
+    (MobileLLM's immediate block-wise sharing): the depth and compute of a deeper model for the
+    parameters of this one; each run keeps its own keys in the cache. Transformers has no such
+    option: a checkpoint with it loads in slmlab only.
     """
 
     vocab_size: int
@@ -144,6 +149,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False
+    block_repeats: int = 1
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -212,6 +218,14 @@ class ModelConfig:
         self._check_rotary_fraction()
         self._check_mamba()
         self._check_latent()
+        repeats = self.block_repeats
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ConfigError(f"block_repeats must be a positive integer, got {repeats!r}")
+        if repeats > 1 and self.mamba_n_heads:
+            raise ConfigError(
+                "block_repeats with Mamba-2 layers is not supported (a layer's state is one per "
+                "layer); repeat the blocks of an attention-only model"
+            )
         if self.rope_scaling is not None:
             # Own a normalised copy: callers (transformers among them) mutate dicts they are given.
             scaling = dict(self.rope_scaling)
@@ -445,6 +459,12 @@ class ModelConfig:
         return [t == "linear_attention" for t in types]
 
     @property
+    def cache_layers(self) -> list[bool]:
+        """`linear_layers` for each run of a block, in the order the model runs them: what the
+        cache keeps one slot for (block i's run r is slot i × block_repeats + r)."""
+        return [m for m in self.linear_layers for _ in range(self.block_repeats)]
+
+    @property
     def mamba_intermediate_size(self) -> int:
         """Width of a Mamba-2 layer's inner channels (0 without such layers)."""
         return self.mamba_expand * self.hidden_size if self.mamba_n_heads else 0
@@ -526,6 +546,8 @@ class ModelConfig:
             "attention_dropout": 0.0,
             "torch_dtype": "float32",
         }
+        if self.block_repeats > 1:
+            out["block_repeats"] = self.block_repeats  # slmlab's own: transformers ignores it
         kind, window = self.model_type, self.sliding_window
         if kind in ("llama", *HYBRID, *LATENT):
             out.update(attention_bias=False, mlp_bias=False)
@@ -662,6 +684,7 @@ class ModelConfig:
                 **experts,
                 **mamba,
                 **latent,
+                block_repeats=hf.get("block_repeats", 1),
             )
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None

@@ -11,6 +11,7 @@ GQA when 1 < K < H, MQA when K = 1).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +97,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        linear_layers = config.linear_layers
+        linear_layers = config.cache_layers
 
         def kv(width: int, heads: int = config.num_key_value_heads) -> list[torch.Tensor]:
             shapes = [(batch_size, heads, 0 if m else max_len, width) for m in linear_layers]
@@ -211,11 +212,14 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
+        slot: int | None = None,
     ) -> torch.Tensor:
+        """`slot` is the cache's for this run of the block (its layer index unless the blocks
+        repeat)."""
         B, T, _ = x.shape
         q, k, v = self.rotated_qkv(x, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_index, k, v)
+            k, v = cache.update(self.layer_index if slot is None else slot, k, v)
         # mask None means plain causal attention over exactly these T tokens.
         out = F.scaled_dot_product_attention(
             q,
@@ -288,13 +292,15 @@ class DecoderBlock(nn.Module):
         *,
         real: torch.Tensor | None = None,
         resets: torch.Tensor | None = None,
+        slot: int | None = None,
     ) -> torch.Tensor:
         """`mask` is attention's; a Mamba-2 layer reads `real` (False at padding) and
-        `resets` (True where a packed example starts) instead."""
+        `resets` (True where a packed example starts) instead. `slot` is this run's place in
+        the cache when blocks repeat."""
         if hasattr(self, "mamba"):
             x = x + self.mamba(self.input_layernorm(x), real, resets, cache)
         else:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -350,6 +356,8 @@ def _gather_operands(model: DecoderLM, rows: int) -> list[list[torch.Tensor]] | 
     config = model.config
     if config.mamba_n_heads or config.latent or config.rotary_dim != config.head_dim:
         return None  # the step knows ordinary attention with a full rotary embedding
+    if config.block_repeats > 1:
+        return None  # ... and each block once
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
         if not isinstance(mlp, SwiGLU):
@@ -547,8 +555,9 @@ class DecoderLM(nn.Module):
         x = fused_decode_step(self, input_ids, cos, sin, cache) if cache is not None else None
         if x is None:
             x = self.model.embed_tokens(input_ids)
-            for layer in self.model.layers:
-                x = layer(x, cos, sin, sliding_mask if layer.slides else mask, cache, real=real)
+            for layer, slot in self._runs():
+                masked = sliding_mask if layer.slides else mask
+                x = layer(x, cos, sin, masked, cache, real=real, slot=slot)
         if cache is not None:
             cache.length += T
         if last_only:
@@ -570,11 +579,19 @@ class DecoderLM(nn.Module):
             sliding_mask = mask & recent_keys(0, T, self.config.sliding_window, input_ids.device)
         cos, sin = self.model.rotary_emb(positions, self.model.norm.weight.dtype)
         x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
+        for layer, _ in self._runs():
             x = layer(x, cos, sin, sliding_mask if layer.slides else mask, None, resets=starts)
         if last_only:
             x = x[:, -1:]
         return linear(self.model.norm(x), self.lm_head) if head else self.model.norm(x)
+
+    def _runs(self) -> Iterator[tuple[DecoderBlock, int | None]]:
+        """Each block as often as it runs (`block_repeats`), with its cache slot (None: the
+        block's own layer index, when nothing repeats)."""
+        repeats = self.config.block_repeats
+        for i, layer in enumerate(self.model.layers):
+            for r in range(repeats):
+                yield layer, None if repeats == 1 else i * repeats + r
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

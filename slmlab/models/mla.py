@@ -86,6 +86,7 @@ class LatentAttention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache=None,
+        slot: int | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         if hasattr(self, "q_proj"):
@@ -97,7 +98,9 @@ class LatentAttention(nn.Module):
         q = torch.cat((q_nope, self._rotate(q_rot, cos, sin)), -1)
         latent, shared = self.latents(x, cos, sin)
         if cache is not None:  # the cache's keys are latents, its values the shared keys
-            latent, shared = cache.update(self.layer_index, latent, shared)
+            latent, shared = cache.update(
+                self.layer_index if slot is None else slot, latent, shared
+            )
         S = latent.shape[2]
         kv = linear(latent[:, 0], self.kv_b_proj).view(B, S, self.num_heads, -1).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], -1)

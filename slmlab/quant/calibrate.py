@@ -94,6 +94,13 @@ class _Stop(Exception):
 
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a decoder (``model.model.layers``), or the model as one block."""
+    repeats = getattr(getattr(model, "config", None), "block_repeats", 1)
+    if repeats > 1:
+        raise ValueError(
+            f"block_repeats is {repeats}: each block runs {repeats} times on different inputs, "
+            "and calibration (GPTQ, AWQ, SmoothQuant, Wanda, SparseGPT, structured pruning) "
+            "walks each block once; use round to nearest or magnitude pruning"
+        )
     layers = getattr(getattr(model, "model", None), "layers", None)
     return list(layers) if isinstance(layers, nn.ModuleList) else [model]
 

@@ -33,9 +33,9 @@ def _budget(args: argparse.Namespace) -> int:
         path = Path(args.model)
         config = ModelConfig.from_json(path / "config.json" if path.is_dir() else path)
     else:
-        raise SystemExit(
-            f"slmlab budget: {args.model!r} is neither a published model "
-            f"({', '.join(published)}) nor a config.json file or checkpoint directory"
+        raise ValueError(
+            f"{args.model!r} is neither a published model ({', '.join(published)}) nor a "
+            "config.json file or checkpoint directory"
         )
     counts = budget.param_count(config)
     result = {

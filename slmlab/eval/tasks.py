@@ -414,6 +414,8 @@ def evaluate(
     scorer: Scorer, task: Task, *, limit: int | None = None, progress: bool = True
 ) -> TaskResult:
     """Score `task` (its first `limit` documents) with lm-evaluation-harness's metrics."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be 1 or more documents (None: all), got {limit!r}")
     task.check()
     indices = range(len(task.docs) if limit is None else min(limit, len(task.docs)))
     truncated_before = scorer.truncated

@@ -248,9 +248,13 @@ def generate(
             if input_ids and isinstance(input_ids[0], int)
             else [list(p) for p in input_ids]
         )  # type: ignore[index, arg-type]
+        if any(not p for p in prompts):
+            raise ValueError("a prompt is empty: generation continues at least one token")
         ids, attention_mask = _left_pad(prompts, pad)
     else:
         ids = input_ids if input_ids.dim() == 2 else input_ids[None]  # type: ignore[union-attr]
+        if ids.shape[1] == 0:
+            raise ValueError("the prompt is empty: generation continues at least one token")
     device = next(model.parameters()).device
     ids = ids.to(device)
     B, T = ids.shape

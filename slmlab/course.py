@@ -152,6 +152,7 @@ def measured_on(times: Path | None = None) -> str:
         f"measured {measured['date']} in a full book build from an empty zoo cache, on "
         f"{machine['cpu_count']} cores of an {machine['cpu']} CPU with "
         f"{', '.join(machine['cpu_simd'])}; GPU: {machine['cuda'] or 'none'}"
+        + (f"; {measured['note']}" if measured.get("note") else "")
     )
 
 
@@ -168,7 +169,7 @@ def plan(notebooks: Path | None = None, times: Path | None = None) -> str:
         "|---|---|---|---|---|---|",
     ]
     for lab in labs(notebooks, times):
-        minutes = f"{lab.minutes:.0f}" if lab.minutes is not None else "—"
+        minutes = f"{lab.minutes:.1f}" if lab.minutes is not None else "—"
         rows.append(
             f"| {lab.title} | {minutes} | {', '.join(lab.after) or '—'} | "
             f"{', '.join(lab.checked)} | {lab.written} | {', '.join(lab.zoo) or '—'} |"
@@ -176,7 +177,7 @@ def plan(notebooks: Path | None = None, times: Path | None = None) -> str:
     trained = zoo_minutes(times)
     if trained:
         rows += ["", "| zoo model | minutes to train, once |", "|---|---|"]
-        rows += [f"| {name} | {m:.0f} |" for name, m in trained.items()]
+        rows += [f"| {name} | {m:.1f} |" for name, m in trained.items()]
     return "\n".join(rows)
 
 

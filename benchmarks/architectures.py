@@ -1,11 +1,13 @@
-"""Architectures at equal budget (chapter 03b): stories-1m and three changes of its block.
+"""Architectures at equal budget (chapter 03b): stories-1m and six changes of its block or stack.
 
     python -m benchmarks.architectures [--models stories-1m,...] [--quick]
 
 Each zoo model (trained into the cache where it is not there; ``--quick`` takes the quick
 variants, for a look at the plumbing only) is stories-1m's recipe, the same stories, steps and
 rows, with one architectural change: a sliding window of 16 tokens in every layer, a mixture
-of 8 experts of which 2 run per token, or three of its four layers Mamba-2. Each is measured by
+of 8 experts of which 2 run per token, three of its four layers Mamba-2, latent attention
+(DeepSeek's), 8 layers of width 96 in place of 4 of 128, or each block run twice on its
+weights (MobileLLM's sharing). Each is measured by
 `slmlab.experiments.architectures.compare_architectures`: parameters (all and active), FLOPs
 per token at a context of 256, the cache one sequence holds at 256 tokens, bits per character
 on 200 held-out stories against the grammar's exact entropy floor, ``stories_who`` (the
@@ -31,7 +33,15 @@ from slmlab.data import entropy, stories
 from slmlab.experiments.architectures import compare_architectures
 from slmlab.models import DecoderLM, KVCache
 
-MODELS = ("stories-1m", "stories-1m-window", "stories-1m-moe", "stories-1m-hybrid")
+MODELS = (
+    "stories-1m",
+    "stories-1m-window",
+    "stories-1m-moe",
+    "stories-1m-hybrid",
+    "stories-1m-latent",
+    "stories-1m-deep",
+    "stories-1m-shared",
+)
 CONTEXTS = (256, 1024, 4096, 16384)
 
 

@@ -135,17 +135,27 @@ def test_search_finds_a_chapter(site: Path, browser, origin: str) -> None:
     assert not outside
 
 
-def test_a_knob_turns_on_the_static_page(site: Path, browser, origin: str) -> None:
-    """Chapter 08's quantization knob, with no kernel: one view shows at a time, and moving
-    the bits slider shows another, with its figure decoded."""
+@pytest.mark.parametrize(
+    ("chapter", "control"),
+    [("08_quantization", 'input[data-knob="bits"]'), ("09_pruning", 'select[data-knob="method"]')],
+)
+def test_a_knob_turns_on_the_static_page(
+    site: Path, browser, origin: str, chapter, control
+) -> None:
+    """Chapter 08's quantization knob and chapter 09's pruning knob, with no kernel: one view
+    shows at a time, and moving a slider or choosing another method shows another, with its
+    figure decoded."""
     page = browser.new_page()
     keep_local(page, origin)
-    page.goto(f"{origin}/book/08_quantization.html")
+    page.goto(f"{origin}/book/{chapter}.html")
     knobs = page.locator(".slmlab-knobs").first
     visible = "k => Array.from(k.querySelectorAll('[data-view]')).filter(v => !v.hidden)"
     shown = knobs.evaluate(f"k => ({visible})(k).map(v => v.dataset.view)")
     assert len(shown) == 1
-    knobs.locator('input[data-knob="bits"]').fill("0")
+    if control.startswith("select"):
+        knobs.locator(control).select_option("0")
+    else:
+        knobs.locator(control).fill("0")
     after = knobs.evaluate(f"k => ({visible})(k).map(v => v.dataset.view)")
     assert len(after) == 1 and after != shown
     decoded = knobs.evaluate(f"k => ({visible})(k)[0].querySelector('img').naturalWidth")

@@ -87,7 +87,7 @@ def _merge(app: Sphinx, env: Any, docnames: set[str], other: Any) -> None:
 def _launch_buttons(
     app: Sphinx, pagename: str, templatename: str, context: dict, doctree: Any
 ) -> None:
-    """Binder and Colab open notebooks/NN.ipynb; a local JupyterLab too."""
+    """Binder opens notebooks/NN.ipynb; a local JupyterLab too."""
     source = f"{pagename}.md"
     if not pagename.startswith("book/") or not (app.srcdir / source).is_file():
         return

@@ -716,6 +716,8 @@ class ModelConfig:
                 if self.mamba_n_heads
                 else ""
             )
+            + (f" latent={self.kv_lora_rank}" if self.latent else "")
+            + (f" repeats={self.block_repeats}" if self.block_repeats > 1 else "")
         )
 
 

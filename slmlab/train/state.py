@@ -142,7 +142,9 @@ def initialise_from(model: DecoderLM, source: str, tokenizer, *, seed: int = 0) 
         raise ValueError(f"{path}: its weights do not fit this config's model: {err}") from None
 
 
-def _step_of(folder: Path) -> int | None:
+def checkpoint_step(folder: Path) -> int | None:
+    """The step a checkpoint folder holds, from its ``trainer.json``; None if it has none that
+    reads (not a run's checkpoint, or one a kill left half-written)."""
     try:
         return int(json.loads((folder / "trainer.json").read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -152,17 +154,17 @@ def _step_of(folder: Path) -> int | None:
 def recover_last(out: Path) -> None:
     """Make ``out/last`` the newest complete checkpoint that a killed save left behind.
 
-        `slmlab.checkpoint.save` writes a whole checkpoint under a temporary name, moves the old one
-        aside (``.last.old``) and renames the new one into place. A kill between the two renames
-        leaves no ``last``, two complete copies beside it; a kill while writing leaves a partial
-        temporary. The newest copy whose ``trainer.json`` reads becomes ``last`` again, and the
-        leftovers are removed (a resuming run owns its folder; every process of a torchrun makes the same
-    choice, so their races are harmless).
+    `slmlab.checkpoint.save` writes a whole checkpoint under a temporary name, moves the old one
+    aside (``.last.old``) and renames the new one into place. A kill between the two renames
+    leaves no ``last``, two complete copies beside it; a kill while writing leaves a partial
+    temporary. The newest copy whose ``trainer.json`` reads becomes ``last`` again, and the
+    leftovers are removed (a resuming run owns its folder; every process of a torchrun makes the
+    same choice, so their races are harmless).
     """
     last = out / LAST
     leftovers = [p for p in out.glob(f".{LAST}.*") if p.is_dir()]
     if not last.exists():
-        steps = {p: _step_of(p) for p in leftovers}
+        steps = {p: checkpoint_step(p) for p in leftovers}
         complete = [p for p, step in steps.items() if step is not None]
         if complete:
             newest = max(complete, key=lambda p: steps[p])

@@ -22,7 +22,6 @@ of its steps on less data: the same code path, minutes less, numbers that are no
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable
@@ -33,7 +32,7 @@ from filelock import FileLock
 
 from ..env import cache_dir
 from ..train.config import TrainConfig
-from ..train.state import LAST
+from ..train.state import LAST, checkpoint_step
 from .fetched import Fetched, fetch, gguf_file
 
 __all__ = [
@@ -235,6 +234,43 @@ RECIPES: dict[str, Recipe] = {
         quick_steps=30,
         minutes=5,
     ),
+    # Three more of chapter 03b's changes, at stories-1m's parameters: DeepSeek's latent
+    # attention (keys and values read from a 32-channel latent, a 16-channel rotated key shared by
+    # the heads: 48 numbers a token and layer in the cache where GQA holds 128); MobileLLM's deep
+    # and thin shape (8 layers of width 96 where stories-1m has 4 of 128); MobileLLM's block-wise
+    # sharing (each of the 4 blocks run twice in a row: 8 layers of compute on 4 layers' weights).
+    "stories-1m-latent": Recipe(
+        _STORIES_1M.replace(
+            model={
+                **_STORIES_1M.model,
+                "model_type": "deepseek_v3",
+                "num_key_value_heads": 4,
+                "kv_lora_rank": 32,
+                "head_dim": 16,  # transformers' qk_rope_head_dim
+                "qk_nope_head_dim": 16,
+                "v_head_dim": 32,
+            }
+        ),
+        quick_steps=30,
+        minutes=4,
+    ),
+    "stories-1m-deep": Recipe(
+        _STORIES_1M.replace(
+            model={
+                **_STORIES_1M.model,
+                "hidden_size": 96,
+                "num_hidden_layers": 8,
+                "intermediate_size": 232,
+            }
+        ),
+        quick_steps=30,
+        minutes=5,
+    ),
+    "stories-1m-shared": Recipe(
+        _STORIES_1M.replace(model={**_STORIES_1M.model, "block_repeats": 2}),
+        quick_steps=30,
+        minutes=6,
+    ),
     # stories-8m on superword tokens, whose merges cross spaces (chapter 02): 2.6 times the
     # text in the same steps, and what that costs the story suites.
     "stories-8m-superwords": Recipe(
@@ -335,11 +371,7 @@ def is_trained(name: str, *, quick: bool | None = None) -> bool:
     fetched model's directory appears, converted, in one rename)."""
     if name in FETCHED:
         return (path(name) / "config.json").is_file()
-    state = path(name, quick=quick) / LAST / "trainer.json"
-    try:
-        return json.loads(state.read_text())["step"] == recipe(name, quick=quick).steps
-    except (OSError, ValueError, KeyError):
-        return False
+    return checkpoint_step(path(name, quick=quick) / LAST) == recipe(name, quick=quick).steps
 
 
 def load(name: str, *, quick: bool | None = None, progress: bool = True):  # -> DecoderLM

@@ -526,6 +526,29 @@ def test_sparsity_sweep_labels_and_measures_each_setting(
         magnitude, story_tokenizer, texts, separator=story_tokenizer.token_to_id("<|endoftext|>")
     )
     assert rows[1]["perplexity"] == pytest.approx(2 ** (score.bits / score.tokens))
+    each = sparsity_sweep(  # a sparsity per method: one dense row, each method at its own points
+        path,
+        methods=("magnitude", "wanda"),
+        sparsities={"magnitude": (0.25, 0.5)},
+        patterns=("2:4",),
+        texts=texts,
+        calibration_rows=4,
+        seq_len=64,
+        progress=False,
+    )
+    assert [(r["method"], r["sparsity"], r["pattern"]) for r in each] == [
+        ("dense", 0.0, None),
+        ("magnitude", 0.25, None),
+        ("magnitude", 0.5, None),
+        ("magnitude", 0.5, "2:4"),
+        ("wanda", 0.5, "2:4"),
+    ]
+    same = [
+        (each[i]["perplexity"], rows[j]["perplexity"]) for i, j in ((0, 0), (2, 1), (3, 3), (4, 4))
+    ]
+    assert all(a == b for a, b in same)  # the settings both sweeps ran, measured alike
+    with pytest.raises(ValueError, match=r"sparsities names \['sparsegpt'\]"):
+        sparsity_sweep(path, methods=("wanda",), sparsities={"sparsegpt": (0.5,)}, texts=texts)
 
 
 def test_pack_2to4_round_trip_and_refusals() -> None:

@@ -62,17 +62,25 @@ def low_rank_transforms(configs: dict[str, LowRankConfig]) -> dict[str, Transfor
 def sparsity_sweep(
     checkpoint: str | os.PathLike,
     methods: Sequence[str] = ("magnitude", "wanda", "sparsegpt"),
-    sparsities: Sequence[float] = (0.3, 0.5, 0.6),
+    sparsities: Sequence[float] | Mapping[str, Sequence[float]] = (0.3, 0.5, 0.6),
     patterns: Sequence[str] = ("2:4",),
     **measure: Any,
 ) -> list[dict[str, Any]]:
     """The dense model, then every method at every sparsity and pattern; rows as `compare`'s
     with the ``method``, ``sparsity`` and ``pattern`` of each (``measure``: `compare`'s keywords,
-    `texts` among them)."""
+    `texts` among them). `sparsities` may name each method's own (method → sparsities: a slow
+    method at fewer points), with one dense row for all."""
     measure.setdefault("decode_tokens", 0)
     measure.setdefault("tasks", ())
     measure.setdefault("disk", False)  # zeros are stored like any weight: the size is the dense one
-    configs = {f"{m} {s:.0%}": PruneConfig(m, s) for m in methods for s in sparsities if s > 0}
+    if isinstance(sparsities, Mapping):
+        unknown = sorted(set(sparsities) - set(methods))
+        if unknown:
+            raise ValueError(f"sparsities names {unknown}, which are not among methods {methods}")
+    each = {
+        m: sparsities.get(m, ()) if isinstance(sparsities, Mapping) else sparsities for m in methods
+    }
+    configs = {f"{m} {s:.0%}": PruneConfig(m, s) for m in methods for s in each[m] if s > 0}
     configs |= {f"{m} {p}": PruneConfig(m, pattern=p) for m in methods for p in patterns}
     rows = compare(checkpoint, {"dense": None} | prune_transforms(configs), **measure)
     for row, config in zip(rows, [None, *configs.values()], strict=True):

@@ -49,8 +49,8 @@ def steps_for_flops(config: TrainConfig, flops: float, vocab_size: int) -> int:
 def candidate_config(
     base: TrainConfig, changes: Mapping[str, Any], flops: float, vocab_size: int
 ) -> TrainConfig:
-    """`base` with `changes` to its model, trained for `flops`: its steps, and
-    its warm-up and validation spaced in proportion to the base's."""
+    """`base` with `changes` to its model, trained for `flops`: as many steps as spend them, a
+    warm-up of the same share of those steps as the base's, and one validation, at the end."""
     changed = base.replace(model={**base.model, **changes})
     steps = steps_for_flops(changed, flops, vocab_size)
     warmup = min(steps - 1, round(base.warmup_steps * steps / base.steps))

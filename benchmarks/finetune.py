@@ -14,6 +14,8 @@ Results go to benchmarks/results/finetune.json.
   same questions: QLoRA (stories-8m-lora's recipe over an NF4 base), and DPO, SimPO and ORPO
   from stories-8m-sft on story-qa preference pairs (the story's answer against a made-up one),
   with each one's validation pair accuracy (the share of held-out pairs it ranks right).
+* A longer SFT (``longer``): stories-8m-sft's recipe for 4 times the steps on 4 times the
+  conversations, scored the same way: whether the recall SFT lacks comes with more of it.
 * GRPO (``grpo``) from stories-8m-sft with `GRPO_RUN`, reward = exact match, scored the same
   way; its held-out validation exact match before and after is recorded too.
 * Speed and memory: one LoRA training step (rank 16 on every block's linear layers, AdamW,
@@ -21,6 +23,10 @@ Results go to benchmarks/results/finetune.json.
   same weights, rows and settings, each side in a fresh process; memory is the peak resident
   memory from loading the model to the last step, above what the process held before it (the
   libraries imported); the baseline is PEFT's, measured in the same run. Goal: ≥ 1.5× faster, at most the same memory.
+* The real model (``real``): SmolLM2-135M-Instruct before and after the zoo's
+  smollm2-135m-story-lora (rank 8, 30 steps of 4 rows) on the same 200 questions, replies cut at
+  16 tokens; and the LoRA step of both libraries on its first 4 rows (rank 16), where the output
+  head has 49,152 rows and slmlab runs it at the reply tokens alone. Same goal as above.
 * QLoRA's memory (``memory``): on the real model (SmolLM2-135M, 4 rows of 256 tokens, AdamW),
   for full fine-tuning, LoRA on the fp32 base and QLoRA (LoRA on the NF4 base), each in a fresh
   process: the bytes of the prepared model's tensors (weights, codes, the update), the resident
@@ -51,7 +57,7 @@ from slmlab.finetune import finetune
 from slmlab.layers.lora import LoraConfig, apply_lora_
 
 RANK, ROWS = 16, 16
-PARTS = ("quality", "methods", "grpo", "speed", "memory")
+PARTS = ("quality", "methods", "grpo", "speed", "memory", "real", "longer")
 # GRPO from stories-8m-sft: 40 steps of 8 questions, 4 sampled replies each.
 GRPO_RUN = {"steps": 40, "prompts": 8, "group": 4, "max_new_tokens": 12, "lr": 1e-4,
             "eval_every": 20}  # fmt: skip
@@ -85,11 +91,11 @@ def _test_questions(tokenizer) -> list:
     return qa_examples(200, "test", keep=lambda e: len(tokenizer.encode(e.prompt()).ids) < 224)
 
 
-def _score(path: Path, test: list) -> dict:
+def _score(path: Path, test: list, **options) -> dict:
     model = checkpoint.load(path)
     settings = checkpoint.load_chat_settings(path)
     return score_answers(
-        test, answer_questions(model, checkpoint.load_tokenizer(path), settings, test)
+        test, answer_questions(model, checkpoint.load_tokenizer(path), settings, test, **options)
     )
 
 
@@ -126,6 +132,54 @@ def _methods(work: Path) -> dict:
     return out
 
 
+LONGER = 4  # the longer SFT run: stories-8m-sft's recipe for 4 times the steps, on fresh data
+
+
+def _longer(work: Path) -> dict:
+    """stories-8m-sft's recipe run `LONGER` times as long on as many more conversations (none
+    seen twice): does more of the same fine-tuning bring the recall it lacks?"""
+    from slmlab.finetune import train_finetune
+
+    recipe = zoo.resolve(zoo.recipe("stories-8m-sft"))
+    config = recipe.replace(steps=LONGER * recipe.steps, data_size=LONGER * recipe.data_size,
+                            eval_every=LONGER * recipe.eval_every)  # fmt: skip
+    started = time.perf_counter()
+    result = train_finetune(config, work / "sft-longer", progress=False)
+    minutes = (time.perf_counter() - started) / 60
+    test = _test_questions(checkpoint.load_tokenizer(result.checkpoint))
+    scores = {**_score(result.checkpoint, test), "steps": config.steps,
+              "conversations": config.data_size, "minutes": minutes}  # fmt: skip
+    print(
+        f"sft x{LONGER}: exact match {scores['exact_match']:.3f}  "
+        f"hallucination {scores['hallucination']:.3f}  ({minutes:.1f} min)"
+    )
+    return scores
+
+
+REAL_ROWS = 4  # SmolLM2-135M's LoRA step: 4 rows of 256 tokens
+
+
+def _real(work: Path, steps: int) -> dict:
+    """The real model before and after the zoo's 30 LoRA steps on the 200 test questions
+    (replies cut at 16 tokens, as in the chapter), and its LoRA step against PEFT's."""
+    test = _test_questions(checkpoint.load_tokenizer(zoo.ensure("stories-8m-sft")))
+    runs = {
+        "smollm2-135m-instruct": zoo.ensure("smollm2-135m-instruct"),
+        "smollm2-135m-story-lora": zoo.ensure("smollm2-135m-story-lora"),
+    }
+    story_qa = {}
+    for name, path in runs.items():
+        started = time.perf_counter()
+        story_qa[name] = {**_score(path, test, max_new_tokens=16),
+                          "answer_seconds": time.perf_counter() - started}  # fmt: skip
+        print(f"{name:24} exact match {story_qa[name]['exact_match']:.3f}  "
+              f"hallucination {story_qa[name]['hallucination']:.3f}")  # fmt: skip
+    return {
+        "story_qa": story_qa,
+        "lora_step": _speed(work, steps, "smollm2-135m-story-lora", REAL_ROWS),
+    }
+
+
 def _grpo(work: Path) -> dict:
     from slmlab.finetune.grpo import GRPOConfig, grpo
 
@@ -141,16 +195,18 @@ def _grpo(work: Path) -> dict:
             "rewards": rewards}  # fmt: skip
 
 
-def _rows(work: Path):
-    """The LoRA recipe's first batch, and the base (with chat tokens) saved for transformers."""
+def _rows(work: Path, name: str, rows: int) -> tuple[Path, Path]:
+    """The first `rows` rows of zoo recipe `name`'s data, and its base (with the chat tokens)
+    saved where transformers reads it."""
     from slmlab.train import build_data
 
-    config = zoo.resolve(zoo.recipe("stories-8m-lora"))
+    config = zoo.resolve(zoo.recipe(name))
     data = build_data(config)
-    start = finetune(zoo.ensure("stories-8m"), work / "step0", max_steps=0, progress=False)
-    batch = data.batch(0, ROWS, 0)
-    torch.save({"ids": batch.ids, "targets": batch.targets}, work / "rows.pt")
-    return start.checkpoint
+    start = finetune(config.init_from, work / f"{name}-step0", max_steps=0, examples=rows,
+                     progress=False)  # fmt: skip
+    batch = data.batch(0, rows, 0)
+    torch.save({"ids": batch.ids, "targets": batch.targets}, work / f"{name}-rows.pt")
+    return start.checkpoint, work / f"{name}-rows.pt"
 
 
 def _side(side: str, base: Path, rows: Path, steps: int) -> None:
@@ -363,21 +419,26 @@ def main() -> None:
         result["qlora_memory"] = _memory(args.steps)
     if "speed" in parts:
         result["lora_step"] = _speed(work, args.steps)
+    if "longer" in parts:
+        result["methods"] = {**result.get("methods", {}), "sft-longer": _longer(work)}
+    if "real" in parts:
+        result["real_model"] = _real(work, min(args.steps, 5))
     print(write("finetune", result))
 
 
-def _speed(work: Path, steps: int) -> dict:
-    base = _rows(work)
+def _speed(work: Path, steps: int, name: str = "stories-8m-lora", rows: int = ROWS) -> dict:
+    base, batch = _rows(work, name, rows)
     sides = {}
     for side in ("peft", "slmlab"):
         command = [sys.executable, "-m", "benchmarks.finetune", "--side", side, "--base",
-                   str(base), "--rows", str(work / "rows.pt"), "--steps", str(steps)]  # fmt: skip
+                   str(base), "--rows", str(batch), "--steps", str(steps)]  # fmt: skip
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         sides[side] = json.loads(out.strip().splitlines()[-1])
         print(side, sides[side])
     return {
+        "data": f"{name}'s first rows",
         "rank": RANK,
-        "rows": ROWS,
+        "rows": rows,
         "seq_len": 256,
         "baseline": "peft",
         **sides,

@@ -57,7 +57,9 @@ def main() -> None:
         tokenizer, model = load_tokenizer(ckpt), load(ckpt)
         flops = training_flops_per_token(config, model.config.vocab_size)
         held_out = list(data.stories(300, seed=2))
-        score = score_texts(model, tokenizer, held_out, separator=tokenizer.token_to_id(END_OF_TEXT))
+        score = score_texts(
+            model, tokenizer, held_out, separator=tokenizer.token_to_id(END_OF_TEXT)
+        )
     floor = data.entropy().bits_per_char
     result[args.recipe] = {
         "params": model.num_parameters(),

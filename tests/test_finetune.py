@@ -38,7 +38,7 @@ from slmlab.layers.lora import (
 )
 from slmlab.models import ConfigError, DecoderLM, ModelConfig
 from slmlab.templates import CHATML
-from slmlab.train import Batch, TrainConfig, build_data, train
+from slmlab.train import Batch, TrainConfig, build_data, next_token_loss, train
 from slmlab.train.preference import preference_loss, reply_logps
 
 TINY_MODEL = dict(
@@ -239,6 +239,30 @@ def test_a_packed_row_computes_what_its_examples_compute_alone(chat_tokenizer) -
     assert int((rows.targets != IGNORE).sum()) == learnt_total
 
 
+def test_the_loss_runs_the_head_at_learnt_tokens_alone_with_the_same_value_and_gradient(
+    chat_tokenizer,
+) -> None:
+    rows = pack_examples(_examples(chat_tokenizer), 63, chat_tokenizer.token_to_id("<|im_end|>"))
+    learnt = rows.targets != IGNORE
+    model = _decoder(chat_tokenizer.get_vocab_size())
+    full = model(rows.ids[:, :-1], segments=rows.segments)
+    picked = model(rows.ids[:, :-1], segments=rows.segments, logits_at=learnt)
+    assert picked.shape == (int(learnt.sum()), model.config.vocab_size)
+    torch.testing.assert_close(picked, full[learnt], rtol=0, atol=0)
+
+    def grads(loss: torch.Tensor) -> list[torch.Tensor]:
+        return [g.clone() for g in torch.autograd.grad(loss, list(model.parameters()))]
+
+    # The reference: logits everywhere, the unlearnt positions ignored by the cross-entropy.
+    naive = F.cross_entropy(full.flatten(0, 1), rows.targets.flatten(), ignore_index=IGNORE)
+    mine = next_token_loss(model, Batch(rows.ids, rows.targets, rows.segments))
+    assert mine.item() == pytest.approx(naive.item(), rel=1e-6)
+    for a, b in zip(grads(mine), grads(naive), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="logits_at has shape"):
+        model(rows.ids[:, :-1], segments=rows.segments, logits_at=learnt[:, 1:])
+
+
 def test_an_example_longer_than_a_row_is_refused(chat_tokenizer) -> None:
     examples = _examples(chat_tokenizer, 2)
     with pytest.raises(ChatDataError, match=r"example 0: \d+ tokens do not fit a sequence of 9"):
@@ -432,6 +456,29 @@ def test_sft_learns_the_replies(base_checkpoint, tmp_path) -> None:
     ]
     vals = [r["val_loss"] for r in lines if "val_loss" in r]
     assert vals[-1] < vals[0] and result.step == 12
+
+
+def test_batched_answers_are_each_questions_own_in_order(base_checkpoint) -> None:
+    """Questions are answered in batches of like length; each reply is the one the question
+    gets alone, and comes back in the question's place."""
+    from slmlab.eval.story_qa import answer_questions
+
+    base, _ = base_checkpoint
+    tokenizer = checkpoint.load_tokenizer(base)
+    # Untrained, untied weights: each prompt gets its own reply (tied ones repeat the last
+    # token), so a mixed-up order would show.
+    model = _decoder(tokenizer.get_vocab_size(), positions=256, tie_word_embeddings=False)
+    settings = {"chat_template": CHATML}
+
+    def fits(example) -> bool:
+        return len(tokenizer.encode(example.prompt()).ids) < 200
+
+    examples = qa_examples(7, "test", keep=fits)
+    assert len({len(e.prompt()) for e in examples}) > 1  # the batches reorder them
+    alone = [answer_questions(model, tokenizer, settings, [e], max_new_tokens=6)[0]
+             for e in examples]  # fmt: skip
+    batched = answer_questions(model, tokenizer, settings, examples, max_new_tokens=6, batch_size=3)
+    assert batched == alone and len(set(alone)) > 1
 
 
 def test_the_command_line_fine_tunes_and_chats_with_the_result(base_checkpoint, tmp_path) -> None:
@@ -948,3 +995,20 @@ def test_grpo_runs_on_a_chat_model_and_records_its_rewards(base_checkpoint, tmp_
     assert tuned.config.vocab_size == checkpoint.load(sft).config.vocab_size
     with pytest.raises(ValueError, match="grpo group must be 2 or more"):
         GRPOConfig(group=1)
+
+
+def test_the_real_models_story_recipe_is_what_slmlab_finetune_writes() -> None:
+    from slmlab import zoo
+    from slmlab.finetune import finetune_config
+
+    if not zoo.is_trained("smollm2-135m-instruct"):
+        pytest.skip("smollm2-135m-instruct is not in the zoo cache (slmlab zoo train fetches it)")
+    mine = zoo.recipe("smollm2-135m-story-lora", quick=False)
+    theirs = finetune_config(
+        zoo.path("smollm2-135m-instruct"),
+        method="lora", rank=8, steps=30, batch_size=4, examples=400, seq_len=256,
+    )  # fmt: skip
+    assert ModelConfig(vocab_size=1, **mine.model) == ModelConfig(vocab_size=1, **theirs.model)
+    assert mine.lora_config() == theirs.lora_config()
+    same = dict(model=mine.model, lora=mine.lora, init_from=mine.init_from)
+    assert theirs.replace(**same) == mine

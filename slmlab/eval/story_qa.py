@@ -45,14 +45,14 @@ def answer_questions(
     ]
     end = tokenizer.token_to_id(settings.get("eos_token") or "")
     stops = [end] if end is not None else None
-    replies: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        out = generate(model, chunk, max_new_tokens, stop_tokens=stops)
-        replies += [
-            tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True)
-            for prompt, ids in zip(chunk, out, strict=True)
-        ]
+    # Batches of prompts of like length: a batch is padded to its longest prompt.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        out = generate(model, [prompts[i] for i in chunk], max_new_tokens, stop_tokens=stops)
+        for i, ids in zip(chunk, out, strict=True):
+            replies[i] = tokenizer.decode(ids[len(prompts[i]) :], skip_special_tokens=True)
     return replies
 
 

@@ -77,12 +77,11 @@ def next_token_loss(
 def _learnt_loss(model: torch.nn.Module, rows: Batch, autocast) -> tuple[torch.Tensor, int]:
     """The summed cross-entropy of the learnt targets of `rows`, and how many there are."""
     assert rows.targets is not None
+    learnt = rows.targets != IGNORE  # the head runs at these positions alone
     with autocast():
-        logits = model(rows.ids[:, :-1], segments=rows.segments)
-    total = F.cross_entropy(
-        logits.float().flatten(0, 1), rows.targets.flatten(), ignore_index=IGNORE, reduction="sum"
-    )
-    return total, int((rows.targets != IGNORE).sum())
+        logits = model(rows.ids[:, :-1], segments=rows.segments, logits_at=learnt)
+    total = F.cross_entropy(logits.float(), rows.targets[learnt], reduction="sum")
+    return total, int(learnt.sum())
 
 
 def train_step(

@@ -40,13 +40,13 @@ def token_logps(
     (the columns after it are not computed)."""
     assert rows.targets is not None, "rows with learnt targets"
     width = int((rows.targets != IGNORE).any(0).nonzero().max()) + 1
-    with autocast():
-        logits = model(rows.ids[:, :width])
     targets = rows.targets[:, :width]
-    logps = -F.cross_entropy(
-        logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
-    )
-    return logps, targets != IGNORE
+    learnt = targets != IGNORE  # the output head runs at these positions alone
+    with autocast():
+        logits = model(rows.ids[:, :width], logits_at=learnt)
+    logps = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+    logps[learnt] = -F.cross_entropy(logits.float(), targets[learnt], reduction="none")
+    return logps, learnt
 
 
 def reply_logps(

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -98,6 +99,12 @@ _STORIES_1M = TrainConfig(
     seed=0,
 )
 
+
+def _stories_1m_with(**model: Any) -> TrainConfig:
+    """stories-1m's recipe (its data, steps and rows) with these architecture fields changed."""
+    return _STORIES_1M.replace(model={**_STORIES_1M.model, **model})
+
+
 _STORIES_8M = TrainConfig(
     model=dict(
         hidden_size=288,
@@ -138,6 +145,24 @@ _STORIES_8M_SFT = TrainConfig(
     eval_every=60,
     init_from="stories-8m",
     seed=0,
+)
+
+# The fetched SmolLM2-135M-Instruct's architecture, as its checkpoint's config.json states it
+# (`slmlab.finetune.finetune_config` copies the same fields; a test holds the two equal).
+_SMOLLM2_135M = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=9.999999747378752e-06,  # 1e-5 as the GGUF's float32 holds it
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    pad_token_id=2,
+    model_type="llama",
 )
 
 RECIPES: dict[str, Recipe] = {
@@ -195,41 +220,30 @@ RECIPES: dict[str, Recipe] = {
     # them run per token (Mixtral's mixture: 4× the MLP weights, the same active ones); three
     # of the four layers Mamba-2 instead of attention (Bamba's hybrid).
     "stories-1m-window": Recipe(
-        _STORIES_1M.replace(
-            model={**_STORIES_1M.model, "model_type": "mistral", "sliding_window": 16}
-        ),
+        _stories_1m_with(model_type="mistral", sliding_window=16),
         quick_steps=30,
         minutes=3,
     ),
     "stories-1m-moe": Recipe(
-        _STORIES_1M.replace(
-            model={
-                **_STORIES_1M.model,
-                "model_type": "mixtral",
-                "intermediate_size": 176,
-                "num_experts": 8,
-                "num_experts_per_tok": 2,
-            }
+        _stories_1m_with(
+            model_type="mixtral", intermediate_size=176, num_experts=8, num_experts_per_tok=2
         ),
         quick_steps=30,
         minutes=4.5,
     ),
     "stories-1m-hybrid": Recipe(
-        _STORIES_1M.replace(
-            model={
-                **_STORIES_1M.model,
-                "model_type": "bamba",
-                "layer_types": [
-                    "linear_attention",
-                    "full_attention",
-                    "linear_attention",
-                    "linear_attention",
-                ],
-                "mamba_n_heads": 4,
-                "mamba_expand": 1,
-                "mamba_d_state": 32,
-                "mamba_chunk_size": 64,
-            }
+        _stories_1m_with(
+            model_type="bamba",
+            layer_types=[
+                "linear_attention",
+                "full_attention",
+                "linear_attention",
+                "linear_attention",
+            ],
+            mamba_n_heads=4,
+            mamba_expand=1,
+            mamba_d_state=32,
+            mamba_chunk_size=64,
         ),
         quick_steps=30,
         minutes=5,
@@ -240,34 +254,24 @@ RECIPES: dict[str, Recipe] = {
     # and thin shape (8 layers of width 96 where stories-1m has 4 of 128); MobileLLM's block-wise
     # sharing (each of the 4 blocks run twice in a row: 8 layers of compute on 4 layers' weights).
     "stories-1m-latent": Recipe(
-        _STORIES_1M.replace(
-            model={
-                **_STORIES_1M.model,
-                "model_type": "deepseek_v3",
-                "num_key_value_heads": 4,
-                "kv_lora_rank": 32,
-                "head_dim": 16,  # transformers' qk_rope_head_dim
-                "qk_nope_head_dim": 16,
-                "v_head_dim": 32,
-            }
+        _stories_1m_with(
+            model_type="deepseek_v3",
+            num_key_value_heads=4,
+            kv_lora_rank=32,
+            head_dim=16,  # transformers' qk_rope_head_dim
+            qk_nope_head_dim=16,
+            v_head_dim=32,
         ),
         quick_steps=30,
         minutes=4,
     ),
     "stories-1m-deep": Recipe(
-        _STORIES_1M.replace(
-            model={
-                **_STORIES_1M.model,
-                "hidden_size": 96,
-                "num_hidden_layers": 8,
-                "intermediate_size": 232,
-            }
-        ),
+        _stories_1m_with(hidden_size=96, num_hidden_layers=8, intermediate_size=232),
         quick_steps=30,
         minutes=5,
     ),
     "stories-1m-shared": Recipe(
-        _STORIES_1M.replace(model={**_STORIES_1M.model, "block_repeats": 2}),
+        _stories_1m_with(block_repeats=2),
         quick_steps=30,
         minutes=6,
     ),
@@ -298,6 +302,31 @@ RECIPES: dict[str, Recipe] = {
         _STORIES_8M_SFT.replace(lr=2e-3, min_lr=2e-4, lora={"r": 16, "alpha": 32}),
         quick_steps=20,
         minutes=6,
+    ),
+    # The real model taught the story answers (chapter 06): a rank-8 LoRA update of every
+    # block's linear layers, 30 steps of 4 packed rows of 256 tokens (about 130 conversations):
+    # the recipe `slmlab finetune smollm2-135m-instruct --method lora --rank 8 --steps 30
+    # --batch-size 4 --examples 400 --seq-len 256` runs.
+    "smollm2-135m-story-lora": Recipe(
+        TrainConfig(
+            model=_SMOLLM2_135M,
+            objective="sft",
+            data="story-qa",
+            data_size=400,
+            seq_len=256,
+            batch_size=4,
+            steps=30,
+            lr=1e-3,
+            min_lr=1e-4,
+            warmup_steps=1,
+            weight_decay=0.0,
+            eval_every=6,
+            init_from="smollm2-135m-instruct",
+            lora={"r": 8, "alpha": 16},
+            seed=0,
+        ),
+        quick_steps=4,
+        minutes=5,
     ),
 }
 
@@ -442,9 +471,9 @@ def fetched_file(name: str) -> Path:
 def resolve(
     config: TrainConfig, *, quick: bool | None = None, progress: bool = True
 ) -> TrainConfig:
-    """`config` with an `init_from` that names a zoo recipe replaced by that recipe's checkpoint
+    """`config` with an `init_from` that names a zoo entry replaced by its checkpoint
     directory (trained first if need be): what the trainer, which knows no zoo, can open."""
-    if config.init_from in RECIPES:
+    if config.init_from in RECIPES or config.init_from in FETCHED:
         path = ensure(config.init_from, quick=quick, progress=progress)
         config = config.replace(init_from=str(path))
     teacher = (config.distill or {}).get("teacher")

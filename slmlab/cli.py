@@ -240,7 +240,8 @@ def _distill(args: argparse.Namespace) -> int:
     config = recipe(student) if student in RECIPES else TrainConfig.from_file(student)
     settings = dict(config.distill or {})
     given = {"teacher": args.teacher, "loss": args.loss, "temperature": args.temperature,
-             "alpha": args.alpha, "beta": args.beta}  # fmt: skip
+             "alpha": args.alpha, "beta": args.beta, "cache": args.cache, "top_k": args.top_k,
+             "on_policy": args.on_policy}  # fmt: skip
     settings.update({k: v for k, v in given.items() if v is not None})
     if "teacher" not in settings:
         raise ValueError(f"{student} names no teacher: give --teacher CHECKPOINT or zoo name")
@@ -754,6 +755,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--alpha", type=float, help="the teacher's weight against the data's (default 0.5)"
     )
     p.add_argument("--beta", type=float, help="jsd's mixing weight (default 0.5)")
+    p.add_argument(
+        "--cache",
+        help="a teacher cache file: made on the first run that names it, then read instead of "
+        "running the teacher",
+    )
+    p.add_argument("--top-k", type=int, help="tokens the cache keeps per position (default 16)")
+    p.add_argument(
+        "--on-policy",
+        type=float,
+        help="share of rows the student continues itself before the teacher grades them (GKD)",
+    )
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (the config's)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this step")

@@ -3,6 +3,7 @@ against autograd on the whole batch, and runs that resume exactly and learn from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tomllib
@@ -16,9 +17,15 @@ from slmlab import checkpoint
 from slmlab.data.chat import IGNORE
 from slmlab.distill import (
     LOSSES,
+    CachedTeacherHead,
     DistillConfig,
+    TeacherCache,
+    cache_teacher,
     distillation_loss,
     divergence,
+    relation_loss,
+    relations,
+    student_continuations,
     teacher_texts,
     train_distill,
 )
@@ -139,6 +146,13 @@ def test_chunked_loss_and_its_gradients_equal_the_whole_batchs(loss) -> None:
         ({"alpha": 1.5}, r"distill.alpha must be in \[0, 1\]"),
         ({"beta": 1.0}, "distill.beta must be strictly between 0 and 1"),
         ({"teacher": ""}, "distill.teacher must be"),
+        ({"top_k": 0}, "distill.top_k must be a positive number"),
+        ({"on_policy": 1.5}, r"distill.on_policy must be in \[0, 1\]"),
+        ({"cache": "c.safetensors", "on_policy": 0.5}, "drop one of them"),
+        ({"cache": "c.safetensors", "relations": 1.0}, "not its attention"),
+        ({"relations": -1.0}, "distill.relations must be a weight"),
+        ({"relation_heads": 0}, "distill.relation_heads must be a positive"),
+        ({"relation_layers": [3]}, r"distill.relation_layers must be \[teacher's block"),
     ],
 )
 def test_bad_distillation_settings_are_named(changes, message) -> None:
@@ -203,18 +217,26 @@ def test_alpha_zero_is_training_from_scratch(teacher, tmp_path) -> None:
     assert distilled.val_loss == pytest.approx(plain.val_loss, rel=1e-4)
 
 
-def test_a_distillation_run_resumes_to_the_bit_and_moves_toward_the_teacher(
-    teacher, tmp_path
-) -> None:
-    config = _student(teacher, loss="reverse-kl", temperature=2.0)
+def _resumes_to_the_bit(config: TrainConfig, tmp_path):
+    """Train `config` straight through, and stopped halfway then resumed: the same weights,
+    bit for bit. Returns the straight run."""
+    teacher = config.distill["teacher"]
     data = build_data(config, tokenizer=checkpoint.load_tokenizer(teacher))
     straight = train_distill(config, tmp_path / "straight", data=data, progress=False)
-    train_distill(config, tmp_path / "stopped", data=data, progress=False, max_steps=4)
+    stop = config.steps // 2
+    train_distill(config, tmp_path / "stopped", data=data, progress=False, max_steps=stop)
     resumed = train_distill(config, tmp_path / "stopped", data=data, progress=False, resume=True)
     a = load_file(straight.checkpoint / "model.safetensors")
     b = load_file(resumed.checkpoint / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    return straight
+
+
+def test_a_distillation_run_resumes_to_the_bit_and_moves_toward_the_teacher(
+    teacher, tmp_path
+) -> None:
+    straight = _resumes_to_the_bit(_student(teacher, loss="reverse-kl", temperature=2.0), tmp_path)
     losses = [json.loads(line)["loss"] for line in (straight.out / "metrics.jsonl").open()]
     assert losses[-1] < losses[0]
 
@@ -261,6 +283,210 @@ def test_the_command_line_distils_and_names_a_bad_setting(teacher, tmp_path) -> 
     assert "step 3" in done.stdout
     trainer = json.loads((tmp_path / "run" / "last" / "trainer.json").read_text())
     assert trainer["config"]["distill"] == {"teacher": str(teacher), "loss": "jsd"}
+    cache = tmp_path / "teacher-top4.safetensors"
+    cached = [
+        *command[:-2],
+        str(tmp_path / "cached"),
+        "--quiet",
+        "--cache",
+        str(cache),
+        "--top-k",
+        "4",
+    ]
+    done = subprocess.run(cached, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert TeacherCache(cache).k == 4
+    trainer = json.loads((tmp_path / "cached" / "last" / "trainer.json").read_text())
+    assert trainer["config"]["distill"] == {
+        "teacher": str(teacher),
+        "cache": str(cache),
+        "top_k": 4,
+    }
     bad = subprocess.run([*command, "--temperature", "-1"], capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "distill.temperature must be above 0" in bad.stderr.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# The teacher's cache and on-policy rows
+
+
+def test_a_cached_row_rebuilds_the_top_k_and_spreads_the_rest_evenly() -> None:
+    """The rebuilt distribution against its definition, position by position: the teacher's
+    k largest probabilities where it put them, the rest of the mass split evenly."""
+    torch.manual_seed(0)
+    vocab, k, temperature = 11, 4, 2.0
+    logits = torch.randn(3, vocab) * 3
+    p = torch.softmax(logits / temperature, -1)
+    top = p.log().topk(k, -1)
+    rows = torch.cat([top.values, top.indices.float()], -1)
+    rebuilt = torch.softmax(CachedTeacherHead(vocab, temperature)(rows) / temperature, -1)
+    for i in range(3):
+        kept = set(top.indices[i].tolist())
+        rest = (1 - sum(p[i, j].item() for j in kept)) / (vocab - k)
+        want = [p[i, j].item() if j in kept else rest for j in range(vocab)]
+        torch.testing.assert_close(rebuilt[i], torch.tensor(want))
+
+
+def test_a_whole_cache_is_the_live_teacher_and_a_run_reads_it_without_the_teacher(
+    teacher, tmp_path, monkeypatch
+) -> None:
+    """With k = the vocabulary the cached loss is the live one (fp16 log-probabilities: to
+    1e-3); a run that names the cache makes it once and the next run never loads the teacher."""
+    from slmlab import distill
+
+    model = checkpoint.load(teacher)
+    vocab = model.config.vocab_size
+    config = _student(teacher, loss="jsd", temperature=2.0, alpha=1.0)
+    data = build_data(config, tokenizer=checkpoint.load_tokenizer(teacher))
+    data = dataclasses.replace(data, train=data.train[:16])  # a cache of 16 rows, not 2,557
+    live = train_distill(config, tmp_path / "live", data=data, progress=False, max_steps=2)
+    cached_config = _student(
+        teacher, loss="jsd", temperature=2.0, alpha=1.0,
+        cache=str(tmp_path / "teacher.safetensors"), top_k=vocab,
+    )  # fmt: skip
+    cached = train_distill(
+        cached_config, tmp_path / "cached", data=data, progress=False, max_steps=2
+    )
+    losses = [
+        [json.loads(line)["loss"] for line in (run.out / "metrics.jsonl").open()]
+        for run in (live, cached)
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+    def no_teacher(source):
+        raise AssertionError("the cache should have spared loading the teacher")
+
+    monkeypatch.setattr(distill, "load_teacher", no_teacher)
+    again = train_distill(cached_config, tmp_path / "again", data=data, progress=False, max_steps=2)
+    assert again.train_loss == cached.train_loss
+
+
+def test_a_cache_for_other_rows_or_settings_is_refused(teacher, tmp_path) -> None:
+    model = checkpoint.load(teacher)
+    data = build_data(TEACHER.replace(distill=None), tokenizer=checkpoint.load_tokenizer(teacher))
+    path = cache_teacher(model, data.train[:3], tmp_path / "c.safetensors", k=5, progress=False)
+    cache = TeacherCache(path)
+    assert cache.rows(data.train[[2, 0]]).shape == (2, data.train.shape[1] - 1, 10)
+    with pytest.raises(ValueError, match=r"c\.safetensors: a training row is not in the teacher"):
+        cache.rows(data.train[3:4])
+    with pytest.raises(ValueError, match=r"top_k = 5, the run asks for distill.top_k = 8"):
+        cache.check(k=8, temperature=1.0, vocab_size=model.config.vocab_size)
+    with pytest.raises(ValueError, match=r"temperature = 1.0, the run asks for distill.temp"):
+        cache.check(k=5, temperature=2.0, vocab_size=model.config.vocab_size)
+    assert not list(tmp_path.glob(".*.tmp"))  # written under a temporary name, then renamed
+
+
+def test_on_policy_rows_keep_their_prompt_and_learn_the_students_own_tokens(teacher) -> None:
+    student = checkpoint.load(teacher).train()
+    data = build_data(TEACHER.replace(distill=None), tokenizer=checkpoint.load_tokenizer(teacher))
+    rows = data.train[:6]
+    ids, labels, picked = student_continuations(student, rows, 0.5)
+    again = student_continuations(student, rows, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip((ids, labels, picked), again, strict=True))
+    assert 0 < int(picked.sum()) < 6 and student.training  # the draw, and the mode restored
+    half = rows.shape[1] // 2
+    assert torch.equal(ids[~picked], rows[~picked]) and torch.equal(ids[:, :half], rows[:, :half])
+    assert not torch.equal(ids[picked], rows[picked])  # the student wrote something else
+    assert (labels[picked, : half - 1] == IGNORE).all()
+    assert torch.equal(labels[picked, half - 1 :], ids[picked, half:])
+    assert torch.equal(labels[~picked], rows[~picked, 1:])
+    none = student_continuations(student, rows, 0.0)
+    assert not none[2].any() and torch.equal(none[0], rows)
+    assert student_continuations(student, rows, 1.0)[2].all()
+
+
+def test_an_on_policy_run_resumes_to_the_bit(teacher, tmp_path) -> None:
+    config = _student(teacher, loss="jsd", on_policy=0.5).replace(steps=4, eval_every=4)
+    _resumes_to_the_bit(config, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention relations
+
+
+def _naive_relation(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """MiniLMv2's relation of one row, query by query, with plain loops and Python's exp."""
+    T, width = x.shape
+    d = width // heads
+    out = torch.full((heads, T, T), -math.inf, dtype=torch.float64)
+    for h in range(heads):
+        part = x[:, h * d : (h + 1) * d].double()
+        for i in range(T):
+            scores = [float(part[i] @ part[j]) / math.sqrt(d) for j in range(i + 1)]
+            top = max(scores)
+            norm = math.log(sum(math.exp(v - top) for v in scores)) + top
+            for j in range(i + 1):
+                out[h, i, j] = scores[j] - norm
+    return out
+
+
+def test_relations_against_a_naive_softmax_and_the_loss_against_its_sum() -> None:
+    torch.manual_seed(0)
+    teacher = tuple(torch.randn(2, 5, 12) for _ in range(3))  # width 12 and 8: 4 heads each
+    student = tuple(torch.randn(2, 5, 8, requires_grad=True) for _ in range(3))
+    got = relations(teacher[0], 4)
+    for b in range(2):
+        torch.testing.assert_close(
+            got[b].double(), _naive_relation(teacher[0][b], 4), rtol=1e-5, atol=1e-5
+        )
+    expected = 0.0
+    for t, s in zip(teacher, student, strict=True):
+        for b in range(2):
+            p, q = _naive_relation(t[b], 4).exp(), _naive_relation(s[b].detach(), 4).exp()
+            for i in range(5):  # each query's KL, averaged over the heads
+                expected += (
+                    sum(
+                        _direct(
+                            p[h, i, : i + 1].tolist(), q[h, i, : i + 1].tolist(), "forward-kl", 0
+                        )
+                        for h in range(4)
+                    )
+                    / 4
+                )
+    loss = relation_loss(teacher, student, 4)
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-5)
+    assert relation_loss(teacher, teacher, 4).item() == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
+    with pytest.raises(
+        ValueError, match="relation_heads = 3 does not divide a projection of width 8"
+    ):
+        relations(student[0], 3)
+
+
+def test_a_relation_run_adds_the_relation_loss_to_the_first_step(teacher, tmp_path) -> None:
+    """Step 1's logged loss is the mean divergence plus the weighted relation loss per token,
+    both computed here from the two models (the relation from hooks of our own)."""
+    config = _student(teacher, alpha=1.0, relations=2.0, relation_heads=2, relation_layers=[0, -1])
+    data = build_data(config, tokenizer=checkpoint.load_tokenizer(teacher))
+    train_distill(config, tmp_path / "run", data=data, progress=False, max_steps=1)
+    torch.manual_seed(config.seed)
+    from slmlab.models import DecoderLM
+
+    student = DecoderLM(config.model_config(data.vocab_size, data.end_token_id()))
+    teacher_model = checkpoint.load(teacher)
+    ids = data.batch(0, config.batch_size, config.seed).ids[:, :-1]
+
+    def qkv(model, layer):
+        attention = model.model.layers[layer].self_attn
+        outputs = []
+        hooks = [getattr(attention, f"{n}_proj").register_forward_hook(
+            lambda m, a, out: outputs.append(out)) for n in "qkv"]  # fmt: skip
+        logits = model(ids)
+        for hook in hooks:
+            hook.remove()
+        return logits, tuple(outputs)
+
+    with torch.no_grad():
+        s_logits, s_qkv = qkv(student, -1)
+        t_logits, t_qkv = qkv(teacher_model, 0)
+        expected = (
+            divergence(s_logits, t_logits).mean()
+            + 2.0 * relation_loss(t_qkv, s_qkv, 2) / ids.numel()
+        )
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="relation layer 5 does not exist: the model has 2 blocks"):
+        bad = _student(teacher, relations=1.0, relation_layers=[5, 0])
+        train_distill(bad, tmp_path / "bad", data=data, progress=False, max_steps=1)

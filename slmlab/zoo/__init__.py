@@ -325,7 +325,7 @@ RECIPES: dict[str, Recipe] = {
             lora={"r": 8, "alpha": 16},
             seed=0,
         ),
-        quick_steps=4,
+        quick_steps=2,
         minutes=5,
     ),
 }

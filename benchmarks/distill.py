@@ -1,8 +1,11 @@
 """Distillation (chapter 07): how much of stories-8m a 1M student learns, by each loss.
 
     python -m benchmarks.distill [--parts losses,methods,scarce,cost] [--steps 600]
+                                 [--methods NAME,...]
 
-A run of some parts keeps the other parts' results from the last run that measured them.
+A run of some parts keeps the other parts' results from the last run that measured them, and
+``--methods`` re-measures the named rows of ``methods`` alone, keeping the others' (and the
+students from scratch) from the last run.
 Results go to benchmarks/results/distill.json.
 
 * ``losses``: the stories-1m student (its zoo recipe: 600 steps of 16 rows of 256 tokens,
@@ -15,15 +18,17 @@ Results go to benchmarks/results/distill.json.
 * ``methods``: two students, stories-1m's architecture and a "0.3M" one (width 64: 0.23M
   parameters), each from scratch, distilled with forward KL from the live teacher, from the
   teacher's top-16 cache (`slmlab.distill.cache`, made once for both), with the last blocks'
-  attention relations beside forward KL (MiniLMv2, weight 0.1), and on-policy (half the rows
-  continued by the student and graded by the teacher, generalised JSD: GKD). Scored as
-  ``losses``, with the gap closed where the teacher is ahead.
+  attention relations beside forward KL (MiniLMv2, weight 0.1), the last blocks' hidden states
+  through a learnt projection beside forward KL (TinyBERT's, weight 0.1), and on-policy (half
+  the rows continued by the student and graded by the teacher, generalised JSD: GKD). Scored
+  as ``losses``, with the gap closed where the teacher is ahead.
 * ``scarce``: the same students with 10% of the stories (2,000): from scratch, distilled on
   the logits of those stories, and trained on those stories together with `GENERATED` stories
   the teacher wrote (sequence-level KD). Goal: the teacher's texts beat scratch.
 * ``cost``: seconds per training step of plain cross-entropy and of each loss, the teacher's
   forward pass included, timed side by side in this process (the best of `COST_STEPS`); then
-  forward KL read from the teacher's top-16 cache, and the on-policy step with its generation.
+  forward KL read from the teacher's top-16 cache, the on-policy step with its generation, and
+  forward KL with the relations or the hidden states beside it.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ METHODS = {
     "forward-kl": {"loss": "forward-kl"},
     f"forward-kl, cached top-{TOP_K}": {"loss": "forward-kl", "top_k": TOP_K},
     "forward-kl + relations 0.1": {"loss": "forward-kl", "relations": 0.1},
+    "forward-kl + features 0.1": {"loss": "forward-kl", "features": 0.1},
     "jsd, on-policy 0.5": {"loss": "jsd", "on_policy": 0.5},
 }
 SCARCE_STORIES, GENERATED = 2000, 4000
@@ -121,24 +127,38 @@ def _losses(work: Path, teacher: Path, tokenizer, floor: float, steps: int) -> d
             **gaps_closed(rows), "goal_gap_closed": 0.3}  # fmt: skip
 
 
-def _methods(work: Path, teacher: Path, tokenizer, floor: float, steps: int) -> dict:
+def _methods(
+    work: Path, teacher: Path, tokenizer, floor: float, steps: int, only: list[str], kept: dict
+) -> dict:
     base = zoo.recipe(STUDENT, quick=False).replace(steps=steps)
     data = build_data(base, tokenizer=tokenizer)
     cache = work / f"teacher-top{TOP_K}.safetensors"
-    started = time.perf_counter()
-    cache_teacher(checkpoint.load(teacher), data.train, cache, k=TOP_K, name=TEACHER)
-    made = {"minutes": (time.perf_counter() - started) / 60, "bytes": cache.stat().st_size,
-            "rows": len(data.train), "k": TOP_K}  # fmt: skip
+    measured = only or list(METHODS)
+    if only and kept["steps"] != steps:
+        raise SystemExit(f"--methods: the kept rows trained {kept['steps']} steps, not {steps}")
+    made = kept.get("cache")
+    if any("top_k" in METHODS[name] for name in measured):
+        started = time.perf_counter()
+        cache_teacher(checkpoint.load(teacher), data.train, cache, k=TOP_K, name=TEACHER)
+        made = {"minutes": (time.perf_counter() - started) / 60,
+                "bytes": cache.stat().st_size, "rows": len(data.train), "k": TOP_K}  # fmt: skip
     teacher_row = _score(teacher, tokenizer, floor)
     students = {}
     for student, model in (("stories-1m", base.model), ("0.3M", SMALL_STUDENT)):
         config = base.replace(model=model)
         rows = {"teacher": teacher_row}
-        started = time.perf_counter()
-        scratch = train(config, work / f"{student}-scratch", data=data)
-        rows["scratch"] = _score(scratch.checkpoint, tokenizer, floor)
-        rows["scratch"]["minutes"] = (time.perf_counter() - started) / 60
-        for name, settings in METHODS.items():
+        if only:  # the students from scratch and the other methods as last measured
+            before = kept["students"][student]
+            rows.update({k: v for k, v in before["rows"].items() if k != "teacher"})
+            parameters = before["parameters"]
+        else:
+            started = time.perf_counter()
+            scratch = train(config, work / f"{student}-scratch", data=data)
+            rows["scratch"] = _score(scratch.checkpoint, tokenizer, floor)
+            rows["scratch"]["minutes"] = (time.perf_counter() - started) / 60
+            parameters = checkpoint.load(scratch.checkpoint).num_parameters()
+        for name in measured:
+            settings = METHODS[name]
             if "top_k" in settings:
                 settings = {**settings, "cache": str(cache)}
             started = time.perf_counter()
@@ -149,9 +169,10 @@ def _methods(work: Path, teacher: Path, tokenizer, floor: float, steps: int) -> 
                 "minutes": (time.perf_counter() - started) / 60,
             }
             print(student, name, rows[name], flush=True)
-        parameters = checkpoint.load(scratch.checkpoint).num_parameters()
+        rows = {"teacher": rows["teacher"], "scratch": rows["scratch"],
+                **{name: rows[name] for name in METHODS if name in rows}}  # fmt: skip
         students[student] = {"model": model, "parameters": parameters, "rows": rows,
-                             **gaps_closed(rows, METHODS)}  # fmt: skip
+                             **gaps_closed(rows, {n: METHODS[n] for n in METHODS if n in rows})}  # fmt: skip
     return {"steps": steps, "settings": METHODS, "cache": made, "students": students}
 
 
@@ -234,6 +255,10 @@ def _cost(work: Path, teacher: Path, tokenizer) -> dict:
     settings = DistillConfig(teacher=str(teacher), relations=0.1)
     took = seconds(Distiller(teacher_model, settings))
     costs["forward-kl + relations"] = {"seconds": took, "ratio": took / plain}
+    settings = DistillConfig(teacher=str(teacher), features=0.1)
+    width = config.model_config(data.vocab_size, data.end_token_id()).hidden_size
+    took = seconds(Distiller(teacher_model, settings, student_width=width))
+    costs["forward-kl + features"] = {"seconds": took, "ratio": took / plain}
     return {"rows": config.batch_size, "seq_len": config.seq_len, "baseline": "cross-entropy",
             "steps": costs}  # fmt: skip
 
@@ -242,11 +267,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS), help=f"of {','.join(PARTS)}")
     parser.add_argument("--steps", type=int, default=600, help="training steps a student")
+    parser.add_argument(
+        "--methods", default="", help=f"re-measure only these rows of methods: {','.join(METHODS)}"
+    )
     args = parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"--parts: unknown part {unknown[0]!r}; choose from {','.join(PARTS)}")
+    only = [m for m in args.methods.split(",") if m]
+    if sorted(set(only) - set(METHODS)):
+        parser.error(f"--methods: unknown {sorted(set(only) - set(METHODS))[0]!r}; "
+                     f"choose from {','.join(METHODS)}")  # fmt: skip
     teacher = zoo.ensure(TEACHER)
     tokenizer = checkpoint.load_tokenizer(teacher)
     floor = entropy().bits_per_char
@@ -254,11 +286,14 @@ def main() -> None:
     kept = RESULTS / "distill.json"
     result: dict = json.loads(kept.read_text()) if kept.exists() else {}
     result = {k: v for k, v in result.items() if k not in ("benchmark", "machine")}
+    if only and "methods" not in result:
+        parser.error("--methods re-measures rows of an earlier run's methods: run it whole first")
     result.update(teacher=TEACHER, floor_bits_per_char=floor)
     if "losses" in parts:
         result["losses"] = _losses(work, teacher, tokenizer, floor, args.steps)
     if "methods" in parts:
-        result["methods"] = _methods(work, teacher, tokenizer, floor, args.steps)
+        earlier = result.get("methods", {})
+        result["methods"] = _methods(work, teacher, tokenizer, floor, args.steps, only, earlier)
     if "scarce" in parts:
         result["scarce"] = _scarce(work, teacher, tokenizer, floor, args.steps)
     if "cost" in parts:

@@ -27,12 +27,14 @@ Results go to benchmarks/results/finetune.json.
   smollm2-135m-story-lora (rank 8, 30 steps of 4 rows) on the same 200 questions, replies cut at
   16 tokens; and the LoRA step of both libraries on its first 4 rows (rank 16), where the output
   head has 49,152 rows and slmlab runs it at the reply tokens alone. Same goal as above.
-* QLoRA's memory (``memory``): on the real model (SmolLM2-135M, 4 rows of 256 tokens, AdamW),
-  for full fine-tuning, LoRA on the fp32 base and QLoRA (LoRA on the NF4 base), each in a fresh
-  process: the bytes of the prepared model's tensors (weights, codes, the update), the resident
-  memory the prepared model adds, and the peak while training steps run, both above the
-  process's memory before the model was loaded; the baseline is LoRA's,
-  measured in the same run. Goal: QLoRA's training peak ≤ 0.4× LoRA's.
+* QLoRA's memory (``memory``): on the real model (SmolLM2-135M, 4 rows of 256 tokens whose
+  last 32 are learnt, as a reply is; AdamW), for full fine-tuning, LoRA on the fp32 base and
+  QLoRA (LoRA on the NF4 base), each in a fresh process, with every block's activations kept
+  and with them recomputed in the backward pass (``activation_checkpointing``): the bytes of
+  the prepared model's tensors (weights, codes, the update), the resident memory the prepared
+  model adds, and the peak while training steps run, both above the process's memory before
+  the model was loaded; the baseline is LoRA's, measured in the same run. Goal: QLoRA's
+  training peak ≤ 0.4× LoRA's.
 """
 
 from __future__ import annotations
@@ -280,7 +282,7 @@ def _lora_steps(side: str, base: Path, ids, targets, steps: int) -> tuple[float,
     return first, times, sum(p.numel() for p in params)
 
 
-MEMORY_ROWS, MEMORY_LEN = 4, 256
+MEMORY_ROWS, MEMORY_LEN, MEMORY_REPLY = 4, 256, 32
 
 
 class _PeakRSS:
@@ -316,14 +318,16 @@ class _PeakRSS:
         self.peak = max(self.peak, self.now())
 
 
-def _memory_side(method: str, base: Path, steps: int) -> None:
+def _memory_side(method: str, base: Path, steps: int, checkpointed: bool) -> None:
     """Resident memory and step time of `method` (full, lora, qlora) on checkpoint `base`,
     printed as JSON: the model as it trains (weights, and codes for QLoRA), and the peak while
     training steps run (adding activations, gradients and AdamW's state)."""
     import gc
 
+    from slmlab.data.chat import IGNORE
     from slmlab.finetune import finetune_config, round_base_
     from slmlab.train import next_token_loss
+    from slmlab.train.data import Batch
 
     torch.manual_seed(0)
     before = _PeakRSS.now()
@@ -335,7 +339,11 @@ def _memory_side(method: str, base: Path, steps: int) -> None:
             round_base_(model, config)
     gc.collect()
     model.train()
-    rows = torch.randint(0, model.config.vocab_size, (MEMORY_ROWS, MEMORY_LEN + 1))
+    model.activation_checkpointing = checkpointed
+    ids = torch.randint(0, model.config.vocab_size, (MEMORY_ROWS, MEMORY_LEN + 1))
+    targets = ids[:, 1:].clone()
+    targets[:, :-MEMORY_REPLY] = IGNORE  # the reply alone is learnt
+    rows = Batch(ids, targets)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=False)
     prepared = _PeakRSS.now()
@@ -360,26 +368,39 @@ def _memory_side(method: str, base: Path, steps: int) -> None:
 
 def _memory(steps: int) -> dict:
     base = zoo.ensure("smollm2-135m-instruct")
-    sides = {}
-    for method in ("full", "lora", "qlora"):
-        command = [sys.executable, "-m", "benchmarks.finetune", "--memory-side", method,
-                   "--base", str(base), "--steps", str(steps)]  # fmt: skip
-        # glibc keeps freed blocks of a few MiB for reuse unless told to map them separately:
-        # then the fp32 weights QLoRA rounds away leave the resident memory, as they leave use.
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-        out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-        sides[method] = json.loads(out.strip().splitlines()[-1])
-        print(method, sides[method])
+    runs: dict[bool, dict] = {}
+    for checkpointed in (False, True):
+        sides = runs[checkpointed] = {}
+        for method in ("full", "lora", "qlora"):
+            command = [sys.executable, "-m", "benchmarks.finetune", "--memory-side", method,
+                       "--base", str(base), "--steps", str(steps)]  # fmt: skip
+            if checkpointed:
+                command.append("--checkpointed")
+            # glibc keeps freed blocks of a few MiB for reuse unless told to map them
+            # separately: then the fp32 weights QLoRA rounds away leave the resident memory,
+            # as they leave use.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+            done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+            sides[method] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(method, "checkpointed" if checkpointed else "", sides[method], flush=True)
+
+    def ratio(sides: dict, field: str) -> float:
+        return sides["qlora"][field] / sides["lora"][field]
+
+    plain, recomputed = runs[False], runs[True]
     return {
         "model": "smollm2-135m-instruct",
         "rows": MEMORY_ROWS,
         "seq_len": MEMORY_LEN,
+        "learnt_per_row": MEMORY_REPLY,
         "rank": RANK,
         "baseline": "lora",
-        **sides,
-        "qlora_to_lora": sides["qlora"]["training_peak_mib"] / sides["lora"]["training_peak_mib"],
-        "qlora_to_lora_model": sides["qlora"]["model_mib"] / sides["lora"]["model_mib"],
-        "qlora_to_lora_weights": sides["qlora"]["weights_mib"] / sides["lora"]["weights_mib"],
+        **plain,
+        "checkpointed": recomputed,
+        "qlora_to_lora": ratio(plain, "training_peak_mib"),
+        "qlora_to_lora_checkpointed": ratio(recomputed, "training_peak_mib"),
+        "qlora_to_lora_model": ratio(plain, "model_mib"),
+        "qlora_to_lora_weights": ratio(plain, "weights_mib"),
         "goal": {"qlora_to_lora": 0.4},
     }
 
@@ -392,6 +413,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed LoRA steps a side")
     parser.add_argument("--side", choices=["slmlab", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("--memory-side", choices=["full", "lora", "qlora"], help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -399,7 +421,7 @@ def main() -> None:
         _side(args.side, args.base, args.rows, args.steps)
         return
     if args.memory_side:
-        _memory_side(args.memory_side, args.base, min(args.steps, 3))
+        _memory_side(args.memory_side, args.base, min(args.steps, 3), args.checkpointed)
         return
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))

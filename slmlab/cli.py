@@ -241,7 +241,8 @@ def _distill(args: argparse.Namespace) -> int:
     settings = dict(config.distill or {})
     given = {"teacher": args.teacher, "loss": args.loss, "temperature": args.temperature,
              "alpha": args.alpha, "beta": args.beta, "cache": args.cache, "top_k": args.top_k,
-             "on_policy": args.on_policy}  # fmt: skip
+             "on_policy": args.on_policy, "relations": args.relations,
+             "features": args.features}  # fmt: skip
     settings.update({k: v for k, v in given.items() if v is not None})
     if "teacher" not in settings:
         raise ValueError(f"{student} names no teacher: give --teacher CHECKPOINT or zoo name")
@@ -268,7 +269,7 @@ def _distill(args: argparse.Namespace) -> int:
 
 # The `finetune` options passed on to `slmlab.finetune.finetune_config` where given.
 _FINETUNE_OPTIONS = ("data", "examples", "steps", "lr", "batch_size", "seq_len", "rank", "alpha",
-                     "seed", "beta")  # fmt: skip
+                     "seed", "beta", "activation_checkpointing")  # fmt: skip
 
 
 def _grpo(args: argparse.Namespace, base) -> int:
@@ -731,6 +732,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None, help="LoRA: the update's rank (default 8)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA: its scale (default 2 × rank)")
     p.add_argument("--targets", default=None, help="LoRA: layer names, e.g. q_proj,v_proj")
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute each block in the backward pass instead of keeping its activations",
+    )
     p.add_argument("--max-steps", type=int, default=None, help="stop after this step")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
     p.add_argument("--seed", type=int, default=None)
@@ -765,6 +772,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-policy",
         type=float,
         help="share of rows the student continues itself before the teacher grades them (GKD)",
+    )
+    p.add_argument(
+        "--relations",
+        type=float,
+        help="weight of the last blocks' attention relations (MiniLMv2; default 0: none)",
+    )
+    p.add_argument(
+        "--features",
+        type=float,
+        help="weight of the last blocks' hidden states, through a learnt projection (default 0)",
     )
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (the config's)")

@@ -23,6 +23,8 @@ from slmlab.distill import (
     cache_teacher,
     distillation_loss,
     divergence,
+    feature_loss,
+    feature_projection,
     relation_loss,
     relations,
     student_continuations,
@@ -153,6 +155,9 @@ def test_chunked_loss_and_its_gradients_equal_the_whole_batchs(loss) -> None:
         ({"relations": -1.0}, "distill.relations must be a weight"),
         ({"relation_heads": 0}, "distill.relation_heads must be a positive"),
         ({"relation_layers": [3]}, r"distill.relation_layers must be \[teacher's block"),
+        ({"features": -0.5}, "distill.features must be a weight"),
+        ({"feature_layers": [0, 1, 2]}, r"distill.feature_layers must be \[teacher's block"),
+        ({"cache": "c.safetensors", "features": 1.0}, "not its hidden states"),
     ],
 )
 def test_bad_distillation_settings_are_named(changes, message) -> None:
@@ -226,10 +231,14 @@ def _resumes_to_the_bit(config: TrainConfig, tmp_path):
     stop = config.steps // 2
     train_distill(config, tmp_path / "stopped", data=data, progress=False, max_steps=stop)
     resumed = train_distill(config, tmp_path / "stopped", data=data, progress=False, resume=True)
-    a = load_file(straight.checkpoint / "model.safetensors")
-    b = load_file(resumed.checkpoint / "model.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    for weights in ("model.safetensors", "objective.safetensors"):
+        if not (straight.checkpoint / weights).is_file():
+            assert not (resumed.checkpoint / weights).is_file()
+            continue
+        a, b = load_file(straight.checkpoint / weights), load_file(resumed.checkpoint / weights)
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     return straight
 
 
@@ -302,6 +311,15 @@ def test_the_command_line_distils_and_names_a_bad_setting(teacher, tmp_path) -> 
         "cache": str(cache),
         "top_k": 4,
     }
+    taught = [*command[:-2], str(tmp_path / "taught"), "--quiet", "--features", "0.5",
+              "--relations", "0.1"]  # fmt: skip
+    done = subprocess.run(taught, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    trainer = json.loads((tmp_path / "taught" / "last" / "trainer.json").read_text())
+    assert trainer["config"]["distill"] == {
+        "teacher": str(teacher), "features": 0.5, "relations": 0.1,
+    }  # fmt: skip
+    assert (tmp_path / "taught" / "last" / "objective.safetensors").is_file()
     bad = subprocess.run([*command, "--temperature", "-1"], capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "distill.temperature must be above 0" in bad.stderr.strip().splitlines()[-1]
@@ -490,3 +508,86 @@ def test_a_relation_run_adds_the_relation_loss_to_the_first_step(teacher, tmp_pa
     with pytest.raises(ValueError, match="relation layer 5 does not exist: the model has 2 blocks"):
         bad = _student(teacher, relations=1.0, relation_layers=[5, 0])
         train_distill(bad, tmp_path / "bad", data=data, progress=False, max_steps=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Hidden states through a learnt projection
+
+
+def test_the_feature_loss_is_its_formula_and_teaches_both_sides() -> None:
+    """Σ over positions of ‖W h_s − h_t‖² / ‖h_t‖², against Python loops; zero where the
+    projection maps the student onto the teacher; gradients reach the student and W."""
+    torch.manual_seed(0)
+    student = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 3, 6, dtype=torch.float64)
+    projection = feature_projection(4, 6, seed=3).double()
+    again = feature_projection(4, 6, seed=3)
+    assert torch.equal(projection.weight.float(), again.weight)
+    assert not torch.equal(again.weight, feature_projection(4, 6, seed=4).weight)
+    w = projection.weight.tolist()
+    expected = 0.0
+    for b in range(2):
+        for t in range(3):
+            h_s, h_t = student[b, t].tolist(), teacher[b, t].tolist()
+            mapped = [sum(w[i][j] * h_s[j] for j in range(4)) for i in range(6)]
+            error = sum((mapped[i] - h_t[i]) ** 2 for i in range(6))
+            expected += error / sum(x * x for x in h_t)
+    loss = feature_loss(teacher, student, projection)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert student.grad.abs().sum() > 0 and projection.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        mapped = projection(student)
+    assert feature_loss(mapped, student, projection).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def _block_output(model, ids, layer):
+    """The logits of `model` on `ids` and what block `layer` returned, by a hook of our own."""
+    seen = []
+    hook = model.model.layers[layer].register_forward_hook(lambda m, a, out: seen.append(out))
+    logits = model(ids)
+    hook.remove()
+    return logits, seen[-1]
+
+
+def test_a_feature_run_adds_the_hidden_state_loss_and_keeps_the_projection_apart(
+    teacher, tmp_path
+) -> None:
+    """Step 1's logged loss is the mean divergence plus the weighted feature loss per token,
+    computed here from hooks of our own and the projection the recipe draws; the projection is
+    saved beside the student, not in it, and has learnt."""
+    config = _student(teacher, alpha=1.0, features=0.5, feature_layers=[0, -1])
+    data = build_data(config, tokenizer=checkpoint.load_tokenizer(teacher))
+    run = train_distill(config, tmp_path / "run", data=data, progress=False, max_steps=2)
+    torch.manual_seed(config.seed)
+    from slmlab.models import DecoderLM
+
+    student = DecoderLM(config.model_config(data.vocab_size, data.end_token_id()))
+    teacher_model = checkpoint.load(teacher)
+    widths = STUDENT_MODEL["hidden_size"], teacher_model.config.hidden_size
+    projection = feature_projection(*widths, seed=config.seed)
+    ids = data.batch(0, config.batch_size, config.seed).ids[:, :-1]
+    with torch.no_grad():
+        s_logits, s_hidden = _block_output(student, ids, -1)
+        t_logits, t_hidden = _block_output(teacher_model, ids, 0)
+        expected = (
+            divergence(s_logits, t_logits).mean()
+            + 0.5 * feature_loss(t_hidden, s_hidden, projection) / ids.numel()
+        )
+    first = json.loads((run.out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    weights = load_file(run.checkpoint / "model.safetensors")
+    assert not any(name.startswith("objective") for name in weights)
+    learnt = load_file(run.checkpoint / "objective.safetensors")["weight"]
+    assert learnt.shape == (widths[1], widths[0])
+    assert not torch.equal(learnt, projection.weight)  # it trained with the student
+    assert checkpoint.load(run.checkpoint).config.hidden_size == widths[0]
+    with pytest.raises(ValueError, match=r"distill.feature_layers names block 4.*has 2 blocks"):
+        bad = _student(teacher, features=1.0, feature_layers=[4, 0])
+        train_distill(bad, tmp_path / "bad", data=data, progress=False, max_steps=1)
+
+
+def test_a_feature_run_resumes_to_the_bit(teacher, tmp_path) -> None:
+    """The projection and its optimizer state come back with the run: stopped and resumed
+    equals never stopped, the student's weights and the projection's."""
+    _resumes_to_the_bit(_student(teacher, features=1.0), tmp_path)

@@ -490,11 +490,13 @@ def test_the_command_line_fine_tunes_and_chats_with_the_result(base_checkpoint, 
     tune = subprocess.run(
         [sys.executable, "-m", "slmlab", "finetune", str(base), "--method", "lora", "--rank", "2",
          "--targets", "q_proj,v_proj", "--examples", "8", "--steps", "2", "--batch-size", "2",
-         "--seq-len", "255", "--out", str(out), "--quiet"],
+         "--seq-len", "255", "--out", str(out), "--quiet", "--activation-checkpointing"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert tune.returncode == 0, tune.stderr
     assert f"slmlab chat {out / 'last'}" in tune.stdout
+    trainer = json.loads((out / "last" / "trainer.json").read_text())
+    assert trainer["config"]["activation_checkpointing"] is True
     config = json.loads((out / "last" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["target_modules"] == ["q_proj", "v_proj"]
     chat = subprocess.run(
@@ -1012,3 +1014,33 @@ def test_the_real_models_story_recipe_is_what_slmlab_finetune_writes() -> None:
     assert mine.lora_config() == theirs.lora_config()
     same = dict(model=mine.model, lora=mine.lora, init_from=mine.init_from)
     assert theirs.replace(**same) == mine
+
+
+def test_rounding_a_loaded_base_lets_the_checkpoint_file_go(base_checkpoint) -> None:
+    """A checkpoint read from safetensors is held in the file's memory map; once QLoRA's base
+    is rounded, the weights left in full precision are the model's own copies, equal to what
+    was read, and the file is no longer mapped (so the fp32 weights rounded away leave
+    memory)."""
+    import gc
+    from pathlib import Path
+
+    from slmlab.finetune import finetune_config, round_base_
+
+    base, _ = base_checkpoint
+    weights = base / "model.safetensors"
+
+    def mapped() -> bool:
+        return str(weights.resolve()) in Path("/proc/self/maps").read_text()
+
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs Linux's /proc to see the process's memory maps")
+    model = checkpoint.load(base)
+    if not mapped():
+        pytest.skip("this safetensors version copies what it reads: no map to let go")
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    config = finetune_config(base, method="qlora", rank=2)
+    apply_lora_(model, config.lora_config())
+    round_base_(model, config)
+    gc.collect()
+    assert not mapped()
+    assert torch.equal(model.model.embed_tokens.weight, embedding)

@@ -219,6 +219,7 @@ def test_max_steps_must_not_be_negative_or_behind_the_checkpoint(tmp_path, data)
         ({"precision": "fp8"}, "precision must be one of"),
         ({"optimizer": "sgd"}, r"optimizer must be one of \['adamw', 'muon'\], got 'sgd'"),
         ({"superwords": "yes"}, "superwords must be true or false, got 'yes'"),
+        ({"activation_checkpointing": 1}, "activation_checkpointing must be true or false"),
         ({"steps": 0}, "steps must be a positive integer"),
         ({"grad_clip": -1.0}, "grad_clip must be a positive number, got -1.0"),
         ({"grad_clip": 0}, "grad_clip must be a positive number, got 0"),
@@ -379,6 +380,7 @@ def test_fingerprint_covers_every_field_and_ignores_defaults() -> None:
         "checkpoint_every": 5,
         "seed": 1,
         "precision": "auto",
+        "activation_checkpointing": True,
         "init_from": "x",
         "qat": {"bits": 4},
         "objective": "sft",
@@ -452,3 +454,70 @@ def test_sigkilled_runs_resume_to_the_uninterrupted_weights(tmp_path, data) -> N
     log = lambda r: [json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert log(straight) == log(run)
     assert [p.name for p in run.iterdir() if p.name.startswith(".last")] == []
+
+
+def _saved_bytes(model, ids, **options) -> tuple[int, dict[str, torch.Tensor]]:
+    """The bytes autograd keeps for the backward pass of one forward (without the output
+    head, whose saved logits checkpointing does not touch), and the parameters' gradients."""
+    kept = 0
+
+    def keep(tensor):
+        nonlocal kept
+        kept += tensor.numel() * tensor.element_size()
+        return tensor
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        hidden = model(ids, head=False, **options)
+    hidden.square().mean().backward()
+    return kept, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    ("layer_types", "qlora"),
+    [(None, False), (["linear_attention", "full_attention"], False), (None, True)],
+)
+def test_activation_checkpointing_keeps_block_inputs_alone_and_the_same_gradients(
+    layer_types, qlora
+) -> None:
+    """A checkpointed forward keeps a small share of what a plain one keeps for the backward
+    pass, and the gradients are the same to the bit (attention and Mamba-2 blocks, plain and
+    packed rows, LoRA over an NF4 base)."""
+    from slmlab.layers.lora import LoraConfig, apply_lora_
+    from slmlab.models import DecoderLM
+    from slmlab.quant import QuantConfig, quantize_
+
+    extra = {} if layer_types is None else {
+        "model_type": "bamba", "layer_types": layer_types, "mamba_n_heads": 4,
+        "mamba_expand": 1, "mamba_d_state": 16, "mamba_chunk_size": 16,
+    }  # fmt: skip
+    config = TINY.replace(model={**TINY.model, **extra})
+    torch.manual_seed(0)
+    model = DecoderLM(config.model_config(300, 0)).train()
+    if qlora:
+        apply_lora_(model, LoraConfig(r=4, alpha=8))
+        skip = ("lm_head", "lora_A", "lora_B")
+        quantize_(model, QuantConfig(fmt="nf4", bits=4, group_size=32, skip=skip))
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # a nonzero update, so that both factors learn
+                torch.nn.init.normal_(parameter, std=0.1)
+    ids = torch.randint(0, 300, (4, 64))
+    segments = torch.arange(64).div(20, rounding_mode="floor").expand(4, 64)
+    for options in ({}, {"segments": segments}):
+        plain, expected = _saved_bytes(model, ids, **options)
+        model.activation_checkpointing = True
+        kept, grads = _saved_bytes(model, ids, **options)
+        model.activation_checkpointing = False
+        assert kept < plain / 4, (kept, plain)
+        assert grads.keys() == expected.keys()
+        for name in grads:
+            assert torch.equal(grads[name], expected[name]), name
+
+
+def test_a_checkpointed_run_trains_the_same_weights(tmp_path, data) -> None:
+    config = TINY.replace(steps=4, eval_every=4)
+    plain = train(config, tmp_path / "plain", progress=False, data=data)
+    checkpointed = config.replace(activation_checkpointing=True)
+    run = train(checkpointed, tmp_path / "checkpointed", progress=False, data=data)
+    a, b = weights(plain.out), weights(run.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,6 +1,6 @@
 """Knowledge distillation (chapter 07): a small student taught by a larger teacher.
 
-Three ways for the teacher's knowledge to reach the student:
+The ways the teacher's knowledge reaches the student:
 
 * **logits** (`train_distill`, a training config with a ``[distill]`` table): at every
   position of the training text the student learns the teacher's whole next-token
@@ -10,6 +10,9 @@ Three ways for the teacher's knowledge to reach the student:
 * **attention relations** (``relations``, MiniLMv2): how one attention layer's tokens relate
   to each other (`slmlab.distill.relations`), learnt beside the next-token distributions; it
   compares models of any widths and head counts without a projection to train.
+* **hidden states** (``features``, FitNets and TinyBERT): the student's residual stream after
+  one block, mapped by a matrix learnt with it (`slmlab.distill.features`), is pulled towards
+  the teacher's after one of its blocks.
 * **the student's own samples** (``on_policy``, GKD's on-policy distillation): a share of the
   rows keep their first half and the student writes the rest; the teacher then grades the
   student's continuation token by token. The student is taught where it goes itself, not only
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,7 @@ from ..tokenizers import as_hf_tokenizer
 from ..train import TrainConfig, TrainResult, train
 from ..train.data import Batch, build_data
 from .cache import CachedTeacherHead, TeacherCache, cache_teacher
+from .features import block_output, feature_loss, feature_projection
 from .losses import LOSSES, distillation_loss, divergence
 from .relations import attention_inputs, relation_loss, relations
 from .sequence import teacher_texts
@@ -57,6 +61,8 @@ __all__ = [
     "cache_teacher",
     "distillation_loss",
     "divergence",
+    "feature_loss",
+    "feature_projection",
     "relation_loss",
     "relations",
     "student_continuations",
@@ -84,6 +90,10 @@ class DistillConfig:
     `relations` weighs MiniLMv2's self-attention relation loss (0: none) between the teacher's
     and the student's blocks `relation_layers` (−1: the last), in `relation_heads` relation
     heads, which must divide both models' query and key/value widths.
+
+    `features` weighs the hidden-state loss (0: none) between the residual streams leaving the
+    teacher's and the student's blocks `feature_layers` (−1: the last), the student's mapped to
+    the teacher's width by a projection that trains with it.
     """
 
     teacher: str
@@ -97,6 +107,8 @@ class DistillConfig:
     relations: float = 0.0
     relation_heads: int = 4
     relation_layers: tuple[int, int] = (-1, -1)
+    features: float = 0.0
+    feature_layers: tuple[int, int] = (-1, -1)
 
     def __post_init__(self) -> None:
         if not isinstance(self.teacher, str) or not self.teacher:
@@ -134,21 +146,25 @@ class DistillConfig:
         heads = self.relation_heads
         if not (isinstance(heads, int) and not isinstance(heads, bool) and heads > 0):
             raise ConfigError(f"distill.relation_heads must be a positive count, got {heads!r}")
-        layers = self.relation_layers
-        if not (
-            isinstance(layers, list | tuple)
-            and len(layers) == 2
-            and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
-        ):
-            raise ConfigError(
-                f"distill.relation_layers must be [teacher's block, student's block], got {layers!r}"
-            )
-        object.__setattr__(self, "relation_layers", tuple(layers))  # TOML reads a list
-        if self.cache is not None and self.relations > 0:
-            raise ConfigError(
-                "distill.cache keeps the teacher's predictions, not its attention, which "
-                "distill.relations needs: drop one of them"
-            )
+        if not (real(self.features) and self.features >= 0):
+            raise ConfigError(f"distill.features must be a weight ≥ 0, got {self.features!r}")
+        for name in ("relation_layers", "feature_layers"):
+            layers = getattr(self, name)
+            if not (
+                isinstance(layers, list | tuple)
+                and len(layers) == 2
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+            ):
+                raise ConfigError(
+                    f"distill.{name} must be [teacher's block, student's block], got {layers!r}"
+                )
+            object.__setattr__(self, name, tuple(layers))  # TOML reads a list
+        for name, needs in (("relations", "attention"), ("features", "hidden states")):
+            if self.cache is not None and getattr(self, name) > 0:
+                raise ConfigError(
+                    f"distill.cache keeps the teacher's predictions, not its {needs}, which "
+                    f"distill.{name} needs: drop one of them"
+                )
         if self.cache is not None and self.on_policy > 0:
             raise ConfigError(
                 "distill.cache holds the teacher on the data's rows, distill.on_policy asks it "
@@ -173,19 +189,32 @@ class Distiller:
     """The loop's `slmlab.train.loop.Objective` for distillation: the teacher's distributions
     for a micro-batch (its hidden states, run without gradient, or its cached top-k rows), the
     student's hidden states, and `distillation_loss` between them. With ``on_policy`` some rows
-    are first continued by the student (`student_continuations`)."""
+    are first continued by the student (`student_continuations`).
+
+    With ``features`` the objective has weights of its own, `weights` (the projection from the
+    student's width, `student_width`, to the teacher's; drawn with `seed`), which the training
+    loop trains beside the student's and saves with the run, not with the student."""
 
     def __init__(
         self,
         teacher: DecoderLM | None,
         settings: DistillConfig,
         cache: TeacherCache | None = None,
+        *,
+        student_width: int | None = None,
+        seed: int = 0,
     ) -> None:
         if (teacher is None) == (cache is None):
             raise ValueError("a Distiller learns from a teacher or from its cache: give one")
         self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
         self.cache = cache
         self.settings = settings
+        self.weights: torch.nn.Module | None = None
+        if settings.features:
+            if teacher is None or student_width is None:
+                raise ValueError("hidden-state distillation needs the teacher and student_width")
+            width = teacher.config.hidden_size
+            self.weights = feature_projection(student_width, width, seed)
 
     def __call__(
         self, student: torch.nn.Module, batch: Batch, autocast
@@ -207,34 +236,51 @@ class Distiller:
                 total, count = total + part, count + n
         return total, count
 
+    def _watch(self, model: torch.nn.Module, stack: ExitStack, side: int):
+        """Hooks on `model` (the teacher: `side` 0, the student: 1) for the relation and feature
+        terms the settings ask for: lists filled with what they saw when `stack` closes."""
+        s = self.settings
+        qkv = hidden = None
+        if s.relations:
+            qkv = stack.enter_context(attention_inputs(model, s.relation_layers[side]))
+        if s.features:
+            hidden = stack.enter_context(block_output(model, s.feature_layers[side]))
+        return qkv, hidden
+
     def _loss(self, student, ids, segments, labels, autocast, alpha):
         s = self.settings
         inputs = ids[:, :-1]
         inner = getattr(student, "module", student)  # DDP wraps the model
-        teacher_layer, student_layer = s.relation_layers
+        if (s.relations or s.features) and segments is not None:
+            raise ValueError("attention relations and hidden states are taken over plain text "
+                             "rows, not packed chats")  # fmt: skip
+        teacher_qkv = teacher_hidden = None
         if self.cache is not None:
             teacher_rows, teacher_head = self.cache.rows(ids), self.cache.head
         else:
             assert self.teacher is not None
             if next(self.teacher.parameters()).device != ids.device:
                 self.teacher.to(ids.device)
-            with (
-                attention_inputs(self.teacher, teacher_layer) if s.relations else nullcontext()
-            ) as teacher_qkv, torch.no_grad(), autocast():  # fmt: skip
-                teacher_rows = self.teacher(inputs, segments=segments, head=False)
+            with ExitStack() as stack:
+                teacher_qkv, teacher_hidden = self._watch(self.teacher, stack, 0)
+                with torch.no_grad(), autocast():
+                    teacher_rows = self.teacher(inputs, segments=segments, head=False)
             teacher_head = self.teacher.lm_head
-        with (
-            attention_inputs(inner, student_layer) if s.relations else nullcontext()
-        ) as student_qkv, autocast():  # fmt: skip
-            student_hidden = student(inputs, segments=segments, head=False)
+        with ExitStack() as stack:
+            student_qkv, student_hidden_at = self._watch(inner, stack, 1)
+            with autocast():
+                student_hidden = student(inputs, segments=segments, head=False)
         total, count = distillation_loss(
             student_hidden, inner.lm_head, teacher_rows, teacher_head, labels,
             loss=s.loss, temperature=s.temperature, alpha=alpha, beta=s.beta, autocast=autocast,
         )  # fmt: skip
         if s.relations:
-            if segments is not None:
-                raise ValueError("attention relations are taken over plain text rows, not chats")
             total = total + s.relations * relation_loss(teacher_qkv, student_qkv, s.relation_heads)
+        if s.features:
+            assert self.weights is not None and teacher_hidden and student_hidden_at
+            total = total + s.features * feature_loss(
+                teacher_hidden[0], student_hidden_at[0], self.weights
+            )
         return total, count
 
 
@@ -311,7 +357,9 @@ def train_distill(
             "tokenizers, train on the teacher's texts: slmlab.distill.teacher_texts)"
         )
     if settings.cache is None:
-        return train(config, out, data=data, objective=Distiller(teacher, settings), **options)
+        width = config.model_config(data.vocab_size, data.end_token_id()).hidden_size
+        objective = Distiller(teacher, settings, student_width=width, seed=config.seed)
+        return train(config, out, data=data, objective=objective, **options)
     if not cached:
         assert teacher is not None
         cache_teacher(

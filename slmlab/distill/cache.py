@@ -2,7 +2,7 @@
 the training rows, computed once and read by every run that distils from them.
 
 A distillation step runs the teacher forward on the student's rows, which costs several
-student steps (stories-8m teaching stories-1m: 3.5 times a step of plain cross-entropy). When
+student steps (stories-8m teaching stories-1m: about 3 times a step of plain cross-entropy). When
 several students, losses or seeds learn from one teacher on one corpus, that forward pass is
 the same each time; a cache pays it once. Kept whole, it would be large (a 49,152-token
 vocabulary is 196 KB a position in fp32), so a position keeps the teacher's `k` most likely
@@ -75,13 +75,16 @@ class TeacherCache:
             raise FileNotFoundError(
                 f"{self.path}: no teacher cache here; write one with slmlab.distill.cache_teacher"
             )
-        with safe_open(self.path, "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "slmlab-teacher-cache":
-                raise ValueError(f"{self.path}: not a teacher cache (format {meta.get('format')})")
-            self.ids = f.get_tensor("ids")
-            self.log_probs = f.get_tensor("log_probs")
-            self.token_ids = f.get_tensor("token_ids")
+        # Kept open: a batch reads its own rows of the teacher's answers from the file, so a
+        # cache larger than memory serves as well (the rows' tokens, a few bytes a position,
+        # are read whole to index them).
+        self._file = safe_open(self.path, "pt")
+        meta = self._file.metadata() or {}
+        if meta.get("format") != "slmlab-teacher-cache":
+            raise ValueError(f"{self.path}: not a teacher cache (format {meta.get('format')})")
+        self.ids = self._file.get_tensor("ids")
+        self._log_probs = self._file.get_slice("log_probs")
+        self._token_ids = self._file.get_slice("token_ids")
         self.k = int(meta["k"])
         self.temperature = float(meta["temperature"])
         self.vocab_size = int(meta["vocab_size"])
@@ -117,9 +120,11 @@ class TeacherCache:
                     "for other data: remake it for this run's data (slmlab.distill.cache_teacher)"
                 )
             picked.append(index)
-        index = torch.tensor(picked)
-        packed = torch.cat(
-            [self.log_probs[index].float(), self.token_ids[index].float()], dim=-1
+        packed = torch.stack(
+            [
+                torch.cat([self._log_probs[i].float(), self._token_ids[i].float()], -1)
+                for i in picked
+            ]
         )  # token ids below 2^24 are exact in fp32
         return packed.to(ids.device)
 

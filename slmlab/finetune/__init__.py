@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..layers.lora import LoraConfig
 from ..models.config import ModelConfig
 from ..models.decoder import DecoderLM
@@ -154,9 +156,17 @@ def round_base_(model: DecoderLM, config: TrainConfig) -> DecoderLM:
     and the output head stay in full precision."""
     assert config.quantize_base is not None
     skip = ("lm_head", "lora_A", "lora_B")
-    return quantize_(
+    quantize_(
         model, QuantConfig.from_table({**config.quantize_base, "skip": skip}, "quantize_base")
     )
+    # A model read by `slmlab.checkpoint.load` holds its weights in the file's memory map, and
+    # the weights that stay in full precision (the embedding, the norms) would keep the whole
+    # map resident, the fp32 weights just rounded away with it: copies of their own let it go.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.clone()
+    return model
 
 
 def train_finetune(config: TrainConfig, out: str | Path, **options: Any) -> TrainResult:

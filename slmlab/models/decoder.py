@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..kernels import (
     GEMV_MAX_ROWS,
@@ -453,11 +454,17 @@ def fused_decode_step(
 
 
 class DecoderLM(nn.Module):
-    """A Llama-family causal language model: token ids in, next-token logits out."""
+    """A Llama-family causal language model: token ids in, next-token logits out.
+
+    `activation_checkpointing` (off by default; a training run's config turns it on) keeps
+    only each block's input while training and recomputes the block in the backward pass:
+    activation memory falls from every block's intermediates to one block's, for about one more
+    forward pass of compute, and the gradients are the same."""
 
     def __init__(self, config: ModelConfig, *, init_std: float = 0.02) -> None:
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False
         self.model = DecoderStack(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters(init_std)
@@ -561,7 +568,7 @@ class DecoderLM(nn.Module):
             x = self.model.embed_tokens(input_ids)
             for layer, slot in self._runs():
                 masked = sliding_mask if layer.slides else mask
-                x = layer(x, cos, sin, masked, cache, real=real, slot=slot)
+                x = self._block(layer, x, cos, sin, masked, cache, real=real, slot=slot)
         if cache is not None:
             cache.length += T
         return self._output(x, last_only, head, logits_at)
@@ -587,8 +594,18 @@ class DecoderLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions, self.model.norm.weight.dtype)
         x = self.model.embed_tokens(input_ids)
         for layer, _ in self._runs():
-            x = layer(x, cos, sin, sliding_mask if layer.slides else mask, None, resets=starts)
+            masked = sliding_mask if layer.slides else mask
+            x = self._block(layer, x, cos, sin, masked, None, resets=starts)
         return self._output(x, last_only, head, logits_at)
+
+    def _block(self, layer: DecoderBlock, x, cos, sin, mask, cache, **options) -> torch.Tensor:
+        """`layer` on `x`, recomputed in the backward pass where activations are checkpointed
+        (a training pass: no cache). The random state is kept, so the recomputation is exact."""
+        args = (x, cos, sin, mask, cache)
+        training = self.training and cache is None and torch.is_grad_enabled()
+        if self.activation_checkpointing and training:
+            return checkpoint(layer, *args, use_reentrant=False, **options)
+        return layer(*args, **options)
 
     def _output(
         self, x: torch.Tensor, last_only: bool, head: bool, logits_at: torch.Tensor | None

@@ -79,6 +79,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     seed: int = 0
     precision: str = "fp32"
+    activation_checkpointing: bool = False
     init_from: str | None = None
     qat: dict[str, Any] | None = None
     objective: str = "next-token"
@@ -130,8 +131,9 @@ class TrainConfig:
                 f"grad_accum ({self.grad_accum}) must divide batch_size ({self.batch_size}): "
                 "each micro-batch gets the same number of sequences"
             )
-        if not isinstance(self.superwords, bool):
-            raise ConfigError(f"superwords must be true or false, got {self.superwords!r}")
+        for name in ("superwords", "activation_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}"

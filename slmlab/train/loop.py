@@ -33,7 +33,7 @@ from .data import Batch, TrainData, build_data
 from .distributed import PARALLEL, join, mean_over_processes, share
 from .optim import build_optimizer, lr_at
 from .preference import pair_accuracy, preference_loss, reference_logps, reply_logps
-from .state import LAST, initialise_from, resume_optimizer, resume_weights, save_run
+from .state import LAST, OBJECTIVE, initialise_from, resume_optimizer, resume_weights, save_run
 
 __all__ = ["Objective", "TrainResult", "next_token_loss", "train", "train_step", "validation_loss"]
 
@@ -41,7 +41,8 @@ METRICS = "metrics.jsonl"
 
 # A loss that a higher layer brings to this loop (distillation's teacher term): given the model
 # being trained (as `train_step` runs it: wrapped for DDP under torchrun), a micro-batch and the
-# autocast context, the summed loss of its learnt tokens and how many there are.
+# autocast context, the summed loss of its learnt tokens and how many there are. One with weights
+# of its own (a projection between two models' widths) holds them as a module, `weights`.
 Objective = Callable[[torch.nn.Module, Batch, Callable], tuple[torch.Tensor, int]]
 
 
@@ -305,6 +306,7 @@ def train(
     torch.manual_seed(config.seed)
     model_config = config.model_config(data.vocab_size, data.end_token_id())
     model = DecoderLM(model_config).to(device)
+    model.activation_checkpointing = config.activation_checkpointing
     if config.init_from is not None:  # fine-tuning (QAT, say): start from a trained model
         initialise_from(model, config.init_from, data.tokenizer, seed=config.seed)
     if config.objective == "dpo" and data.train_reference is None:
@@ -324,6 +326,9 @@ def train(
             "this config rounds the base it adapts (quantize_base, QLoRA): run it with "
             "slmlab.finetune.finetune or `slmlab finetune`, which round the layers"
         )
+    own = getattr(objective, "weights", None)
+    if own is not None:  # trained, checkpointed and resumed with the model's, saved apart
+        model.add_module(OBJECTIVE, own.to(device))
     defaults = TrainConfig(model=config.model).to_dict()
     start = resume_weights(model, out, config.to_dict(), defaults) if resume else 0
     if start > stop:

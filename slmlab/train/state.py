@@ -1,9 +1,10 @@
 """What a run writes and reads back: weights, the optimizer's state, and where it stopped.
 
 A run's checkpoint (``out/last``) is an ordinary slmlab checkpoint directory plus
-``optimizer.safetensors`` (the optimizer's whole state, no pickle anywhere) and
-``trainer.json`` (the step and the config). Checkpoints are always whole (gathered) state
-dicts, so a run can resume on any number of processes, sharded or not.
+``optimizer.safetensors`` (the optimizer's whole state, no pickle anywhere), ``trainer.json``
+(the step and the config), and ``objective.safetensors`` where the loss has weights of its own
+(a distillation projection: `OBJECTIVE`). Checkpoints are always whole (gathered) state dicts,
+so a run can resume on any number of processes, sharded or not.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..tokenizers import as_hf_tokenizer
 
 __all__ = [
     "LAST",
+    "OBJECTIVE",
     "initialise_from",
     "load_weights",
     "resume_optimizer",
@@ -38,6 +40,9 @@ __all__ = [
 ]
 
 LAST = "last"  # the checkpoint directory inside a run's folder
+# Where a loss with weights of its own (`slmlab.train.loop.Objective`'s ``weights``) puts them
+# on the model for the run: trained and resumed with the model's, saved beside them.
+OBJECTIVE = "objective"
 # Whole tensors on every process, whatever the sharding: what a checkpoint stores.
 _WHOLE = StateDictOptions(full_state_dict=True)
 
@@ -73,6 +78,9 @@ def load_weights(model: DecoderLM, path: Path) -> None:
     """The weights of checkpoint `path` into `model` (which stores a tied head once); a model
     with LoRA layers takes the base weights and the checkpoint's adapter."""
     weights = load_state_dict(path)
+    if hasattr(model, OBJECTIVE):
+        own = load_file(path / f"{OBJECTIVE}.safetensors")
+        weights.update({f"{OBJECTIVE}.{name}": value for name, value in own.items()})
     if lora_modules(model):
         _, adapter = read_adapter(path)
         weights = join_lora_state(model, weights, adapter, str(path))
@@ -218,10 +226,15 @@ def save_run(
     optimizer_state = optimizer_tensors(model, optimizer)
     if rank != 0:
         return
+    prefix = f"{OBJECTIVE}."
+    own = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+    weights = {k: v for k, v in weights.items() if not k.startswith(prefix)}
     extra = {
         "optimizer.safetensors": save(optimizer_state),
         "trainer.json": json.dumps(trainer, indent=2).encode(),
     }
+    if own:
+        extra[f"{OBJECTIVE}.safetensors"] = save({k: v.contiguous() for k, v in own.items()})
     if chat:
         extra["tokenizer_config.json"] = (json.dumps(chat, indent=2) + "\n").encode()
     save_checkpoint(model, out / LAST, tokenizer=tokenizer, state_dict=weights, extra_files=extra)

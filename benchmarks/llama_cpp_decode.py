@@ -6,6 +6,16 @@ Run by `benchmarks/targets.py` with the interpreter given to its ``--llama-cpp-p
 environment of its own with llama-cpp-python built from source (``pip install --no-binary
 llama-cpp-python llama-cpp-python``, about ten minutes on two cores), since its wheels are not
 built for every machine. Needs nothing else: no slmlab, no torch.
+
+On a Xeon with AMX in a virtual machine, llama-cpp-python 0.3.36 built for the native CPU
+crashed in its AMX matrix product (``ggml_backend_amx_mul_mat``) on every 4- and 8-bit file,
+the registry's SmolLM2 Q4_1 included. Built with AMX off and AVX-512 on (``--no-cache-dir``,
+or pip reuses the first build)::
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+    -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON
+    -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+    pip install --no-cache-dir --no-binary llama-cpp-python llama-cpp-python
 """
 
 from __future__ import annotations

@@ -4,19 +4,21 @@
                                  [--new-tokens 128] [--llama-cpp-python PYTHON]
 
 For each model: slmlab itself (fp32, and int4 with groups of 32 and the head rounded too,
-Q4_0's layout), ONNX Runtime (fp32, and int8 by its dynamic quantization), ExecuTorch with
-XNNPACK (fp32), and llama.cpp (F32, Q8_0, Q4_0 files written by `slmlab.export.to_gguf`)
-where an interpreter with llama-cpp-python is given. Each runs in a process of its own, so
-that its peak memory (the process's maximum resident set, Python and the runtime included)
-is its own. Decode tokens/s is the time of 128 greedy tokens after a 16-token prompt less
-that of one; prefill tokens/s, a 128-token prompt's first token. Beside each row, the
-roofline's prediction (`slmlab.devices.roofline`) for this machine, measured in the same run.
+Q4_0's layout, saved as slmlab's quantized checkpoint and loaded as one, so that its process
+never holds the fp32 weights, as llama.cpp's never does), ONNX Runtime (fp32, and int8 by its
+dynamic quantization), ExecuTorch with XNNPACK (fp32), and llama.cpp (F32, Q8_0, Q4_0 files
+written by `slmlab.export.to_gguf`) where an interpreter with llama-cpp-python is given. Each
+runs in a process of its own, so that its peak memory (the process's maximum resident set,
+Python and the runtime included) is its own. Decode tokens/s is the time of 128 greedy tokens
+after a 16-token prompt less that of one; prefill tokens/s, a 128-token prompt's first token.
+Beside each row, the roofline's prediction (`slmlab.devices.roofline`) for this machine,
+measured in the same run.
+Goal: slmlab's int4 decodes at least as fast as llama.cpp's Q4_0 on the same weights.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -65,6 +67,20 @@ def checkpoint_of(name: str, work: Path) -> Path:
     return path
 
 
+def int4_checkpoint(ckpt: Path, work: Path) -> Path:
+    """`ckpt` rounded to 4 bits in groups of 32, its tied embedding and head too (Q4_0's
+    layout), saved as slmlab's quantized checkpoint."""
+    from slmlab import checkpoint
+    from slmlab.quant import QuantConfig, quantize_
+
+    out = work / f"{ckpt.parent.name}-{ckpt.name}-int4"
+    if not (out / "config.json").exists():
+        config = QuantConfig(bits=4, group_size=32, skip=(), embedding_bits=4)
+        model = quantize_(checkpoint.load(ckpt), config)
+        checkpoint.save(model, out, checkpoint.load_tokenizer(ckpt))
+    return out
+
+
 def export_file(ckpt: Path, runtime: str, precision: str, work: Path, context: int) -> Path:
     from slmlab import export
 
@@ -85,12 +101,8 @@ def run_one(runtime: str, precision: str, path: str, new_tokens: int) -> dict:
     if runtime == "slmlab":
         from slmlab import checkpoint
         from slmlab.infer import generate
-        from slmlab.quant import QuantConfig, quantize_
 
-        model = checkpoint.load(path)
-        if precision == "int4":
-            config = QuantConfig(bits=4, group_size=32, skip=(), embedding_bits=4)
-            model = quantize_(copy.deepcopy(model), config)
+        model = checkpoint.load(path)  # fp32, or the int4 checkpoint `int4_checkpoint` wrote
 
         def run(tokens: list[int], n: int) -> None:
             generate(model, torch.tensor([tokens]), n)
@@ -145,6 +157,16 @@ def measure(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def int4_over_q4_0(rows: list[dict]) -> dict[str, float]:
+    """Per model measured both ways: slmlab's int4 decode tokens/s over llama.cpp's Q4_0."""
+    speed = {(r["model"], r["runtime"], r["precision"]): r["decode_tok_s"] for r in rows}
+    return {
+        model: speed[(model, "slmlab", "int4")] / speed[(model, "llama.cpp", "q4_0")]
+        for model in dict.fromkeys(r["model"] for r in rows)
+        if (model, "slmlab", "int4") in speed and (model, "llama.cpp", "q4_0") in speed
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["stories-8m", "base-76M",
@@ -171,11 +193,10 @@ def main() -> None:
                 if runtime == "llama.cpp" and args.llama_cpp_python is None:
                     continue
                 context = max(PROMPT, SHORT + args.new_tokens + 1)
-                file = (
-                    ckpt
-                    if runtime == "slmlab"
-                    else export_file(ckpt, runtime, precision, work, context)
-                )
+                if runtime == "slmlab":
+                    file = ckpt if precision == "fp32" else int4_checkpoint(ckpt, work)
+                else:
+                    file = export_file(ckpt, runtime, precision, work, context)
                 got = measure(runtime, precision, file, args.new_tokens, args.llama_cpp_python)
                 weights = ROOFLINE_WEIGHTS[precision]
                 predicted = roofline(config, device, weights=weights, context=SHORT + 64,
@@ -202,6 +223,7 @@ def main() -> None:
                     flush=True,
                 )
     result = {
+        "int4_over_llama_cpp_q4_0": int4_over_q4_0(rows),
         "this_machine": device.__dict__,
         "last_level_cache_mib": cache / 2**20,
         "new_tokens": args.new_tokens,

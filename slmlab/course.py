@@ -150,7 +150,7 @@ def measured_on(times: Path | None = None) -> str:
     machine = measured["machine"]
     return (
         f"measured {measured['date']} in a full book build from an empty zoo cache, on "
-        f"{machine['cpu_count']} cores of an {machine['cpu']} CPU with "
+        f"{machine['cpu_count']} cores ({machine['cpu']}) with "
         f"{', '.join(machine['cpu_simd'])}; GPU: {machine['cuda'] or 'none'}"
         + (f"; {measured['note']}" if measured.get("note") else "")
     )

@@ -22,6 +22,7 @@ __all__ = [
     "bf16_is_fast",
     "cache_dir",
     "cpu_flags",
+    "cpu_model",
     "default_dtype",
     "matmul_gflops",
     "pick_device",
@@ -53,6 +54,18 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def cpu_model() -> str:
+    """The CPU's name as the kernel reports it ("AMD EPYC ...", "Intel(R) Xeon(R) ..."): a
+    figure measured on one CPU says which. The architecture where the name cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 256, seconds: float = 0.05) -> float:
@@ -110,7 +123,7 @@ def report() -> dict[str, object]:
     info: dict[str, object] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_simd": simd,

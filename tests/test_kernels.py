@@ -180,6 +180,25 @@ def test_int4_linear_matches_dequantize_then_matmul(
     torch.testing.assert_close(y, x @ reference.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 3, 5, 6, 7, 18])
+@pytest.mark.parametrize("group_blocks", [1, None])
+def test_int4_linear_takes_any_number_of_blocks(blocks, group_blocks) -> None:
+    """The vector loop takes blocks of 32 inputs four at a time, into four running sums, and the
+    last one to three alone: every remainder, and groups of one block or the whole row, give
+    the product of the rounded x and the dequantized weight (18 blocks: SmolLM2's 576 inputs)."""
+    from slmlab.quant import dequantize, pack_int4, quantize
+
+    torch.manual_seed(blocks)
+    width = 32 * blocks
+    group = 32 if group_blocks == 1 else None
+    q = quantize(torch.randn(40, width) * 0.05, "int", 4, group_size=group, symmetric=False)
+    reference = dequantize(q)
+    for rows in (1, 4):
+        x = torch.randn(rows, width)
+        y = kernels.int4_linear(x, pack_int4(q.codes), q.scales, q.zeros, q.group_size)
+        torch.testing.assert_close(y, _int8_blocks(x) @ reference.T, rtol=1e-5, atol=1e-5)
+
+
 def test_int4_linear_declines_what_it_cannot_do() -> None:
     from slmlab.quant import pack_int4, quantize
 

@@ -136,6 +136,83 @@ def test_the_fused_step_sees_layers_swapped_and_hooks_added_after_it_ran() -> No
     assert seen == [1, 1]  # the prompt's call and the decoded token's
 
 
+def test_the_fused_step_runs_the_head_unless_it_or_the_final_norm_is_watched() -> None:
+    """Asked for logits, the step runs the final norm and the head in its call, to the logits
+    of the model run block by block; a hook on either, or a norm weight or head replaced, is
+    seen, and the blocks stay fused."""
+    config = VARIANTS["llama-gqa-untied"]
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    perturb_norms_and_biases(model)
+    ids = torch.randint(0, config.vocab_size, (1, 9))
+
+    def decode(**options) -> torch.Tensor:
+        cache = KVCache(config, 1, 9)
+        with torch.no_grad():
+            model(ids[:, :6], cache=cache)
+            return model(ids[:, 6:], cache=cache, **options)
+
+    def blocks(**options) -> torch.Tensor:
+        with kernels.disabled():
+            return decode(**options)
+
+    for options in ({}, {"last_only": True}):
+        fused = decode(**options)
+        assert fused.shape == (1, 1 if options else 3, config.vocab_size)
+        torch.testing.assert_close(fused, blocks(**options), rtol=1e-4, atol=1e-4)
+    model.model.norm.weight = torch.nn.Parameter(torch.rand(config.hidden_size) + 0.5)
+    model.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    torch.testing.assert_close(decode(), blocks(), rtol=1e-4, atol=1e-4)
+    for module in (model.model.norm, model.lm_head):
+        seen = []
+        handle = module.register_forward_hook(lambda *args, seen=seen: seen.append(1))
+        torch.testing.assert_close(decode(), blocks(), rtol=1e-4, atol=1e-4)
+        assert seen == [1, 1, 1, 1]  # prompt and tokens, fused and block by block
+        handle.remove()
+
+
+def test_greedy_steps_in_one_call_are_the_models_own_choices() -> None:
+    """`fused_greedy_steps` chooses, after each token of a 3-token feed and then after each
+    choice fed back, the tokens the model's forward and ``torch.argmax`` choose one call at a
+    time, with the first of equal logits (every head row comes twice, so every maximum is a
+    tie); the cache holds every token but the last chosen, as the call-at-a-time loop leaves
+    it."""
+    from slmlab.models.decoder import fused_greedy_steps
+
+    config = VARIANTS["llama-gqa-untied"]
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    perturb_norms_and_biases(model)
+    with torch.no_grad():
+        model.lm_head.weight[1::2] = model.lm_head.weight[::2]
+    ids = torch.randint(0, config.vocab_size, (1, 8))
+    steps = 6
+
+    def prefilled() -> KVCache:
+        cache = KVCache(config, 1, 16)
+        model(ids[:, :5], cache=cache)
+        return cache
+
+    with torch.no_grad():
+        fused_cache = prefilled()
+        chosen = fused_greedy_steps(model, ids[:, 5:], fused_cache, steps)
+        loop_cache, feed, expected = prefilled(), ids[:, 5:], []
+        with kernels.disabled():
+            for _ in range(steps):
+                expected += model(feed, cache=loop_cache)[0].argmax(dim=-1).tolist()
+                feed = torch.tensor([[expected[-1]]])
+    assert chosen is not None and chosen.tolist() == [expected]
+    assert all(t % 2 == 0 for t in expected)  # the first of each tied pair
+    assert fused_cache.length == loop_cache.length == 5 + 3 + steps - 1
+    length = fused_cache.length
+    torch.testing.assert_close(
+        fused_cache.keys[-1][:, :, :length],
+        loop_cache.keys[-1][:, :, :length],
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
 def test_generation_same_tokens_with_and_without_kernels() -> None:
     model = DecoderLM(VARIANTS["qwen2-bias"]).eval()
     prompts = [[3, 4, 5, 6], [7]]
@@ -236,6 +313,9 @@ for rows in (1, 3, 4):
     x = torch.randn(rows, 520)
     out[f"sparse24-{rows}"] = kernels.sparse24_linear(x, *pack_2to4(w))
     out[f"sparse24-{rows}-reference"] = (x.double() @ w.double().T).float()
+w = torch.randn(95, 520)  # an odd number of rows: AVX-512 takes two at a time, then one
+for rows in range(1, 9):
+    out[f"dense-{rows}"] = kernels.gemv(torch.randn(rows, 520), w)
 save_file(out, sys.argv[1])
 """
 
@@ -252,7 +332,8 @@ def _int4_products(path: Path, arch: str | None) -> subprocess.CompletedProcess:
 def test_kernels_built_for_an_avx2_cpu_compute_the_same(tmp_path) -> None:
     """SLMLAB_CPU_ARCH=x86-64-v3 builds the code that AVX2 CPUs without AVX-512 run (maddubs
     + madd where this machine may use VNNI): the same integers, so the same int4 products; the
-    2:4 products (AVX2's two permutations where AVX-512 has one) equal float64's."""
+    2:4 products (AVX2's two permutations where AVX-512 has one) equal float64's; the fp32
+    products (AVX-512's two rows of W at a time) are AVX2's to the bit."""
     native = _int4_products(tmp_path / "native.safetensors", None)
     assert native.returncode == 0, native.stderr
     avx2 = _int4_products(tmp_path / "avx2.safetensors", "x86-64-v3")
@@ -268,6 +349,9 @@ def test_kernels_built_for_an_avx2_cpu_compute_the_same(tmp_path) -> None:
                 for products in (expected, got):
                     reference = products[f"{name}-reference"]
                     torch.testing.assert_close(products[name], reference, rtol=1e-5, atol=1e-4)
+            continue
+        if name.startswith("dense"):
+            assert torch.equal(got[name], expected[name]), name
             continue
         torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
 
@@ -288,10 +372,13 @@ def _decode_fused_and_layer_by_layer(model: DecoderLM, rows: int, monkeypatch):
     fused_step = decoder.fused_decode_step
     ran: list[bool] = []
 
-    def watched(model, input_ids, *args):
-        out = fused_step(model, input_ids, *args)
+    def watched(model, input_ids, *args, **kwargs):
+        out = fused_step(model, input_ids, *args, **kwargs)
         if input_ids.shape[1] == 1:  # the decoding steps, not the prefix
-            ran.append(out is not None)
+            if kwargs.get("logits"):  # a step first asks for its logits...
+                ran.append(out is not None)
+            else:  # ... and, where the head did not fuse, for the blocks alone
+                ran[-1] = out is not None
         return out
 
     def run(ids: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +391,7 @@ def _decode_fused_and_layer_by_layer(model: DecoderLM, rows: int, monkeypatch):
 
     ids = torch.randint(0, config.vocab_size, (rows, 10))
     fast = run(ids, watched)
-    reference = run(ids, lambda *args: None)
+    reference = run(ids, lambda *args, **kwargs: None)
     monkeypatch.setattr(decoder, "fused_decode_step", fused_step)  # for the next call
     return ran, fast, reference
 

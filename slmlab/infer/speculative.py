@@ -22,7 +22,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from ..models.decoder import FUSED_MAX_TOKENS, DecoderLM, KVCache
+from ..models.decoder import FUSED_MAX_TOKENS, DecoderLM, KVCache, fused_greedy_steps
 from .generate import check_sampling, token_probs
 
 __all__ = [
@@ -124,17 +124,22 @@ class ModelDrafter:
         feed = list(ids[self.cache.length :])
         tokens: list[int] = []
         dists: list[torch.Tensor] = []
+        greedy = self.sampling["temperature"] == 0
+        x = torch.tensor([feed], device=self.device)
+        if greedy and count:  # chosen, not drawn: a point mass, which `None` stands for
+            chosen = fused_greedy_steps(self.model, x, self.cache, count)
+            if chosen is not None:  # every step in one compiled call
+                return chosen[0, -count:].tolist(), None
         for _ in range(count):
-            x = torch.tensor([feed], device=self.device)
             logits = self.model(x, cache=self.cache, last_only=True)[0, -1]
-            q = token_probs(logits, **self.sampling)  # type: ignore[arg-type]
-            if self.sampling["temperature"] == 0:
-                token = int(q.argmax())
+            if greedy:
+                token = int(logits.argmax())
             else:
+                q = token_probs(logits, **self.sampling)  # type: ignore[arg-type]
                 token = int(torch.multinomial(q, 1, generator=self.generator))
+                dists.append(q)
             tokens.append(token)
-            dists.append(q)
-            feed = [token]
+            x = torch.tensor([[token]], device=self.device)
         return tokens, torch.stack(dists) if dists else None
 
     def keep(self, length: int) -> None:
@@ -260,6 +265,42 @@ def speculative_generate(
             return int(p.argmax())
         return int(torch.multinomial(p, 1, generator=generator))
 
+    def keep_sampled(tokens: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> int:
+        """Append to `ids` what the rule keeps of `tokens`, drawn from `q` (None: chosen), and
+        the token after them, given the target's `logits` at each draft and one past; return
+        how many drafts were kept."""
+        p = token_probs(logits, **sampling)  # type: ignore[arg-type]
+        for i, token in enumerate(tokens):
+            qi = (
+                q[i]
+                if q is not None
+                else torch.nn.functional.one_hot(torch.tensor(token), p.shape[-1]).to(p)
+            )
+            u = float(torch.rand((), generator=generator, device=device))
+            if u < acceptance_probability(p[i], qi, token):
+                ids.append(token)
+                if token in stops:
+                    return i + 1
+            else:
+                ids.append(draw(residual_distribution(p[i], qi)))
+                return i
+        ids.append(draw(p[len(tokens)]))  # every draft kept: the target's next, for free
+        return len(tokens)
+
+    def keep_greedy(tokens: list[int], best: list[int]) -> int:
+        """`keep_sampled` at temperature 0, where both distributions are a point mass: a draft
+        is kept while it is the target's argmax (`best`, at each draft and one past), and the
+        first that is not is replaced by the target's argmax. The same tokens, without building
+        the distributions."""
+        for i, token in enumerate(tokens):
+            ids.append(best[i])
+            if best[i] != token:
+                return i
+            if token in stops:
+                return i + 1
+        ids.append(best[len(tokens)])
+        return len(tokens)
+
     ids = list(prompt)
     result = SpeculativeResult(ids=ids)
     if max_new_tokens == 0:
@@ -279,29 +320,18 @@ def speculative_generate(
         # One call scores the last kept token and every draft: len(tokens) + 1 distributions.
         feed = ids[cache.length :] + tokens
         saved = cache.snapshot()
-        logits = target(torch.tensor([feed], device=device), cache=cache)[0]
-        p = token_probs(logits[len(feed) - len(tokens) - 1 :], **sampling)  # type: ignore[arg-type]
+        x = torch.tensor([feed], device=device)
+        first = len(feed) - len(tokens) - 1  # the last kept token's position in the feed
+        if temperature == 0:
+            chosen = fused_greedy_steps(target, x, cache, 1)  # the argmaxes, in one call
+            if chosen is None:
+                chosen = target(x, cache=cache)[0].argmax(dim=-1, keepdim=True).T
+            kept = keep_greedy(tokens, chosen[0, first:].tolist())
+        else:
+            kept = keep_sampled(tokens, q, target(x, cache=cache)[0, first:])
         result.target_calls += 1
         result.drafted += len(tokens)
         result.draft_lengths.append(len(tokens))
-        kept = 0
-        for i, token in enumerate(tokens):
-            qi = (
-                q[i]
-                if q is not None
-                else torch.nn.functional.one_hot(torch.tensor(token), p.shape[-1]).to(p)
-            )
-            u = float(torch.rand((), generator=generator, device=device))
-            if u < acceptance_probability(p[i], qi, token):
-                ids.append(token)
-                kept += 1
-                if token in stops:
-                    break
-            else:
-                ids.append(draw(residual_distribution(p[i], qi)))
-                break
-        else:
-            ids.append(draw(p[len(tokens)]))  # every draft kept: the target's next, for free
         result.accepted += kept
         new = len(ids) - len(prompt)
         cut_back(cache, len(ids) - 1, saved)

@@ -27,7 +27,9 @@ from ..env import cache_dir
 
 __all__ = [
     "Int4Operands",
+    "StepContext",
     "cpu_kernels",
+    "decode_greedy",
     "decode_step",
     "disabled",
     "fused_operands",
@@ -312,42 +314,98 @@ def fused_operands(layer: torch.nn.Module, rows: int) -> list[torch.Tensor] | No
     return None
 
 
+# What the compiled step is given for an operand it does not use; never written to.
+_EMPTY = torch.empty(0)
+
+
+class StepContext(NamedTuple):
+    """What a compiled decoding call reads besides the weights and the new tokens: each
+    block's key and value caches, filled from `length`; the cache's `key_mask` (B, max_len),
+    False at padding; the rotary tables `cos` and `sin` (positions, D), indexed by each new
+    token's position, the number of real tokens of its row before it (a left-padded row counts
+    from 0, as `DecoderLM.forward` numbers it); the norms' epsilon and the head counts."""
+
+    caches: list[list[torch.Tensor]]
+    key_mask: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    length: int
+    eps: float
+    num_heads: int
+    num_kv_heads: int
+
+
 def decode_step(
     x: torch.Tensor,
     layers: list[list[torch.Tensor]],
-    caches: list[list[torch.Tensor]],
-    key_mask: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    length: int,
-    eps: float,
-    num_heads: int,
-    num_kv_heads: int,
+    context: StepContext,
+    *,
+    embedding: torch.Tensor | None = None,
+    final_norm: torch.Tensor | None = None,
+    head: list[torch.Tensor] | None = None,
+    last_only: bool = False,
 ) -> torch.Tensor | None:
     """All blocks of a decoder for a few new tokens per row, in one compiled call.
 
-    `x` (B, T, d) holds the embedded new tokens, which continue the cache causally (T is 1 when
-    decoding, a few when a speculative step checks a draft); `layers` holds, per block, the
-    input norm's weight, the three tensors `fused_operands` gives for each of q, k, v, q/k/v's
-    biases (empty tensors where there are none), o's operands, the post-attention norm's
-    weight, and gate's, up's and down's operands; `caches` the block's key and value caches,
-    filled from `length`. Returns the residual stream (B, T, d) after the last block, or None
-    where the kernels cannot be built (the caller runs the blocks itself)."""
+    `x` (B, T, d) holds the embedded new tokens, or (B, T) their ids, looked up in the rows of
+    `embedding`; they continue the cache causally (T is 1 when decoding, a few when a
+    speculative step checks a draft). `layers` holds, per block, the input norm's weight, the
+    three tensors `fused_operands` gives for each of q, k, v, q/k/v's biases (empty tensors
+    where there are none), o's operands, the post-attention norm's weight, and gate's, up's and
+    down's operands; `context` the caches and the rest (`StepContext`).
+
+    Returns the residual stream (B, T, d) after the last block; with `final_norm` (the last
+    RMSNorm's weight) that stream normed, and with `head` too (`fused_operands` of the output
+    head) the logits (B, T, vocab), of each row's last token alone where `last_only` (B, 1,
+    ...). None where the kernels cannot be built (the caller runs the blocks itself)."""
     kernels = cpu_kernels()
     if kernels is None:
         return None
-    B, T, d = x.shape
+    if head is not None and final_norm is None:
+        raise ValueError("decode_step applies the head to the normed stream: give final_norm too")
+    B, T = x.shape[:2]
+    ids = x.dim() == 2
+    if ids and embedding is None:
+        raise ValueError("decode_step was given token ids (B, T): give their embedding too")
+    none = _EMPTY
     out = kernels.decode_step(
-        x.reshape(B * T, d).contiguous(),
+        none if ids else x,
+        x if ids else none,
+        none if embedding is None else embedding,
         layers,
-        caches,
-        key_mask,
-        cos.reshape(B * T, -1).contiguous(),
-        sin.reshape(B * T, -1).contiguous(),
-        length,
-        eps,
-        num_heads,
-        num_kv_heads,
+        *context,
         T,
+        none if final_norm is None else final_norm,
+        [] if head is None else head,
+        last_only,
     )
-    return out.view(B, T, d)
+    return out.view(B, 1 if last_only and final_norm is not None else T, -1)
+
+
+def decode_greedy(
+    ids: torch.Tensor,
+    embedding: torch.Tensor,
+    layers: list[list[torch.Tensor]],
+    context: StepContext,
+    final_norm: torch.Tensor,
+    head: list[torch.Tensor],
+    steps: int,
+) -> torch.Tensor | None:
+    """The greedy choice (the argmax of the logits, the first of equal maxima, as
+    ``torch.argmax``) after each token, in one compiled call: `decode_step` on the token `ids`
+    (B, T), then on each row's last choice, `steps` times in all. Returns (B, T + steps - 1):
+    the choice after each of the T tokens, then after each choice fed back; the caches take in
+    all but the last choice. None where the kernels cannot be built."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        return None
+    return kernels.decode_greedy(
+        ids,
+        embedding,
+        layers,
+        *context,
+        ids.shape[1],
+        final_norm,
+        head,
+        steps,
+    )

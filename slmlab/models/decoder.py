@@ -22,6 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from ..kernels import (
     GEMV_MAX_ROWS,
     INT4_MAX_ROWS_INT8,
+    StepContext,
+    decode_greedy,
     decode_step,
     fused_operands,
     linear,
@@ -344,8 +346,9 @@ nn.modules.module.register_module_buffer_registration_hook(_count_registration)
 class _FusedPlan:
     registrations: int
     blocks: int
-    projections: list[nn.Module]
+    hooks: list[dict]  # every projection's forward hooks and pre-hooks, watched for additions
     layers: list[list[torch.Tensor]] | None  # None: some projection offers no operands
+    head: list[torch.Tensor] | None  # the final norm's weight and the head's operands, or None
 
 
 _plans: weakref.WeakKeyDictionary[nn.Module, dict[bool, _FusedPlan]] = weakref.WeakKeyDictionary()
@@ -390,9 +393,19 @@ def _gather_operands(model: DecoderLM, rows: int) -> list[list[torch.Tensor]] | 
     return layers
 
 
-def _fused_layers(model: DecoderLM, rows: int) -> list[list[torch.Tensor]] | None:
-    """The operands of every block for `rows` new tokens, from the model's valid plan or
-    gathered afresh."""
+def _gather_head(model: DecoderLM, rows: int) -> list[torch.Tensor] | None:
+    norm, head = model.model.norm, model.lm_head
+    if type(norm) is not RMSNorm or norm.weight.dtype is not torch.float32:
+        return None
+    if getattr(head, "bias", None) is not None:
+        return None
+    operands = fused_operands(head, rows)
+    return None if operands is None else [norm.weight, *operands]
+
+
+def _fused_plan(model: DecoderLM, rows: int) -> _FusedPlan:
+    """The operands of every block, and of the final norm and head, for `rows` new tokens: the
+    model's plan while it is valid, gathered afresh otherwise."""
     integer_rows = rows <= INT4_MAX_ROWS_INT8  # whether int4 projections take part
     plans = _plans.setdefault(model, {})
     plan = plans.get(integer_rows)
@@ -400,7 +413,7 @@ def _fused_layers(model: DecoderLM, rows: int) -> list[list[torch.Tensor]] | Non
         plan is None
         or plan.registrations != _registrations
         or plan.blocks != len(model.model.layers)
-        or any(m._forward_hooks or m._forward_pre_hooks for m in plan.projections)
+        or any(plan.hooks)
     ):
         projections = [
             m
@@ -409,48 +422,135 @@ def _fused_layers(model: DecoderLM, rows: int) -> list[list[torch.Tensor]] | Non
             if part is not None
             for m in part.children()
         ]
-        layers = _gather_operands(model, rows)
-        plan = _FusedPlan(_registrations, len(model.model.layers), projections, layers)
+        hooks = [h for m in projections for h in (m._forward_hooks, m._forward_pre_hooks)]
+        plan = _FusedPlan(
+            _registrations,
+            len(model.model.layers),
+            hooks,
+            _gather_operands(model, rows),
+            _gather_head(model, rows),
+        )
         plans[integer_rows] = plan
-    return plan.layers
+    return plan
 
 
-def fused_decode_step(
-    model: DecoderLM, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
-) -> torch.Tensor | None:
-    """Every block of `model` for a few new tokens per row that continue `cache`, through the
-    compiled step (`slmlab.kernels.decode_step`): the residual stream (B, T, d) after the last
-    block, the cache filled exactly as the blocks' own forward would fill it. None where the
-    step does not apply (autograd, another device or dtype, more than `FUSED_MAX_TOKENS`, a
-    projection that offers no operands the step takes: `slmlab.kernels.fused_operands`), and
-    the caller runs the blocks itself."""
+@dataclass
+class _StepInputs:
+    x: torch.Tensor  # the new tokens' ids (B, T), or their embeddings (B, T, d)
+    embedding: torch.Tensor | None  # the table the ids are looked up in; None for embeddings
+    plan: _FusedPlan
+
+
+def _step_inputs(
+    model: DecoderLM, input_ids: torch.Tensor, cache: KVCache, logits: bool
+) -> _StepInputs | None:
+    """What the compiled step needs to continue `cache` by `input_ids`, or None where it does
+    not apply (see `fused_decode_step`)."""
     B, T = input_ids.shape
     if torch.is_grad_enabled() or input_ids.device.type != "cpu" or T > FUSED_MAX_TOKENS:
         return None
     window = model.config.sliding_window
     if window is not None and cache.length + T > window:
         return None  # the step attends to the whole cache; a window would leave some out
-    if cache.keys[0].dtype is not torch.float32:
+    if (
+        cache.keys[0].dtype is not torch.float32
+        or model.model.rotary_emb.cos.dtype is not torch.float32
+    ):
         return None
-    layers = _fused_layers(model, B * T)
-    if layers is None:
+    plan = _fused_plan(model, B * T)
+    if plan.layers is None:
         return None
-    x = model.model.embed_tokens(input_ids)
-    if x.dtype is not torch.float32:
-        return None
-    config = model.config
-    return decode_step(
-        x,
-        layers,
+    if logits:
+        norm, head = model.model.norm, model.lm_head
+        if plan.head is None or any(m._forward_hooks or m._forward_pre_hooks for m in (norm, head)):
+            return None
+    embed = model.model.embed_tokens
+    if (
+        type(embed) is nn.Embedding
+        and embed.weight.dtype is torch.float32
+        and embed.max_norm is None
+        and not (embed._forward_hooks or embed._forward_pre_hooks)
+    ):
+        return _StepInputs(input_ids, embed.weight, plan)  # looked up in the step
+    x = embed(input_ids)
+    return _StepInputs(x, None, plan) if x.dtype is torch.float32 else None
+
+
+def _step_context(model: DecoderLM, cache: KVCache) -> StepContext:
+    config, rotary = model.config, model.model.rotary_emb
+    return StepContext(
         [[k, v] for k, v in zip(cache.keys, cache.values, strict=True)],
         cache.key_mask,
-        cos,
-        sin,
+        rotary.cos,
+        rotary.sin,
         cache.length,
         config.rms_norm_eps,
         config.num_attention_heads,
         config.num_key_value_heads,
     )
+
+
+def fused_decode_step(
+    model: DecoderLM,
+    input_ids: torch.Tensor,
+    cache: KVCache,
+    *,
+    logits: bool = False,
+    last_only: bool = False,
+) -> torch.Tensor | None:
+    """Every block of `model` for a few new tokens per row that continue `cache`, through the
+    compiled step (`slmlab.kernels.decode_step`): the residual stream (B, T, d) after the last
+    block, the cache filled exactly as the blocks' own forward would fill it; with `logits`,
+    the final norm and the head too, in the same call: the logits (B, T, vocab), or (B, 1,
+    vocab) for each row's last token where `last_only`. None where the step does not apply
+    (autograd, another device or dtype, more than `FUSED_MAX_TOKENS`, a projection that offers
+    no operands the step takes: `slmlab.kernels.fused_operands`; with `logits`, a norm or head
+    the step does not know or that is watched by a hook), and the caller runs the blocks
+    itself. The new tokens' positions come from the cache's `key_mask`, as the blocks number
+    them. The cache's length is left to the caller."""
+    inputs = _step_inputs(model, input_ids, cache, logits)
+    if inputs is None:
+        return None
+    final = inputs.plan.head if logits else None
+    return decode_step(
+        inputs.x,
+        inputs.plan.layers,  # type: ignore[arg-type]
+        _step_context(model, cache),
+        embedding=inputs.embedding,
+        final_norm=None if final is None else final[0],
+        head=None if final is None else final[1:],
+        last_only=last_only,
+    )
+
+
+def fused_greedy_steps(
+    model: DecoderLM, input_ids: torch.Tensor, cache: KVCache, steps: int
+) -> torch.Tensor | None:
+    """The model's greedy choice after each token, in one compiled call
+    (`slmlab.kernels.decode_greedy`): after each of `input_ids` (B, T), continuing `cache`,
+    then after each choice fed back, `steps` choices after the last input in all; (B, T +
+    steps - 1), what the model's forward and argmax choose one call at a time. The cache takes
+    in every token but the last choice (its length is updated). None where the step does not
+    apply (see `fused_decode_step`; the ids must be looked up in a plain embedding)."""
+    inputs = _step_inputs(model, input_ids, cache, logits=True)
+    if inputs is None or inputs.embedding is None:
+        return None
+    if cache.length + input_ids.shape[1] + steps - 1 > cache.max_len:
+        return None  # the blocks' path says the cache is full
+    head = inputs.plan.head
+    assert head is not None and inputs.plan.layers is not None
+    chosen = decode_greedy(
+        inputs.x,
+        inputs.embedding,
+        inputs.plan.layers,
+        _step_context(model, cache),
+        head[0],
+        head[1:],
+        steps,
+    )
+    if chosen is not None:
+        cache.length += input_ids.shape[1] + steps - 1
+    return chosen
 
 
 class DecoderLM(nn.Module):
@@ -529,6 +629,14 @@ class DecoderLM(nn.Module):
             attention_mask = attention_mask.bool()
             if cache is not None:
                 cache.key_mask[:, start : start + T] = attention_mask
+        rotary = self.model.rotary_emb
+        if cache is not None and start + T <= rotary.cos.shape[0]:
+            # Decoding a few tokens: the compiled step runs every block in one call where it
+            # applies (CPU, fp32, plain or 4-bit linear layers), and the final norm and head
+            # too when logits are asked for; it computes what the blocks below compute.
+            out = self._fused(input_ids, cache, last_only, head, logits_at)
+            if out is not None:
+                return out
         padded = attention_mask is not None and not bool(attention_mask.all())
         if cache is not None:
             padded = padded or not bool(cache.key_mask[:, : start + T].all())
@@ -560,18 +668,36 @@ class DecoderLM(nn.Module):
             causal = causal.tril(start) if mask is None else mask
             sliding_mask = causal & recent_keys(start, T, window, input_ids.device)
 
-        cos, sin = self.model.rotary_emb(positions, self.model.norm.weight.dtype)
-        # Decoding a few tokens: the compiled step runs every block in one call where it
-        # applies (CPU, fp32, plain linear layers); it computes what the loop below computes.
-        x = fused_decode_step(self, input_ids, cos, sin, cache) if cache is not None else None
-        if x is None:
-            x = self.model.embed_tokens(input_ids)
-            for layer, slot in self._runs():
-                masked = sliding_mask if layer.slides else mask
-                x = self._block(layer, x, cos, sin, masked, cache, real=real, slot=slot)
+        cos, sin = rotary(positions, self.model.norm.weight.dtype)
+        x = self.model.embed_tokens(input_ids)
+        for layer, slot in self._runs():
+            masked = sliding_mask if layer.slides else mask
+            x = self._block(layer, x, cos, sin, masked, cache, real=real, slot=slot)
         if cache is not None:
             cache.length += T
         return self._output(x, last_only, head, logits_at)
+
+    def _fused(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        last_only: bool,
+        head: bool,
+        logits_at: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The forward pass of a few tokens continuing `cache` through the compiled step, or
+        None where it does not apply (see `fused_decode_step`)."""
+        T = input_ids.shape[1]
+        out = None
+        if head and logits_at is None:
+            out = fused_decode_step(self, input_ids, cache, logits=True, last_only=last_only)
+        if out is None:
+            x = fused_decode_step(self, input_ids, cache)
+            if x is None:
+                return None
+            out = self._output(x, last_only, head, logits_at)
+        cache.length += T
+        return out
 
     def _forward_segments(
         self,

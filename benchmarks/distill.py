@@ -56,9 +56,8 @@ from slmlab.distill import (
 )
 from slmlab.eval import Scorer, evaluate, load_task, score_texts
 from slmlab.tokenizers import END_OF_TEXT
-from slmlab.train import build_data, train, train_step
+from slmlab.train import attach_objective, build_data, train, train_step
 from slmlab.train.optim import build_optimizer
-from slmlab.train.state import OBJECTIVE
 
 PARTS = ("losses", "methods", "scarce", "cost")
 TEACHER, STUDENT = "stories-8m", "stories-1m"
@@ -230,9 +229,7 @@ def _cost(work: Path, teacher: Path, tokenizer) -> dict:
     def seconds(objective) -> float:
         torch.manual_seed(0)
         model = DecoderLM(config.model_config(data.vocab_size, data.end_token_id()))
-        own = getattr(objective, "weights", None)
-        if own is not None:  # as the training loop does: the projection trains with the model
-            model.add_module(OBJECTIVE, own)
+        attach_objective(model, objective)  # as `train` does: a projection trains too
         optimizer = build_optimizer(model, config)
         best = float("inf")
         for step in range(COST_STEPS + 1):

@@ -4,7 +4,7 @@ pipeline, the optimizer and the loop; more than one process (`distributed`) and 
 
 from .config import TrainConfig
 from .data import Batch, TrainData, build_data
-from .loop import TrainResult, next_token_loss, train, train_step, validation_loss
+from .loop import TrainResult, attach_objective, next_token_loss, train, train_step, validation_loss
 from .optim import build_optimizer, lr_at
 from .plots import plot_metrics, read_metrics
 
@@ -13,6 +13,7 @@ __all__ = [
     "TrainConfig",
     "TrainData",
     "TrainResult",
+    "attach_objective",
     "build_data",
     "build_optimizer",
     "lr_at",

@@ -35,7 +35,15 @@ from .optim import build_optimizer, lr_at
 from .preference import pair_accuracy, preference_loss, reference_logps, reply_logps
 from .state import LAST, OBJECTIVE, initialise_from, resume_optimizer, resume_weights, save_run
 
-__all__ = ["Objective", "TrainResult", "next_token_loss", "train", "train_step", "validation_loss"]
+__all__ = [
+    "Objective",
+    "TrainResult",
+    "attach_objective",
+    "next_token_loss",
+    "train",
+    "train_step",
+    "validation_loss",
+]
 
 METRICS = "metrics.jsonl"
 
@@ -44,6 +52,15 @@ METRICS = "metrics.jsonl"
 # autocast context, the summed loss of its learnt tokens and how many there are. One with weights
 # of its own (a projection between two models' widths) holds them as a module, `weights`.
 Objective = Callable[[torch.nn.Module, Batch, Callable], tuple[torch.Tensor, int]]
+
+
+def attach_objective(model: torch.nn.Module, objective: Objective | None) -> None:
+    """Put an objective's own weights, if it has any, on `model` (as ``objective``), on the
+    model's device: they then train under the model's optimizer, their gradients are clipped
+    with the model's, and a run's checkpoint saves them apart (`state.save_run`)."""
+    own = getattr(objective, "weights", None)
+    if own is not None:
+        model.add_module(OBJECTIVE, own.to(next(model.parameters()).device))
 
 
 @dataclass
@@ -326,9 +343,7 @@ def train(
             "this config rounds the base it adapts (quantize_base, QLoRA): run it with "
             "slmlab.finetune.finetune or `slmlab finetune`, which round the layers"
         )
-    own = getattr(objective, "weights", None)
-    if own is not None:  # trained, checkpointed and resumed with the model's, saved apart
-        model.add_module(OBJECTIVE, own.to(device))
+    attach_objective(model, objective)
     defaults = TrainConfig(model=config.model).to_dict()
     start = resume_weights(model, out, config.to_dict(), defaults) if resume else 0
     if start > stop:

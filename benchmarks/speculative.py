@@ -4,6 +4,7 @@
 
 stories-8m as the target, drafted by stories-1m (trained on the same stories, alone) and by
 stories-1m-kd (chapter 07's student, distilled from stories-8m), greedy and sampled (T = 1),
+k drafts a round or up to 7 ending after one the drafter is unsure of (`draft_confidence`),
 and by prompt lookup; SmolLM2-135M-Instruct asked to copy-edit a paragraph (an answer that
 repeats its input), drafted by prompt lookup. Each row's time is the best of `--rounds` over
 four prompts, the rows timed in turn so that a slow moment of the machine hits every row
@@ -27,6 +28,9 @@ from slmlab.checkpoint import load_chat_settings
 from slmlab.devices import last_level_cache_bytes
 from slmlab.eval import continuation_ms
 from slmlab.infer import expected_speedup, generate, render_chat, speculative_generate
+
+# A draft model's round ends after a token it gave less than this (`draft_confidence`).
+CONFIDENCE = 0.5
 
 STORY_OPENINGS = [
     "Once upon a time, Lily went to the park.",
@@ -87,8 +91,10 @@ def main() -> None:
         ("stories-1m-kd", 3, 0.0),
         ("stories-1m-kd", 5, 0.0),
         ("stories-1m-kd", "adaptive", 0.0),
+        ("stories-1m-kd", 7, 0.0, CONFIDENCE),
         ("stories-1m-kd", 3, 1.0),
         ("stories-1m-kd", 5, 1.0),
+        ("stories-1m-kd", 7, 1.0, CONFIDENCE),
         ("prompt-lookup", 3, 0.0),
     ]
     result["targets"]["stories-8m"] = run_rows(
@@ -137,7 +143,7 @@ def run_rows(target, drafts: dict, prompts: list[list[int]], rows, tokens: int, 
         ]
         return time.perf_counter() - start, out
 
-    def speculative(draft, k, temperature: float) -> tuple[float, list]:
+    def speculative(draft, k, temperature: float, confidence=None) -> tuple[float, list]:
         start = time.perf_counter()
         out = [
             speculative_generate(
@@ -149,12 +155,13 @@ def run_rows(target, drafts: dict, prompts: list[list[int]], rows, tokens: int, 
                 temperature=temperature,
                 seed=i,
                 stop_tokens=eos,
+                draft_confidence=confidence,
             )
             for i, p in enumerate(prompts)
         ]
         return time.perf_counter() - start, out
 
-    temperatures = sorted({t for _, _, t in rows})
+    temperatures = sorted({row[2] for row in rows})
     best_alone = dict.fromkeys(temperatures, float("inf"))
     best = [float("inf")] * len(rows)
     outputs: list = [None] * len(rows)
@@ -164,11 +171,11 @@ def run_rows(target, drafts: dict, prompts: list[list[int]], rows, tokens: int, 
         for t in temperatures:
             elapsed, reference[t] = alone(t)
             best_alone[t] = min(best_alone[t], elapsed)
-        for i, (draft, k, t) in enumerate(rows):
-            elapsed, outputs[i] = speculative(draft, k, t)
+        for i, row in enumerate(rows):
+            elapsed, outputs[i] = speculative(*row)
             best[i] = min(best[i], elapsed)
     results = []
-    for i, (draft, k, t) in enumerate(rows):
+    for i, (draft, k, t, *confidence) in enumerate(rows):
         out = outputs[i]
         new = sum(len(r.ids) - len(p) for r, p in zip(out, prompts, strict=True))
         alone_new = sum(len(ids) - len(p) for ids, p in zip(reference[t], prompts, strict=True))
@@ -177,6 +184,7 @@ def run_rows(target, drafts: dict, prompts: list[list[int]], rows, tokens: int, 
         row = {
             "draft": draft,
             "draft_tokens": k,
+            "draft_confidence": confidence[0] if confidence else None,
             "temperature": t,
             "same_tokens_as_alone": [r.ids for r in out] == reference[t] if t == 0 else None,
             "acceptance_rate": accepted / drafted if drafted else 0.0,
@@ -185,7 +193,7 @@ def run_rows(target, drafts: dict, prompts: list[list[int]], rows, tokens: int, 
             "alone_tokens_per_s": alone_new / best_alone[t],
         }
         row["speedup"] = row["tokens_per_s"] / row["alone_tokens_per_s"]
-        if isinstance(k, int):
+        if isinstance(k, int) and not confidence:  # a round of k drafts: the closed form
             costs = step_costs(target, drafts.get(draft), k)
             c = costs["draft_step_ms"] / costs["target_step_ms"]
             v = costs[f"check_{k + 1}_tokens_ms"] / costs["target_step_ms"]
@@ -195,7 +203,8 @@ def run_rows(target, drafts: dict, prompts: list[list[int]], rows, tokens: int, 
             row["predicted_speedup"] = expected_speedup(a, k, c, check_cost=v)
         results.append(row)
         print(
-            f"  {draft:<14} k={k!s:<8} T={t}  kept {row['acceptance_rate']:.2f}  "
+            f"  {draft:<14} k={k!s:<8} {'c=' + str(confidence[0]) if confidence else '':<5} T={t}  "
+            f"kept {row['acceptance_rate']:.2f}  "
             f"{row['tokens_per_call']:.2f} tok/call  {row['tokens_per_s']:6.1f} tok/s  "
             f"{row['speedup']:.2f}x (predicted {row.get('predicted_speedup', float('nan')):.2f}x)"
         )

@@ -213,6 +213,32 @@ def test_greedy_steps_in_one_call_are_the_models_own_choices() -> None:
     )
 
 
+def test_greedy_steps_end_after_an_unsure_choice_as_the_drafter_does_alone() -> None:
+    """With a confidence floor the compiled greedy steps end after the first choice whose
+    probability is below it, where the drafter's step-by-step loop ends: the same drafts, of
+    several lengths, and the same cache length."""
+    from slmlab.infer.speculative import ModelDrafter
+
+    config = VARIANTS["llama-gqa-untied"]
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # confident on some tokens, unsure on others
+    lengths = set()
+    for seed in range(12):
+        ids = torch.randint(
+            0, config.vocab_size, (6,), generator=torch.Generator().manual_seed(seed)
+        )
+        drafts = []
+        for fused in (True, False):
+            drafter = ModelDrafter(model, 32, min_confidence=0.5)
+            with torch.no_grad(), kernels.disabled() if not fused else torch.no_grad():
+                drafts.append((drafter.propose(ids.tolist(), 7)[0], drafter.cache.length))
+        assert drafts[0] == drafts[1]
+        lengths.add(len(drafts[0][0]))
+    assert len(lengths) > 1 and max(lengths) <= 7
+
+
 def test_generation_same_tokens_with_and_without_kernels() -> None:
     model = DecoderLM(VARIANTS["qwen2-bias"]).eval()
     prompts = [[3, 4, 5, 6], [7]]

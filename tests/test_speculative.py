@@ -76,6 +76,22 @@ def test_greedy_output_is_the_targets_own(draft_tokens, fused: bool) -> None:
             assert got.target_calls < 40 or got.accepted == 0
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_confidence_floor_shortens_drafts_and_keeps_the_greedy_output(fused: bool) -> None:
+    """A draft model that stops after an unsure token drafts rounds of several lengths up to
+    k, and the output is still the target's greedy tokens (the sampled distribution: below)."""
+    target, draft = tiny(0, std=0.2), tiny(1, std=0.6, layers=1)
+    prompt = [3, 9, 4, 3, 9, 4, 7]
+    with kernels.disabled() if not fused else torch.no_grad():
+        got = speculative_generate(
+            target, prompt, 40, draft=draft, draft_tokens=6, draft_confidence=0.3, stop_tokens=()
+        )
+        assert got.ids == slmlab.generate(target, [prompt], 40, stop_tokens=())[0]
+    assert len(set(got.draft_lengths)) > 1 and max(got.draft_lengths) <= 6
+    with pytest.raises(ValueError, match="draft model"):
+        speculative_generate(target, prompt, 4, draft="prompt-lookup", draft_confidence=0.3)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_a_draft_equal_to_the_target_is_always_accepted(temperature: float) -> None:
     """The target drafting for itself: p = q at every step, so every draft is kept and each
@@ -111,12 +127,22 @@ def _exact_marginals(target: DecoderLM, prompt: list[int], **sampling):
         return joint12.sum(0), (joint12[..., None] * third).sum((0, 1))
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 1.0}, {"temperature": 0.8, "min_p": 0.1}])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 1.0},
+        {"temperature": 0.8, "min_p": 0.1},
+        {"temperature": 1.0, "draft_confidence": 0.3},
+    ],
+)
 def test_sampled_output_has_the_targets_distribution(sampling: dict) -> None:
     """Chi-square over 3000 seeded runs: the 2nd and 3rd sampled tokens (the first is the
     prompt call's own draw; the next ones pass the acceptance rule) follow the target's exact
-    distribution, with a draft that disagrees often enough to exercise rejections."""
+    distribution, with a draft that disagrees often enough to exercise rejections, and with
+    drafts that end early after an unsure token."""
     stats = pytest.importorskip("scipy.stats")
+    sampling = dict(sampling)
+    confidence = sampling.pop("draft_confidence", None)
     target, draft = tiny(0, vocab=10, std=0.5), tiny(3, vocab=10, std=0.5, layers=1)
     prompt = [1, 2]
     second, third = _exact_marginals(target, prompt, **sampling)
@@ -124,7 +150,15 @@ def test_sampled_output_has_the_targets_distribution(sampling: dict) -> None:
     accepted = drafted = 0
     for seed in range(3000):
         got = speculative_generate(
-            target, prompt, 3, draft=draft, draft_tokens=2, seed=seed, stop_tokens=(), **sampling
+            target,
+            prompt,
+            3,
+            draft=draft,
+            draft_tokens=2,
+            seed=seed,
+            stop_tokens=(),
+            draft_confidence=confidence,
+            **sampling,
         )
         counts[0, got.ids[3]] += 1
         counts[1, got.ids[4]] += 1

@@ -97,7 +97,10 @@ class Drafter(Protocol):
 
 class ModelDrafter:
     """A smaller model with the target's tokenizer, sampling with the target's settings, its
-    own KV cache rolled back to what the target kept."""
+    own KV cache rolled back to what the target kept. With `min_confidence`, a draft ends
+    early after a token its model gave a probability (softmax of its logits) below it: the
+    tokens after an unsure one are seldom kept, and not drafting them saves their steps
+    (transformers' assistant confidence threshold)."""
 
     def __init__(
         self,
@@ -109,7 +112,11 @@ class ModelDrafter:
         top_p: float | None = None,
         min_p: float | None = None,
         generator: torch.Generator | None = None,
+        min_confidence: float | None = None,
     ) -> None:
+        if min_confidence is not None and not 0 < min_confidence < 1:
+            raise ValueError(f"min_confidence must be in (0, 1), got {min_confidence}")
+        self.min_confidence = min_confidence
         self.model = model
         dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
@@ -127,9 +134,11 @@ class ModelDrafter:
         greedy = self.sampling["temperature"] == 0
         x = torch.tensor([feed], device=self.device)
         if greedy and count:  # chosen, not drawn: a point mass, which `None` stands for
-            chosen = fused_greedy_steps(self.model, x, self.cache, count)
+            chosen = fused_greedy_steps(
+                self.model, x, self.cache, count, min_confidence=self.min_confidence or 0.0
+            )
             if chosen is not None:  # every step in one compiled call
-                return chosen[0, -count:].tolist(), None
+                return chosen[0, len(feed) - 1 :].tolist(), None
         for _ in range(count):
             logits = self.model(x, cache=self.cache, last_only=True)[0, -1]
             if greedy:
@@ -139,6 +148,8 @@ class ModelDrafter:
                 token = int(torch.multinomial(q, 1, generator=self.generator))
                 dists.append(q)
             tokens.append(token)
+            if self.min_confidence and float(logits.softmax(-1)[token]) < self.min_confidence:
+                break
             x = torch.tensor([[token]], device=self.device)
         return tokens, torch.stack(dists) if dists else None
 
@@ -208,6 +219,7 @@ def speculative_generate(
     min_p: float | None = None,
     seed: int | None = None,
     stop_tokens: int | Sequence[int] | None = None,
+    draft_confidence: float | None = None,
 ) -> SpeculativeResult:
     """Continue `prompt` by up to `max_new_tokens` tokens of `target`, drafted by `draft`.
 
@@ -216,8 +228,10 @@ def speculative_generate(
     target's vocabulary, ``"prompt-lookup"`` (`PromptLookupDrafter`), or any `Drafter`.
     `draft_tokens` is k, the tokens drafted per round, or ``"adaptive"``: start at 4, grow by 2
     after a round that kept every draft, shrink by 1 after one that did not (the heuristic of
-    transformers' assisted generation). `stop_tokens` defaults to the target's
-    ``eos_token_id``; sampling draws from a generator seeded with `seed`.
+    transformers' assisted generation). With `draft_confidence`, a draft model's round also
+    ends after a token it gave a probability below that (`ModelDrafter`); k is then the most
+    a round drafts. `stop_tokens` defaults to the target's ``eos_token_id``; sampling draws
+    from a generator seeded with `seed`.
     """
     check_sampling(temperature, top_k, top_p, min_p)
     if max_new_tokens < 0:
@@ -254,7 +268,15 @@ def speculative_generate(
                 f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the "
                 f"target's ({config.vocab_size}): speculation needs one tokenizer for both"
             )
-        drafter = ModelDrafter(draft, max_len, **sampling, generator=generator)  # type: ignore[arg-type]
+        drafter = ModelDrafter(
+            draft,
+            max_len,
+            **sampling,  # type: ignore[arg-type]
+            generator=generator,
+            min_confidence=draft_confidence,
+        )
+    elif draft_confidence is not None:
+        raise ValueError("draft_confidence is the draft model's: give a model as draft")
     elif draft == "prompt-lookup":
         drafter = PromptLookupDrafter()
     else:

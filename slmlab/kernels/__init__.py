@@ -390,12 +390,16 @@ def decode_greedy(
     final_norm: torch.Tensor,
     head: list[torch.Tensor],
     steps: int,
+    *,
+    min_confidence: float = 0.0,
 ) -> torch.Tensor | None:
     """The greedy choice (the argmax of the logits, the first of equal maxima, as
     ``torch.argmax``) after each token, in one compiled call: `decode_step` on the token `ids`
     (B, T), then on each row's last choice, `steps` times in all. Returns (B, T + steps - 1):
     the choice after each of the T tokens, then after each choice fed back; the caches take in
-    all but the last choice. None where the kernels cannot be built."""
+    all but the last choice. With `min_confidence`, the steps end after one whose choices all
+    had a probability (softmax of the logits) below it, and fewer columns come back. None
+    where the kernels cannot be built."""
     kernels = cpu_kernels()
     if kernels is None:
         return None
@@ -408,4 +412,5 @@ def decode_greedy(
         final_norm,
         head,
         steps,
+        min_confidence,
     )

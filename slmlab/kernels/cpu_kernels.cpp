@@ -958,14 +958,17 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor ids, torch::Tensor embe
 // The greedy choice after each token: decode_step on `ids` (B * T), then on each row's last
 // choice, `steps` times in all; a choice is the argmax of the logits (the first of equal
 // maxima, as torch.argmax). Returns (B, T + steps - 1): the choice after each of the T tokens
-// fed, then after each choice fed back; the cache takes in all but the last choice. A
-// speculative drafter makes a few tokens this way, and a greedy check reads the model's
-// choice after each draft token: each step a call from Python cost as much again in the
-// interpreter as in the blocks.
+// fed, then after each choice fed back; the cache takes in all but the last choice. With
+// `min_confidence` above 0 the steps end early, after a step where every row's choice had a
+// probability (softmax of the logits) below it; fewer columns come back then. A speculative
+// drafter makes a few tokens this way, and a greedy check reads the model's choice after each
+// draft token: each step a call from Python cost as much again in the interpreter as in the
+// blocks.
 torch::Tensor decode_greedy(torch::Tensor ids, torch::Tensor embedding, std::vector<std::vector<torch::Tensor>> layers,
                             std::vector<std::vector<torch::Tensor>> caches, torch::Tensor key_mask, torch::Tensor cos,
                             torch::Tensor sin, int64_t length, double eps, int64_t n_heads, int64_t n_kv_heads,
-                            int64_t tokens, torch::Tensor norm, std::vector<torch::Tensor> head, int64_t steps) {
+                            int64_t tokens, torch::Tensor norm, std::vector<torch::Tensor> head, int64_t steps,
+                            double min_confidence) {
   TORCH_CHECK(steps >= 1 && tokens >= 1 && ids.numel() % tokens == 0, "decode_greedy: steps >= 1 expected");
   TORCH_CHECK(norm.numel() && head.size() == 3, "decode_greedy: the final norm and the head are needed");
   const int64_t B = ids.numel() / tokens, width = tokens + steps - 1;
@@ -978,6 +981,7 @@ torch::Tensor decode_greedy(torch::Tensor ids, torch::Tensor embedding, std::vec
                                     n_kv_heads, tokens, norm, head, false);
     length += tokens;
     const int64_t V = logits.size(1);
+    bool confident = false;
     for (int64_t r = 0; r < B * tokens; ++r) {
       const float* lp = logits.data_ptr<float>() + r * V;
       int64_t best = 0;
@@ -986,8 +990,14 @@ torch::Tensor decode_greedy(torch::Tensor ids, torch::Tensor embedding, std::vec
       const int64_t b = r / tokens;
       cp[b * width + column + r % tokens] = best;
       next.data_ptr<int64_t>()[b] = best;  // the row's last token's choice is fed next
+      if (min_confidence > 0 && r % tokens == tokens - 1) {
+        double total = 0.0;  // the chosen token's probability is 1 / sum of exp(l_i - l_best)
+        for (int64_t i = 0; i < V; ++i) total += std::exp(double(lp[i]) - lp[best]);
+        confident |= 1.0 / total >= min_confidence;
+      }
     }
     column += tokens;
+    if (min_confidence > 0 && !confident) return chosen.narrow(1, 0, column);
     ids = next;
     tokens = 1;
   }

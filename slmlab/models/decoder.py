@@ -524,14 +524,21 @@ def fused_decode_step(
 
 
 def fused_greedy_steps(
-    model: DecoderLM, input_ids: torch.Tensor, cache: KVCache, steps: int
+    model: DecoderLM,
+    input_ids: torch.Tensor,
+    cache: KVCache,
+    steps: int,
+    *,
+    min_confidence: float = 0.0,
 ) -> torch.Tensor | None:
     """The model's greedy choice after each token, in one compiled call
     (`slmlab.kernels.decode_greedy`): after each of `input_ids` (B, T), continuing `cache`,
     then after each choice fed back, `steps` choices after the last input in all; (B, T +
-    steps - 1), what the model's forward and argmax choose one call at a time. The cache takes
-    in every token but the last choice (its length is updated). None where the step does not
-    apply (see `fused_decode_step`; the ids must be looked up in a plain embedding)."""
+    steps - 1), what the model's forward and argmax choose one call at a time. With
+    `min_confidence`, the choices end early after one whose probability (every row's) was
+    below it. The cache takes in every token but the last choice (its length is updated).
+    None where the step does not apply (see `fused_decode_step`; the ids must be looked up in
+    a plain embedding)."""
     inputs = _step_inputs(model, input_ids, cache, logits=True)
     if inputs is None or inputs.embedding is None:
         return None
@@ -547,9 +554,10 @@ def fused_greedy_steps(
         head[0],
         head[1:],
         steps,
+        min_confidence=min_confidence,
     )
     if chosen is not None:
-        cache.length += input_ids.shape[1] + steps - 1
+        cache.length += chosen.shape[1]
     return chosen
 
 

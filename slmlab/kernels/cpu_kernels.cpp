@@ -638,10 +638,9 @@ void rms_norm(const float* x, const float* w, float* out, int64_t d, float eps) 
 
 // scores[j] = keys[j] . q for the S keys (D apart). A head is a few dozen numbers, so one
 // key's product is mostly the adding up of its lanes; with AVX-512, four keys' lanes are
-// added up together (a tree of shuffles), three times fewer instructions per key at D = 32,
-// where attention over 200 cached tokens was a fifth of a 4-token step of stories-8m. A
-// key's score comes out of the same instructions whichever of the four it is, so it does not
-// depend on how many keys or tokens came with it.
+// added up together (a tree of shuffles) instead of one key's at a time. A key's score comes
+// out of the same instructions whichever of the four it is, so it does not depend on how many
+// keys or tokens came with it.
 void key_scores(const float* keys, const float* q, int64_t D, int64_t S, float* scores) {
 #ifdef SLMLAB_DENSE_PAIRS
   if (D % 16 == 0) {
@@ -693,8 +692,9 @@ static inline __m512 exp16(__m512 x) {
 // One query's attention to the keys and values of positions [0, self] where `mask` is true
 // (and to itself always, as the blocks' mask lets a padding query do), into out (D):
 // softmax(k . q * scale) v. `p` holds self + 17 floats of scratch. With AVX-512 and D a
-// multiple of 16 up to 128 the softmax and the weighted sum run 16 lanes at a time: attention
-// over 100 cached tokens was an eighth of a 4-token step of stories-8m, scalar.
+// multiple of 16 up to 128 the softmax and the weighted sum run 16 lanes at a time: a 4-token
+// step of stories-8m at 200 cached tokens took 1.08 ms with the scalar loops, 0.99 with these
+// and 0.81 with no attention at all.
 void attend(const float* keys, const float* values, const float* q, const bool* mask, int64_t self, int64_t D,
             float scale, float* p, float* out) {
   const int64_t S = self + 1;

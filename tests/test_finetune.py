@@ -301,7 +301,8 @@ def test_lora_starts_as_the_base_model_and_merges_exactly() -> None:
 @pytest.mark.parametrize("shape", [(64,), (3, 64), (2, 5, 64)])
 def test_a_lora_layer_is_its_formula_in_value_and_gradients(shape) -> None:
     """base(x) + s·B(A(x)) for any leading shape, with the formula's gradients for the input
-    and both factors (the layer computes it as one product added into the base's output)."""
+    and both factors (the layer computes it as one product added into the base's output), and
+    B still runs as a layer when a hook watches it."""
     torch.manual_seed(0)
     layer = LoRALinear(torch.nn.Linear(64, 256, bias=False), LoraConfig(r=4, alpha=12))
     torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
@@ -318,6 +319,10 @@ def test_a_lora_layer_is_its_formula_in_value_and_gradients(shape) -> None:
     (naive * grad).sum().backward()
     for got, want in zip(ours, (x.grad, A.grad, B.grad), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    seen = []
+    layer.lora_B.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape))
+    torch.testing.assert_close(layer(x), naive, rtol=1e-5, atol=1e-5)
+    assert seen == [(*shape[:-1], 4)]  # a hook on B sees A's output, as for any layer
 
 
 def test_lora_refuses_bad_settings() -> None:

@@ -187,6 +187,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             return out
         h = self.lora_A(self.dropout(x))
+        if self.lora_B._forward_hooks or self.lora_B._forward_pre_hooks:
+            return out + self.lora_B(h) * self.scaling  # a hook on B (calibration) sees it run
         # out + scaling · h Bᵀ as one product that adds into `out`. PEFT's way (B's output,
         # then its scaled copy, then the sum) makes two more tokens × out_features tensors in
         # the forward pass and a scaled gradient in the backward: a LoRA step of stories-8m

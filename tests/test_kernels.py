@@ -443,6 +443,46 @@ def test_decode_step_with_int4_layers_matches_the_layers(symmetric, monkeypatch)
     assert ran == [False] * 4
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_step_reads_a_4bit_embedding_as_the_table_does(symmetric, monkeypatch) -> None:
+    """A table of 4-bit rows (the tied embedding and head of a Q4_0-like model) is looked up
+    inside the compiled step, each row dequantized there: the logits and cache equal, bit for
+    bit, those of the step given the rows that the table's own forward dequantizes."""
+    import slmlab.models.decoder as decoder
+    from slmlab.layers import QuantEmbedding
+    from slmlab.models.swap import replace_module
+    from slmlab.quant import QuantConfig, quantize, quantize_
+
+    config = VARIANTS["llama-mha-tied-theta"]
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    quantize_(model, QuantConfig(bits=4, group_size=32, embedding_bits=4))
+    if not symmetric:  # zero points too, which quantize_ does not give an embedding
+        table = model.model.embed_tokens.linear.dequantized_weight(torch.float32)
+        q = quantize(table + 0.01, "int", 4, group_size=32, symmetric=False)
+        replace_module(model, "model.embed_tokens", QuantEmbedding(q))
+    assert kernels.embedding_operands(model.model.embed_tokens) is not None
+    with torch.no_grad():  # the step runs, from the ids to the logits
+        one = torch.tensor([[3]])
+        assert decoder.fused_decode_step(model, one, KVCache(config, 1, 4), logits=True) is not None
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        cache = KVCache(config, 2, 16)
+        ids = torch.randint(
+            0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1)
+        )
+        with torch.no_grad():
+            model(ids[:, :6], cache=cache)
+            steps = [model(ids[:, t : t + 1], cache=cache) for t in range(6, 9)]
+        return torch.cat(steps, 1), cache.keys[-1][:, :, :9]
+
+    looked_up_in_the_step = run()
+    monkeypatch.setattr(decoder, "embedding_operands", lambda table: None)
+    looked_up_by_the_table = run()
+    for a, b in zip(looked_up_in_the_step, looked_up_by_the_table, strict=True):
+        assert torch.equal(a, b)
+
+
 def _sparse24(n: int, k: int, seed: int = 0) -> torch.Tensor:
     from slmlab.prune import nm_mask
 

@@ -32,6 +32,7 @@ __all__ = [
     "decode_greedy",
     "decode_step",
     "disabled",
+    "embedding_operands",
     "fused_operands",
     "gemv",
     "gemv_many",
@@ -314,6 +315,24 @@ def fused_operands(layer: torch.nn.Module, rows: int) -> list[torch.Tensor] | No
     return None
 
 
+def embedding_operands(table: torch.nn.Module) -> list[torch.Tensor] | None:
+    """The three tensors the fused step looks token ids up in (as `fused_operands` gives a
+    projection's), or None where a lookup there would not be the table's own: a plain fp32
+    ``nn.Embedding`` gives its weight; a table of 4-bit rows (`QuantEmbedding`) its packed
+    codes, read a row at a time and dequantized as the table's forward dequantizes them."""
+    if table._forward_hooks or table._forward_pre_hooks:
+        return None
+    none = torch.empty(0)
+    if type(table) is torch.nn.Embedding:
+        plain = table.weight.dtype is torch.float32 and table.max_norm is None
+        return [table.weight, none, none] if plain else None
+    offer = getattr(table, "int4_operands", None)
+    packed = offer() if callable(offer) else None
+    if packed is None or packed.group_size % 32:
+        return None
+    return [packed.codes, packed.scales, none if packed.zeros is None else packed.zeros]
+
+
 # What the compiled step is given for an operand it does not use; never written to.
 _EMPTY = torch.empty(0)
 
@@ -340,7 +359,7 @@ def decode_step(
     layers: list[list[torch.Tensor]],
     context: StepContext,
     *,
-    embedding: torch.Tensor | None = None,
+    embedding: list[torch.Tensor] | None = None,
     final_norm: torch.Tensor | None = None,
     head: list[torch.Tensor] | None = None,
     last_only: bool = False,
@@ -348,8 +367,8 @@ def decode_step(
     """All blocks of a decoder for a few new tokens per row, in one compiled call.
 
     `x` (B, T, d) holds the embedded new tokens, or (B, T) their ids, looked up in the rows of
-    `embedding`; they continue the cache causally (T is 1 when decoding, a few when a
-    speculative step checks a draft). `layers` holds, per block, the input norm's weight, the
+    `embedding` (the table's `embedding_operands`); they continue the cache causally (T is 1
+    when decoding, a few when a speculative step checks a draft). `layers` holds, per block, the input norm's weight, the
     three tensors `fused_operands` gives for each of q, k, v, q/k/v's biases (empty tensors
     where there are none), o's operands, the post-attention norm's weight, and gate's, up's and
     down's operands; `context` the caches and the rest (`StepContext`).
@@ -371,7 +390,7 @@ def decode_step(
     out = kernels.decode_step(
         none if ids else x,
         x if ids else none,
-        none if embedding is None else embedding,
+        [] if embedding is None else embedding,
         layers,
         *context,
         T,
@@ -384,7 +403,7 @@ def decode_step(
 
 def decode_greedy(
     ids: torch.Tensor,
-    embedding: torch.Tensor,
+    embedding: list[torch.Tensor],
     layers: list[list[torch.Tensor]],
     context: StepContext,
     final_norm: torch.Tensor,

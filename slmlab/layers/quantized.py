@@ -209,6 +209,10 @@ class QuantEmbedding(nn.Module):
         """The output layer of a tied model: the same codes, as a linear layer."""
         return self.linear
 
+    def int4_operands(self) -> kernels.Int4Operands | None:
+        """The packed rows, for the fused decode step's lookup (`slmlab.kernels`), when 4-bit."""
+        return self.linear.int4_operands()
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = dequantize(self.linear.quantized(input_ids.reshape(-1)))
         return rows.reshape(*input_ids.shape, self.embedding_dim)

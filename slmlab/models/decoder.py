@@ -25,6 +25,7 @@ from ..kernels import (
     StepContext,
     decode_greedy,
     decode_step,
+    embedding_operands,
     fused_operands,
     linear,
     linear_many,
@@ -437,7 +438,7 @@ def _fused_plan(model: DecoderLM, rows: int) -> _FusedPlan:
 @dataclass
 class _StepInputs:
     x: torch.Tensor  # the new tokens' ids (B, T), or their embeddings (B, T, d)
-    embedding: torch.Tensor | None  # the table the ids are looked up in; None for embeddings
+    embedding: list[torch.Tensor] | None  # the table the ids are looked up in; None for embeddings
     plan: _FusedPlan
 
 
@@ -465,13 +466,9 @@ def _step_inputs(
         if plan.head is None or any(m._forward_hooks or m._forward_pre_hooks for m in (norm, head)):
             return None
     embed = model.model.embed_tokens
-    if (
-        type(embed) is nn.Embedding
-        and embed.weight.dtype is torch.float32
-        and embed.max_norm is None
-        and not (embed._forward_hooks or embed._forward_pre_hooks)
-    ):
-        return _StepInputs(input_ids, embed.weight, plan)  # looked up in the step
+    table = embedding_operands(embed)
+    if table is not None:
+        return _StepInputs(input_ids, table, plan)  # looked up in the step
     x = embed(input_ids)
     return _StepInputs(x, None, plan) if x.dtype is torch.float32 else None
 
@@ -538,7 +535,7 @@ def fused_greedy_steps(
     `min_confidence`, the choices end early after one whose probability (every row's) was
     below it. The cache takes in every token but the last choice (its length is updated).
     None where the step does not apply (see `fused_decode_step`; the ids must be looked up in
-    a plain embedding)."""
+    the step: `slmlab.kernels.embedding_operands`)."""
     inputs = _step_inputs(model, input_ids, cache, logits=True)
     if inputs is None or inputs.embedding is None:
         return None

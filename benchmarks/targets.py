@@ -105,7 +105,7 @@ def run_one(runtime: str, precision: str, path: str, new_tokens: int) -> dict:
         model = checkpoint.load(path)  # fp32, or the int4 checkpoint `int4_checkpoint` wrote
 
         def run(tokens: list[int], n: int) -> None:
-            generate(model, torch.tensor([tokens]), n)
+            generate(model, torch.tensor([tokens]), n, stop_tokens=())  # every row as long
 
     elif runtime == "onnxruntime":
         from slmlab.export import OnnxDecoder

@@ -244,8 +244,8 @@ def main() -> None:
             f"{clients:3d} clients: {run['tokens_per_s']:7.1f} tok/s ({run['speedup']:.2f}x)  "
             f"first text p50 {run['ttft_p50_ms']:.0f} ms, p99 {run['ttft_p99_ms']:.0f} ms  "
             f"answered {run['answered']}, refused {run['refused']}, failed {run['failed']}; "
-            f"{run['rows_per_step']:.1f} rows a step, clients' CPU {run['client_cpu_cores']:.2f} "
-            "cores"
+            f"{run['rows_per_step']:.1f} rows a step, {run['engine_steps_per_s']:.0f} steps/s, "
+            f"clients' CPU {run['client_cpu_cores']:.2f} cores"
         )
     # Two halves: memory that the first half's connections and buffers take once is not a
     # leak; a leak grows the second half as much as the first.

@@ -6,8 +6,10 @@
 For each model: slmlab itself (fp32, and int4 with groups of 32 and the head rounded too,
 Q4_0's layout, saved as slmlab's quantized checkpoint and loaded as one, so that its process
 never holds the fp32 weights, as llama.cpp's never does), ONNX Runtime (fp32, and int8 by its
-dynamic quantization), ExecuTorch with XNNPACK (fp32), and llama.cpp (F32, Q8_0, Q4_0 files
-written by `slmlab.export.to_gguf`) where an interpreter with llama-cpp-python is given. Each
+dynamic quantization), ExecuTorch with XNNPACK (fp32), and llama.cpp (F32, Q8_0, Q4_0 and
+Q4_K files written by `slmlab.export.to_gguf`; Q4_K's matrices whose rows are not whole
+256-weight super-blocks in Q5_0, as llama-quantize writes them, which the roofline's 4.5 bits
+a weight do not count) where an interpreter with llama-cpp-python is given. Each
 runs in a process of its own, so that its peak memory (the process's maximum resident set,
 Python and the runtime included) is its own. Decode tokens/s is the time of 128 greedy tokens
 after a 16-token prompt less that of one; prefill tokens/s, a 128-token prompt's first token.
@@ -38,10 +40,10 @@ CASES = [
     ("slmlab", "fp32"), ("slmlab", "int4"),
     ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
     ("executorch", "fp32"),
-    ("llama.cpp", "f32"), ("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"),
+    ("llama.cpp", "f32"), ("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"), ("llama.cpp", "q4_k"),
 ]  # fmt: skip
 ROOFLINE_WEIGHTS = {"fp32": "fp32", "f32": "fp32", "int4": "q4_0", "int8": "int8",
-                    "q8_0": "q8_0", "q4_0": "q4_0"}  # fmt: skip
+                    "q8_0": "q8_0", "q4_0": "q4_0", "q4_k": "q4_k"}  # fmt: skip
 PROMPT, SHORT = 128, 16
 
 

@@ -648,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quant",
         default=None,
-        help="gguf: f32 (default), f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0; onnx: fp32, int8",
+        help="gguf: f32 (default), f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q4_k; onnx: fp32, int8",
     )
     p.add_argument("--out", required=True, help="the file to write (.gguf, .onnx, .pte)")
     p.add_argument("--name", default=None, help="gguf: general.name (default: the model's)")

@@ -39,11 +39,12 @@ __all__ = [
 ]
 
 # Bits a weight takes in each storage format, scales included: GGUF's Q8_0 and Q4_0 keep one
-# fp16 scale per 32 weights (8.5 and 4.5 bits), Q4_1 a scale and a minimum (5 bits);
-# slmlab's int4 with groups of 32 and an fp16 scale is Q4_0's size.
+# fp16 scale per 32 weights (8.5 and 4.5 bits), Q4_1 a scale and a minimum (5 bits), Q4_K
+# 144 bytes per 256 weights (4.5); slmlab's int4 with groups of 32 and an fp16 scale is Q4_0's
+# size.
 WEIGHT_BITS = {
     "fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "q8_0": 8.5,
-    "int4": 4.5, "q4_0": 4.5, "q4_1": 5.0,
+    "int4": 4.5, "q4_0": 4.5, "q4_1": 5.0, "q4_k": 4.5,
 }  # fmt: skip
 _KV_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8}
 

@@ -92,3 +92,12 @@ def test_bad_precisions_are_named() -> None:
         roofline(CONFIG, SLOW_MEMORY, weights="int3")
     with pytest.raises(ValueError, match="kv 'int4'"):
         roofline(CONFIG, SLOW_MEMORY, kv="int4")
+
+
+def test_the_gguf_formats_bits_are_ggmls_block_sizes() -> None:
+    """A block format's bits a weight are its block's bytes over its weights, as ggml lays
+    them out (the ``gguf`` package's table)."""
+    gguf = pytest.importorskip("gguf")
+    for name in ("q8_0", "q4_0", "q4_1", "q4_k"):
+        weights, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name.upper()]]
+        assert WEIGHT_BITS[name] == 8 * size / weights, name

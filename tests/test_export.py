@@ -124,6 +124,35 @@ def test_gguf_logits_equal_transformers_gguf_loader(tmp_path, checkpoint, quant)
     assert tokenizer.encode(text) == slmlab.load_tokenizer(checkpoint).encode(text).ids
 
 
+def test_q4_k_gguf_is_read_by_transformers_as_slmlab_reads_it(tmp_path, story_tokenizer) -> None:
+    """A model 256 wide has every matrix in Q4_K's super-blocks, each nearer the model's than
+    Q4_0 (the same 4.5 bits a weight) puts it; one 64 wide has none, so its matrices fall back
+    to Q5_0 as llama-quantize's do."""
+    transformers = pytest.importorskip("transformers")
+    wide = tiny(story_tokenizer, hidden_size=256, intermediate_size=512)
+    path = to_gguf(wide, tmp_path / "wide.gguf", quant="q4_k", tokenizer=story_tokenizer)
+    types = read_gguf(path).tensor_types
+    assert {t for n, t in types.items() if not n.endswith("norm.weight")} == {"Q4_K"}
+    meta = read_gguf_metadata(path)
+    assert meta["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_K_S)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="wide.gguf", dtype=torch.float32
+    ).eval()
+    ours = slmlab.load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), theirs(IDS).logits, rtol=0, atol=1e-4)
+    q4_0 = slmlab.load(to_gguf(wide, tmp_path / "q4_0.gguf", quant="q4_0",
+                               tokenizer=story_tokenizer)).state_dict()  # fmt: skip
+    for name, weight in wide.state_dict().items():
+        if weight.ndim == 2:
+            error = (ours.state_dict()[name] - weight).square().mean()
+            assert 0 < error < 0.8 * (q4_0[name] - weight).square().mean(), name
+    narrow = to_gguf(tiny(story_tokenizer), tmp_path / "n.gguf", quant="q4_k",
+                     tokenizer=story_tokenizer)  # fmt: skip
+    types = read_gguf(narrow).tensor_types
+    assert {t for n, t in types.items() if not n.endswith("norm.weight")} == {"Q5_0"}
+
+
 def test_qwen2_gguf_keeps_its_biases(tmp_path, story_tokenizer) -> None:
     transformers = pytest.importorskip("transformers")
     model = tiny(story_tokenizer, model_type="qwen2", attention_bias=True)

@@ -29,6 +29,7 @@ from ..gguf_file import PRE_TOKENIZERS, gguf_name, permute_rows
 from ..io import atomic_path
 from ..models.decoder import DecoderLM
 from .common import ExportError, exportable
+from .k_quants import Q4_K_BLOCK, quantize_q4_k
 
 __all__ = ["GGUF_TYPES", "to_gguf"]
 
@@ -42,6 +43,8 @@ GGUF_TYPES = {
     "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
     "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    # Every matrix Q4_K (or its fallback); llama-quantize's Q4_K_S also keeps a few in Q5_K/Q6_K.
+    "q4_k": ("Q4_K", "MOSTLY_Q4_K_S"),
 }
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # llama.cpp's llama_token_type
 
@@ -118,7 +121,7 @@ def to_gguf(
 ) -> Path:
     """Write checkpoint `source` (a directory, a GGUF file, or a model with its `tokenizer`) as
     the GGUF file `out`, matrices in `quant` (`GGUF_TYPES`: f32, f16, bf16, q8_0, q5_1, q5_0,
-    q4_1, q4_0). The file appears whole or not at all. Returns `out`."""
+    q4_1, q4_0, q4_k). The file appears whole or not at all. Returns `out`."""
     import gguf
 
     if quant not in GGUF_TYPES:
@@ -205,13 +208,17 @@ def to_gguf(
 def _add_tensor(writer: Any, key: str, data: np.ndarray, matrix_type: Any) -> None:
     import gguf
 
-    kind = matrix_type if data.ndim == 2 else gguf.GGMLQuantizationType.F32
-    block = gguf.GGML_QUANT_SIZES[kind][0]
-    if data.shape[-1] % block:
-        kind = gguf.GGMLQuantizationType.F16  # llama.cpp's converter's fallback
-    if kind == gguf.GGMLQuantizationType.F32:
+    types = gguf.GGMLQuantizationType
+    kind = matrix_type if data.ndim == 2 else types.F32
+    if kind == types.Q4_K and data.shape[-1] % Q4_K_BLOCK:
+        kind = types.Q5_0  # llama-quantize's fallback for a Q4_K row that is not whole blocks
+    if data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+        kind = types.F16  # llama.cpp's converter's fallback
+    if kind == types.F32:
         writer.add_tensor(key, np.ascontiguousarray(data, np.float32))
-    elif kind == gguf.GGMLQuantizationType.F16:
+    elif kind == types.F16:
         writer.add_tensor(key, data.astype(np.float16))
+    elif kind == types.Q4_K:
+        writer.add_tensor(key, quantize_q4_k(data), raw_dtype=kind)
     else:
         writer.add_tensor(key, gguf.quants.quantize(data, kind), raw_dtype=kind)

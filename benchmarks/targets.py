@@ -159,6 +159,36 @@ def measure(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+_LLAMA_QUANTIZE = """
+import sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+"""
+
+
+def q4_k_against_llama_quantize(f32_file: Path, ours: Path, llama_python: str) -> dict:
+    """llama.cpp's own quantizer (llama-quantize's Q4_K_S, through llama-cpp-python) run on
+    the F32 file: of the matrices both files store in Q4_K, the share of super-blocks whose
+    144 bytes are the same as `slmlab.export.to_gguf`'s."""
+    import gguf
+    import numpy as np
+
+    theirs = ours.with_name(ours.stem + "-llama-quantize.gguf")
+    cmd = [llama_python, "-c", _LLAMA_QUANTIZE, str(f32_file), str(theirs)]
+    subprocess.run(cmd, capture_output=True, check=True)
+    mine = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    same = total = matrices = 0
+    for tensor in gguf.GGUFReader(theirs).tensors:
+        if tensor.tensor_type.name == "Q4_K" and mine[tensor.name].tensor_type.name == "Q4_K":
+            a = np.asarray(tensor.data).reshape(-1, 144)
+            b = np.asarray(mine[tensor.name].data).reshape(-1, 144)
+            same += int((a == b).all(axis=1).sum())
+            total += len(a)
+            matrices += 1
+    return {"matrices": matrices, "super_blocks": total, "identical": same / max(total, 1)}
+
+
 def int4_over_q4_0(rows: list[dict]) -> dict[str, float]:
     """Per model measured both ways: slmlab's int4 decode tokens/s over llama.cpp's Q4_0."""
     speed = {(r["model"], r["runtime"], r["precision"]): r["decode_tok_s"] for r in rows}
@@ -185,7 +215,7 @@ def main() -> None:
 
     device = this_machine()
     cache = last_level_cache_bytes()
-    rows = []
+    rows, q4_k_bytes = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in args.models:
@@ -217,6 +247,12 @@ def main() -> None:
                     row["decode_tok_s"] / row["predicted_decode_tok_s"]
                 )
                 rows.append(row)
+                if (runtime, precision) == ("llama.cpp", "q4_k"):
+                    f32_file = export_file(ckpt, runtime, "f32", work, context)
+                    q4_k_bytes[name] = q4_k_against_llama_quantize(
+                        f32_file, file, args.llama_cpp_python
+                    )
+                    print(f"{name}: Q4_K against llama-quantize {q4_k_bytes[name]}", flush=True)
                 print(
                     f"{name:24s} {runtime:12s} {precision:5s} decode {got['decode_tok_s']:7.1f} "
                     f"(roofline {predicted.decode_tokens_per_s:7.1f}) prefill "
@@ -226,6 +262,7 @@ def main() -> None:
                 )
     result = {
         "int4_over_llama_cpp_q4_0": int4_over_q4_0(rows),
+        "q4_k_bytes_against_llama_quantize": q4_k_bytes,
         "this_machine": device.__dict__,
         "last_level_cache_mib": cache / 2**20,
         "new_tokens": args.new_tokens,

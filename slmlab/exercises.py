@@ -28,6 +28,7 @@ from .data.chat import IGNORE
 from .data.packing import pack
 from .distill.losses import divergence
 from .eval import TextScore, choice_picks
+from .export.k_quants import quantize_q4_k
 from .infer.speculative import residual_distribution
 from .layers.formats import dequantize, quantize
 from .models import ModelConfig
@@ -756,6 +757,44 @@ def _q4_0_by(x: torch.Tensor, *, signed=True, half=True, symmetric7=False) -> to
     return ((q - 8) * stored).reshape(-1)
 
 
+# 10b.q4_k -------------------------------------------------------------------------------------
+
+
+def _q4_k_expected(block: torch.Tensor) -> torch.Tensor:
+    """A Q4_K super-block's 256 weights, as the ``gguf`` package (llama.cpp's reader) reads them."""
+    kind = gguf.GGMLQuantizationType.Q4_K
+    values = gguf.quants.dequantize(block.numpy().reshape(1, -1), kind)
+    return torch.from_numpy(np.ascontiguousarray(values)).reshape(-1)
+
+
+def _q4_k_cases() -> Iterator[Case]:
+    g = _generator(12)
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(quantize_q4_k(x.numpy().reshape(1, -1))).reshape(-1)
+
+    yield Case("a random super-block", (block(torch.randn(256, generator=g) * 0.02),))
+    spread = torch.randn(256, generator=g) * torch.linspace(0.1, 3.0, 8).repeat_interleave(32)
+    yield Case("sub-blocks of growing size (the high scales need all six bits)", (block(spread),))
+    shifted = torch.rand(256, generator=g) - 0.9
+    yield Case("mostly negative weights (large offsets)", (block(shifted),))
+
+
+def _q4_k_by(block: torch.Tensor, *, high_bits=True, offset_sign=-1.0, interleaved=True):
+    raw = block.to(torch.int32)
+    d, dmin = (block[i : i + 2].view(torch.float16).float() for i in (0, 2))
+    q = raw[4:16]
+    sc = torch.cat([q[0:4] & 63, (q[8:12] & 0xF) | (((q[0:4] >> 6) << 4) if high_bits else 0)])
+    m = torch.cat([q[4:8] & 63, (q[8:12] >> 4) | (((q[4:8] >> 6) << 4) if high_bits else 0)])
+    codes = raw[16:].reshape(4, 32)
+    if interleaved:
+        nibbles = torch.stack([codes & 0xF, codes >> 4], dim=1).reshape(8, 32)
+    else:  # each byte's two nibbles taken as neighbours
+        nibbles = torch.stack([codes & 0xF, codes >> 4], dim=-1).reshape(8, 32)
+    scale, offset = (d * sc.float())[:, None], (dmin * m.float())[:, None]
+    return (scale * nibbles.float() + offset_sign * offset).reshape(-1)
+
+
 # 10.kv_step -----------------------------------------------------------------------------------
 
 
@@ -1228,6 +1267,33 @@ EXERCISES: dict[str, Exercise] = {
                 "d from max|x| (the sign dropped)": lambda x: _q4_0_by(x, signed=False),
                 "d kept in float32": lambda x: _q4_0_by(x, half=False),
                 "symmetric int4, max|x| / 7": lambda x: _q4_0_by(x, symmetric7=True),
+            },
+        ),
+        Exercise(
+            "10b.q4_k",
+            "q4_k_weights(block) -> the 256 float32 weights of one Q4_K super-block, given as "
+            "its 144 bytes (a uint8 tensor): d and dmin (float16, bytes 0-1 and 2-3), 12 bytes "
+            "of scales s[0..11] (bytes 4-15), 128 bytes of 4-bit codes. Sub-block j (32 "
+            "weights) is d·sc_j·q − dmin·m_j with 6-bit sc_j and m_j: for j < 4, sc_j = s[j] & "
+            "63 and m_j = s[j+4] & 63; for j ≥ 4, sc_j = (s[j+4] & 15) | (s[j−4] >> 6) << 4 and "
+            "m_j = (s[j+4] >> 4) | (s[j] >> 6) << 4. Byte i of the codes' 32-byte group k "
+            "holds weight i of sub-block 2k in its low nibble and of sub-block 2k+1 in its high "
+            "one.",
+            _q4_k_expected,
+            _q4_k_cases,
+            "read the six bits of the last four scales from two places; the codes of a 32-byte "
+            "group are two sub-blocks, one per nibble, not 64 neighbouring weights; and the "
+            "offset is subtracted (m ≥ 0 holds minus the minimum).",
+            atol=0.0,
+            rtol=1e-6,
+            wrong={
+                "the last four scales' top two bits dropped": lambda b: _q4_k_by(
+                    b, high_bits=False
+                ),
+                "each byte's nibbles as neighbouring weights": lambda b: _q4_k_by(
+                    b, interleaved=False
+                ),
+                "the offset added": lambda b: _q4_k_by(b, offset_sign=1.0),
             },
         ),
         Exercise(

@@ -250,6 +250,31 @@ def _reference_q4_0(x):
     return torch.from_numpy(out)
 
 
+def _reference_q4_k(block):
+    # llama.cpp's get_scale_min_k4 and dequantize_row_q4_K (ggml-quants.c), one weight at a
+    # time in float32
+    import numpy as np
+
+    raw = [int(b) for b in block]
+    d, dmin = (np.float32(np.frombuffer(bytes(raw[i : i + 2]), np.float16)[0]) for i in (0, 2))
+    scales, codes = raw[4:16], raw[16:]
+
+    def scale_min(j):
+        if j < 4:
+            return scales[j] & 63, scales[j + 4] & 63
+        return ((scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4),
+                (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))  # fmt: skip
+
+    out = []
+    for group in range(4):
+        q = codes[32 * group : 32 * group + 32]
+        for j, shift in ((2 * group, 0), (2 * group + 1, 4)):
+            sc, m = scale_min(j)
+            d1, m1 = np.float32(d * np.float32(sc)), np.float32(dmin * np.float32(m))
+            out += [np.float32(d1 * np.float32((v >> shift) & 0xF)) - m1 for v in q]
+    return torch.tensor(np.array(out, np.float32))
+
+
 def _reference_kv_step(q, k, v, cache_k, cache_v, length):
     # the cache written by hand, then transformers' own attention over what it holds
     from transformers.models.llama.modeling_llama import repeat_kv
@@ -292,6 +317,7 @@ REFERENCES = {
     "08.gptq": _reference_gptq,
     "09.wanda": _reference_wanda,
     "10b.q4_0": _reference_q4_0,
+    "10b.q4_k": _reference_q4_k,
     "10.kv_step": _reference_kv_step,
 }
 

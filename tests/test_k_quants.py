@@ -108,6 +108,7 @@ def _blocks() -> np.ndarray:
     x[1, 40] = 0.9  # an outlier that sets its super-block's scale
     x[2, :32] = 0.0  # a sub-block of zeros (its scale is 0: the codes are not recomputed)
     x[3, 32:64] = 0.01  # a constant positive sub-block (its minimum is clamped to 0)
+    x[3, 64:96] = -0.02  # a constant negative one: no span, the C returns before its search
     x[4] = np.abs(x[4])  # all positive: every offset fits at zero
     x[5] = rng.standard_t(2, 256).astype(F) * 0.05  # heavy tails
     return x

@@ -79,7 +79,7 @@ def _make_qkx2(
             this_min = np.where(positive, _F(0), this_min)
             diff = this_scale[:, None] * trial + this_min[:, None] - x
             error = _sum(w * (diff * diff))
-            better = (det > 0) & (error < best)
+            better = (det > 0) & (error < best) & ~flat  # C returns before the search
             codes = np.where(better[:, None], trial.astype(np.int32), codes)
             best = np.where(better, error, best)
             scale = np.where(better, this_scale, scale)

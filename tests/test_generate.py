@@ -7,6 +7,7 @@ import torch
 
 import slmlab
 from slmlab.infer import KVCache, sample_next
+from slmlab.infer.generate import draw
 from slmlab.models import DecoderLM, ModelConfig
 
 from .hf_reference import VARIANTS, save_hf
@@ -115,6 +116,38 @@ def test_sampling_is_seeded_and_filters() -> None:
         model, PROMPTS, 15, temperature=1.0, top_k=20, top_p=0.9, seed=8, stop_tokens=()
     )
     assert a == b and a != c
+
+
+def test_a_draw_is_torch_multinomials_with_one_generator_or_one_per_row() -> None:
+    """`draw` makes torch.multinomial's choice from the same generator state, whether one
+    generator serves every row or each row has its own (a batch of requests), and leaves each
+    generator where multinomial leaves it; its tokens follow the distribution (chi-square)."""
+    torch.manual_seed(0)
+    probs = (torch.randn(5, 300) * 3).softmax(-1)
+    probs[2, 7:] = 0.0  # a row with few tokens left, as top-k leaves it
+    probs[2] /= probs[2].sum()
+    for seed in range(20):
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(
+            draw(probs, ours), torch.multinomial(probs, 1, generator=theirs).squeeze(-1)
+        )
+        assert torch.equal(ours.get_state(), theirs.get_state())
+        own = [torch.Generator().manual_seed(seed * 10 + i) for i in range(5)]
+        alone = [torch.Generator().manual_seed(seed * 10 + i) for i in range(5)]
+        expected = [
+            int(torch.multinomial(probs[i : i + 1], 1, generator=g)) for i, g in enumerate(alone)
+        ]
+        assert draw(probs, own).tolist() == expected
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    generator = torch.Generator().manual_seed(1)
+    counts = torch.bincount(
+        torch.cat([draw(p.expand(1000, 4), generator) for _ in range(10)]), minlength=4
+    ).double()
+    expected_counts = 10_000 * p[0].double()
+    chi2 = float(((counts - expected_counts) ** 2 / expected_counts).sum())
+    assert chi2 < 16.27  # 3 degrees of freedom, p = 0.001
+    with pytest.raises(ValueError, match="2 generators for 5 rows"):
+        draw(probs, own[:2])
 
 
 def test_sample_next_filters_like_transformers() -> None:

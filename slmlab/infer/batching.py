@@ -12,9 +12,11 @@ the positions in front of them marked as padding (positions count real tokens on
 model sees what it would see alone). When the cache is full, every row moves back by the
 padding they all have in front; when a prompt is longer than the shared length, every row moves
 forward. A request is admitted only when all the admitted ones can then finish within the
-cache. Each row computes exactly what it would compute alone: the fused step and the kernels
-compute a row's numbers independently of the other rows (up to 8 rows; more go through
-PyTorch's batched products, equal to rounding).
+cache. Each row computes exactly what it would compute alone: the fused step computes a row's
+numbers independently of the other rows, its attention counting from the row's first real key
+(a model the step does not take goes through the kernels up to 8 rows, and through PyTorch's
+batched products beyond, equal to rounding). The rows' next tokens are chosen together, each
+drawn from its own request's generator.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 
 from ..models.decoder import DecoderLM, KVCache
-from .generate import adjust_logits, bias_vector, check_sampling, sample_next
+from .generate import adjust_logits, bias_vector, check_sampling, draw, token_probs
 
 __all__ = ["BatchRequest", "ContinuousBatcher"]
 
@@ -175,8 +177,8 @@ class ContinuousBatcher:
         logits = self.model(ids, torch.ones_like(ids), view, last_only=True)[:, -1]
         self.cache.length = view.length
         self.steps += 1
-        for i in range(n):
-            self._append(i, logits[i : i + 1])
+        for i, token in enumerate(self._next_tokens(list(range(n)), logits)):
+            self._append(i, token)
         self._pack()
 
     def run(self) -> None:
@@ -232,28 +234,50 @@ class ContinuousBatcher:
         if request.logit_bias:
             bias = bias_vector(request.logit_bias, self.config.vocab_size).to(self.device)
         self.rows[slot] = _Row(request, end - P, generator, bias)
-        self._append(slot, logits)
+        self._append(slot, self._next_tokens([slot], logits)[0])
 
-    def _append(self, slot: int, logits: torch.Tensor) -> None:
-        """Sample row `slot`'s next token from `logits` (1, vocab); retire the row if done."""
+    def _next_tokens(self, slots: list[int], logits: torch.Tensor) -> list[int]:
+        """The next token of each row of `slots` from its `logits` (len(slots), vocab), by its
+        request's settings and generator, what `generate` would choose for it alone. Rows that
+        share settings are computed together: one softmax and one race for 32 rows cost a
+        third of 32 draws one at a time (the draws still come from each row's generator)."""
+        rows = [self.rows[slot] for slot in slots]
+        assert all(row is not None for row in rows)
+        adjusted = logits
+        for i, row in enumerate(rows):
+            request = row.request  # type: ignore[union-attr]
+            if request.repetition_penalty != 1.0 or row.bias is not None:  # type: ignore[union-attr]
+                seen = torch.tensor([[*request.prompt, *request.tokens]], device=self.device)
+                adjusted = adjusted.clone() if adjusted is logits else adjusted
+                adjusted[i : i + 1] = adjust_logits(
+                    logits[i : i + 1],
+                    seen,
+                    repetition_penalty=request.repetition_penalty,
+                    logit_bias=row.bias,  # type: ignore[union-attr]
+                )
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            r = row.request  # type: ignore[union-attr]
+            groups.setdefault((r.temperature, r.top_k, r.top_p, r.min_p), []).append(i)
+        tokens = [0] * len(rows)
+        for (temperature, top_k, top_p, min_p), members in groups.items():
+            part = adjusted if len(members) == len(rows) else adjusted[members]
+            if temperature == 0:
+                chosen = part.argmax(dim=-1)
+            else:
+                probs = token_probs(
+                    part, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p
+                )
+                chosen = draw(probs, [rows[i].generator for i in members])  # type: ignore[union-attr]
+            for i, token in zip(members, chosen.tolist(), strict=True):
+                tokens[i] = token
+        return tokens
+
+    def _append(self, slot: int, token: int) -> None:
+        """Give row `slot` its next `token`; retire the row if that ends it."""
         row = self.rows[slot]
         assert row is not None
         request = row.request
-        if request.repetition_penalty != 1.0 or row.bias is not None:
-            seen = torch.tensor([[*request.prompt, *request.tokens]], device=self.device)
-            logits = adjust_logits(
-                logits, seen, repetition_penalty=request.repetition_penalty, logit_bias=row.bias
-            )
-        token = int(
-            sample_next(
-                logits,
-                temperature=request.temperature,
-                top_k=request.top_k,
-                top_p=request.top_p,
-                min_p=request.min_p,
-                generator=row.generator,
-            )[0]
-        )
         request.tokens.append(token)
         if request.on_token is not None:
             request.on_token(request, token)

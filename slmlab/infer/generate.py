@@ -13,7 +13,7 @@ from ..models.budget import kv_cache_bytes_per_token
 from ..models.decoder import DecoderLM, KVCache
 from .kv_cache import Int8KVCache, SinkKVCache
 
-__all__ = ["generate", "sample_next", "token_probs"]
+__all__ = ["draw", "generate", "sample_next", "token_probs"]
 
 
 def check_sampling(
@@ -118,7 +118,26 @@ def sample_next(
         check_sampling(temperature, top_k, top_p, min_p)
         return logits.argmax(dim=-1)
     probs = token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, generator)
+
+
+def draw(
+    probs: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator | None] | None = None
+) -> torch.Tensor:
+    """One token from each row of `probs` (B, vocab), as ``torch.multinomial(probs, 1)`` draws
+    it: the exponential race, argmax of p / E with E ~ Exp(1) drawn for every token (a token
+    wins with probability p, as in the Gumbel-max trick). `generator` is one generator for all
+    rows, or one per row: rows of different requests, each with its own seed, are then drawn
+    in one batch, and each row gets the token its generator would draw for it alone."""
+    race = torch.empty_like(probs)
+    if generator is None or isinstance(generator, torch.Generator):
+        race.exponential_(1, generator=generator)
+    else:
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+        for row, own in zip(race, generator, strict=True):
+            row.exponential_(1, generator=own)
+    return (probs / race).argmax(dim=-1)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -326,6 +326,14 @@ class DecoderStack(nn.Module):
 # matrix products win; up to here, the head's product is gemv's too (`GEMV_MAX_ROWS`).
 FUSED_MAX_TOKENS = GEMV_MAX_ROWS
 
+# A prompt of a small model goes through the fused step too, while its tokens (a row's) times
+# one block's weights stay under this: there the blocks' own forward costs a few hundred dispatched
+# operators, not arithmetic. Measured on 2 cores of a Xeon (AVX-512), a 12-token prompt of
+# stories-8m (0.9M weights a block): 5.8 ms through the blocks, 2.2 in the step; break-even
+# near 60 tokens. SmolLM2-135M (3.5M a block): 56 against 46 ms at 12 tokens, 87 against 117
+# at 48; so about 45 tokens for the one, 11 for the other.
+FUSED_PREFILL_WEIGHTS = 40_000_000
+
 # The step's operands, gathered once per model: gathering walks every projection of every
 # block, hundreds of attribute lookups that cost as much as the step itself for a small model.
 # A gathered plan is valid while no module, parameter or buffer is registered or assigned
@@ -442,13 +450,22 @@ class _StepInputs:
     plan: _FusedPlan
 
 
+def _block_weights(config: ModelConfig) -> int:
+    """The weights of one block's projections."""
+    d, head = config.hidden_size, config.head_dim
+    attention = d * head * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    return attention + 3 * d * config.intermediate_size
+
+
 def _step_inputs(
     model: DecoderLM, input_ids: torch.Tensor, cache: KVCache, logits: bool
 ) -> _StepInputs | None:
     """What the compiled step needs to continue `cache` by `input_ids`, or None where it does
     not apply (see `fused_decode_step`)."""
     B, T = input_ids.shape
-    if torch.is_grad_enabled() or input_ids.device.type != "cpu" or T > FUSED_MAX_TOKENS:
+    if torch.is_grad_enabled() or input_ids.device.type != "cpu":
+        return None
+    if T > FUSED_MAX_TOKENS and T * _block_weights(model.config) > FUSED_PREFILL_WEIGHTS:
         return None
     window = model.config.sliding_window
     if window is not None and cache.length + T > window:
@@ -500,7 +517,8 @@ def fused_decode_step(
     block, the cache filled exactly as the blocks' own forward would fill it; with `logits`,
     the final norm and the head too, in the same call: the logits (B, T, vocab), or (B, 1,
     vocab) for each row's last token where `last_only`. None where the step does not apply
-    (autograd, another device or dtype, more than `FUSED_MAX_TOKENS`, a projection that offers
+    (autograd, another device or dtype, more than `FUSED_MAX_TOKENS` new tokens a row unless
+    they are few enough for `FUSED_PREFILL_WEIGHTS`, a projection that offers
     no operands the step takes: `slmlab.kernels.fused_operands`; with `logits`, a norm or head
     the step does not know or that is watched by a hook), and the caller runs the blocks
     itself. The new tokens' positions come from the cache's `key_mask`, as the blocks number

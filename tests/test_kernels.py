@@ -101,6 +101,44 @@ def test_decode_step_takes_a_few_tokens_per_row(name: str) -> None:
     assert torch.equal(chunked[0], one_by_one[0]) and torch.equal(chunked[1], one_by_one[1])
 
 
+def test_a_small_models_prompt_goes_through_the_step_in_one_call(monkeypatch) -> None:
+    """A 30-token prompt of a model with small blocks is one call of the compiled step (the
+    blocks' forward would cost more in dispatch than in arithmetic), with the blocks' logits
+    and cache; a left-padded row's numbers are those of its prompt alone, to the bit; past
+    `FUSED_PREFILL_WEIGHTS` the blocks run it."""
+    import slmlab.models.decoder as decoder
+
+    config = VARIANTS["llama-gqa-untied"]
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    perturb_norms_and_biases(model)
+    ids = torch.randint(0, config.vocab_size, (2, 30))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :7] = 0
+    calls = []
+    step = decoder.decode_step
+    monkeypatch.setattr(decoder, "decode_step", lambda *a, **k: (calls.append(1), step(*a, **k))[1])
+
+    def prefill(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        cache = KVCache(config, ids.shape[0], 32)
+        with torch.no_grad():
+            return model(ids, mask, cache), cache
+
+    fused, cache = prefill(ids, mask)
+    assert len(calls) == 1
+    with kernels.disabled():
+        blocks, reference = prefill(ids, mask)
+    torch.testing.assert_close(fused[mask.bool()], blocks[mask.bool()], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache.keys[0][:, :, :30], reference.keys[0][:, :, :30])
+    alone, own = prefill(ids[1:, 7:], mask[1:, 7:])
+    assert torch.equal(fused[1, 7:], alone[0])
+    assert torch.equal(cache.values[-1][1, :, 7:30], own.values[-1][0, :, :23])
+    monkeypatch.setattr(decoder, "FUSED_PREFILL_WEIGHTS", 0)
+    calls.clear()
+    prefill(ids, mask)
+    assert not calls
+
+
 def test_the_fused_step_sees_layers_swapped_and_hooks_added_after_it_ran() -> None:
     """The step keeps each model's gathered operands between calls; a projection replaced, a
     weight reassigned, a block removed or a hook registered afterwards is taken into account."""

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..models.decoder import DecoderLM, KVCache
+from ..models.decoder import DecoderLM, KVCache, takes_fused_step
 from .generate import adjust_logits, bias_vector, check_sampling, draw, token_probs
 
 __all__ = ["BatchRequest", "ContinuousBatcher"]
@@ -198,6 +198,8 @@ class ContinuousBatcher:
         return max(max(ends), length) - min(start for start, _ in rows)
 
     def _admit(self) -> None:
+        """Take the waiting requests that fit, in order, then compute their prompts."""
+        admitted = []
         while self.waiting and None in self.rows:
             request = self.waiting[0]
             length = self.cache.length
@@ -205,25 +207,18 @@ class ContinuousBatcher:
             rows = [(row.start + shift, row.request) for row in self.rows if row is not None]
             rows.append((length + shift - len(request.prompt), request))
             if self._span(rows, length + shift) > self.max_len:
-                return  # waits for a row to finish
+                break  # waits for a row to finish
             self.waiting.popleft()
             if shift:
                 self._move(shift)
-            self._place(self.rows.index(None), request)
+            admitted.append(self._reserve(self.rows.index(None), request))
+        if admitted:
+            self._prefill(admitted)
 
-    def _place(self, slot: int, request: BatchRequest) -> None:
-        """Compute `request`'s prompt alone, put its keys and values in row `slot` just before
-        the shared end, and make its first token."""
+    def _reserve(self, slot: int, request: BatchRequest) -> int:
+        """Give `request` row `slot`, its prompt's place just before the shared end (the keys
+        and values come in `_prefill`)."""
         P, end = len(request.prompt), self.cache.length
-        alone = KVCache(self.config, 1, P, dtype=self.cache.keys[0].dtype, device=self.device)
-        prompt = torch.tensor([list(request.prompt)], device=self.device)
-        logits = self.model(prompt, cache=alone, last_only=True)[:, -1]
-        for shared, own in zip(
-            self.cache.keys + self.cache.values, alone.keys + alone.values, strict=True
-        ):
-            shared[slot, :, end - P : end] = own[0]
-        for shared, own in zip(self.cache.states, alone.states, strict=True):
-            shared[slot] = own[0]  # a Mamba-2 layer's state, the prompt's whole past
         self.cache.key_mask[slot] = False
         self.cache.key_mask[slot, end - P : end] = True
         generator = None
@@ -234,7 +229,48 @@ class ContinuousBatcher:
         if request.logit_bias:
             bias = bias_vector(request.logit_bias, self.config.vocab_size).to(self.device)
         self.rows[slot] = _Row(request, end - P, generator, bias)
-        self._append(slot, self._next_tokens([slot], logits)[0])
+        return slot
+
+    def _prefill(self, slots: list[int]) -> None:
+        """Compute the prompts of the rows `slots`, put their keys and values in their places,
+        and make their first tokens. Where the fused step takes them, the prompts go in one
+        call, left-padded (the step computes each as it would alone: a burst of newcomers
+        costs about one of them); otherwise one at a time, as `generate` computes a prompt."""
+        prompts = [list(self.rows[slot].request.prompt) for slot in slots]  # type: ignore[union-attr]
+        width = max(len(p) for p in prompts)
+        dtype = self.cache.keys[0].dtype
+        together = KVCache(self.config, len(slots), width, dtype=dtype, device=self.device)
+        if len(slots) > 1 and takes_fused_step(self.model, len(slots), width, together):
+            groups = [list(range(len(slots)))]
+        else:
+            groups = [[i] for i in range(len(slots))]
+        end = self.cache.length
+        for group in groups:
+            width = max(len(prompts[i]) for i in group)
+            own = KVCache(self.config, len(group), width, dtype=dtype, device=self.device)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros(len(group), width, dtype=torch.long)
+            for row, i in enumerate(group):
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            padded = not bool(mask.all())
+            logits = self.model(
+                ids.to(self.device),
+                mask.to(self.device) if padded else None,
+                own,
+                last_only=True,
+            )[:, -1]
+            for row, i in enumerate(group):
+                slot, P = slots[i], len(prompts[i])
+                for shared, alone in zip(
+                    self.cache.keys + self.cache.values, own.keys + own.values, strict=True
+                ):
+                    shared[slot, :, end - P : end] = alone[row, :, width - P :]
+                for shared, alone in zip(self.cache.states, own.states, strict=True):
+                    shared[slot] = alone[row]  # a Mamba-2 layer's state, the prompt's whole past
+            chosen = [slots[i] for i in group]
+            for slot, token in zip(chosen, self._next_tokens(chosen, logits), strict=True):
+                self._append(slot, token)
 
     def _next_tokens(self, slots: list[int], logits: torch.Tensor) -> list[int]:
         """The next token of each row of `slots` from its `logits` (len(slots), vocab), by its

@@ -457,31 +457,54 @@ def _block_weights(config: ModelConfig) -> int:
     return attention + 3 * d * config.intermediate_size
 
 
-def _step_inputs(
-    model: DecoderLM, input_ids: torch.Tensor, cache: KVCache, logits: bool
-) -> _StepInputs | None:
-    """What the compiled step needs to continue `cache` by `input_ids`, or None where it does
-    not apply (see `fused_decode_step`)."""
-    B, T = input_ids.shape
-    if torch.is_grad_enabled() or input_ids.device.type != "cpu":
+def _step_plan(
+    model: DecoderLM, rows: int, tokens: int, cache: KVCache, logits: bool
+) -> _FusedPlan | None:
+    if torch.is_grad_enabled():
         return None
-    if T > FUSED_MAX_TOKENS and T * _block_weights(model.config) > FUSED_PREFILL_WEIGHTS:
+    if tokens > FUSED_MAX_TOKENS and tokens * _block_weights(model.config) > FUSED_PREFILL_WEIGHTS:
         return None
     window = model.config.sliding_window
-    if window is not None and cache.length + T > window:
+    if window is not None and cache.length + tokens > window:
         return None  # the step attends to the whole cache; a window would leave some out
     if (
         cache.keys[0].dtype is not torch.float32
+        or cache.keys[0].device.type != "cpu"
         or model.model.rotary_emb.cos.dtype is not torch.float32
     ):
         return None
-    plan = _fused_plan(model, B * T)
+    plan = _fused_plan(model, rows * tokens)
     if plan.layers is None:
         return None
     if logits:
         norm, head = model.model.norm, model.lm_head
         if plan.head is None or any(m._forward_hooks or m._forward_pre_hooks for m in (norm, head)):
             return None
+    return plan
+
+
+def takes_fused_step(model: DecoderLM, rows: int, tokens: int, cache: KVCache) -> bool:
+    """Whether `model`'s forward continues `cache` by `tokens` new tokens in each of `rows`
+    rows through the compiled step (which computes every row as it would alone, padding or
+    not), rather than through its blocks."""
+    embed = model.model.embed_tokens
+    plain = getattr(embed, "weight", None) is not None and embed.weight.dtype is torch.float32
+    return _step_plan(model, rows, tokens, cache, True) is not None and (
+        plain or embedding_operands(embed) is not None
+    )
+
+
+def _step_inputs(
+    model: DecoderLM, input_ids: torch.Tensor, cache: KVCache, logits: bool
+) -> _StepInputs | None:
+    """What the compiled step needs to continue `cache` by `input_ids`, or None where it does
+    not apply (see `fused_decode_step`)."""
+    B, T = input_ids.shape
+    if input_ids.device.type != "cpu":
+        return None
+    plan = _step_plan(model, B, T, cache, logits)
+    if plan is None:
+        return None
     embed = model.model.embed_tokens
     table = embedding_operands(embed)
     if table is not None:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import slmlab
 from slmlab import kernels
 from slmlab.infer import KVCache
-from slmlab.models import DecoderLM
+from slmlab.models import DecoderLM, ModelConfig
 
 from .hf_reference import VARIANTS, perturb_norms_and_biases
 
@@ -66,18 +66,27 @@ def test_decode_step_matches_the_blocks(name: str) -> None:
         torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
 
 
+def left_padded(
+    config: ModelConfig, tokens: int, padding: int
+) -> tuple[DecoderLM, torch.Tensor, torch.Tensor]:
+    """A seeded model of `config` with perturbed norms and biases, and two rows of `tokens`
+    random ids, the second left-padded by `padding`."""
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    perturb_norms_and_biases(model)
+    ids = torch.randint(0, config.vocab_size, (2, tokens))
+    mask = torch.ones(2, tokens, dtype=torch.long)
+    mask[1, :padding] = 0
+    return model, ids, mask
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_decode_step_takes_a_few_tokens_per_row(name: str) -> None:
     """Chunks of 1 to 4 tokens continuing the cache (how a speculative draft is checked) give
     the blocks' logits and cache, padded batch included; and, where the compiled step runs, a
     token's logits are those of the same token decoded alone, to the bit."""
     config = VARIANTS[name]
-    torch.manual_seed(0)
-    model = DecoderLM(config).eval()
-    perturb_norms_and_biases(model)
-    ids = torch.randint(0, config.vocab_size, (2, 20))
-    mask = torch.ones(2, 20, dtype=torch.long)
-    mask[1, :3] = 0
+    model, ids, mask = left_padded(config, 20, padding=3)
 
     def run(chunks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         cache = KVCache(config, 2, 24)
@@ -109,12 +118,7 @@ def test_a_small_models_prompt_goes_through_the_step_in_one_call(monkeypatch) ->
     import slmlab.models.decoder as decoder
 
     config = VARIANTS["llama-gqa-untied"]
-    torch.manual_seed(0)
-    model = DecoderLM(config).eval()
-    perturb_norms_and_biases(model)
-    ids = torch.randint(0, config.vocab_size, (2, 30))
-    mask = torch.ones(2, 30, dtype=torch.long)
-    mask[1, :7] = 0
+    model, ids, mask = left_padded(config, 30, padding=7)
     calls = []
     step = decoder.decode_step
     monkeypatch.setattr(decoder, "decode_step", lambda *a, **k: (calls.append(1), step(*a, **k))[1])

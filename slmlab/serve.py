@@ -130,8 +130,8 @@ class Engine:
 
     def _run(self, until: Callable[[], bool] = lambda: False) -> None:
         # What exists now (the model, the libraries) lives as long as the server: moved out of
-        # the garbage collector's way, a collection visits only the requests' objects (at 32
-        # streaming clients the full collections cost ~0.5 ms a decode step).
+        # the garbage collector's way, a collection visits only the requests' objects (a batch-1
+        # step of stories-8m spent 15% of its time in the collector, measured with perf).
         gc.freeze()
         batcher = self.batcher
         while not self.stopping and not until():
@@ -162,8 +162,9 @@ class Engine:
 
 class _Waker:
     """Wakes the event loop once per decode step for every mailbox that got tokens in it: a
-    wake-up from another thread is a write to the loop's pipe and a turn of the loop, and at
-    32 rows one per token cost as much as a tenth of the step."""
+    wake-up from another thread is a write to the loop's pipe and a turn of the loop, 32 of
+    them a step at 32 rows (measured with the benchmark: 2167 → 2302 tok/s at 32 clients,
+    within the runs' spread)."""
 
     def __init__(self) -> None:
         self.pending: collections.deque[_Mailbox] = collections.deque()  # thread-safe ends

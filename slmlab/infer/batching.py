@@ -275,8 +275,9 @@ class ContinuousBatcher:
     def _next_tokens(self, slots: list[int], logits: torch.Tensor) -> list[int]:
         """The next token of each row of `slots` from its `logits` (len(slots), vocab), by its
         request's settings and generator, what `generate` would choose for it alone. Rows that
-        share settings are computed together: one softmax and one race for 32 rows cost a
-        third of 32 draws one at a time (the draws still come from each row's generator)."""
+        share settings are computed together: at 32 rows the draws alone took 0.50 ms against
+        0.88 for 32 calls of torch.multinomial, each row's softmax saved besides (the draws
+        still come from each row's generator)."""
         rows = [self.rows[slot] for slot in slots]
         assert all(row is not None for row in rows)
         adjusted = logits

@@ -6,7 +6,8 @@ Times y = x Wᵀ for a square fp32 weight and for the same weight in 4 bits (gro
 ``F.linear`` (MKL) and slmlab's fp32 gemv, slmlab's int4 kernel, PyTorch's own
 ``_weight_int4pack_mm_for_cpu``, and bitsandbytes' ``Linear4bit`` (NF4) and ``Linear8bitLt``,
 at batch 1 (decoding) and larger batches (prefill), per layer, in passes over as many distinct
-layers as it takes for their 4-bit copies to fill the last-level cache four times. The goal:
+layers as it takes for their 4-bit copies to fill the last-level cache four times (as many as
+half the free memory holds, if fewer). The goal:
 int4 at batch 1 ≥ 3× faster than fp32, and at batch 64 no slower than 1.5× fp32. Writes
 benchmarks/results/quant_speed.json.
 
@@ -75,6 +76,18 @@ AVX2_ONLY = {
 }
 
 
+def available_memory_bytes() -> int:
+    """Memory the kernel says can be had without swapping (Linux's MemAvailable), else free."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def layer_paths(weight: torch.Tensor, group: int, as_avx2: bool) -> dict[str, Callable]:
     """Every path's ``x -> x @ weight.T`` for one weight (the paths this machine has)."""
     q = quantize(weight, "int", 4, group_size=group)
@@ -103,7 +116,11 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4,64")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--layers", type=int, help="default: 4-bit copies 4x the last-level cache")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        help="default: 4-bit copies 4x the last-level cache, in half the memory",
+    )
     parser.add_argument("--as-avx2", action="store_true", help="time an AVX2 CPU's paths")
     args = parser.parse_args()
     if args.as_avx2 and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
@@ -119,6 +136,10 @@ def main() -> None:
     # pass goes through distinct layers whose 4-bit copies fill the cache several times over.
     cache_bytes = last_level_cache_bytes()
     layers = args.layers or max(1, math.ceil(4 * cache_bytes / int4_bytes))
+    # ... within half the free memory: a layer holds about 8 bytes a weight in all (the fp32
+    # weight, its int4 copies and bitsandbytes' NF4 and int8 ones). A virtual machine that
+    # reports a 480 MiB cache asked for 213 layers, and the process was killed for memory.
+    layers = min(layers, max(1, available_memory_bytes() // 2 // (8 * n * n)))
     per_layer = [
         layer_paths(torch.randn(n, n) * 0.02, args.group_size, args.as_avx2) for _ in range(layers)
     ]

@@ -330,18 +330,25 @@ def test_int4_linear_matches_dequantize_then_matmul(
 def test_int4_linear_takes_any_number_of_blocks(blocks, group_blocks) -> None:
     """The vector loop takes blocks of 32 inputs four at a time, into four running sums, and the
     last one to three alone: every remainder, and groups of one block or the whole row, give
-    the product of the rounded x and the dequantized weight (18 blocks: SmolLM2's 576 inputs)."""
+    the product of the rounded x and the dequantized weight (18 blocks: SmolLM2's 576 inputs).
+    A single row of x takes the weight's rows a few at a time (43 rows: some left over) and a
+    row batched with others one at a time: each of its outputs is the same to the bit."""
     from slmlab.quant import dequantize, pack_int4, quantize
 
     torch.manual_seed(blocks)
     width = 32 * blocks
     group = 32 if group_blocks == 1 else None
-    q = quantize(torch.randn(40, width) * 0.05, "int", 4, group_size=group, symmetric=False)
+    q = quantize(torch.randn(43, width) * 0.05, "int", 4, group_size=group, symmetric=False)
     reference = dequantize(q)
     for rows in (1, 4):
         x = torch.randn(rows, width)
         y = kernels.int4_linear(x, pack_int4(q.codes), q.scales, q.zeros, q.group_size)
         torch.testing.assert_close(y, _int8_blocks(x) @ reference.T, rtol=1e-5, atol=1e-5)
+    for b in range(4):
+        alone = kernels.int4_linear(
+            x[b : b + 1], pack_int4(q.codes), q.scales, q.zeros, q.group_size
+        )
+        assert torch.equal(alone[0], y[b])
 
 
 def test_int4_linear_declines_what_it_cannot_do() -> None:
@@ -369,7 +376,7 @@ assert kernels.cpu_kernels() is not None, "no kernels built"
 out = {}
 for symmetric in (True, False):
     torch.manual_seed(0)
-    q = quantize(torch.randn(96, 512) * 0.05, "int", 4, group_size=64, symmetric=symmetric)
+    q = quantize(torch.randn(98, 512) * 0.05, "int", 4, group_size=64, symmetric=symmetric)
     for rows in (1, 3, 4):
         x = torch.randn(rows, 512)
         out[f"{symmetric}-{rows}"] = kernels.int4_linear(x, pack_int4(q.codes), q.scales, q.zeros, 64)
@@ -399,9 +406,11 @@ def _int4_products(path: Path, arch: str | None) -> subprocess.CompletedProcess:
 
 def test_kernels_built_for_an_avx2_cpu_compute_the_same(tmp_path) -> None:
     """SLMLAB_CPU_ARCH=x86-64-v3 builds the code that AVX2 CPUs without AVX-512 run (maddubs
-    + madd where this machine may use VNNI): the same integers, so the same int4 products; the
-    2:4 products (AVX2's two permutations where AVX-512 has one) equal float64's; the fp32
-    products (AVX-512's two rows of W at a time) are AVX2's to the bit."""
+    + madd where this machine may use VNNI): the same integers and sums, so the same int4
+    products to the bit (a single row of x takes four rows of W at a time with AVX-512, two
+    with AVX2; 98 rows leave some over); the 2:4 products (AVX2's two permutations
+    where AVX-512 has one) equal float64's; the fp32 products (AVX-512's two rows of W at a
+    time) are AVX2's to the bit."""
     native = _int4_products(tmp_path / "native.safetensors", None)
     assert native.returncode == 0, native.stderr
     avx2 = _int4_products(tmp_path / "avx2.safetensors", "x86-64-v3")
@@ -421,7 +430,7 @@ def test_kernels_built_for_an_avx2_cpu_compute_the_same(tmp_path) -> None:
         if name.startswith("dense"):
             assert torch.equal(got[name], expected[name]), name
             continue
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
+        assert torch.equal(got[name], expected[name]), name
 
 
 def test_a_build_target_the_compiler_does_not_know_is_named(tmp_path) -> None:

@@ -342,6 +342,16 @@ static inline __m256i dot_u8_s8(__m256i codes, __m256i x) {
 #endif
 }
 
+// A row's four accumulators added up: (0 + 2) + (1 + 3), then the eight lanes. One order for
+// every int4 loop, so that a row's output does not depend on which loop computed it.
+static inline float int4_row_sum(const __m256 acc[4]) {
+  const __m256 a = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_hadd_ps(h, h);
+  h = _mm_hadd_ps(h, h);
+  return _mm_cvtss_f32(h);
+}
+
 template <int M>
 void int4_rows_avx2(const uint8_t* w, const float* scales, int64_t k, int64_t group, const int8_t* xq,
                     const float* dx, float* sums) {
@@ -385,13 +395,7 @@ void int4_rows_avx2(const uint8_t* w, const float* scales, int64_t k, int64_t gr
   if (j < blocks) block(j++, next_scale(), 0);  // the last one to three blocks
   if (j < blocks) block(j++, next_scale(), 1);
   if (j < blocks) block(j++, next_scale(), 2);
-  for (int b = 0; b < M; ++b) {
-    const __m256 a = _mm256_add_ps(_mm256_add_ps(acc[b][0], acc[b][2]), _mm256_add_ps(acc[b][1], acc[b][3]));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_hadd_ps(h, h);
-    h = _mm_hadd_ps(h, h);
-    sums[b] = _mm_cvtss_f32(h);
-  }
+  for (int b = 0; b < M; ++b) sums[b] = int4_row_sum(acc[b]);
 }
 
 // R rows of W against a single row of x (decoding one sequence): each row's blocks, scales,
@@ -432,13 +436,7 @@ void int4_row_group_avx2(const uint8_t* w, const float* scales, int64_t k, int64
   if (j < blocks) block(j++, 0);
   if (j < blocks) block(j++, 1);
   if (j < blocks) block(j++, 2);
-  for (int r = 0; r < R; ++r) {
-    const __m256 a = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][2]), _mm256_add_ps(acc[r][1], acc[r][3]));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_hadd_ps(h, h);
-    h = _mm_hadd_ps(h, h);
-    sums[r] = _mm_cvtss_f32(h);
-  }
+  for (int r = 0; r < R; ++r) sums[r] = int4_row_sum(acc[r]);
 }
 #endif
 

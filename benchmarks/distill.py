@@ -23,8 +23,11 @@ Results go to benchmarks/results/distill.json.
   the rows continued by the student and graded by the teacher, generalised JSD: GKD). Scored
   as ``losses``, with the gap closed where the teacher is ahead.
 * ``scarce``: the same students with 10% of the stories (2,000): from scratch, distilled on
-  the logits of those stories, and trained on those stories together with `GENERATED` stories
-  the teacher wrote (sequence-level KD). Goal: the teacher's texts beat scratch.
+  the logits of those stories, trained on those stories together with `GENERATED` stories
+  the teacher wrote (sequence-level KD), and together with `CHECKED` stories it wrote that
+  the grammar derives (the rest thrown away, as synthetic data is filtered by a checker); and,
+  as the yardstick of the checked texts, with as many more real stories instead. Goal: the
+  teacher's texts beat scratch.
 * ``cost``: seconds per training step of plain cross-entropy and of each loss, the teacher's
   forward pass included, timed side by side in this process (the best of `COST_STEPS`); then
   forward KL read from the teacher's top-16 cache, the on-policy step with its generation, and
@@ -44,7 +47,7 @@ import torch
 from benchmarks.common import RESULTS, write
 from slmlab import checkpoint, zoo
 from slmlab.data import corpus_texts, stories
-from slmlab.data.story_grammar import entropy
+from slmlab.data.story_grammar import count_derivations, entropy
 from slmlab.distill import (
     LOSSES,
     DistillConfig,
@@ -83,7 +86,7 @@ METHODS = {
     "forward-kl + features 0.1": {"loss": "forward-kl", "features": 0.1},
     "jsd, on-policy 0.5": {"loss": "jsd", "on_policy": 0.5},
 }
-SCARCE_STORIES, GENERATED = 2000, 4000
+SCARCE_STORIES, GENERATED, CHECKED = 2000, 4000, 2000
 # The least lead of the teacher over the scratch student that counts as a gap to close: two
 # runs of one 1M recipe differ by several percent (chapter 07).
 GAP = 0.05
@@ -203,21 +206,47 @@ def _scarce(work: Path, teacher: Path, tokenizer, floor: float, steps: int) -> d
     rows["logits"] = _score(
         train_distill(logits, work / "scarce-logits", data=data).checkpoint, tokenizer, floor
     )
-    started = time.perf_counter()
-    written = teacher_texts(checkpoint.load(teacher), tokenizer, GENERATED, batch_size=128)
-    generating = (time.perf_counter() - started) / 60
-    corpus = work / "teacher-and-data.jsonl"
-    texts = [*corpus_texts("stories", "train", stories=SCARCE_STORIES), *written]
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    sequences = config.replace(data=str(corpus), data_size=len(texts))
-    seq_data = build_data(sequences, tokenizer=tokenizer)
-    rows["teacher's texts"] = _score(
-        train(sequences, work / "scarce-sequences", data=seq_data).checkpoint, tokenizer, floor
+    model = checkpoint.load(teacher)
+    written, minutes = _timed(lambda: teacher_texts(model, tokenizer, GENERATED, batch_size=128))
+    sampled = 0
+
+    def derived(text: str) -> bool:
+        nonlocal sampled
+        sampled += 1
+        return count_derivations(text + "\n", limit=1) == 1  # texts come stripped of it
+
+    # Seeded apart from the unchecked texts' batches, so the two sets are drawn independently.
+    checked, checked_minutes = _timed(
+        lambda: teacher_texts(model, tokenizer, CHECKED, batch_size=128, seed=1000, keep=derived)
     )
-    rows["teacher's texts"]["generating_minutes"] = generating
+    for name, extra in (("teacher's texts", written), ("teacher's checked texts", checked)):
+        corpus = work / f"{name.replace(' ', '-')}.jsonl"
+        texts = [*corpus_texts("stories", "train", stories=SCARCE_STORIES), *extra]
+        corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        sequences = config.replace(data=str(corpus), data_size=len(texts))
+        seq_data = build_data(sequences, tokenizer=tokenizer)
+        run = train(sequences, work / f"scarce-{name.replace(' ', '-')}", data=seq_data)
+        rows[name] = _score(run.checkpoint, tokenizer, floor)
+    rows["teacher's texts"]["generating_minutes"] = minutes
+    rows["teacher's checked texts"]["generating_minutes"] = checked_minutes
+    rows["teacher's checked texts"]["kept_of_sampled"] = [CHECKED, sampled]
+    # What as many real stories would have given instead: the checked texts' yardstick.
+    more = config.replace(data_size=SCARCE_STORIES + CHECKED)
+    rows["real stories instead"] = _score(
+        train(more, work / "scarce-more-real", data=build_data(more, tokenizer=tokenizer)).checkpoint,
+        tokenizer, floor,
+    )  # fmt: skip
     for name, row in rows.items():
         print(name, row, flush=True)
-    return {"stories": SCARCE_STORIES, "generated": GENERATED, "steps": steps, "rows": rows}
+    return {"stories": SCARCE_STORIES, "generated": GENERATED, "checked": CHECKED,
+            "steps": steps, "rows": rows}  # fmt: skip
+
+
+def _timed(make):
+    """`make()` and the minutes it took."""
+    started = time.perf_counter()
+    made = make()
+    return made, (time.perf_counter() - started) / 60
 
 
 def _cost(work: Path, teacher: Path, tokenizer) -> dict:

@@ -279,6 +279,25 @@ def test_the_teachers_texts_are_seeded_and_train_a_student(teacher, tmp_path) ->
     assert result.step == 2 and math.isfinite(result.val_loss)
 
 
+def test_the_teachers_texts_can_be_checked(teacher) -> None:
+    """With `keep`, the texts are the accepted ones of the same seeded batches, in order."""
+    model, tokenizer = checkpoint.load(teacher), checkpoint.load_tokenizer(teacher)
+
+    def odd(text: str) -> bool:  # turns away about half, whatever the texts say
+        return len(text) % 2 == 1
+
+    options = dict(max_new_tokens=30, batch_size=4, progress=False)
+    every = teacher_texts(model, tokenizer, 24, **options)
+    accepted = [i for i, t in enumerate(every) if odd(t)][:3]
+    assert len(accepted) == 3 and accepted[-1] > 2  # some were turned away before the third
+    wanted = [every[i] for i in accepted]
+    assert teacher_texts(model, tokenizer, 3, keep=odd, **options) == wanted
+    with pytest.raises(ValueError, match=r"keep accepted 0 of 8 texts .* loosen keep"):
+        teacher_texts(model, tokenizer, 2, keep=lambda text: False, max_tries=4, **options)
+    with pytest.raises(ValueError, match="max_tries must be 1 or more"):
+        teacher_texts(model, tokenizer, 2, max_tries=0, **options)
+
+
 def test_the_command_line_distils_and_names_a_bad_setting(teacher, tmp_path) -> None:
     import subprocess
     import sys

@@ -214,12 +214,12 @@ def test_the_fused_step_runs_the_head_unless_it_or_the_final_norm_is_watched() -
 
 
 def test_greedy_steps_in_one_call_are_the_models_own_choices() -> None:
-    """`fused_greedy_steps` chooses, after each token of a 3-token feed and then after each
+    """`fused_decode_tokens` chooses, after each token of a 3-token feed and then after each
     choice fed back, the tokens the model's forward and ``torch.argmax`` choose one call at a
     time, with the first of equal logits (every head row comes twice, so every maximum is a
     tie); the cache holds every token but the last chosen, as the call-at-a-time loop leaves
     it."""
-    from slmlab.models.decoder import fused_greedy_steps
+    from slmlab.models.decoder import fused_decode_tokens
 
     config = VARIANTS["llama-gqa-untied"]
     torch.manual_seed(0)
@@ -237,13 +237,15 @@ def test_greedy_steps_in_one_call_are_the_models_own_choices() -> None:
 
     with torch.no_grad():
         fused_cache = prefilled()
-        chosen = fused_greedy_steps(model, ids[:, 5:], fused_cache, steps)
+        out = fused_decode_tokens(model, ids[:, 5:], fused_cache, steps)
+        assert out is not None and out[1] is None
+        chosen = out[0]
         loop_cache, feed, expected = prefilled(), ids[:, 5:], []
         with kernels.disabled():
             for _ in range(steps):
                 expected += model(feed, cache=loop_cache)[0].argmax(dim=-1).tolist()
                 feed = torch.tensor([[expected[-1]]])
-    assert chosen is not None and chosen.tolist() == [expected]
+    assert chosen.tolist() == [expected]
     assert all(t % 2 == 0 for t in expected)  # the first of each tied pair
     assert fused_cache.length == loop_cache.length == 5 + 3 + steps - 1
     length = fused_cache.length
@@ -255,10 +257,13 @@ def test_greedy_steps_in_one_call_are_the_models_own_choices() -> None:
     )
 
 
-def test_greedy_steps_end_after_an_unsure_choice_as_the_drafter_does_alone() -> None:
-    """With a confidence floor the compiled greedy steps end after the first choice whose
-    probability is below it, where the drafter's step-by-step loop ends: the same drafts, of
-    several lengths, and the same cache length."""
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_compiled_drafts_are_the_drafters_own_one_step_at_a_time(temperature: float) -> None:
+    """A drafter's steps in one compiled call choose what its step-by-step loop chooses: at
+    temperature 0 the argmaxes; sampled, the same draws from the same generator, from the same
+    distributions (the softmax at the temperature) that come back for the acceptance rule.
+    With a confidence floor both end after the first choice whose probability is below it:
+    drafts of several lengths, and the same cache length."""
     from slmlab.infer.speculative import ModelDrafter
 
     config = VARIANTS["llama-gqa-untied"]
@@ -273,11 +278,24 @@ def test_greedy_steps_end_after_an_unsure_choice_as_the_drafter_does_alone() -> 
         )
         drafts = []
         for fused in (True, False):
-            drafter = ModelDrafter(model, 32, min_confidence=0.5)
+            drafter = ModelDrafter(
+                model,
+                32,
+                min_confidence=0.5,
+                temperature=temperature,
+                generator=torch.Generator().manual_seed(seed),
+            )
             with torch.no_grad(), kernels.disabled() if not fused else torch.no_grad():
-                drafts.append((drafter.propose(ids.tolist(), 7)[0], drafter.cache.length))
-        assert drafts[0] == drafts[1]
-        lengths.add(len(drafts[0][0]))
+                tokens, dists = drafter.propose(ids.tolist(), 7)
+            drafts.append((tokens, drafter.cache.length, dists))
+        (tokens, length, dists), (loop_tokens, loop_length, loop_dists) = drafts
+        assert (tokens, length) == (loop_tokens, loop_length)
+        if temperature == 0:
+            assert dists is None and loop_dists is None
+        else:
+            assert dists is not None and dists.shape == (len(tokens), config.vocab_size)
+            torch.testing.assert_close(dists, loop_dists, rtol=1e-5, atol=1e-6)
+        lengths.add(len(tokens))
     assert len(lengths) > 1 and max(lengths) <= 7
 
 

@@ -22,8 +22,8 @@ from typing import Literal, Protocol
 
 import torch
 
-from ..models.decoder import FUSED_MAX_TOKENS, DecoderLM, KVCache, fused_greedy_steps
-from .generate import check_sampling, token_probs
+from ..models.decoder import FUSED_MAX_TOKENS, DecoderLM, KVCache, fused_decode_tokens
+from .generate import check_sampling, draw, token_probs
 
 __all__ = [
     "Drafter",
@@ -43,7 +43,11 @@ MAX_DRAFT_TOKENS = FUSED_MAX_TOKENS - 1
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor, token: int) -> float:
     """The probability that a draft `token` drawn from `q` is kept when the target's
     distribution is `p`: min(1, p(x) / q(x))."""
-    px, qx = float(p[token]), float(q[token])
+    return _acceptance(float(p[token]), float(q[token]))
+
+
+def _acceptance(px: float, qx: float) -> float:
+    """min(1, p(x) / q(x)), from the two probabilities of the draft token x."""
     return 1.0 if px >= qx else px / qx
 
 
@@ -129,29 +133,45 @@ class ModelDrafter:
     def propose(self, ids: Sequence[int], count: int) -> tuple[list[int], torch.Tensor | None]:
         self.saved = self.cache.snapshot()
         feed = list(ids[self.cache.length :])
-        tokens: list[int] = []
-        dists: list[torch.Tensor] = []
-        greedy = self.sampling["temperature"] == 0
         x = torch.tensor([feed], device=self.device)
-        if greedy and count:  # chosen, not drawn: a point mass, which `None` stands for
-            chosen = fused_greedy_steps(
-                self.model, x, self.cache, count, min_confidence=self.min_confidence or 0.0
+        greedy = self.sampling["temperature"] == 0
+        # Each draw's Exp(1) race for every token (`draw`), taken before the steps, so that the
+        # compiled steps and the loop below draw the same tokens from the same generator.
+        races = None
+        if not greedy and count:
+            vocab = self.model.config.vocab_size
+            races = torch.empty(1, count, vocab, device=self.device)
+            races.exponential_(1, generator=self.generator)
+        # The compiled steps draw from the softmax alone; top-k, top-p and min-p cut in Python.
+        uncut = all(self.sampling[cut] is None for cut in ("top_k", "top_p", "min_p"))
+        if count and (greedy or uncut):  # every step in one compiled call, where it applies
+            out = fused_decode_tokens(
+                self.model,
+                x,
+                self.cache,
+                count,
+                min_confidence=self.min_confidence or 0.0,
+                temperature=self.sampling["temperature"] or 1.0,
+                races=races,
             )
-            if chosen is not None:  # every step in one compiled call
-                return chosen[0, len(feed) - 1 :].tolist(), None
-        for _ in range(count):
+            if out is not None:
+                chosen, dists = out
+                return chosen[0, len(feed) - 1 :].tolist(), None if dists is None else dists[0]
+        tokens: list[int] = []
+        drawn: list[torch.Tensor] = []
+        for step in range(count):
             logits = self.model(x, cache=self.cache, last_only=True)[0, -1]
-            if greedy:
+            if races is None:  # chosen, not drawn: a point mass, which `None` stands for
                 token = int(logits.argmax())
             else:
                 q = token_probs(logits, **self.sampling)  # type: ignore[arg-type]
-                token = int(torch.multinomial(q, 1, generator=self.generator))
-                dists.append(q)
+                token = int((q / races[0, step]).argmax())
+                drawn.append(q)
             tokens.append(token)
             if self.min_confidence and float(logits.softmax(-1)[token]) < self.min_confidence:
                 break
             x = torch.tensor([[token]], device=self.device)
-        return tokens, torch.stack(dists) if dists else None
+        return tokens, torch.stack(drawn) if drawn else None
 
     def keep(self, length: int) -> None:
         # Positions past length - 1 hold rejected drafts (or the last token, not yet fed).
@@ -282,31 +302,29 @@ def speculative_generate(
     else:
         drafter = draft  # type: ignore[assignment]
 
-    def draw(p: torch.Tensor) -> int:
-        if temperature == 0:
-            return int(p.argmax())
-        return int(torch.multinomial(p, 1, generator=generator))
+    def choose(p: torch.Tensor) -> int:
+        return int(p.argmax()) if temperature == 0 else int(draw(p, generator))
 
     def keep_sampled(tokens: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> int:
         """Append to `ids` what the rule keeps of `tokens`, drawn from `q` (None: chosen), and
         the token after them, given the target's `logits` at each draft and one past; return
         how many drafts were kept."""
         p = token_probs(logits, **sampling)  # type: ignore[arg-type]
+        drafted = torch.tensor(tokens, dtype=torch.long)
+        at = torch.arange(len(tokens))
+        p_drafted = p[at, drafted].tolist()
+        q_drafted = [1.0] * len(tokens) if q is None else q[at, drafted].tolist()
         for i, token in enumerate(tokens):
-            qi = (
-                q[i]
-                if q is not None
-                else torch.nn.functional.one_hot(torch.tensor(token), p.shape[-1]).to(p)
-            )
             u = float(torch.rand((), generator=generator, device=device))
-            if u < acceptance_probability(p[i], qi, token):
+            if u < _acceptance(p_drafted[i], q_drafted[i]):
                 ids.append(token)
                 if token in stops:
                     return i + 1
             else:
-                ids.append(draw(residual_distribution(p[i], qi)))
+                qi = q[i] if q is not None else torch.nn.functional.one_hot(drafted[i], p.shape[-1])
+                ids.append(choose(residual_distribution(p[i], qi.to(p))))
                 return i
-        ids.append(draw(p[len(tokens)]))  # every draft kept: the target's next, for free
+        ids.append(choose(p[len(tokens)]))  # every draft kept: the target's next, for free
         return len(tokens)
 
     def keep_greedy(tokens: list[int], best: list[int]) -> int:
@@ -331,7 +349,7 @@ def speculative_generate(
     cache = KVCache(config, 1, max_len, dtype=dtype, device=device)
     # The first token comes from the prompt's own call, as `generate` makes it.
     logits = target(torch.tensor([ids], device=device), cache=cache, last_only=True)[0, -1]
-    ids.append(draw(token_probs(logits, **sampling)))  # type: ignore[arg-type]
+    ids.append(choose(token_probs(logits, **sampling)))  # type: ignore[arg-type]
     result.target_calls = 1
     k = 4 if draft_tokens == "adaptive" else draft_tokens
     new = 1
@@ -345,9 +363,8 @@ def speculative_generate(
         x = torch.tensor([feed], device=device)
         first = len(feed) - len(tokens) - 1  # the last kept token's position in the feed
         if temperature == 0:
-            chosen = fused_greedy_steps(target, x, cache, 1)  # the argmaxes, in one call
-            if chosen is None:
-                chosen = target(x, cache=cache)[0].argmax(dim=-1, keepdim=True).T
+            out = fused_decode_tokens(target, x, cache, 1)  # the argmaxes, in one call
+            chosen = out[0] if out is not None else target(x, cache=cache)[0].argmax(-1)[None]
             kept = keep_greedy(tokens, chosen[0, first:].tolist())
         else:
             kept = keep_sampled(tokens, q, target(x, cache=cache)[0, first:])

@@ -29,8 +29,8 @@ __all__ = [
     "Int4Operands",
     "StepContext",
     "cpu_kernels",
-    "decode_greedy",
     "decode_step",
+    "decode_tokens",
     "disabled",
     "embedding_operands",
     "fused_operands",
@@ -401,7 +401,7 @@ def decode_step(
     return out.view(B, 1 if last_only and final_norm is not None else T, -1)
 
 
-def decode_greedy(
+def decode_tokens(
     ids: torch.Tensor,
     embedding: list[torch.Tensor],
     layers: list[list[torch.Tensor]],
@@ -411,18 +411,27 @@ def decode_greedy(
     steps: int,
     *,
     min_confidence: float = 0.0,
-) -> torch.Tensor | None:
-    """The greedy choice (the argmax of the logits, the first of equal maxima, as
-    ``torch.argmax``) after each token, in one compiled call: `decode_step` on the token `ids`
-    (B, T), then on each row's last choice, `steps` times in all. Returns (B, T + steps - 1):
-    the choice after each of the T tokens, then after each choice fed back; the caches take in
-    all but the last choice. With `min_confidence`, the steps end after one whose choices all
-    had a probability (softmax of the logits) below it, and fewer columns come back. None
-    where the kernels cannot be built."""
+    temperature: float = 1.0,
+    races: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A few decoding steps in one compiled call: `decode_step` on the token `ids` (B, T),
+    then on each row's last choice, `steps` times in all. Returns the choices (B, T + steps -
+    1): after each of the T tokens, then after each choice fed back (the caches take in all but
+    the last choice), and the distributions drawn from, or None.
+
+    A choice is the greedy one (the argmax of the logits, the first of equal maxima, as
+    ``torch.argmax``), except with `races` (B, steps, vocab) of Exp(1) draws: the choice after
+    each row's last token of a step is then drawn from the softmax of the logits at
+    `temperature`, as `slmlab.infer.generate.draw` draws it given those races, and the
+    distributions (B, steps, vocab) come back too, those of steps not taken left unset. With
+    `min_confidence`, the steps end after one whose choices all had a probability (softmax of
+    the logits) below it, and fewer columns come back. None where the kernels cannot be
+    built."""
     kernels = cpu_kernels()
     if kernels is None:
         return None
-    return kernels.decode_greedy(
+    probs = None if races is None else torch.empty_like(races)
+    chosen = kernels.decode_tokens(
         ids,
         embedding,
         layers,
@@ -432,4 +441,8 @@ def decode_greedy(
         head,
         steps,
         min_confidence,
+        temperature,
+        _EMPTY if races is None else races,
+        _EMPTY if probs is None else probs,
     )
+    return chosen, probs

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -1097,24 +1098,62 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor ids, std::vector<torch:
   return logits;
 }
 
-// The greedy choice after each token: decode_step on `ids` (B * T), then on each row's last
-// choice, `steps` times in all; a choice is the argmax of the logits (the first of equal
-// maxima, as torch.argmax). Returns (B, T + steps - 1): the choice after each of the T tokens
-// fed, then after each choice fed back; the cache takes in all but the last choice. With
-// `min_confidence` above 0 the steps end early, after a step where every row's choice had a
-// probability (softmax of the logits) below it; fewer columns come back then. A speculative
-// drafter makes a few tokens this way, and a greedy check reads the model's choice after each
-// draft token: each step a call from Python cost as much again in the interpreter as in the
-// blocks.
-torch::Tensor decode_greedy(torch::Tensor ids, std::vector<torch::Tensor> embedding,
+// The argmax of n numbers, the first of equal maxima, as torch.argmax (a NaN wins, as there).
+static int64_t first_argmax(const float* v, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n && !std::isnan(v[best]); ++i)
+    if (v[i] > v[best] || std::isnan(v[i])) best = i;
+  return best;
+}
+
+// A token drawn from softmax(logits / temperature), written to `probs`, by the exponential race
+// that `slmlab.infer.generate.draw` runs: the argmax of probs / race, with `race` holding an
+// Exp(1) draw for every token (a token wins with its probability, as in the Gumbel-max trick).
+static int64_t draw_token(const float* logits, const float* race, float* probs, int64_t n, double temperature) {
+  const float t = float(temperature);
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, probs[i] = logits[i] / t);
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) total += probs[i] = std::exp(probs[i] - top);
+  const float scale = 1.f / total;
+  int64_t best = 0;
+  float best_ratio = -1.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float ratio = (probs[i] *= scale) / race[i];
+    if (ratio > best_ratio) best_ratio = ratio, best = i;
+  }
+  return best;
+}
+
+// A few decoding steps of every row in one call: decode_step on `ids` (B * T), then on each
+// row's last choice, `steps` times in all. Returns (B, T + steps - 1): the choice after each of
+// the T tokens fed, then after each choice fed back; the cache takes in all but the last choice.
+// A choice is the argmax of the logits (the first of equal maxima, as torch.argmax), except,
+// where `races` (B, steps, vocab) is given, the choice after each row's last token of a step:
+// drawn from softmax(logits / temperature) by `draw_token`, that distribution written to
+// `probs` (B, steps, vocab). With `min_confidence` above 0 the steps end early, after a step
+// where every row's choice had a probability (softmax of the logits) below it; fewer columns
+// come back then. A speculative drafter makes a few tokens this way, and a greedy check reads
+// the model's choice after each draft token: each step a call from Python cost as much again
+// in the interpreter as in the blocks.
+torch::Tensor decode_tokens(torch::Tensor ids, std::vector<torch::Tensor> embedding,
                             std::vector<std::vector<torch::Tensor>> layers,
                             std::vector<std::vector<torch::Tensor>> caches, torch::Tensor key_mask, torch::Tensor cos,
                             torch::Tensor sin, int64_t length, double eps, int64_t n_heads, int64_t n_kv_heads,
                             int64_t tokens, torch::Tensor norm, std::vector<torch::Tensor> head, int64_t steps,
-                            double min_confidence) {
-  TORCH_CHECK(steps >= 1 && tokens >= 1 && ids.numel() % tokens == 0, "decode_greedy: steps >= 1 expected");
-  TORCH_CHECK(norm.numel() && head.size() == 3, "decode_greedy: the final norm and the head are needed");
+                            double min_confidence, double temperature, torch::Tensor races, torch::Tensor probs) {
+  TORCH_CHECK(steps >= 1 && tokens >= 1 && ids.numel() % tokens == 0, "decode_tokens: steps >= 1 expected");
+  TORCH_CHECK(norm.numel() && head.size() == 3, "decode_tokens: the final norm and the head are needed");
   const int64_t B = ids.numel() / tokens, width = tokens + steps - 1;
+  const bool sampled = races.numel() > 0;
+  if (sampled) {
+    TORCH_CHECK(temperature > 0, "decode_tokens: a draw needs a temperature above 0");
+    TORCH_CHECK(races.scalar_type() == torch::kFloat32 && races.is_contiguous() && races.dim() == 3 &&
+                    races.size(0) == B && races.size(1) == steps,
+                "decode_tokens: races (rows, steps, vocab) of fp32 expected");
+    TORCH_CHECK(probs.scalar_type() == torch::kFloat32 && probs.is_contiguous() && probs.sizes() == races.sizes(),
+                "decode_tokens: probs shaped as races expected");
+  }
   auto chosen = torch::empty({B, width}, torch::kInt64);
   int64_t* cp = chosen.data_ptr<int64_t>();
   auto next = torch::empty({B}, torch::kInt64);
@@ -1124,18 +1163,22 @@ torch::Tensor decode_greedy(torch::Tensor ids, std::vector<torch::Tensor> embedd
                                     n_kv_heads, tokens, norm, head, false);
     length += tokens;
     const int64_t V = logits.size(1);
+    TORCH_CHECK(!sampled || races.size(2) == V, "decode_tokens: races of ", V, " tokens a step expected");
     bool confident = false;
     for (int64_t r = 0; r < B * tokens; ++r) {
       const float* lp = logits.data_ptr<float>() + r * V;
-      int64_t best = 0;
-      for (int64_t i = 1; i < V && !std::isnan(lp[best]); ++i)
-        if (lp[i] > lp[best] || std::isnan(lp[i])) best = i;
       const int64_t b = r / tokens;
-      cp[b * width + column + r % tokens] = best;
-      next.data_ptr<int64_t>()[b] = best;  // the row's last token's choice is fed next
-      if (min_confidence > 0 && r % tokens == tokens - 1) {
-        double total = 0.0;  // the chosen token's probability is 1 / sum of exp(l_i - l_best)
-        for (int64_t i = 0; i < V; ++i) total += std::exp(double(lp[i]) - lp[best]);
+      const bool last = r % tokens == tokens - 1;
+      const int64_t at = (b * steps + s) * V;  // this row's and step's race and distribution
+      const int64_t choice = sampled && last
+                                 ? draw_token(lp, races.data_ptr<float>() + at, probs.data_ptr<float>() + at, V,
+                                              temperature)
+                                 : first_argmax(lp, V);
+      cp[b * width + column + r % tokens] = choice;
+      next.data_ptr<int64_t>()[b] = choice;  // the row's last token's choice is fed next
+      if (min_confidence > 0 && last) {
+        double total = 0.0;  // the choice's probability is 1 / sum of exp(l_i - l_choice)
+        for (int64_t i = 0; i < V; ++i) total += std::exp(double(lp[i]) - lp[choice]);
         confident |= 1.0 / total >= min_confidence;
       }
     }
@@ -1231,7 +1274,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x W^T for few rows of x", release());
   m.def("gemv_many", &gemv_many, "[x W_i^T for each W_i], in one parallel region", release());
   m.def("decode_step", &decode_step, "all decoder blocks for a few new tokens per row", release());
-  m.def("decode_greedy", &decode_greedy, "a few greedy decoding steps of every row", release());
+  m.def("decode_tokens", &decode_tokens, "a few decoding steps of every row, greedy or drawn", release());
   m.def("int4_linear", &int4_linear, "y = x W^T, W as packed int4 codes with group scales and zeros",
         release());
   m.def("sparse24_linear", &sparse24_linear,

@@ -23,8 +23,8 @@ from ..kernels import (
     GEMV_MAX_ROWS,
     INT4_MAX_ROWS_INT8,
     StepContext,
-    decode_greedy,
     decode_step,
+    decode_tokens,
     embedding_operands,
     fused_operands,
     linear,
@@ -561,22 +561,27 @@ def fused_decode_step(
     )
 
 
-def fused_greedy_steps(
+def fused_decode_tokens(
     model: DecoderLM,
     input_ids: torch.Tensor,
     cache: KVCache,
     steps: int,
     *,
     min_confidence: float = 0.0,
-) -> torch.Tensor | None:
-    """The model's greedy choice after each token, in one compiled call
-    (`slmlab.kernels.decode_greedy`): after each of `input_ids` (B, T), continuing `cache`,
+    temperature: float = 1.0,
+    races: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The model's choice after each token, in one compiled call
+    (`slmlab.kernels.decode_tokens`): after each of `input_ids` (B, T), continuing `cache`,
     then after each choice fed back, `steps` choices after the last input in all; (B, T +
-    steps - 1), what the model's forward and argmax choose one call at a time. With
-    `min_confidence`, the choices end early after one whose probability (every row's) was
-    below it. The cache takes in every token but the last choice (its length is updated).
-    None where the step does not apply (see `fused_decode_step`; the ids must be looked up in
-    the step: `slmlab.kernels.embedding_operands`)."""
+    steps - 1). A choice is the greedy one, what the model's forward and argmax choose one call
+    at a time; with `races` (B, steps, vocab) of Exp(1) draws, the choices after the last input
+    and after each choice fed back are drawn from the softmax at `temperature` (the draw of
+    `slmlab.infer.generate.draw` given those races), and their distributions come back too (B, steps
+    taken, vocab). With `min_confidence`, the choices end early after one whose probability
+    (every row's) was below it. The cache takes in every token but the last choice (its length
+    is updated). None where the step does not apply (see `fused_decode_step`; the ids must be
+    looked up in the step: `slmlab.kernels.embedding_operands`)."""
     inputs = _step_inputs(model, input_ids, cache, logits=True)
     if inputs is None or inputs.embedding is None:
         return None
@@ -584,7 +589,7 @@ def fused_greedy_steps(
         return None  # the blocks' path says the cache is full
     head = inputs.plan.head
     assert head is not None and inputs.plan.layers is not None
-    chosen = decode_greedy(
+    out = decode_tokens(
         inputs.x,
         inputs.embedding,
         inputs.plan.layers,
@@ -593,10 +598,15 @@ def fused_greedy_steps(
         head[1:],
         steps,
         min_confidence=min_confidence,
+        temperature=temperature,
+        races=races,
     )
-    if chosen is not None:
-        cache.length += chosen.shape[1]
-    return chosen
+    if out is None:
+        return None
+    chosen, probs = out
+    cache.length += chosen.shape[1]
+    taken = chosen.shape[1] - input_ids.shape[1] + 1
+    return chosen, None if probs is None else probs[:, :taken]
 
 
 class DecoderLM(nn.Module):

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from slmlab.data import CharNGram, count_derivations, entropy, sample_stories, stories
+from slmlab.data import CharNGram, count_derivations, entropy, is_story, sample_stories, stories
 
 STATS = entropy()
 
@@ -30,6 +30,9 @@ def test_the_parser_rejects_what_the_grammar_cannot_say() -> None:
     broken = text[:half] + text[half:].replace(hero, other)
     assert broken != text and count_derivations(broken) == 0
     assert count_derivations(text.replace("The end.", "The End.")) == 0
+    # The checker of generated stories: with or without the closing newline, never half a story.
+    assert text.endswith("\n") and is_story(text) and is_story(text.rstrip("\n"))
+    assert not is_story(broken) and not is_story(text[:half])
 
 
 def test_samples_agree_with_the_exact_entropy() -> None:

@@ -14,7 +14,14 @@ from .corpora import (
 )
 from .ngram import CharNGram
 from .packing import pack, shuffled
-from .story_grammar import StoryStats, count_derivations, entropy, sample_stories, stories
+from .story_grammar import (
+    StoryStats,
+    count_derivations,
+    entropy,
+    is_story,
+    sample_stories,
+    stories,
+)
 
 __all__ = [
     "NAMED_CORPORA",
@@ -25,6 +32,7 @@ __all__ = [
     "corpus_texts",
     "count_derivations",
     "entropy",
+    "is_story",
     "load_texts",
     "pack",
     "python_docs",

@@ -386,6 +386,13 @@ def count_derivations(text: str, limit: int = 2) -> int:
     return found
 
 
+def is_story(text: str) -> bool:
+    """Whether the grammar derives `text`, a story as generated text comes (its closing
+    newline, which `slmlab.distill.teacher_texts` strips, optional): an exact checker of
+    synthetic stories (chapter 07)."""
+    return count_derivations(text if text.endswith("\n") else text + "\n", limit=1) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # Interpreter 3: exact expectations. Each template is enumerated over its own choices; the
 # cast is symbolic (mean lengths); the Markov chain of events is solved in closed form.

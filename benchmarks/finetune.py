@@ -102,7 +102,8 @@ def _score(path: Path, test: list, **options) -> dict:
 
 
 def _methods(work: Path) -> dict:
-    """QLoRA, DPO, SimPO and ORPO trained and scored; each with its settings and minutes."""
+    """QLoRA, DPO, SimPO and ORPO trained and scored; each with its settings and minutes, and
+    the SFT model the preference methods start from (``sft``), scored in the same run."""
     from slmlab.finetune import finetune_config, train_finetune
 
     sft = zoo.ensure("stories-8m-sft")
@@ -118,7 +119,7 @@ def _methods(work: Path) -> dict:
             for method, settings in PREFERENCE.items()
         },
     }  # fmt: skip
-    out = {}
+    out = {"sft": _score(sft, test)}
     for method, config in runs.items():
         started = time.perf_counter()
         result = train_finetune(config, work / method, progress=False)
@@ -150,7 +151,8 @@ def _longer(work: Path) -> dict:
     minutes = (time.perf_counter() - started) / 60
     test = _test_questions(checkpoint.load_tokenizer(result.checkpoint))
     scores = {**_score(result.checkpoint, test), "steps": config.steps,
-              "conversations": config.data_size, "minutes": minutes}  # fmt: skip
+              "conversations": config.data_size, "minutes": minutes,
+              "embedding_lr_scale": config.embedding_lr_scale}  # fmt: skip
     print(
         f"sft x{LONGER}: exact match {scores['exact_match']:.3f}  "
         f"hallucination {scores['hallucination']:.3f}  ({minutes:.1f} min)"

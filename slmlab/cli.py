@@ -268,8 +268,9 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 # The `finetune` options passed on to `slmlab.finetune.finetune_config` where given.
-_FINETUNE_OPTIONS = ("data", "examples", "steps", "lr", "batch_size", "seq_len", "rank", "alpha",
-                     "seed", "beta", "activation_checkpointing")  # fmt: skip
+_FINETUNE_OPTIONS = ("data", "examples", "steps", "lr", "embedding_lr_scale", "batch_size",
+                     "seq_len", "rank", "alpha", "seed", "beta",
+                     "activation_checkpointing")  # fmt: skip
 
 
 def _grpo(args: argparse.Namespace, base) -> int:
@@ -721,6 +722,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument(
+        "--embedding-lr-scale",
+        type=float,
+        default=None,
+        help="the embedding's learning rate as a multiple of --lr (default 1)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="packed rows (or pairs) per step")
     p.add_argument(
         "--beta",

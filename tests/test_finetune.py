@@ -433,6 +433,30 @@ def _sft(base, model_config, **changes) -> TrainConfig:
     return TrainConfig(**{**settings, **changes})
 
 
+def test_word_similarity_is_the_mean_cosine_of_the_words_rows(story_tokenizer) -> None:
+    """Rows set by hand: "day" along x, "had" at 45 degrees to it, "Tom" along y (and ten
+    times longer: length does not count), so the three pairs' cosines are 1/sqrt 2, 0 and
+    1/sqrt 2. A word of several tokens, or a single word, is refused."""
+    from slmlab.eval import word_similarity
+
+    model = _decoder(story_tokenizer.get_vocab_size())
+    words = ("day", "had", "Tom")
+    (day, had, tom) = [story_tokenizer.encode(f" {w}").ids for w in words]
+    assert len(day) == len(had) == len(tom) == 1
+    x, y = torch.zeros(48), torch.zeros(48)
+    x[0], y[1] = 1.0, 1.0
+    with torch.no_grad():
+        table = model.model.embed_tokens.weight
+        table[day[0]], table[had[0]], table[tom[0]] = x, x + y, 10 * y
+    got = word_similarity(model, story_tokenizer, words)
+    assert got == pytest.approx(2 / math.sqrt(2) / 3, abs=1e-6)
+    assert word_similarity(model, story_tokenizer, ["had", "had"]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="word 'xylophone' is 9 tokens in this tokenizer"):
+        word_similarity(model, story_tokenizer, ["day", "xylophone"])
+    with pytest.raises(ValueError, match="need two words or more"):
+        word_similarity(model, story_tokenizer, ["day"])
+
+
 def test_sft_data_adds_the_chat_tokens_and_keeps_the_base_ids(base_checkpoint) -> None:
     base, model_config = base_checkpoint
     data = build_data(_sft(base, model_config))
@@ -539,6 +563,14 @@ def test_the_command_line_fine_tunes_and_chats_with_the_result(base_checkpoint, 
     )  # fmt: skip
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith(
         "lora r must be a positive integer, got 0"
+    )
+    still = subprocess.run(
+        [sys.executable, "-m", "slmlab", "finetune", str(base), "--embedding-lr-scale", "0",
+         "--out", str(tmp_path / "still")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert still.returncode != 0 and still.stderr.strip().splitlines()[-1].endswith(
+        "embedding_lr_scale must be a positive number, got 0.0"
     )
 
 
@@ -656,6 +688,25 @@ def test_preference_losses_are_the_papers_formulas(objective) -> None:
         for s in (slice(0, 4), slice(4, 12))
     ]
     assert sum(parts).item() == pytest.approx(loss.item(), rel=1e-12)
+
+
+def test_orpo_stays_finite_when_a_reply_is_already_certain() -> None:
+    """A chosen reply whose every token has probability 1 in float32 (its log-probability
+    rounds to 0) has infinite odds; the loss and its gradient must stay finite (they were NaN
+    from a model fine-tuned to answer its ending every time)."""
+    logps = torch.tensor([0.0, -3.0, -0.5, -2.0], requires_grad=True)
+    counts = torch.tensor([4, 4, 5, 3])
+    loss = preference_loss("orpo", logps, counts, beta=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logps.grad).all()
+    # Where no reply is certain, the formula is untouched (the pair the clamp does not reach).
+    alone = preference_loss("orpo", logps[2:].detach(), counts[2:], beta=0.1)
+    mean = logps[2:].detach() / counts[2:]
+    odds = (mean[0] - mean[1]) - (
+        torch.log(-torch.expm1(mean[0])) - torch.log1p(-torch.exp(mean[1]))
+    )
+    expected = -logps[2].detach() / counts[2] - 0.1 * F.logsigmoid(odds)
+    torch.testing.assert_close(alone, expected)
 
 
 @pytest.mark.parametrize("objective", ["simpo", "orpo"])

@@ -94,6 +94,29 @@ def test_accumulation_equals_the_full_batch(tmp_path, data) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-2 * TINY.lr)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_embedding_lr_scale_scales_the_embeddings_steps_and_nothing_else(
+    tmp_path, data, optimizer
+) -> None:
+    """AdamW's first step moves a weight by lr times the sign of its gradient (and its decay by
+    lr times the weight): with the embedding's rate tripled, its move is three times as long,
+    and every other weight, whose gradient is the same at step 0, moves exactly as before."""
+    config = TINY.replace(steps=1, warmup_steps=0, optimizer=optimizer)
+    before = weights(train(config, tmp_path / "start", max_steps=0, progress=False, data=data).out)
+    runs = {
+        scale: train(config.replace(embedding_lr_scale=scale), tmp_path / str(scale),
+                     progress=False, data=data)
+        for scale in (1.0, 3.0)
+    }  # fmt: skip
+    moved = {scale: {k: v - before[k] for k, v in weights(run.out).items()}
+             for scale, run in runs.items()}  # fmt: skip
+    name = "model.embed_tokens.weight"  # the head is tied to it
+    assert moved[1.0][name].abs().max() > 0.5 * TINY.lr
+    torch.testing.assert_close(moved[3.0][name], 3 * moved[1.0][name], rtol=1e-3, atol=1e-9)
+    for k in before.keys() - {name}:
+        torch.testing.assert_close(moved[3.0][k], moved[1.0][k], rtol=0, atol=0)
+
+
 def test_one_step_accumulated_is_the_full_batch_gradient(data) -> None:
     """`train_step` with plain SGD (lr 1): the weights move by exactly the mean gradient, the
     same whether the rows come in one micro-batch or four."""
@@ -227,6 +250,7 @@ def test_max_steps_must_not_be_negative_or_behind_the_checkpoint(tmp_path, data)
         ({"grad_clip": "1.0"}, "grad_clip must be a positive number, got '1.0'"),
         ({"weight_decay": -0.1}, "weight_decay must be 0 or more, got -0.1"),
         ({"weight_decay": float("inf")}, "weight_decay must be 0 or more, got inf"),
+        ({"embedding_lr_scale": 0}, "embedding_lr_scale must be a positive number, got 0"),
         (
             {
                 "model": {
@@ -373,6 +397,7 @@ def test_fingerprint_covers_every_field_and_ignores_defaults() -> None:
         "min_lr": 2e-4,
         "warmup_steps": 2,
         "weight_decay": 0.0,
+        "embedding_lr_scale": 10.0,
         "betas": (0.9, 0.99),
         "grad_clip": 0.5,
         "eval_every": 3,

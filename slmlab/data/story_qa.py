@@ -38,6 +38,7 @@ from .story_grammar import (
 )
 
 __all__ = [
+    "ANSWER_WORDS",
     "QUESTION_KINDS",
     "SPLIT_SEEDS",
     "QAExample",
@@ -112,8 +113,8 @@ def question_about(story: str, kind: str) -> QAExample:
     return QAExample(story, question.format(**facts), answer.format(**facts), kind)
 
 
-# The words a wrong answer of each kind draws from (the fact a question asks is its kind's).
-_ALTERNATIVES = {
+# The words an answer of each kind names, and a wrong answer draws from.
+ANSWER_WORDS = {
     "friend": NAMES,
     "pet": PETS,
     "thing": THINGS,
@@ -136,7 +137,7 @@ def wrong_answer(example: QAExample, rng: random.Random) -> str:
             f"No, {hero} did not." if facts["lost"].startswith("Yes") else f"Yes, {hero} lost it."
         )
     said = {w.lower() for w in re.findall(r"\w+", example.story)}
-    unsaid = [w for w in _ALTERNATIVES[kind] if w.lower() not in said]
+    unsaid = [w for w in ANSWER_WORDS[kind] if w.lower() not in said]
     if kind == "ending":  # an ending word may be said as a feeling; any other ending is wrong
         unsaid = [w for w in ENDINGS if w != facts["ending"]]
     wrong = {**facts, kind: rng.choice(unsaid)}

@@ -16,7 +16,7 @@ from .efficiency import (
 from .perplexity import TextScore, count_words, score_texts, streaming_token_bits, token_bits
 from .repetition import repeated_ngram_share
 from .scorer import Scorer
-from .story_qa import answer_questions, story_qa_scores
+from .story_qa import answer_questions, story_qa_scores, word_similarity
 from .story_tasks import STORY_TASKS, SUITE_SIZE, story_items, story_task_file
 from .tasks import (
     Task,
@@ -56,4 +56,5 @@ __all__ = [
     "story_task_file",
     "streaming_token_bits",
     "token_bits",
+    "word_similarity",
 ]

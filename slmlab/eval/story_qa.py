@@ -2,7 +2,8 @@
 
 The model is asked each `slmlab.data.story_qa` question in its own chat template and answers by
 greedy decoding; `slmlab.data.story_qa.score_answers` compares the replies with the answers the
-grammar knows.
+grammar knows. `word_similarity` says how alike a model's embedding holds the words an answer
+names: words that pre-training never had to tell apart come out of it nearly one vector.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from ..data.story_qa import QAExample, score_answers
 from ..infer.generate import generate
 from ..models.decoder import DecoderLM
 from ..templates import ChatTemplateError, render_chat
 from ..tokenizers import as_hf_tokenizer
 
-__all__ = ["answer_questions", "story_qa_scores"]
+__all__ = ["answer_questions", "story_qa_scores", "word_similarity"]
 
 
 def answer_questions(
@@ -61,3 +64,22 @@ def story_qa_scores(
 ) -> dict[str, float]:
     """Exact match, hallucination rate and each question kind's exact match on `examples`."""
     return score_answers(examples, answer_questions(model, tokenizer, settings, examples))
+
+
+def word_similarity(model: DecoderLM, tokenizer: Any, words: Sequence[str]) -> float:
+    """The mean cosine similarity, over every pair of `words`, of their rows in `model`'s input
+    embedding, each word spelt as a story spells it (after a space) and one token long."""
+    if len(words) < 2:
+        raise ValueError(f"need two words or more to compare, got {list(words)!r}")
+    tokenizer = as_hf_tokenizer(tokenizer)
+    rows = []
+    for word in words:
+        ids = tokenizer.encode(f" {word}", add_special_tokens=False).ids
+        if len(ids) != 1:
+            raise ValueError(f"word {word!r} is {len(ids)} tokens in this tokenizer; need one")
+        rows.append(ids[0])
+    with torch.no_grad():
+        unit = torch.nn.functional.normalize(model.model.embed_tokens.weight[rows].float(), dim=-1)
+        cosines = unit @ unit.T
+    n = len(rows)  # the mean off the diagonal: every pair, each counted from both sides
+    return float((cosines.sum() - cosines.diagonal().sum()) / (n * (n - 1)))

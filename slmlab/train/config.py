@@ -35,7 +35,9 @@ class TrainConfig:
     tokenizer's merges cross spaces (`slmlab.tokenizers.train_bpe`). `batch_size` is the
     number of sequences per optimizer step across all processes and micro-batches.
     `optimizer` is ``adamw`` or ``muon`` (Muon for the blocks' matrices and AdamW for the
-    rest, one `lr` and schedule for both: see `slmlab.train.muon`).
+    rest, one `lr` and schedule for both: see `slmlab.train.muon`). `embedding_lr_scale`
+    multiplies the embedding table's learning rate (and the tied head's): words that
+    pre-training never had to tell apart are pulled apart sooner in fine-tuning (chapter 06).
     `init_from` is a checkpoint directory (or, through `slmlab.zoo`, a zoo recipe's name) whose
     weights the run starts from: fine-tuning. `qat` holds a `QuantConfig`'s fields: train
     through the rounding the model will be stored with (chapter 08).
@@ -72,6 +74,7 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_steps: int = 50
     weight_decay: float = 0.1
+    embedding_lr_scale: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     eval_every: int = 100
@@ -112,7 +115,11 @@ class TrainConfig:
                 f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}"
             )
         # A negative clip reverses the gradient, 0 stops learning; NaN passes every comparison.
-        for name, zero_allowed in (("grad_clip", False), ("weight_decay", True)):
+        for name, zero_allowed in (
+            ("grad_clip", False),
+            ("weight_decay", True),
+            ("embedding_lr_scale", False),
+        ):
             value = getattr(self, name)
             real = isinstance(value, int | float) and not isinstance(value, bool)
             if (

@@ -393,7 +393,7 @@ def train(
     for step in bar:
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         rows = data.batch(step, config.batch_size, config.seed)
         local = len(rows) // world  # preference data: a pair's two rows, so an even share
         rows = rows[rank * local : (rank + 1) * local]

@@ -26,10 +26,15 @@ def lr_at(step: int, config: TrainConfig) -> float:
 def build_optimizer(model: DecoderLM, config: TrainConfig) -> torch.optim.Optimizer:
     """`config.optimizer` over `model`'s parameters: matrices (and the embedding) decay, norms
     and biases never do (nanoGPT's and Llama's choice). Frozen parameters (LoRA's base) are
-    left out."""
+    left out. With `config.embedding_lr_scale` other than 1 the embedding table is a group of
+    its own whose ``lr_scale`` the training loop multiplies the schedule's rate by."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     decay = [p for n, p in params.items() if p.dim() >= 2]
     no_decay = [p for n, p in params.items() if p.dim() < 2]
+    embedding = model.model.embed_tokens.weight
+    apart = [embedding] if config.embedding_lr_scale != 1 and embedding.requires_grad else []
+    decay = [p for p in decay if not any(p is e for e in apart)]
+    scaled = [{"params": apart, "lr_scale": config.embedding_lr_scale}] if apart else []
     if config.optimizer == "muon":
         # Muon for the blocks' matrices; the embedding (the tied head) stays with AdamW.
         in_blocks = {id(p) for p in model.model.layers.parameters()}
@@ -38,6 +43,7 @@ def build_optimizer(model: DecoderLM, config: TrainConfig) -> torch.optim.Optimi
                 {"params": [p for p in decay if id(p) in in_blocks], "muon": True},
                 {"params": [p for p in decay if id(p) not in in_blocks]},
                 {"params": no_decay, "weight_decay": 0.0},
+                *scaled,
             ],
             lr=config.lr,
             weight_decay=config.weight_decay,
@@ -47,6 +53,7 @@ def build_optimizer(model: DecoderLM, config: TrainConfig) -> torch.optim.Optimi
         [
             {"params": decay, "weight_decay": config.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
+            *[{**group, "weight_decay": config.weight_decay} for group in scaled],
         ],
         lr=config.lr,
         betas=config.betas,

@@ -85,7 +85,10 @@ def reference_logps(
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, accurate at both ends (Mächler, 2012)."""
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Mächler, 2012). A reply the model is
+    already certain of (x rounds to 0: infinite odds) counts as probability 1 - eps of its
+    dtype, so the loss and its gradient stay finite; the odds then teach it nothing more."""
+    x = x.clamp(max=-torch.finfo(x.dtype).eps)
     return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 

@@ -922,6 +922,46 @@ def test_a_frozen_quantized_layer_keeps_only_its_codes_for_backward() -> None:
     torch.testing.assert_close(x.grad, expected)
 
 
+@pytest.mark.parametrize("fmt, bits", [("nf4", 4), ("int", 8)])
+def test_a_large_frozen_layer_is_dequantized_a_slice_of_rows_at_a_time(
+    monkeypatch, fmt: str, bits: int
+) -> None:
+    """A frozen quantized layer larger than `FROZEN_DEQUANTIZE_BYTES` (a tied output head)
+    computes the output and the input's gradient it computes whole, while no tensor of the
+    pass is larger than a slice of its rows dequantized or the output itself."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from slmlab.layers import quantized
+    from slmlab.quant import QuantConfig, quantize_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 100, bias=False))
+    quantize_(model, QuantConfig(fmt=fmt, bits=bits, group_size=64, skip=()))
+    layer = model[0]
+    x = torch.randn(3, 128, requires_grad=True)
+    grad = torch.randn(3, 100)
+    whole = layer(x)
+    whole.backward(grad)
+    whole_grad, x.grad = x.grad, None
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() != x.numel():
+                self.numel = max(self.numel, out.numel())
+            return out
+
+    monkeypatch.setattr(quantized, "FROZEN_DEQUANTIZE_BYTES", 30 * 128 * 4)  # 30 rows: 4 slices
+    with Largest() as largest:
+        sliced = layer(x)
+        sliced.backward(grad)
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, whole_grad, rtol=1e-6, atol=1e-6)
+    assert largest.numel == 30 * 128  # never the 100 × 128 weight
+
+
 def test_qlora_trains_the_update_over_nf4_and_resumes_exactly(base_checkpoint, tmp_path) -> None:
     from slmlab.finetune import finetune_config, train_finetune
     from slmlab.layers.quantized import QuantLinear
@@ -946,6 +986,30 @@ def test_qlora_trains_the_update_over_nf4_and_resumes_exactly(base_checkpoint, t
     torch.testing.assert_close(tuned(ids), again(ids), rtol=0, atol=0)
     saved = json.loads((straight.checkpoint / "config.json").read_text())["quantization_config"]
     assert all(".base_layer" not in name for name in saved["layers"])  # the base model's names
+
+
+def test_qlora_can_round_the_embedding_and_its_tied_head_too(base_checkpoint, tmp_path) -> None:
+    """`embedding_bits` in `quantize_base`: the embedding trains frozen at its int8 rounding,
+    saved and loaded as codes that the tied head reads too."""
+    from slmlab.finetune import finetune_config, train_finetune
+    from slmlab.layers.formats import dequantize, quantize
+    from slmlab.layers.quantized import QuantEmbedding
+
+    base, _ = base_checkpoint
+    config = finetune_config(
+        base, method="qlora", rank=4, examples=24, steps=2, batch_size=4, seq_len=255,
+        eval_every=2, eval_batches=1, warmup_steps=1,
+    )  # fmt: skip
+    config = config.replace(quantize_base={**config.quantize_base, "embedding_bits": 8})
+    result = train_finetune(config, tmp_path / "run", progress=False)
+    assert math.isfinite(result.train_loss)
+    tuned = checkpoint.load(result.checkpoint)
+    embedding = tuned.model.embed_tokens
+    assert isinstance(embedding, QuantEmbedding) and tuned.lm_head is embedding.linear
+    table = checkpoint.load(base).model.embed_tokens.weight
+    rounded = dequantize(quantize(table, "int", 8, group_size=None))  # one scale a row
+    ids = torch.arange(len(table))  # the base's words (the chat tokens come after them)
+    torch.testing.assert_close(embedding(ids), rounded, rtol=0, atol=0)
 
 
 def test_the_command_line_tunes_preferences_from_the_readers_pairs(

@@ -94,7 +94,7 @@ class QuantLinear(nn.Module):
             outlier_threshold=spec["outlier_threshold"],
         )
 
-    def quantized(self, rows: torch.Tensor | None = None) -> QuantizedTensor:
+    def quantized(self, rows: torch.Tensor | slice | None = None) -> QuantizedTensor:
         """The weight's codes (unpacked) and scales: all rows, or only those `rows` index."""
         codes, scales, zeros = self.codes, self.scales, self.zeros
         if rows is not None:  # select before unpacking: an embedding lookup reads few rows
@@ -104,15 +104,21 @@ class QuantLinear(nn.Module):
             codes = unpack_codes(codes, self.bits)
         return QuantizedTensor(codes, scales, zeros, self.fmt, self.bits, self.group_size)
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantized_weight(
+        self, dtype: torch.dtype = torch.float32, rows: slice | None = None
+    ) -> torch.Tensor:
+        """The weight (out, in) as real numbers, or only its `rows`."""
         if self.fmt in ("nf4", "fp4") and self.codes.shape[-1] * 2 == self.in_features:
             # Packed 4-bit codes read a byte at a time: one lookup gives both of its values
             # (what QLoRA does twice a step for every layer; unpacking first is 10x slower).
-            pairs = _byte_values(self.fmt, self.scales.device)[self.codes.long()]
-            values = pairs.reshape(self.out_features, -1, self.group_size)
-            weight = values * self.scales[..., None]
-            return weight.reshape(self.out_features, self.in_features).to(dtype)
-        return dequantize(self.quantized(), dtype)
+            codes, scales = self.codes, self.scales
+            if rows is not None:
+                codes, scales = codes[rows], scales[rows]
+            pairs = _byte_values(self.fmt, scales.device)[codes.long()]
+            values = pairs.reshape(len(codes), -1, self.group_size)
+            weight = values * scales[..., None]
+            return weight.reshape(len(codes), self.in_features).to(dtype)
+        return dequantize(self.quantized(rows), dtype)
 
     def spec(self) -> dict:
         """What a checkpoint records to rebuild this layer (see `slmlab.quant.checkpoint`)."""
@@ -182,19 +188,44 @@ def _byte_values(fmt: str, device: torch.device) -> torch.Tensor:
     return torch.stack([table[byte & 15], table[byte >> 4]], dim=-1)
 
 
+# A frozen quantized layer in training dequantizes at most this many bytes of its weight at a
+# time: a block's layers whole, a tied output head (49,152 rows of SmolLM2, 108 MiB in fp32) in
+# slices of rows.
+FROZEN_DEQUANTIZE_BYTES = 16 * 2**20
+
+
+def _row_slices(layer: QuantLinear, dtype: torch.dtype) -> list[slice]:
+    step = max(1, FROZEN_DEQUANTIZE_BYTES // (layer.in_features * dtype.itemsize))
+    return [slice(a, min(a + step, layer.out_features)) for a in range(0, layer.out_features, step)]
+
+
 class _FrozenQuantMatmul(torch.autograd.Function):
     """``x Wᵀ`` for a layer's frozen quantized W, whose backward dequantizes W again instead of
     keeping it: the gradient reaches the input (and the LoRA update before it) while memory
-    holds only the codes, as bitsandbytes' 4-bit matmul does. W itself gets no gradient."""
+    holds only the codes, as bitsandbytes' 4-bit matmul does. W itself gets no gradient. A W
+    larger than `FROZEN_DEQUANTIZE_BYTES` is dequantized a slice of rows at a time."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.dequantized_weight(x.dtype))
+        parts = _row_slices(layer, x.dtype)
+        if len(parts) == 1:
+            return F.linear(x, layer.dequantized_weight(x.dtype))
+        y = x.new_empty(*x.shape[:-1], layer.out_features)
+        for rows in parts:
+            y[..., rows] = F.linear(x, layer.dequantized_weight(x.dtype, rows))
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ ctx.layer.dequantized_weight(grad.dtype), None
+        layer = ctx.layer
+        parts = _row_slices(layer, grad.dtype)
+        if len(parts) == 1:
+            return grad @ layer.dequantized_weight(grad.dtype), None
+        out = grad[..., parts[0]] @ layer.dequantized_weight(grad.dtype, parts[0])
+        for rows in parts[1:]:
+            out += grad[..., rows] @ layer.dequantized_weight(grad.dtype, rows)
+        return out, None
 
 
 class QuantEmbedding(nn.Module):

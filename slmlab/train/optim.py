@@ -31,8 +31,9 @@ def build_optimizer(model: DecoderLM, config: TrainConfig) -> torch.optim.Optimi
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     decay = [p for n, p in params.items() if p.dim() >= 2]
     no_decay = [p for n, p in params.items() if p.dim() < 2]
-    embedding = model.model.embed_tokens.weight
-    apart = [embedding] if config.embedding_lr_scale != 1 and embedding.requires_grad else []
+    embedding = getattr(model.model.embed_tokens, "weight", None)  # None: rounded (QLoRA)
+    scaled_embedding = config.embedding_lr_scale != 1 and embedding is not None
+    apart = [embedding] if scaled_embedding and embedding.requires_grad else []
     decay = [p for p in decay if not any(p is e for e in apart)]
     scaled = [{"params": apart, "lr_scale": config.embedding_lr_scale}] if apart else []
     if config.optimizer == "muon":

@@ -180,6 +180,9 @@ def main(argv: list[str]) -> None:
     if job not in {"book", "test", "lab", "sync", "freeze"}:
         sys.exit(__doc__)
     ensure_env()
+    if job in {"book", "test", "sync"}:
+        # The chapters run headless: their knobs give the static copy alone (`slmlab.widgets`).
+        os.environ.setdefault("SLMLAB_STATIC_WIDGETS", "1")
     if job == "book":
         book()
     elif job == "test":

@@ -5,7 +5,10 @@ kernel runs, and it carries a static copy of itself: ``show`` called once ahead 
 combination of the knobs, what it printed and drew kept, and plain HTML controls that show the
 combination the reader picks. One output holds both: JupyterLab renders the live widget (its
 MIME type ranks first there), the book's site has no kernel and ranks that type out, so it
-renders the static copy. Without ipywidgets only the static copy is shown.
+renders the static copy. Without ipywidgets only the static copy is shown, and so under
+``SLMLAB_STATIC_WIDGETS=1``, which the book's build and tests set: a notebook run headless
+(nbclient) has no front end for the live widget, and its comm messages there have left the run
+waiting for a reply that never came (nbclient#312).
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import html
 import inspect
 import itertools
 import json
+import os
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 MAX_COMBINATIONS = 64  # each one is a call of the function and a figure in the page
+STATIC_ONLY = "SLMLAB_STATIC_WIDGETS"  # "1": the static copy alone (headless runs)
 
 _SCRIPT = """<script>
 (function () {
@@ -164,6 +169,8 @@ def interact(
         "text/html": static_html(fn, narrowed),
     }
     try:
+        if os.environ.get(STATIC_ONLY) == "1":
+            raise ImportError(STATIC_ONLY)
         import ipywidgets
     except ImportError:
         display(bundle, raw=True)

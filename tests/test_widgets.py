@@ -27,15 +27,20 @@ def test_static_copy_holds_every_combination_once() -> None:
     assert [key for key, hidden, _ in views if not hidden] == ["1|1|0"]
 
 
-def test_interact_gives_the_widget_and_its_static_copy() -> None:
+@pytest.mark.parametrize("static_only", [False, True])
+def test_interact_gives_the_widget_and_its_static_copy(monkeypatch, static_only: bool) -> None:
+    """The live widget and the page's copy in one output; the copy alone where the chapters
+    run headless (`SLMLAB_STATIC_WIDGETS=1`, set by the book's build and tests)."""
     pytest.importorskip("ipywidgets")
     from IPython.core.interactiveshell import InteractiveShell
 
+    monkeypatch.setenv("SLMLAB_STATIC_WIDGETS", "1" if static_only else "0")
     InteractiveShell.instance()  # display() publishes rich outputs only inside a shell
     with capture_output() as captured:
         interact(report, bits=(2, 4), group=[32, 96], symmetric=True, static={"bits": [2, 4]})
     (output,) = captured.outputs
-    assert "application/vnd.jupyter.widget-view+json" in output.data
+    live = "application/vnd.jupyter.widget-view+json" in output.data
+    assert live is not static_only
     page = output.data["text/html"]
     assert page.count("data-view=") == 2 * 2 * 2  # bits narrowed to 2 choices for the page
     assert "bits=3" not in page

@@ -430,16 +430,21 @@ KILLABLE = """
 import os, pathlib, signal, sys
 from slmlab.train import TrainConfig, train
 
-config, out, kill_at = TrainConfig.from_file(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3])
-rename, calls = pathlib.Path.rename, [0]
+config, out, kill_at = TrainConfig.from_file(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+rename, replace, calls = pathlib.Path.rename, os.replace, [0]
 
 def killed_on_a_rename(self, target):  # checkpoint saves rename twice: aside, then into place
     calls[0] += 1
-    if calls[0] == kill_at:
+    if str(calls[0]) == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
     return rename(self, target)
 
-pathlib.Path.rename = killed_on_a_rename
+def killed_on_the_log(source, target):  # a resumed run's log: rewritten aside, then into place
+    if kill_at == "log" and pathlib.Path(target).name == "metrics.jsonl":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(source, target)
+
+pathlib.Path.rename, os.replace = killed_on_a_rename, killed_on_the_log
 resume = (out / "last").exists() or any(out.glob(".last.*"))
 train(config, out, resume=resume, progress=False)
 """
@@ -447,8 +452,9 @@ train(config, out, resume=resume, progress=False)
 
 def test_sigkilled_runs_resume_to_the_uninterrupted_weights(tmp_path, data) -> None:
     """Real kills (SIGKILL, no clean-up runs): inside a first save, between the two renames of a
-    later one, and at a moment drawn from a seeded clock; each time the run is started again
-    with --resume, and the end is the uninterrupted run's weights and log, bit for bit."""
+    later one, as a resumed run rewrites its log, and at a moment drawn from a seeded clock;
+    each time the run is started again with --resume, and the end is the uninterrupted run's
+    weights and log, bit for bit."""
     import random
 
     straight = train(TINY, tmp_path / "straight", progress=False, data=data).out
@@ -456,7 +462,7 @@ def test_sigkilled_runs_resume_to_the_uninterrupted_weights(tmp_path, data) -> N
     recipe.write_text(TINY.to_toml())
     run = tmp_path / "run"
 
-    def start(kill_at: int) -> subprocess.Popen:
+    def start(kill_at: int | str) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-c", KILLABLE, str(recipe), str(run), str(kill_at)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -465,6 +471,10 @@ def test_sigkilled_runs_resume_to_the_uninterrupted_weights(tmp_path, data) -> N
     for kill_at in (1, 2):  # the first save's rename; the second save's, between its two
         done = start(kill_at)
         assert done.wait(timeout=300) == -9, done.stderr.read()[-2000:]
+    logged = (run / "metrics.jsonl").read_text()
+    done = start("log")  # the new log written aside, not yet renamed: the old one must stand
+    assert done.wait(timeout=300) == -9, done.stderr.read()[-2000:]
+    assert (run / "metrics.jsonl").read_text() == logged != ""
     late = start(0)
     time = random.Random(0).uniform(0.5, 3.0)
     try:
@@ -478,7 +488,7 @@ def test_sigkilled_runs_resume_to_the_uninterrupted_weights(tmp_path, data) -> N
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = lambda r: [json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert log(straight) == log(run)
-    assert [p.name for p in run.iterdir() if p.name.startswith(".last")] == []
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".lock"]
 
 
 def _saved_bytes(model, ids, **options) -> tuple[int, dict[str, torch.Tensor]]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..data.chat import IGNORE
 from ..env import bf16_is_fast
+from ..io import atomic_write_text
 from ..layers.lora import apply_lora_
 from ..models.decoder import DecoderLM
 from ..models.mlp import router_loss
@@ -210,8 +211,11 @@ def _precision(config: TrainConfig, device: torch.device) -> str:
 
 
 def _start_metrics(path: Path, resume: bool, start: int) -> None:
-    """A fresh metrics file, or, on resume, what the stopped run logged up to its checkpoint."""
+    """A fresh metrics file, or, on resume, what the stopped run logged up to its checkpoint;
+    rewritten aside and renamed, so a run killed here leaves the old log, not an empty one."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for torn in path.parent.glob(f".{path.name}.*.tmp"):  # a killed rewrite's (we hold the lock)
+        torn.unlink()
     kept = []
     if resume and path.exists():
         lines = path.read_text().splitlines()
@@ -224,7 +228,7 @@ def _start_metrics(path: Path, resume: bool, start: int) -> None:
                 raise ValueError(f"{path}:{number}: not a JSON record: {line[:80]!r}") from None
             if record["step"] <= start:
                 kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 @contextlib.contextmanager

@@ -143,6 +143,46 @@ def test_a_small_models_prompt_goes_through_the_step_in_one_call(monkeypatch) ->
     assert not calls
 
 
+@pytest.mark.parametrize("floats_per_thread", [1, 1 << 14])
+def test_many_rows_in_one_step_are_each_what_they_are_alone(floats_per_thread: int) -> None:
+    """24 left-padded rows decoded together, their norms, rotations and activations split
+    between threads (every row its own share at 1 float a thread; none split at the kernels'
+    default of 16K for this small model): each row's logits and cache are those of its tokens
+    decoded alone, to the bit."""
+    from slmlab.models.decoder import takes_fused_step
+
+    config = VARIANTS["llama-gqa-untied"]
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    perturb_norms_and_biases(model)
+    rows, width = 24, 12
+    ids = torch.randint(0, config.vocab_size, (rows, width + 1))
+    mask = torch.ones(rows, width + 1, dtype=torch.long)
+    for r in range(rows):
+        mask[r, : r % width] = 0
+
+    def decode(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        cache = KVCache(config, ids.shape[0], ids.shape[1])
+        with torch.no_grad():
+            model(ids[:, :-1], mask[:, :-1], cache)
+            return model(ids[:, -1:], mask[:, -1:], cache)[:, -1], cache
+
+    with torch.no_grad():
+        assert takes_fused_step(model, rows, 1, KVCache(config, rows, width + 1))
+    extension = kernels.cpu_kernels()
+    extension.set_min_floats_per_thread(floats_per_thread)
+    try:
+        together, cache = decode(ids, mask)
+    finally:
+        extension.set_min_floats_per_thread(1 << 14)  # the kernels' own default
+    for r in range(rows):
+        pad = r % width
+        alone, own = decode(ids[r : r + 1, pad:], mask[r : r + 1, pad:])
+        assert torch.equal(together[r], alone[0]), r
+        for shared, mine in zip(cache.keys + cache.values, own.keys + own.values, strict=True):
+            assert torch.equal(shared[r, :, pad:], mine[0]), r
+
+
 def test_the_fused_step_sees_layers_swapped_and_hooks_added_after_it_ran() -> None:
     """The step keeps each model's gathered operands between calls; a projection replaced, a
     weight reassigned, a block removed or a hook registered afterwards is taken into account."""

@@ -292,6 +292,11 @@ MEMORY_ROWS, MEMORY_LEN, MEMORY_REPLY = 4, 256, 32
 # QLoRA as the recipe has it (the embedding, tied to the head, in fp32), and with the embedding
 # in int8 rows as well (`QuantConfig.embedding_bits`): a fifth of SmolLM2-135M's weights.
 MEMORY_METHODS = ("full", "lora", "qlora", "qlora-int8-embedding")
+# The same with the loss's head over `HEAD_CHUNK` learnt positions at a time
+# (`TrainConfig.head_chunk`): the logits of the 128 learnt positions are then never all kept.
+HEAD_CHUNK = 32
+CHUNKED = "-head-chunks"
+MEMORY_RUNS = (*MEMORY_METHODS, "lora" + CHUNKED, "qlora-int8-embedding" + CHUNKED)
 
 
 class _PeakRSS:
@@ -328,7 +333,7 @@ class _PeakRSS:
 
 
 def _memory_side(method: str, base: Path, steps: int, checkpointed: bool) -> None:
-    """Resident memory and step time of `method` (full, lora, qlora) on checkpoint `base`,
+    """Resident memory and step time of `method` (`MEMORY_RUNS`) on checkpoint `base`,
     printed as JSON: the model as it trains (weights, and codes for QLoRA), and the peak while
     training steps run (adding activations, gradients and AdamW's state)."""
     import gc
@@ -338,6 +343,8 @@ def _memory_side(method: str, base: Path, steps: int, checkpointed: bool) -> Non
     from slmlab.train import next_token_loss
     from slmlab.train.data import Batch
 
+    head_chunk = HEAD_CHUNK if method.endswith(CHUNKED) else 0
+    method = method.removesuffix(CHUNKED)
     torch.manual_seed(0)
     before = _PeakRSS.now()
     model = checkpoint.load(base)
@@ -364,7 +371,7 @@ def _memory_side(method: str, base: Path, steps: int, checkpointed: bool) -> Non
     with _PeakRSS() as training:
         for _ in range(steps):
             t0 = time.perf_counter()
-            next_token_loss(model, rows).backward()
+            next_token_loss(model, rows, head_chunk=head_chunk).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
@@ -382,7 +389,7 @@ def _memory(steps: int) -> dict:
     runs: dict[bool, dict] = {}
     for checkpointed in (False, True):
         sides = runs[checkpointed] = {}
-        for method in MEMORY_METHODS:
+        for method in MEMORY_RUNS:
             command = [sys.executable, "-m", "benchmarks.finetune", "--memory-side", method,
                        "--base", str(base), "--steps", str(steps)]  # fmt: skip
             if checkpointed:
@@ -415,6 +422,11 @@ def _memory(steps: int) -> dict:
         "qlora_int8_embedding_to_lora_checkpointed": ratio(
             recomputed, "training_peak_mib", "qlora-int8-embedding"
         ),
+        "head_chunk": HEAD_CHUNK,
+        "head_chunks_qlora_int8_embedding_to_lora_checkpointed": (
+            recomputed["qlora-int8-embedding" + CHUNKED]["training_peak_mib"]
+            / recomputed["lora" + CHUNKED]["training_peak_mib"]
+        ),
         "goal": {"qlora_to_lora": 0.4},
     }
 
@@ -426,7 +438,7 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=10, help="timed LoRA steps a side")
     parser.add_argument("--side", choices=["slmlab", "peft"], help=argparse.SUPPRESS)
-    parser.add_argument("--memory-side", choices=MEMORY_METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-side", choices=MEMORY_RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)

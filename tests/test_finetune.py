@@ -264,6 +264,43 @@ def test_the_loss_runs_the_head_at_learnt_tokens_alone_with_the_same_value_and_g
         model(rows.ids[:, :-1], segments=rows.segments, logits_at=learnt[:, 1:])
 
 
+@pytest.mark.parametrize("head_chunk", [1, 5, 1000])
+def test_a_loss_in_chunks_of_the_head_keeps_no_logits_with_the_same_value_and_gradient(
+    chat_tokenizer, head_chunk: int
+) -> None:
+    """`head_chunk` learnt positions' logits at a time (1000: all of them, the plain path):
+    the same loss and gradients as the whole head at once; the forward pass leaves no logits
+    for the backward, which recomputes them a chunk at a time (the plain path keeps them all)."""
+    rows = pack_examples(_examples(chat_tokenizer), 63, chat_tokenizer.token_to_id("<|im_end|>"))
+    batch = Batch(rows.ids, rows.targets, rows.segments)
+    learnt = int((rows.targets != IGNORE).sum())
+    assert learnt > 5
+    model = _decoder(chat_tokenizer.get_vocab_size())
+    vocab = model.config.vocab_size
+    whole = next_token_loss(model, batch)
+    expected = torch.autograd.grad(whole, list(model.parameters()))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        weight = tensor.untyped_storage().data_ptr() in weights  # the head's, transposed
+        if tensor.shape[-1:] == (vocab,) and tensor.is_floating_point() and not weight:
+            kept.append(tensor.numel() // vocab)  # positions of logits kept
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        chunked = next_token_loss(model, batch, head_chunk=head_chunk)
+    got = torch.autograd.grad(chunked, list(model.parameters()))
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert max(kept, default=0) == (learnt if head_chunk >= learnt else 0)
+    with pytest.raises(ConfigError, match="head_chunk must be a non-negative integer"):
+        TrainConfig(model={}, head_chunk=-1)
+    with pytest.raises(ConfigError, match="head_chunk is for the sft objective's loss; dpo"):
+        TrainConfig(model={}, objective="dpo", init_from="base", head_chunk=8)
+
+
 def test_an_example_longer_than_a_row_is_refused(chat_tokenizer) -> None:
     examples = _examples(chat_tokenizer, 2)
     with pytest.raises(ChatDataError, match=r"example 0: \d+ tokens do not fit a sequence of 9"):
@@ -542,13 +579,15 @@ def test_the_command_line_fine_tunes_and_chats_with_the_result(base_checkpoint, 
     tune = subprocess.run(
         [sys.executable, "-m", "slmlab", "finetune", str(base), "--method", "lora", "--rank", "2",
          "--targets", "q_proj,v_proj", "--examples", "8", "--steps", "2", "--batch-size", "2",
-         "--seq-len", "255", "--out", str(out), "--quiet", "--activation-checkpointing"],
+         "--seq-len", "255", "--out", str(out), "--quiet", "--activation-checkpointing",
+         "--head-chunk", "4"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert tune.returncode == 0, tune.stderr
     assert f"slmlab chat {out / 'last'}" in tune.stdout
     trainer = json.loads((out / "last" / "trainer.json").read_text())
     assert trainer["config"]["activation_checkpointing"] is True
+    assert trainer["config"]["head_chunk"] == 4
     config = json.loads((out / "last" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["target_modules"] == ["q_proj", "v_proj"]
     chat = subprocess.run(

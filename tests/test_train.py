@@ -406,6 +406,7 @@ def test_fingerprint_covers_every_field_and_ignores_defaults() -> None:
         "seed": 1,
         "precision": "auto",
         "activation_checkpointing": True,
+        "head_chunk": 16,
         "init_from": "x",
         "qat": {"bits": 4},
         "objective": "sft",
@@ -418,7 +419,8 @@ def test_fingerprint_covers_every_field_and_ignores_defaults() -> None:
     }
     lora = {"init_from": "x", "optimizer": "adamw"}
     needs = {"objective": {"init_from": "x"}, "lora": lora,
-             "quantize_base": {**lora, "lora": {"r": 4}}}  # fmt: skip
+             "quantize_base": {**lora, "lora": {"r": 4}},
+             "head_chunk": {"objective": "sft", "init_from": "x"}}  # fmt: skip
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data"}
     assert set(changed) == fields
     prints = {TINY.replace(**needs.get(k, {}), **{k: v}).fingerprint() for k, v in changed.items()}

@@ -28,9 +28,9 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..data.chat import IGNORE
+from ..train import sum_in_chunks
 
 __all__ = ["LOSSES", "distillation_loss", "divergence"]
 
@@ -115,11 +115,6 @@ def distillation_loss(
             total = total + (1 - alpha) * hard
         return total
 
-    total = torch.zeros((), device=student_hidden.device)
-    for start in range(0, len(targets), chunk):
-        piece = slice(start, start + chunk)
-        args = (student[piece], teacher[piece], targets[piece])
-        total = total + (
-            checkpoint(part, *args, use_reentrant=False) if torch.is_grad_enabled() else part(*args)
-        )
-    return total, len(targets)
+    if not len(targets):
+        return torch.zeros((), device=student_hidden.device), 0
+    return sum_in_chunks(part, student, teacher, targets, chunk=chunk), len(targets)

@@ -4,7 +4,15 @@ pipeline, the optimizer and the loop; more than one process (`distributed`) and 
 
 from .config import TrainConfig
 from .data import Batch, TrainData, build_data
-from .loop import TrainResult, attach_objective, next_token_loss, train, train_step, validation_loss
+from .loop import (
+    TrainResult,
+    attach_objective,
+    next_token_loss,
+    sum_in_chunks,
+    train,
+    train_step,
+    validation_loss,
+)
 from .optim import build_optimizer, lr_at
 from .plots import plot_metrics, read_metrics
 
@@ -20,6 +28,7 @@ __all__ = [
     "next_token_loss",
     "plot_metrics",
     "read_metrics",
+    "sum_in_chunks",
     "train",
     "train_step",
     "validation_loss",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..data.chat import IGNORE
 from ..env import bf16_is_fast
@@ -41,6 +42,7 @@ __all__ = [
     "TrainResult",
     "attach_objective",
     "next_token_loss",
+    "sum_in_chunks",
     "train",
     "train_step",
     "validation_loss",
@@ -79,13 +81,14 @@ class TrainResult:
 
 
 def next_token_loss(
-    model: torch.nn.Module, rows: torch.Tensor | Batch, autocast=nullcontext
+    model: torch.nn.Module, rows: torch.Tensor | Batch, autocast=nullcontext, head_chunk: int = 0
 ) -> torch.Tensor:
     """The training objective: the mean cross-entropy (nats) of each learnt token of `rows`
     given the tokens before it. A tensor of rows learns every token (pre-training); a `Batch`
-    with targets learns those alone, each example seeing only itself (fine-tuning)."""
+    with targets learns those alone, each example seeing only itself (fine-tuning), their
+    logits `head_chunk` positions at a time if it is not 0 (`TrainConfig.head_chunk`)."""
     if isinstance(rows, Batch) and rows.targets is not None:
-        total, count = _learnt_loss(model, rows, autocast)
+        total, count = _learnt_loss(model, rows, autocast, head_chunk)
         return total / count
     ids = rows.ids if isinstance(rows, Batch) else rows
     with autocast():
@@ -93,14 +96,46 @@ def next_token_loss(
     return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
 
 
-def _learnt_loss(model: torch.nn.Module, rows: Batch, autocast) -> tuple[torch.Tensor, int]:
+def sum_in_chunks(
+    part: Callable[..., torch.Tensor], *tensors: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """``part(*pieces)`` summed over consecutive pieces of `chunk` rows of `tensors` (all of
+    one length, at least one row). While gradients are recorded, each piece's intermediate
+    tensors (a head's logits over its vocabulary, their softmax) are recomputed in the
+    backward pass instead of kept: a loss holds one piece's at a time."""
+    total = None
+    for start in range(0, len(tensors[0]), chunk):
+        pieces = [t[start : start + chunk] for t in tensors]
+        if torch.is_grad_enabled():
+            value = checkpoint(part, *pieces, use_reentrant=False)
+        else:
+            value = part(*pieces)
+        total = value if total is None else total + value
+    assert total is not None
+    return total
+
+
+def _learnt_loss(
+    model: torch.nn.Module, rows: Batch, autocast, head_chunk: int = 0
+) -> tuple[torch.Tensor, int]:
     """The summed cross-entropy of the learnt targets of `rows`, and how many there are."""
     assert rows.targets is not None
     learnt = rows.targets != IGNORE  # the head runs at these positions alone
+    targets = rows.targets[learnt]
+    if not head_chunk or head_chunk >= len(targets):
+        with autocast():
+            logits = model(rows.ids[:, :-1], segments=rows.segments, logits_at=learnt)
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), len(targets)
+    head = getattr(model, "module", model).lm_head  # DDP wraps the model
+
+    def part(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            logits = head(hidden)
+        return F.cross_entropy(logits.float(), target, reduction="sum")
+
     with autocast():
-        logits = model(rows.ids[:, :-1], segments=rows.segments, logits_at=learnt)
-    total = F.cross_entropy(logits.float(), rows.targets[learnt], reduction="sum")
-    return total, int(learnt.sum())
+        hidden = model(rows.ids[:, :-1], segments=rows.segments, logits_at=learnt, head=False)
+    return sum_in_chunks(part, hidden, targets, chunk=head_chunk), len(targets)
 
 
 def train_step(
@@ -145,7 +180,7 @@ def train_step(
                     chosen_tokens=chosen_tokens,
                 )  # fmt: skip
             else:
-                loss = _learnt_loss(runner, chunk, autocast)[0] / learnt
+                loss = _learnt_loss(runner, chunk, autocast, config.head_chunk)[0] / learnt
             balance = router_loss(runner)  # experts: keep the router's load even
             (loss if balance is None else loss + balance / config.grad_accum).backward()
         loss_sum += loss.detach()
@@ -176,7 +211,7 @@ def validation_loss(model: DecoderLM, data: TrainData, config: TrainConfig) -> f
             total += next_token_loss(model, chunk.ids).item() * chunk.ids[:, 1:].numel()
             count += chunk.ids[:, 1:].numel()
         else:
-            chunk_total, chunk_count = _learnt_loss(model, chunk, nullcontext)
+            chunk_total, chunk_count = _learnt_loss(model, chunk, nullcontext, config.head_chunk)
             total, count = total + chunk_total.item(), count + chunk_count
     model.train()
     return total / count
@@ -310,9 +345,10 @@ def train(
             "slmlab.distill.train_distill, `slmlab distill` or the zoo, which load the teacher"
         )
     rank, world, device = join(device)
-    if objective is not None and world > 1 and parallel == "fsdp":
+    if (objective is not None or config.head_chunk) and world > 1 and parallel == "fsdp":
+        what = "an objective" if objective is not None else "head_chunk"
         raise ValueError(
-            "an objective applies the model's output head itself, which FSDP's shards do not "
+            f"{what} applies the model's output head itself, which FSDP's shards do not "
             "allow: train it with parallel='ddp'"
         )
     if config.batch_size % (world * config.grad_accum):

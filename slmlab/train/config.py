@@ -58,7 +58,7 @@ class TrainConfig:
     `head_chunk` (0: all at once) is how many learnt positions the ``sft`` loss turns into
     logits at a time, each piece recomputed in the backward pass instead of kept: over
     SmolLM2's 49,152 words, the logits of 128 reply tokens and their gradient are 72 MiB, a
-    fifth of QLoRA's peak.
+    sixth of QLoRA's peak with its blocks recomputed (chapter 06).
 
     `distill` holds a `slmlab.distill.DistillConfig`'s fields (the teacher, the loss, its
     temperature): the model learns the teacher's next-token distributions on next-token data

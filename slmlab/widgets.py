@@ -146,6 +146,15 @@ def static_html(fn: Callable[..., object], knobs: dict[str, Sequence[Any]]) -> s
     )
 
 
+def _ipywidgets() -> Any:
+    """The ipywidgets module, or None where it is not installed."""
+    try:
+        import ipywidgets
+    except ImportError:
+        return None
+    return ipywidgets
+
+
 def interact(
     fn: Callable[..., object],
     static: dict[str, Sequence[Any]] | None = None,
@@ -168,11 +177,8 @@ def interact(
         "text/plain": f"{fn.__name__}({', '.join(choices)}): a knob for each",
         "text/html": static_html(fn, narrowed),
     }
-    try:
-        if os.environ.get(STATIC_ONLY) == "1":
-            raise ImportError(STATIC_ONLY)
-        import ipywidgets
-    except ImportError:
+    ipywidgets = None if os.environ.get(STATIC_ONLY) == "1" else _ipywidgets()
+    if ipywidgets is None:
         display(bundle, raw=True)
         return
     controls = {}

@@ -3,6 +3,7 @@ requests overlap, whatever rows move in the shared cache; a cancelled request fr
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -103,6 +104,48 @@ def test_each_request_gets_its_own_tokens(
         assert r.finish_reason == "length"
     # Batching did share steps: fewer decode steps than tokens.
     assert batcher.steps < sum(r.max_new_tokens for r in requests) * 0.6
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_newcomers_prompts_ride_the_running_rows_step(fused: bool, monkeypatch) -> None:
+    """Where the compiled step takes them, a newcomer's whole prompt goes in the decode step
+    beside the running rows' one token each (chunked prefill): no call of its own. Without
+    the kernels each prompt is computed first, alone. Either way each request's tokens are its
+    own, and every step makes a token for every running row."""
+    from slmlab import kernels
+    from slmlab.infer import batching
+
+    model = tiny()
+    prefilled, ragged = [], []
+    prefill = ContinuousBatcher._prefill
+    monkeypatch.setattr(
+        ContinuousBatcher,
+        "_prefill",
+        lambda self, slots: (prefilled.extend(slots), prefill(self, slots)),
+    )
+    step = batching.fused_decode_step
+    monkeypatch.setattr(
+        batching,
+        "fused_decode_step",
+        lambda *a, **k: (ragged.append(k["row_tokens"]), step(*a, **k))[1],
+    )
+    batcher = ContinuousBatcher(model, max_batch=4, max_len=64)
+    requests = [batcher.submit(r) for r in random_requests(12, seed=2)]
+    with contextlib.ExitStack() as stack:
+        if not fused:
+            stack.enter_context(kernels.disabled())
+        batcher.run()
+    for r in requests:
+        assert r.tokens == alone(model, r), r
+    if fused:
+        assert not prefilled
+        mixed = [counts for counts in ragged if 1 in counts and max(counts) > 1]
+        assert mixed, "some newcomer rode beside a running row"
+        assert sum(t for counts in ragged for t in counts if t > 1) <= sum(
+            len(r.prompt) for r in requests
+        )
+    else:
+        assert prefilled and not ragged
 
 
 def test_stop_tokens_strings_and_streaming() -> None:

@@ -183,6 +183,57 @@ def test_many_rows_in_one_step_are_each_what_they_are_alone(floats_per_thread: i
             assert torch.equal(shared[r, :, pad:], mine[0]), r
 
 
+def test_rows_of_different_lengths_in_one_step_are_each_what_they_are_alone() -> None:
+    """Chunked prefill: running rows with one new token each beside newcomers' whole prompts,
+    every row's last token at the cache's end. Each row's logits and cache are those of its
+    tokens decoded alone (what was cached, then its new tokens in one call), to the bit."""
+    from slmlab.models.decoder import fused_decode_step, takes_ragged_step
+
+    config = VARIANTS["llama-gqa-untied"]
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    perturb_norms_and_biases(model)
+    length = 10  # positions already cached; the step adds one
+    cached = [3, 0, 10, 7, 0, 1]  # each row's tokens in the cache before the step
+    new = [1, 6, 1, 4, 11, 3]  # and its new ones: 0 cached are newcomers
+    rows = len(cached)
+    seqs = [torch.randint(0, config.vocab_size, (c + t,)) for c, t in zip(cached, new, strict=True)]
+    cache = KVCache(config, rows, length + 1)
+    ids = torch.zeros(rows, length, dtype=torch.long)
+    mask = torch.zeros(rows, length, dtype=torch.long)
+    for r, (seq, c, t) in enumerate(zip(seqs, cached, new, strict=True)):
+        end = length + 1 - t  # a row's cached tokens end where its new ones begin
+        ids[r, end - c : end], mask[r, end - c : end] = seq[:c], 1
+    with torch.no_grad():
+        model(ids, mask, cache)
+        for r, t in enumerate(new):
+            cache.key_mask[r, length + 1 - t :] = True  # the new tokens' places
+        assert takes_ragged_step(model, new, cache)
+        flat = torch.cat([seq[c:] for seq, c in zip(seqs, cached, strict=True)])
+        together = fused_decode_step(model, flat, cache, logits=True, row_tokens=new)
+        last = fused_decode_step(model, flat, cache, logits=True, last_only=True, row_tokens=new)
+    assert together is not None and last is not None
+    assert together.shape == (sum(new), config.vocab_size) and last.shape == (
+        rows,
+        1,
+        config.vocab_size,
+    )
+    at = 0
+    for r, (seq, c, t) in enumerate(zip(seqs, cached, new, strict=True)):
+        own = KVCache(config, 1, c + t)
+        with torch.no_grad():
+            if c:
+                model(seq[None, :c], cache=own)
+            alone = model(seq[None, c:], cache=own)[0]
+        assert torch.equal(together[at : at + t], alone), r
+        assert torch.equal(last[r, 0], alone[-1]), r
+        for shared, mine in zip(cache.keys + cache.values, own.keys + own.values, strict=True):
+            assert torch.equal(shared[r, :, length + 1 - c - t :], mine[0]), r
+        at += t
+    with torch.no_grad(), pytest.raises(RuntimeError, match="row 1 has 12 new tokens"):
+        fused_decode_step(model, flat[:18], cache, logits=True, row_tokens=[1, 12, 1, 1, 1, 2])
+
+
 def test_the_fused_step_sees_layers_swapped_and_hooks_added_after_it_ran() -> None:
     """The step keeps each model's gathered operands between calls; a projection replaced, a
     weight reassigned, a block removed or a hook registered afterwards is taken into account."""

@@ -7,15 +7,18 @@ decode steps (Orca, Yu et al., 2022; vLLM's scheduler): a request waits only for
 not for the batch.
 
 All rows share the cache's length, so a row's tokens end where every other row's end: a new
-request's prompt is computed alone and its keys and values placed just before that end, with
-the positions in front of them marked as padding (positions count real tokens only, so the
-model sees what it would see alone). When the cache is full, every row moves back by the
-padding they all have in front; when a prompt is longer than the shared length, every row moves
-forward. A request is admitted only when all the admitted ones can then finish within the
-cache. Each row computes exactly what it would compute alone: the fused step computes a row's
-numbers independently of the other rows, its attention counting from the row's first real key
-(a model the step does not take goes through the kernels up to 8 rows, and through PyTorch's
-batched products beyond, equal to rounding). The rows' next tokens are chosen together, each
+request's prompt is placed just before that end, with the positions in front of it marked as
+padding (positions count real tokens only, so the model sees what it would see alone). Where
+the fused step takes it, the prompt rides in the next decode step, its last token beside the
+running rows' new ones (chunked prefill, as serving engines batch prompts: a newcomer costs
+its tokens' rows in a step the running rows make anyway, not a call of its own); otherwise
+it is computed alone first and its keys and values copied into place. When the cache is
+full, every row moves back by the padding they all have in front; when a prompt is longer
+than the shared length, every row moves forward. A request is admitted only when all the
+admitted ones can then finish within the cache. Each row computes exactly what it would
+compute alone: the fused step computes a row's numbers independently of the other rows, its
+attention counting from the row's first real key (a model the step does not take goes through
+the kernels up to 8 rows, and through PyTorch's batched products beyond, equal to rounding). The rows' next tokens are chosen together, each
 drawn from its own request's generator.
 """
 
@@ -30,7 +33,13 @@ from typing import Any
 
 import torch
 
-from ..models.decoder import DecoderLM, KVCache, takes_fused_step
+from ..models.decoder import (
+    DecoderLM,
+    KVCache,
+    fused_decode_step,
+    takes_fused_step,
+    takes_ragged_step,
+)
 from .generate import adjust_logits, bias_vector, check_sampling, draw, token_probs
 
 __all__ = ["BatchRequest", "ContinuousBatcher"]
@@ -102,6 +111,8 @@ class ContinuousBatcher:
         self.cache.key_mask.zero_()
         self.rows: list[_Row | None] = [None] * max_batch
         self.waiting: deque[BatchRequest] = deque()
+        # The admitted requests (ids) whose prompts ride the next step.
+        self.riding: set[int] = set()
         self.steps = 0
 
     # -- requests ----------------------------------------------------------------------------
@@ -136,6 +147,7 @@ class ContinuousBatcher:
         """Stop `request` now (a client went away): its row is freed before the next step."""
         if request in self.waiting:
             self.waiting.remove(request)
+        self.riding.discard(request.id)
         for i, row in enumerate(self.rows):
             if row is not None and row.request is request:
                 self._retire(i)
@@ -170,14 +182,32 @@ class ContinuousBatcher:
         view.key_mask = self.cache.key_mask[:n]
         view.conv_states = {i: t[:n] for i, t in self.cache.conv_states.items()}
         view.ssm_states = {i: t[:n] for i, t in self.cache.ssm_states.items()}
-        ids = torch.tensor(
-            [[row.request.tokens[-1]] for row in self.rows[:n]],  # type: ignore[union-attr]
-            device=self.device,
-        )
-        logits = self.model(ids, torch.ones_like(ids), view, last_only=True)[:, -1]
+        rows: list[_Row] = self.rows[:n]  # type: ignore[assignment]
+        if self.riding:
+            fed = [
+                list(row.request.prompt)
+                if row.request.id in self.riding
+                else [row.request.tokens[-1]]
+                for row in rows
+            ]
+            self.riding.clear()
+            view.key_mask[:, view.length] = True
+            logits = fused_decode_step(
+                self.model,
+                torch.tensor([t for tokens in fed for t in tokens]),
+                view,
+                logits=True,
+                last_only=True,
+                row_tokens=[len(tokens) for tokens in fed],
+            )
+            assert logits is not None, "admitted to ride, so the step takes them"
+            view.length += 1
+        else:
+            ids = torch.tensor([[row.request.tokens[-1]] for row in rows], device=self.device)
+            logits = self.model(ids, torch.ones_like(ids), view, last_only=True)
         self.cache.length = view.length
         self.steps += 1
-        for i, token in enumerate(self._next_tokens(list(range(n)), logits)):
+        for i, token in enumerate(self._next_tokens(list(range(n)), logits[:, -1])):
             self._append(i, token)
         self._pack()
 
@@ -198,29 +228,42 @@ class ContinuousBatcher:
         return max(max(ends), length) - min(start for start, _ in rows)
 
     def _admit(self) -> None:
-        """Take the waiting requests that fit, in order, then compute their prompts."""
+        """Take the waiting requests that fit, in order; their prompts ride the next step where
+        the fused step takes them all, and are computed now otherwise."""
         admitted = []
+        fed = [1] * self.running  # the next step's tokens a row, as it stands
         while self.waiting and None in self.rows:
             request = self.waiting[0]
-            length = self.cache.length
-            shift = max(0, len(request.prompt) - length)  # rows move forward for a long prompt
+            P, length = len(request.prompt), self.cache.length
+            # Not with a sliding window: whether the step covers it depends on the length the
+            # step finds, which a later admission's move can change.
+            rides = self.config.sliding_window is None and takes_ragged_step(
+                self.model, [*fed, P], self.cache
+            )
+            before = P - 1 if rides else P  # the prompt's tokens in front of the shared end
+            shift = max(0, before - length)  # rows move forward for a long prompt
             rows = [(row.start + shift, row.request) for row in self.rows if row is not None]
-            rows.append((length + shift - len(request.prompt), request))
+            rows.append((length + shift - before, request))
             if self._span(rows, length + shift) > self.max_len:
                 break  # waits for a row to finish
             self.waiting.popleft()
             if shift:
                 self._move(shift)
-            admitted.append(self._reserve(self.rows.index(None), request))
+            slot = self._reserve(self.rows.index(None), request, before)
+            fed.append(P if rides else 1)
+            if rides:
+                self.riding.add(request.id)
+            else:
+                admitted.append(slot)
         if admitted:
             self._prefill(admitted)
 
-    def _reserve(self, slot: int, request: BatchRequest) -> int:
-        """Give `request` row `slot`, its prompt's place just before the shared end (the keys
-        and values come in `_prefill`)."""
-        P, end = len(request.prompt), self.cache.length
+    def _reserve(self, slot: int, request: BatchRequest, before: int) -> int:
+        """Give `request` row `slot`, `before` of its prompt's tokens just in front of the shared
+        end (their keys and values come in `_prefill`, or in the step the prompt rides)."""
+        end = self.cache.length
         self.cache.key_mask[slot] = False
-        self.cache.key_mask[slot, end - P : end] = True
+        self.cache.key_mask[slot, end - before : end] = True
         generator = None
         if request.temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -228,7 +271,7 @@ class ContinuousBatcher:
         bias = None
         if request.logit_bias:
             bias = bias_vector(request.logit_bias, self.config.vocab_size).to(self.device)
-        self.rows[slot] = _Row(request, end - P, generator, bias)
+        self.rows[slot] = _Row(request, end - before, generator, bias)
         return slot
 
     def _prefill(self, slots: list[int]) -> None:

@@ -363,6 +363,7 @@ def decode_step(
     final_norm: torch.Tensor | None = None,
     head: list[torch.Tensor] | None = None,
     last_only: bool = False,
+    row_tokens: list[int] | None = None,
 ) -> torch.Tensor | None:
     """All blocks of a decoder for a few new tokens per row, in one compiled call.
 
@@ -373,19 +374,32 @@ def decode_step(
     where there are none), o's operands, the post-attention norm's weight, and gate's, up's and
     down's operands; `context` the caches and the rest (`StepContext`).
 
+    With `row_tokens` (a count of 1 or more for each of the cache's B rows), the rows take
+    different numbers of tokens: `x` (N, d) or (N,) holds row 0's tokens, then row 1's, and so
+    on, and every row's last token goes to the cache's position `length`, the ones before it
+    just in front (a newcomer's whole prompt beside the running rows' one token each, in one
+    call: chunked prefill, as serving engines batch them).
+
     Returns the residual stream (B, T, d) after the last block; with `final_norm` (the last
     RMSNorm's weight) that stream normed, and with `head` too (`fused_operands` of the output
     head) the logits (B, T, vocab), of each row's last token alone where `last_only` (B, 1,
-    ...). None where the kernels cannot be built (the caller runs the blocks itself)."""
+    ...); (N, ...) with `row_tokens` unless `last_only`. None where the kernels cannot be built
+    (the caller runs the blocks itself)."""
     kernels = cpu_kernels()
     if kernels is None:
         return None
     if head is not None and final_norm is None:
         raise ValueError("decode_step applies the head to the normed stream: give final_norm too")
-    B, T = x.shape[:2]
-    ids = x.dim() == 2
+    if row_tokens is None:
+        B, T = x.shape[:2]
+        ids = x.dim() == 2
+        counts = _EMPTY
+    else:
+        B, T = len(row_tokens), 1
+        ids = x.dim() == 1
+        counts = torch.tensor(row_tokens, dtype=torch.int64)
     if ids and embedding is None:
-        raise ValueError("decode_step was given token ids (B, T): give their embedding too")
+        raise ValueError("decode_step was given token ids: give their embedding too")
     none = _EMPTY
     out = kernels.decode_step(
         none if ids else x,
@@ -394,11 +408,14 @@ def decode_step(
         layers,
         *context,
         T,
+        counts,
         none if final_norm is None else final_norm,
         [] if head is None else head,
         last_only,
     )
-    return out.view(B, 1 if last_only and final_norm is not None else T, -1)
+    if last_only and final_norm is not None:
+        return out.view(B, 1, -1)
+    return out if row_tokens is not None else out.view(B, T, -1)
 
 
 def decode_tokens(

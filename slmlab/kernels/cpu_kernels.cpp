@@ -997,7 +997,11 @@ torch::Tensor embed_rows(const torch::Tensor& ids, const std::vector<torch::Tens
 }  // namespace
 
 // x: (B * T, d) embeddings of the new tokens, T consecutive ones per row (row b's token t at
-// b * T + t), or empty and `ids` (B * T) their ids in `embedding`, the (vocab, d) table as one
+// b * T + t), placed in the cache from position `length`; or, with `row_tokens` (B counts, 1
+// or more; empty: T each), row b's T_b tokens one after the other, placed at positions
+// length + T - T_b to length + T - 1, so that every row's last token lands at the same place
+// (a newcomer's whole prompt beside the running rows' one token each, as chunked-prefill
+// servers batch them). Or x empty and `ids` (B * T, or the counts' sum) their ids in `embedding`, the (vocab, d) table as one
 // projection's three tensors (see Linear: fp32 rows, or int4 rows dequantized as they are
 // read); returns the residual stream after the last block.
 // layers[i] = {input_norm, q, k, v, bq, bk, bv, o, post_norm, gate, up, down}, where each
@@ -1012,8 +1016,8 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor ids, std::vector<torch:
                           std::vector<std::vector<torch::Tensor>> layers,
                           std::vector<std::vector<torch::Tensor>> caches, torch::Tensor key_mask,
                           torch::Tensor cos, torch::Tensor sin, int64_t length, double eps,
-                          int64_t n_heads, int64_t n_kv_heads, int64_t tokens, torch::Tensor norm,
-                          std::vector<torch::Tensor> head, bool last_only) {
+                          int64_t n_heads, int64_t n_kv_heads, int64_t tokens, torch::Tensor row_tokens,
+                          torch::Tensor norm, std::vector<torch::Tensor> head, bool last_only) {
   if (ids.numel()) {  // token ids, looked up in the embedding's rows
     TORCH_CHECK(ids.scalar_type() == torch::kInt64, "decode_step: int64 token ids expected");
     x = embed_rows(ids.contiguous(), embedding);
@@ -1025,9 +1029,23 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor ids, std::vector<torch:
   TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes(),
               "decode_step: contiguous fp32 (positions, D) rotary tables expected");
-  const int64_t R = x.size(0), d = x.size(1), T = tokens;
-  TORCH_CHECK(T >= 1 && R % T == 0 && R / T == caches[0][0].size(0),
-              "decode_step: x must hold `tokens` rows for each row of the cache");
+  const int64_t R = x.size(0), d = x.size(1), T = tokens, B = caches[0][0].size(0);
+  // Row b's tokens are x's rows first[b] to first[b + 1] - 1; x-row r belongs to row of[r].
+  std::vector<int64_t> first(B + 1), of(R);
+  if (row_tokens.numel()) {
+    TORCH_CHECK(row_tokens.scalar_type() == torch::kInt64 && row_tokens.numel() == B,
+                "decode_step: row_tokens must hold an int64 count for each row of the cache");
+    const int64_t* counts = row_tokens.contiguous().data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(counts[b] >= 1 && counts[b] <= length + T, "decode_step: row ", b, " has ", counts[b],
+                  " new tokens; between 1 and length + tokens (", length + T, ") fit");
+      first[b + 1] = first[b] + counts[b];
+    }
+  } else {
+    for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + T;
+  }
+  TORCH_CHECK(T >= 1 && first[B] == R, "decode_step: x must hold each row's new tokens (", first[B], " rows), got ", R);
+  for (int64_t b = 0; b < B; ++b) std::fill(of.begin() + first[b], of.begin() + first[b + 1], b);
   const int64_t D = cos.size(1), H = n_heads, K = n_kv_heads, group = H / K;
   const int64_t q_size = H * D, kv_size = K * D;
   const int64_t ff = layers[0][17].size(0), max_len = caches[0][0].size(2);
@@ -1035,22 +1053,25 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor ids, std::vector<torch:
   const float scale = 1.0f / std::sqrt(float(D));
   std::vector<float> h(R * d), q(R * q_size), k(R * kv_size), v(R * kv_size), o(R * q_size);
   std::vector<float> gate(R * ff), up(R * ff), out(R * d);
+  std::vector<float> rope_scratch(R * D);  // a row's own, so that rows on other threads never share it
   const bool* mask = key_mask.data_ptr<bool>();
   // A token's position counts its row's real tokens before it (padding does not count), as
   // DecoderLM.forward numbers a left-padded prompt from 0.
   std::vector<const float*> cos_at(R), sin_at(R);
-  std::vector<int64_t> first_key(R / T);  // each row's first real key, for `attend`
-  for (int64_t b = 0; b < R / T; ++b) {
+  std::vector<int64_t> first_key(B), place(R);  // each row's first real key, for `attend`; each token's place
+  for (int64_t b = 0; b < B; ++b) {
     const bool* row_mask = mask + b * max_len;
     first_key[b] = std::find(row_mask, row_mask + length + T, true) - row_mask;
-    int64_t real = std::count(row_mask, row_mask + length, true);
-    for (int64_t t = 0; t < T; ++t) {
-      real += mask[b * max_len + length + t];
+    const int64_t start = length + T - (first[b + 1] - first[b]);
+    int64_t real = std::count(row_mask, row_mask + start, true);
+    for (int64_t r = first[b]; r < first[b + 1]; ++r) {
+      place[r] = start + r - first[b];
+      real += row_mask[place[r]];
       const int64_t position = std::max<int64_t>(real - 1, 0);
       TORCH_CHECK(position < cos.size(0), "decode_step: position ", position, " is beyond the rotary tables (",
                   cos.size(0), ")");
-      cos_at[b * T + t] = cos.data_ptr<float>() + position * D;
-      sin_at[b * T + t] = sin.data_ptr<float>() + position * D;
+      cos_at[r] = cos.data_ptr<float>() + position * D;
+      sin_at[r] = sin.data_ptr<float>() + position * D;
     }
   }
   float* xp = x.data_ptr<float>();
@@ -1067,11 +1088,11 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor ids, std::vector<torch:
     float* kc = caches[li][0].data_ptr<float>();
     float* vc = caches[li][1].data_ptr<float>();
     for_rows(R, 8 * (q_size + kv_size), [&](int64_t r) {
-      std::vector<float> tmp(D);
-      const int64_t b = r / T, position = length + r % T;
-      for (int64_t hh = 0; hh < H; ++hh) rope(q.data() + r * q_size + hh * D, cos_at[r], sin_at[r], D, tmp.data());
+      float* tmp = rope_scratch.data() + r * D;
+      const int64_t b = of[r], position = place[r];
+      for (int64_t hh = 0; hh < H; ++hh) rope(q.data() + r * q_size + hh * D, cos_at[r], sin_at[r], D, tmp);
       for (int64_t g = 0; g < K; ++g) {
-        rope(k.data() + r * kv_size + g * D, cos_at[r], sin_at[r], D, tmp.data());
+        rope(k.data() + r * kv_size + g * D, cos_at[r], sin_at[r], D, tmp);
         const int64_t at = ((b * K + g) * max_len + position) * D;
         std::copy(k.data() + r * kv_size + g * D, k.data() + r * kv_size + (g + 1) * D, kc + at);
         std::copy(v.data() + r * kv_size + g * D, v.data() + r * kv_size + (g + 1) * D, vc + at);
@@ -1083,7 +1104,7 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor ids, std::vector<torch:
     at::parallel_for(0, R * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(S_max * D, 1)), [&](int64_t begin, int64_t end) {
       std::vector<float> p(S_max + 16);  // room for a vector loop's last 16
       for (int64_t rh = begin; rh < end; ++rh) {
-        const int64_t r = rh / H, hh = rh % H, g = hh / group, b = r / T, self = length + r % T;
+        const int64_t r = rh / H, hh = rh % H, g = hh / group, b = of[r], self = place[r];
         const float* qv = q.data() + r * q_size + hh * D;
         const float* kb = kc + (b * K + g) * max_len * D;
         const float* vb = vc + (b * K + g) * max_len * D;
@@ -1110,11 +1131,11 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor ids, std::vector<torch:
   if (!norm.numel()) return x;
   TORCH_CHECK(norm.scalar_type() == torch::kFloat32 && norm.is_contiguous() && norm.numel() == d,
               "decode_step: a contiguous fp32 final norm of ", d, " weights expected");
-  const int64_t N = last_only ? R / T : R;
+  const int64_t N = last_only ? B : R;
   auto normed = torch::empty({N, d}, x.options());
   float* np = normed.data_ptr<float>();
   for (int64_t i = 0; i < N; ++i)
-    rms_norm(xp + (last_only ? i * T + T - 1 : i) * d, norm.data_ptr<float>(), np + i * d, d, float(eps));
+    rms_norm(xp + (last_only ? first[i + 1] - 1 : i) * d, norm.data_ptr<float>(), np + i * d, d, float(eps));
   if (head.empty()) return normed;
   TORCH_CHECK(head.size() == 3, "decode_step: the head is three tensors (see Linear), got ", head.size());
   const Linear h_linear = as_linear(head, 0, d);
@@ -1185,7 +1206,7 @@ torch::Tensor decode_tokens(torch::Tensor ids, std::vector<torch::Tensor> embedd
   const auto none = torch::empty({0});
   for (int64_t s = 0, column = 0; s < steps; ++s) {
     const auto logits = decode_step(none, ids, embedding, layers, caches, key_mask, cos, sin, length, eps, n_heads,
-                                    n_kv_heads, tokens, norm, head, false);
+                                    n_kv_heads, tokens, none, norm, head, false);
     length += tokens;
     const int64_t V = logits.size(1);
     TORCH_CHECK(!sampled || races.size(2) == V, "decode_tokens: races of ", V, " tokens a step expected");

@@ -23,6 +23,7 @@ from ..kernels import (
     GEMV_MAX_ROWS,
     INT4_MAX_ROWS_INT8,
     StepContext,
+    cpu_kernels,
     decode_step,
     decode_tokens,
     embedding_operands,
@@ -458,14 +459,19 @@ def _block_weights(config: ModelConfig) -> int:
 
 
 def _step_plan(
-    model: DecoderLM, rows: int, tokens: int, cache: KVCache, logits: bool
+    model: DecoderLM, total: int, longest: int, advance: int, cache: KVCache, logits: bool
 ) -> _FusedPlan | None:
+    """The plan for `total` new tokens, at most `longest` of them a row's, that move the
+    cache's end by `advance`; None where the step does not apply."""
     if torch.is_grad_enabled():
         return None
-    if tokens > FUSED_MAX_TOKENS and tokens * _block_weights(model.config) > FUSED_PREFILL_WEIGHTS:
+    if (
+        longest > FUSED_MAX_TOKENS
+        and longest * _block_weights(model.config) > FUSED_PREFILL_WEIGHTS
+    ):
         return None
     window = model.config.sliding_window
-    if window is not None and cache.length + tokens > window:
+    if window is not None and cache.length + advance > window:
         return None  # the step attends to the whole cache; a window would leave some out
     if (
         cache.keys[0].dtype is not torch.float32
@@ -473,7 +479,7 @@ def _step_plan(
         or model.model.rotary_emb.cos.dtype is not torch.float32
     ):
         return None
-    plan = _fused_plan(model, rows * tokens)
+    plan = _fused_plan(model, total)
     if plan.layers is None:
         return None
     if logits:
@@ -483,26 +489,43 @@ def _step_plan(
     return plan
 
 
+def _takes_embedding(model: DecoderLM) -> bool:
+    embed = model.model.embed_tokens
+    plain = getattr(embed, "weight", None) is not None and embed.weight.dtype is torch.float32
+    return plain or embedding_operands(embed) is not None
+
+
 def takes_fused_step(model: DecoderLM, rows: int, tokens: int, cache: KVCache) -> bool:
     """Whether `model`'s forward continues `cache` by `tokens` new tokens in each of `rows`
     rows through the compiled step (which computes every row as it would alone, padding or
     not), rather than through its blocks."""
-    embed = model.model.embed_tokens
-    plain = getattr(embed, "weight", None) is not None and embed.weight.dtype is torch.float32
-    return _step_plan(model, rows, tokens, cache, True) is not None and (
-        plain or embedding_operands(embed) is not None
-    )
+    plan = _step_plan(model, rows * tokens, tokens, tokens, cache, True)
+    return plan is not None and _takes_embedding(model)
+
+
+def takes_ragged_step(model: DecoderLM, row_tokens: list[int], cache: KVCache) -> bool:
+    """Whether `fused_decode_step` continues `cache` with rows of `row_tokens` new tokens
+    each, every row's last at the cache's end (a newcomer's prompt beside running rows)."""
+    plan = _step_plan(model, sum(row_tokens), max(row_tokens), 1, cache, True)
+    return plan is not None and _takes_embedding(model) and cpu_kernels() is not None
 
 
 def _step_inputs(
-    model: DecoderLM, input_ids: torch.Tensor, cache: KVCache, logits: bool
+    model: DecoderLM,
+    input_ids: torch.Tensor,
+    cache: KVCache,
+    logits: bool,
+    row_tokens: list[int] | None = None,
 ) -> _StepInputs | None:
     """What the compiled step needs to continue `cache` by `input_ids`, or None where it does
     not apply (see `fused_decode_step`)."""
-    B, T = input_ids.shape
     if input_ids.device.type != "cpu":
         return None
-    plan = _step_plan(model, B, T, cache, logits)
+    if row_tokens is None:
+        B, T = input_ids.shape
+        plan = _step_plan(model, B * T, T, T, cache, logits)
+    else:
+        plan = _step_plan(model, input_ids.numel(), max(row_tokens), 1, cache, logits)
     if plan is None:
         return None
     embed = model.model.embed_tokens
@@ -534,6 +557,7 @@ def fused_decode_step(
     *,
     logits: bool = False,
     last_only: bool = False,
+    row_tokens: list[int] | None = None,
 ) -> torch.Tensor | None:
     """Every block of `model` for a few new tokens per row that continue `cache`, through the
     compiled step (`slmlab.kernels.decode_step`): the residual stream (B, T, d) after the last
@@ -545,8 +569,13 @@ def fused_decode_step(
     no operands the step takes: `slmlab.kernels.fused_operands`; with `logits`, a norm or head
     the step does not know or that is watched by a hook), and the caller runs the blocks
     itself. The new tokens' positions come from the cache's `key_mask`, as the blocks number
-    them. The cache's length is left to the caller."""
-    inputs = _step_inputs(model, input_ids, cache, logits)
+    them. The cache's length is left to the caller.
+
+    With `row_tokens`, the rows take different numbers of tokens, given one row's after
+    another in `input_ids` (N,), and each row's last lands at the cache's position `length`
+    (see `slmlab.kernels.decode_step`): the key mask must be true at every new token's place.
+    Returns (N, d), the logits (N, vocab), or (B, 1, vocab) where `last_only`."""
+    inputs = _step_inputs(model, input_ids, cache, logits, row_tokens)
     if inputs is None:
         return None
     final = inputs.plan.head if logits else None
@@ -558,6 +587,7 @@ def fused_decode_step(
         final_norm=None if final is None else final[0],
         head=None if final is None else final[1:],
         last_only=last_only,
+        row_tokens=row_tokens,
     )
 
 

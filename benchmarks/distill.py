@@ -1,6 +1,6 @@
 """Distillation (chapter 07): how much of stories-8m a 1M student learns, by each loss.
 
-    python -m benchmarks.distill [--parts losses,methods,scarce,cost] [--steps 600]
+    python -m benchmarks.distill [--parts losses,seeds,methods,scarce,cost] [--steps 600]
                                  [--methods NAME,...]
 
 A run of some parts keeps the other parts' results from the last run that measured them, and
@@ -15,6 +15,10 @@ Results go to benchmarks/results/distill.json.
   suites (lm-evaluation-harness's accuracy, 200 items each). ``gap_closed`` is the share of
   the distance from the scratch student to the teacher (bits per character) that distillation
   covered. Goal (the distillation issue): the best distilled student closes ≥ 30%.
+* ``seeds``: the student from scratch and distilled with forward KL, each with `SEEDS` seeds
+  (its initial weights and the order of its rows; the two runs of a seed see the same rows):
+  one run of a 1M student at 600 steps is a draw from a wide spread, so the gap closed is
+  measured between the means, and per seed.
 * ``methods``: two students, stories-1m's architecture and a "0.3M" one (width 64: 0.23M
   parameters), each from scratch, distilled with forward KL from the live teacher, from the
   teacher's top-16 cache (`slmlab.distill.cache`, made once for both), with the last blocks'
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -62,7 +67,7 @@ from slmlab.tokenizers import END_OF_TEXT
 from slmlab.train import attach_objective, build_data, train, train_step
 from slmlab.train.optim import build_optimizer
 
-PARTS = ("losses", "methods", "scarce", "cost")
+PARTS = ("losses", "seeds", "methods", "scarce", "cost")
 TEACHER, STUDENT = "stories-8m", "stories-1m"
 # Each loss at its usual settings: the teacher and the data weighted half each, temperature 1
 # (and forward KL once more from the teacher alone).
@@ -87,6 +92,7 @@ METHODS = {
     "jsd, on-policy 0.5": {"loss": "jsd", "on_policy": 0.5},
 }
 SCARCE_STORIES, GENERATED, CHECKED = 2000, 4000, 2000
+SEEDS = (0, 1, 2)
 # The least lead of the teacher over the scratch student that counts as a gap to close: two
 # runs of one 1M recipe differ by several percent (chapter 07).
 GAP = 0.05
@@ -128,6 +134,38 @@ def _losses(work: Path, teacher: Path, tokenizer, floor: float, steps: int) -> d
         print(name, rows[name], flush=True)
     return {"student": STUDENT, "steps": steps, "settings": RUNS, "rows": rows,
             **gaps_closed(rows), "goal_gap_closed": 0.3}  # fmt: skip
+
+
+def _seeds(work: Path, teacher: Path, tokenizer, floor: float, steps: int) -> dict:
+    teacher_bits = _score(teacher, tokenizer, floor)["bits_per_char"]
+    runs: dict[str, list[dict]] = {"scratch": [], "forward-kl": []}
+    for seed in SEEDS:
+        config = zoo.recipe(STUDENT, quick=False).replace(steps=steps, seed=seed)
+        data = build_data(config, tokenizer=tokenizer)
+        scratch = train(config, work / f"seed-{seed}-scratch", data=data)
+        runs["scratch"].append(_score(scratch.checkpoint, tokenizer, floor))
+        distilled = config.replace(distill={"teacher": str(teacher), **RUNS["forward-kl"]})
+        result = train_distill(distilled, work / f"seed-{seed}-forward-kl", data=data)
+        runs["forward-kl"].append(_score(result.checkpoint, tokenizer, floor))
+        print("seed", seed, {name: rows[-1] for name, rows in runs.items()}, flush=True)
+    return {"seeds": list(SEEDS), "steps": steps, **seed_summary(runs, teacher_bits)}
+
+
+def seed_summary(runs: dict[str, list[dict]], teacher_bits: float) -> dict:
+    """Means and spreads of each method's runs over the seeds, the gap closed between the
+    means, and per seed where the teacher is ahead of that seed's scratch run by `GAP`."""
+    bits = {name: [row["bits_per_char"] for row in rows] for name, rows in runs.items()}
+    mean = {name: statistics.mean(values) for name, values in bits.items()}
+    by_seed = [
+        (s - d) / (s - teacher_bits) if s - teacher_bits >= GAP * s else None
+        for s, d in zip(bits["scratch"], bits["forward-kl"], strict=True)
+    ]
+    return {
+        "teacher_bits_per_char": teacher_bits, "runs": runs, "mean_bits_per_char": mean,
+        "stdev_bits_per_char": {name: statistics.stdev(values) for name, values in bits.items()},
+        "gap_closed_of_means": (mean["scratch"] - mean["forward-kl"]) / (mean["scratch"] - teacher_bits),
+        "gap_closed_by_seed": by_seed, "goal_gap_closed": 0.3,
+    }  # fmt: skip
 
 
 def _methods(
@@ -321,6 +359,8 @@ def main() -> None:
     result.update(teacher=TEACHER, floor_bits_per_char=floor)
     if "losses" in parts:
         result["losses"] = _losses(work, teacher, tokenizer, floor, args.steps)
+    if "seeds" in parts:
+        result["seeds"] = _seeds(work, teacher, tokenizer, floor, args.steps)
     if "methods" in parts:
         earlier = result.get("methods", {})
         result["methods"] = _methods(work, teacher, tokenizer, floor, args.steps, only, earlier)

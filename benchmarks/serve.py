@@ -131,7 +131,7 @@ def batcher_alone(name: str, rows: int, tokens: int = 32) -> float:
 def batcher_churn(name: str, rows: int, seconds: float = 10) -> float:
     """Tokens/s of `ContinuousBatcher` kept at `rows` requests as the clients keep the server:
     `PROMPTS` with 64 new tokens each, a new request submitted as each one ends, so that its
-    prompt is computed between decode steps; no HTTP."""
+    prompt comes in while the others decode; no HTTP."""
     path = zoo.ensure(name, quick=False)
     tokenizer = checkpoint.load_tokenizer(path)
     prompts = [tokenizer.encode(p).ids for p in PROMPTS]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import weakref
 
 import pytest
 import torch
@@ -270,7 +271,8 @@ def test_a_loss_in_chunks_of_the_head_keeps_no_logits_with_the_same_value_and_gr
 ) -> None:
     """`head_chunk` learnt positions' logits at a time (1000: all of them, the plain path):
     the same loss and gradients as the whole head at once; the forward pass leaves no logits
-    for the backward, which recomputes them a chunk at a time (the plain path keeps them all)."""
+    for the backward, which recomputes them a chunk at a time and lets each go before the next
+    (the plain path keeps them all)."""
     rows = pack_examples(_examples(chat_tokenizer), 63, chat_tokenizer.token_to_id("<|im_end|>"))
     batch = Batch(rows.ids, rows.targets, rows.segments)
     learnt = int((rows.targets != IGNORE).sum())
@@ -288,13 +290,24 @@ def test_a_loss_in_chunks_of_the_head_keeps_no_logits_with_the_same_value_and_gr
             kept.append(tensor.numel() // vocab)  # positions of logits kept
         return tensor
 
+    outputs: list[weakref.ref] = []  # every logits the head made
+    alive: list[int] = []  # how many of the earlier ones were still held, at each new one
+
+    def count(module, args, output: torch.Tensor) -> None:
+        alive.append(sum(ref() is not None for ref in outputs))
+        outputs.append(weakref.ref(output))
+
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         chunked = next_token_loss(model, batch, head_chunk=head_chunk)
+    hook = model.lm_head.register_forward_hook(count)
     got = torch.autograd.grad(chunked, list(model.parameters()))
+    hook.remove()
     assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert max(kept, default=0) == (learnt if head_chunk >= learnt else 0)
+    if head_chunk < learnt:  # the backward pass recomputes each piece, then lets it go
+        assert len(alive) == -(-learnt // head_chunk) and max(alive) == 0, alive
     with pytest.raises(ConfigError, match="head_chunk must be a non-negative integer"):
         TrainConfig(model={}, head_chunk=-1)
     with pytest.raises(ConfigError, match="head_chunk is for the sft objective's loss; dpo"):

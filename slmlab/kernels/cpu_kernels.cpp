@@ -1001,9 +1001,9 @@ torch::Tensor embed_rows(const torch::Tensor& ids, const std::vector<torch::Tens
 // or more; empty: T each), row b's T_b tokens one after the other, placed at positions
 // length + T - T_b to length + T - 1, so that every row's last token lands at the same place
 // (a newcomer's whole prompt beside the running rows' one token each, as chunked-prefill
-// servers batch them). Or x empty and `ids` (B * T, or the counts' sum) their ids in `embedding`, the (vocab, d) table as one
-// projection's three tensors (see Linear: fp32 rows, or int4 rows dequantized as they are
-// read); returns the residual stream after the last block.
+// servers batch them). Or x empty and `ids` (as many) their ids in `embedding`, the (vocab, d)
+// table as one projection's three tensors (see Linear: fp32 rows, or int4 rows dequantized as
+// they are read); returns the residual stream after the last block.
 // layers[i] = {input_norm, q, k, v, bq, bk, bv, o, post_norm, gate, up, down}, where each
 // projection is three tensors (see Linear) and the biases are empty where there are none;
 // caches[i] = {keys, values}, each (B, K, max_len, D), filled from position `length`;
@@ -1035,7 +1035,8 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor ids, std::vector<torch:
   if (row_tokens.numel()) {
     TORCH_CHECK(row_tokens.scalar_type() == torch::kInt64 && row_tokens.numel() == B,
                 "decode_step: row_tokens must hold an int64 count for each row of the cache");
-    const int64_t* counts = row_tokens.contiguous().data_ptr<int64_t>();
+    const torch::Tensor held = row_tokens.contiguous();
+    const int64_t* counts = held.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(counts[b] >= 1 && counts[b] <= length + T, "decode_step: row ", b, " has ", counts[b],
                   " new tokens; between 1 and length + tokens (", length + T, ") fit");
@@ -1058,7 +1059,8 @@ torch::Tensor decode_step(torch::Tensor x, torch::Tensor ids, std::vector<torch:
   // A token's position counts its row's real tokens before it (padding does not count), as
   // DecoderLM.forward numbers a left-padded prompt from 0.
   std::vector<const float*> cos_at(R), sin_at(R);
-  std::vector<int64_t> first_key(B), place(R);  // each row's first real key, for `attend`; each token's place
+  std::vector<int64_t> first_key(B);  // each row's first real key, for `attend`
+  std::vector<int64_t> place(R);      // each new token's position in the cache
   for (int64_t b = 0; b < B; ++b) {
     const bool* row_mask = mask + b * max_len;
     first_key[b] = std::find(row_mask, row_mask + length + T, true) - row_mask;

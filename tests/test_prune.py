@@ -680,3 +680,45 @@ def test_recovery_curve_trains_the_packed_model_in_resumable_segments(
     assert isinstance(layer, Sparse24Linear) and sparsity(trained)["total"] == pytest.approx(0.5)
     start = pack_2to4_(copy.deepcopy(pruned)).model.layers[0].mlp.up_proj
     assert not torch.equal(layer.values, start.values)  # it trained
+
+
+def test_semi_structured_refusals_name_the_layer_and_the_fix() -> None:
+    from slmlab.prune import to_semi_structured_
+
+    with pytest.raises(ValueError, match="no linear layer is 2:4 sparse"):
+        to_semi_structured_(small_model())
+    pruned = prune_(small_model(), PruneConfig("magnitude", pattern="2:4"))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.weight is on cpu.*"
+                                         r"pack_2to4_"):  # fmt: skip
+        to_semi_structured_(pruned)
+    assert not pruned.model.layers[0].self_attn.q_proj.weight.is_sparse  # nothing half-done
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+    reason="semi-structured sparse tensors need a CUDA GPU of compute capability 8.0 or newer",
+)
+def test_semi_structured_model_computes_the_pruned_one_on_a_gpu(calibration) -> None:
+    """On the GPU's sparse tensor cores, the 2:4 model's logits are the masked fp16 model's
+    (up to fp16 summation order), for one row and for a prompt; a layer of the wrong shape or
+    precision is refused by name."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    from slmlab.prune import to_semi_structured_
+
+    pruned = prune_(small_model(), PruneConfig("wanda", pattern="2:4"), calibration=calibration)
+    dense = pruned.cuda().half()
+    sparse = to_semi_structured_(copy.deepcopy(dense))
+    weights = [m.weight for m in sparse.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(isinstance(w, SparseSemiStructuredTensor) for w in weights) == 7 * 3
+    for ids in (calibration[:1, :1], calibration):
+        ids = ids.cuda()
+        with torch.no_grad():
+            torch.testing.assert_close(
+                sparse(ids).float(), dense(ids).float(), rtol=2e-2, atol=2e-2
+            )
+    with pytest.raises(ValueError, match=r"is torch.float32; .*model.half"):
+        to_semi_structured_(copy.deepcopy(dense).float())
+    narrow = prune_(small_model(kv_heads=1), PruneConfig("magnitude", pattern="2:4")).cuda().half()
+    with pytest.raises(ValueError, match=r"k_proj.weight is 16x64.*add 'k_proj' to skip"):
+        to_semi_structured_(narrow)

@@ -6,14 +6,15 @@
 * `unstructured`: `prune_(model, PruneConfig(...))`, the one verb for zeroing weights, and
   `sparsity(model)`.
 * `packed`: `pack_2to4_(model)`, 2:4 layers stored as their kept values and 2-bit positions,
-  which a CPU kernel multiplies without unpacking.
+  which a CPU kernel multiplies without unpacking; `to_semi_structured_(model)`, the same layers
+  as PyTorch's semi-structured sparse tensors for a GPU's sparse tensor cores.
 * `structured`: importance of MLP channels, key/value groups of heads and whole blocks, the verbs
   that cut them out, and `prune_structure_(model, StructureConfig(...))` over all three: a
   smaller model of the same architecture.
 """
 
 from .masks import magnitude_scores, nm_mask, top_mask, wanda_scores
-from .packed import pack_2to4_
+from .packed import pack_2to4_, to_semi_structured_
 from .sparsegpt import sparsegpt_prune
 from .structured import (
     IMPORTANCE,
@@ -46,6 +47,7 @@ __all__ = [
     "prune_structure_",
     "sparsegpt_prune",
     "sparsity",
+    "to_semi_structured_",
     "top_mask",
     "wanda_scores",
 ]

@@ -434,6 +434,35 @@ def test_int4_linear_matches_dequantize_then_matmul(
     torch.testing.assert_close(y, x @ reference.T, rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_products_reuse_their_scratch_but_return_their_own_result() -> None:
+    """Many rows of x are multiplied by the weight unpacked a tile at a time into scratch memory
+    the calling thread keeps from call to call (fresh pages at every layer cost a prefill a
+    third of its time): each result is the caller's own, unchanged by the next call, and a
+    weight of several tiles (4,200 rows of 512: three tiles of up to 2,048) gives the product."""
+    from slmlab.layers import pack_2to4
+    from slmlab.quant import dequantize, pack_int4, quantize
+
+    torch.manual_seed(0)
+    big = quantize(torch.randn(4200, 512) * 0.05, "int", 4, group_size=32, symmetric=False)
+    small = quantize(torch.randn(40, 512) * 0.05, "int", 4, group_size=32, symmetric=False)
+    x = torch.randn(6, 512)  # more rows than the int8 path takes
+    first = kernels.int4_linear(x, pack_int4(big.codes), big.scales, big.zeros, 32)
+    kept = first.clone()
+    second = kernels.int4_linear(2 * x, pack_int4(small.codes), small.scales, small.zeros, 32)
+    sparse = _sparse24(40, 512)
+    third = kernels.sparse24_linear(x, *pack_2to4(sparse))
+    assert torch.equal(first, kept)
+    # One output: y^T's transpose is contiguous as it stands, and must still be copied.
+    row = quantize(torch.randn(1, 512) * 0.05, "int", 4, group_size=32, symmetric=False)
+    alone = kernels.int4_linear(x, pack_int4(row.codes), row.scales, row.zeros, 32)
+    kept = alone.clone()
+    kernels.int4_linear(-x, pack_int4(row.codes), row.scales, row.zeros, 32)
+    assert torch.equal(alone, kept)
+    torch.testing.assert_close(first, x @ dequantize(big).T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, 2 * x @ dequantize(small).T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(third, x @ sparse.T, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("blocks", [1, 2, 3, 5, 6, 7, 18])
 @pytest.mark.parametrize("group_blocks", [1, None])
 def test_int4_linear_takes_any_number_of_blocks(blocks, group_blocks) -> None:

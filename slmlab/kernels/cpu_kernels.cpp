@@ -1238,6 +1238,40 @@ torch::Tensor decode_tokens(torch::Tensor ids, std::vector<torch::Tensor> embedd
   return chosen;
 }
 
+// A tensor of at least `floats` fp32 numbers kept by the calling thread from call to call. A
+// prefill's scratch allocated anew at every layer is fresh memory at every layer (glibc maps
+// blocks of megabytes anew), and first touching its pages cost a 4-bit SmolLM2-135M's 128-token
+// prompt about 59,000 page faults and a third of its time on a virtual machine.
+static torch::Tensor reused_scratch(std::vector<torch::Tensor>& kept, size_t slot, int64_t floats) {
+  if (kept.size() <= slot) kept.resize(slot + 1);
+  if (!kept[slot].defined() || kept[slot].numel() < floats) kept[slot] = torch::empty({floats}, torch::kFloat32);
+  return kept[slot];
+}
+
+// y = x W^T for many rows of x (prefill, scoring: compute-bound), with W kept packed:
+// `unpack(begin, end, out)` writes W's rows begin..end-1 in fp32 to `out`, a tile of rows at a
+// time, and PyTorch's GEMM multiplies each tile into y^T's rows (contiguous), then y^T is
+// copied into y. The tile and a y^T of up to 4 MB are the thread's reused scratch.
+template <typename Unpack>
+static torch::Tensor unpacked_gemm(const torch::Tensor& x, int64_t n, const Unpack& unpack) {
+  constexpr int64_t kept_floats = 1 << 20;  // 4 MB
+  thread_local std::vector<torch::Tensor> kept;
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t tile = std::min(n, std::max<int64_t>(1, kept_floats / k));
+  auto buffer = reused_scratch(kept, 0, tile * k).narrow(0, 0, tile * k).view({tile, k});
+  auto yt = n * m <= kept_floats ? reused_scratch(kept, 1, n * m).narrow(0, 0, n * m).view({n, m})
+                                 : torch::empty({n, m}, x.options());
+  auto xt = x.t();
+  float* bp = buffer.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < n; r0 += tile) {
+    const int64_t r1 = std::min(n, r0 + tile);
+    at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) { unpack(begin, end, bp + (begin - r0) * k); });
+    auto out = yt.narrow(0, r0, r1 - r0);
+    at::mm_out(out, buffer.narrow(0, 0, r1 - r0), xt);
+  }
+  return yt.t().clone(at::MemoryFormat::Contiguous);  // a copy always: yt may be the scratch
+}
+
 // x: (m, k) fp32; packed: (n, k/2) uint8; scales: (n, k/group) fp32; zeros: (n, k/group) uint8,
 // or empty for symmetric codes (zero point 8). `max_rows_int8`: up to this many rows of x take
 // the int8-activation path, more take dequantize-and-GEMM. `vector`: false forces the portable
@@ -1253,21 +1287,9 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   const float* sp = scales.data_ptr<float>();
   const uint8_t* zp = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
   if (m > max_rows_int8) {
-    // y^T tile by tile: (tile, k) dequantized rows times x^T; each tile of y^T is contiguous.
-    auto yt = torch::empty({n, m}, x.options());
-    const int64_t tile = std::max<int64_t>(1, (1 << 20) / k);  // 4 MB of fp32 per tile
-    auto buffer = torch::empty({std::min(tile, n), k}, x.options());
-    auto xt = x.t();
-    for (int64_t r0 = 0; r0 < n; r0 += tile) {
-      const int64_t r1 = std::min(n, r0 + tile);
-      float* bp = buffer.data_ptr<float>();
-      at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
-        dequantize_rows(wp, sp, zp, k, group, begin, end, bp + (begin - r0) * k);
-      });
-      auto out = yt.narrow(0, r0, r1 - r0);
-      at::mm_out(out, buffer.narrow(0, 0, r1 - r0), xt);
-    }
-    return yt.t().contiguous();
+    return unpacked_gemm(x, n, [&](int64_t begin, int64_t end, float* out) {
+      dequantize_rows(wp, sp, zp, k, group, begin, end, out);
+    });
   }
   const QuantizedX qx(x.data_ptr<float>(), m, k);
   const std::vector<float> group_sums = qx.group_sums(group);
@@ -1292,20 +1314,9 @@ torch::Tensor sparse24_linear(torch::Tensor x, torch::Tensor values, torch::Tens
   const float* vp = values.data_ptr<float>();
   const uint8_t* ip = positions.data_ptr<uint8_t>();
   if (m > max_rows) {
-    auto yt = torch::empty({n, m}, x.options());
-    const int64_t tile = std::max<int64_t>(1, (1 << 20) / k);  // 4 MB of fp32 per tile
-    auto buffer = torch::empty({std::min(tile, n), k}, x.options());
-    auto xt = x.t();
-    for (int64_t r0 = 0; r0 < n; r0 += tile) {
-      const int64_t r1 = std::min(n, r0 + tile);
-      float* bp = buffer.data_ptr<float>();
-      at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
-        unpack_sparse24_rows(vp, ip, k, begin, end, bp + (begin - r0) * k);
-      });
-      auto out = yt.narrow(0, r0, r1 - r0);
-      at::mm_out(out, buffer.narrow(0, 0, r1 - r0), xt);
-    }
-    return yt.t().contiguous();
+    return unpacked_gemm(x, n, [&](int64_t begin, int64_t end, float* out) {
+      unpack_sparse24_rows(vp, ip, k, begin, end, out);
+    });
   }
   auto y = torch::empty({m, n}, x.options());
   const float* xp = x.data_ptr<float>();

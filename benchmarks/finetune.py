@@ -15,7 +15,9 @@ Results go to benchmarks/results/finetune.json.
   from stories-8m-sft on story-qa preference pairs (the story's answer against a made-up one),
   with each one's validation pair accuracy (the share of held-out pairs it ranks right).
 * A longer SFT (``longer``): stories-8m-sft's recipe for 4 times the steps on 4 times the
-  conversations, scored the same way: whether the recall SFT lacks comes with more of it.
+  conversations, scored the same way: whether the recall SFT lacks comes with more of it; then
+  (``sft-targeted``) the kind it still fails taught on its own, the embedding held still
+  (`TARGETED_RUNS`).
 * GRPO (``grpo``) from stories-8m-sft with `GRPO_RUN`, reward = exact match, scored the same
   way; its held-out validation exact match before and after is recorded too. The ``longer``
   part runs the same GRPO from the longer SFT as well (``grpo-after-longer``).
@@ -160,6 +162,62 @@ def _longer(work: Path) -> dict:
         f"hallucination {scores['hallucination']:.3f}  ({minutes:.1f} min)"
     )
     return scores
+
+
+# After the longer SFT, the one kind it still answers at chance (the weather: stories-8m's
+# pre-training never copies those words, and SFT pulls their rows of the tied embedding
+# together) is taught on its own: conversations that ask it first and three other kinds after,
+# on fresh training stories, with the embedding held all but still (its rate a millionth of the
+# rest's), so that the model learns to copy the word instead of blurring the table further. Two
+# runs of (steps, story batch), scored after each.
+TARGETED_KIND = "weather"
+TARGETED_RUNS = ((200, 5), (400, 7))
+TARGETED_TOKENS = 225  # a conversation's words (and 8 tokens a turn for the template) at most
+
+
+def _targeted_conversations(path: Path, tokenizer, batch: int) -> None:
+    """Conversations about 6,000 training stories (`batch` of the split's story sequence),
+    `TARGETED_KIND` asked first, written to `path` as the reader's own jsonl would be."""
+    import random
+
+    from slmlab.data.story_grammar import stories
+    from slmlab.data.story_qa import QUESTION_KINDS, SPLIT_SEEDS, question_about
+
+    rng = random.Random(0)
+    others = [kind for kind in QUESTION_KINDS if kind != TARGETED_KIND]
+    with path.open("w") as f:
+        for story in stories(6000, seed=SPLIT_SEEDS["train"] + 1000 * batch):
+            asked = [question_about(story, k) for k in [TARGETED_KIND, *rng.sample(others, 3)]]
+            turns = asked[0].messages()
+            for example in asked[1:]:
+                turns += [{"role": "user", "content": example.question},
+                          {"role": "assistant", "content": example.answer}]  # fmt: skip
+            while turns and sum(len(tokenizer.encode(t["content"]).ids) + 8 for t in turns) > (
+                TARGETED_TOKENS
+            ):
+                turns = turns[:-2]
+            if turns:
+                f.write(json.dumps({"messages": turns}) + "\n")
+
+
+def _targeted(work: Path, start: Path) -> dict:
+    """`TARGETED_RUNS` from checkpoint `start` (the longer SFT), each scored on the test
+    questions; the last is ``sft-targeted``."""
+    test = _test_questions(checkpoint.load_tokenizer(start))
+    runs = []
+    for i, (steps, batch) in enumerate(TARGETED_RUNS):
+        data = work / f"targeted-{i}.jsonl"
+        _targeted_conversations(data, checkpoint.load_tokenizer(start), batch)
+        started = time.perf_counter()
+        result = finetune(start, work / f"sft-targeted-{i}", data=str(data), examples=6000,
+                          steps=steps, lr=5e-4, embedding_lr_scale=1e-6, progress=False)  # fmt: skip
+        start = result.checkpoint
+        runs.append({**_score(start, test), "steps": steps, "story_batch": batch,
+                     "minutes": (time.perf_counter() - started) / 60})  # fmt: skip
+        print(f"targeted run {i} ({steps} steps): exact match {runs[-1]['exact_match']:.3f}, "
+              f"{TARGETED_KIND} {runs[-1]['exact_match/' + TARGETED_KIND]:.3f}")  # fmt: skip
+    return {**runs[-1], "kind": TARGETED_KIND, "lr": 5e-4, "embedding_lr_scale": 1e-6,
+            "runs": runs}  # fmt: skip
 
 
 REAL_ROWS = 4  # SmolLM2-135M's LoRA step: 4 rows of 256 tokens
@@ -470,8 +528,9 @@ def main() -> None:
     if "longer" in parts:
         longer = _longer(work)
         after = _grpo(work, work / "sft-longer" / "last", "grpo-after-longer")
+        targeted = _targeted(work, work / "sft-longer" / "last")
         result["methods"] = {**result.get("methods", {}), "sft-longer": longer,
-                             "grpo-after-longer": after}  # fmt: skip
+                             "grpo-after-longer": after, "sft-targeted": targeted}  # fmt: skip
     if "real" in parts:
         result["real_model"] = _real(work, min(args.steps, 5))
     print(write("finetune", result))

@@ -1192,6 +1192,31 @@ def test_grpo_runs_on_a_chat_model_and_records_its_rewards(base_checkpoint, tmp_
     assert tuned.config.vocab_size == checkpoint.load(sft).config.vocab_size
     with pytest.raises(ValueError, match="grpo group must be 2 or more"):
         GRPOConfig(group=1)
+    with pytest.raises(ValueError, match="grpo kinds must be some of"):
+        GRPOConfig(kinds=("weather", "mood"))
+
+
+def test_grpo_asks_the_kinds_it_is_given_and_scores_every_kind(
+    base_checkpoint, tmp_path, monkeypatch
+) -> None:
+    from slmlab.finetune import grpo as grpo_module
+
+    base, model_config = base_checkpoint
+    sft = train(_sft(base, model_config, steps=1), tmp_path / "sft", progress=False).checkpoint
+    drawn: dict[str, list] = {}
+
+    def spy(n, split, **options):
+        drawn[split] = grpo_module.qa_examples.__wrapped__(n, split, **options)
+        return drawn[split]
+
+    spy.__wrapped__ = grpo_module.qa_examples
+    monkeypatch.setattr(grpo_module, "qa_examples", spy)
+    config = grpo_module.GRPOConfig(steps=1, prompts=2, group=2, max_new_tokens=2, examples=6,
+                                    eval_questions=30, kinds=["weather"])  # fmt: skip
+    assert config.kinds == ("weather",)
+    grpo_module.grpo(sft, tmp_path / "grpo", config, progress=False)
+    assert {e.kind for e in drawn["train"]} == {"weather"}
+    assert len({e.kind for e in drawn["validation"]}) > 1
 
 
 def test_the_real_models_story_recipe_is_what_slmlab_finetune_writes() -> None:

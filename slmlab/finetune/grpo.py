@@ -30,7 +30,7 @@ import torch
 
 from ..checkpoint import load, load_chat_settings, load_tokenizer
 from ..data.chat import IGNORE
-from ..data.story_qa import QAExample, qa_examples, score_answers
+from ..data.story_qa import QUESTION_KINDS, QAExample, qa_examples, score_answers
 from ..eval.story_qa import answer_questions
 from ..infer.generate import generate
 from ..templates import render_chat
@@ -46,8 +46,10 @@ __all__ = ["GRPOConfig", "group_advantages", "grpo", "grpo_loss"]
 class GRPOConfig:
     """A GRPO run: `steps` of `prompts` training questions, `group` replies sampled for each at
     `temperature` (up to `max_new_tokens`), AdamW at `lr`, KL weight `beta`, ratio clip `clip`;
-    `examples` training questions to cycle through, `eval_questions` held-out validation
-    questions scored greedily every `eval_every` steps."""
+    `examples` training questions of `kinds` to cycle through (a reward teaches only where
+    the model is sometimes right, so a run may ask those kinds alone), `eval_questions`
+    held-out validation questions of every kind answered greedily (replies of up to
+    `max_new_tokens`) every `eval_every` steps."""
 
     steps: int = 60
     prompts: int = 8
@@ -61,6 +63,7 @@ class GRPOConfig:
     eval_questions: int = 100
     eval_every: int = 20
     seed: int = 0
+    kinds: tuple[str, ...] = QUESTION_KINDS
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts", "group", "max_new_tokens", "examples", "eval_questions"):
@@ -77,6 +80,12 @@ class GRPOConfig:
                 raise ValueError(f"grpo {name} must be a number of 0 or more, got {value!r}")
         if self.temperature == 0 or self.lr == 0:
             raise ValueError("grpo samples (temperature > 0) and learns (lr > 0)")
+        unknown = [k for k in self.kinds if k not in QUESTION_KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(
+                f"grpo kinds must be some of {list(QUESTION_KINDS)}, got {list(self.kinds)!r}"
+            )
+        object.__setattr__(self, "kinds", tuple(self.kinds))  # a list from JSON or TOML
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -159,14 +168,16 @@ def grpo(
     def fits(example: QAExample) -> bool:
         return len(prompt_ids(example)) <= room
 
-    questions = qa_examples(config.examples, "train", keep=fits)
+    questions = qa_examples(config.examples, "train", kinds=config.kinds, keep=fits)
     held_out = qa_examples(config.eval_questions, "validation", keep=fits)
     order = list(range(len(questions)))
     random.Random(config.seed).shuffle(order)
 
     def evaluate() -> float:
         model.eval()
-        replies = answer_questions(model, tokenizer, settings, held_out)
+        replies = answer_questions(
+            model, tokenizer, settings, held_out, max_new_tokens=config.max_new_tokens
+        )
         model.train()
         return score_answers(held_out, replies)["exact_match"]
 

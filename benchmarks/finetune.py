@@ -4,7 +4,8 @@
 
 A run of some parts keeps the other parts' results from the last run that measured them.
 
-Results go to benchmarks/results/finetune.json.
+Results go to benchmarks/results/finetune.json (``--results NAME``: NAME.json, for a run on
+another machine kept beside it: finetune_epyc.json is the ``longer`` part on an AMD EPYC).
 
 * Quality: exact match and hallucination rate on 200 held-out story questions (test split),
   for stories-8m before fine-tuning (its weights with the chat tokens added, step 0), the zoo's
@@ -20,7 +21,10 @@ Results go to benchmarks/results/finetune.json.
   (`TARGETED_RUNS`).
 * GRPO (``grpo``) from stories-8m-sft with `GRPO_RUN`, reward = exact match, scored the same
   way; its held-out validation exact match before and after is recorded too. The ``longer``
-  part runs the same GRPO from the longer SFT as well (``grpo-after-longer``).
+  part runs the same GRPO from the longer SFT as well (``grpo-after-longer``), and GRPO
+  asking only the kinds the longer SFT answers right sometimes but not nearly always, on 200
+  held-out validation questions (`GRPO_SHARPEN`; ``grpo-sharpened``). Goal: GRPO above the
+  SFT model it starts from.
 * Speed and memory: one LoRA training step (rank 16 on every block's linear layers, AdamW,
   16 rows of 256 tokens, replies-only loss) of slmlab against PEFT on transformers' Llama, the
   same weights, rows and settings, each side in a fresh process; memory is the peak resident
@@ -57,7 +61,7 @@ import torch
 
 from benchmarks.common import RESULTS, write
 from slmlab import checkpoint, zoo
-from slmlab.data.story_qa import qa_examples, score_answers
+from slmlab.data.story_qa import QUESTION_KINDS, qa_examples, score_answers
 from slmlab.eval.story_qa import answer_questions
 from slmlab.finetune import finetune
 from slmlab.layers.lora import LoraConfig, apply_lora_
@@ -220,6 +224,34 @@ def _targeted(work: Path, start: Path) -> dict:
             "runs": runs}  # fmt: skip
 
 
+# GRPO where the model is sometimes right: from the longer SFT, asking only the kinds it
+# answers right on at least `SHARPEN_BETWEEN[0]` and under `SHARPEN_BETWEEN[1]` of 200 held-out
+# validation questions (a kind always right or never right makes groups whose rewards are all
+# alike, and no advantage), in groups of 8, for 60 steps.
+SHARPEN_BETWEEN = (0.3, 0.9)
+GRPO_SHARPEN = {"steps": 60, "prompts": 8, "group": 8, "max_new_tokens": 12, "lr": 1e-4,
+                "eval_every": 20}  # fmt: skip
+
+
+def _sharpened(work: Path, start: Path) -> dict:
+    """GRPO (`GRPO_SHARPEN`) from checkpoint `start` on the kinds it is unsure of
+    (`SHARPEN_BETWEEN`, judged on validation questions), scored on the test questions; or,
+    where it is unsure of none, the kinds it was judged on and no run."""
+    tokenizer = checkpoint.load_tokenizer(start)
+    validation = qa_examples(
+        200, "validation", keep=lambda e: len(tokenizer.encode(e.prompt()).ids) < 224
+    )
+    judged = _score(start, validation)
+    low, high = SHARPEN_BETWEEN
+    kinds = [k for k in QUESTION_KINDS if low <= judged[f"exact_match/{k}"] < high]
+    chosen = {"validation": judged, "kinds": kinds}
+    print(f"unsure of {kinds or 'no kind'} on validation questions")
+    if not kinds:
+        return chosen
+    return {**_grpo(work, start, "grpo-sharpened", {**GRPO_SHARPEN, "kinds": tuple(kinds)}),
+            **chosen}  # fmt: skip
+
+
 REAL_ROWS = 4  # SmolLM2-135M's LoRA step: 4 rows of 256 tokens
 
 
@@ -244,19 +276,22 @@ def _real(work: Path, steps: int) -> dict:
     }
 
 
-def _grpo(work: Path, start: Path | None = None, name: str = "grpo") -> dict:
-    """GRPO with `GRPO_RUN` from checkpoint `start` (the zoo's stories-8m-sft by default) into
-    ``work / name``, scored on the test questions."""
+def _grpo(
+    work: Path, start: Path | None = None, name: str = "grpo", settings: dict | None = None
+) -> dict:
+    """GRPO with `settings` (`GRPO_RUN` by default) from checkpoint `start` (the zoo's
+    stories-8m-sft by default) into ``work / name``, scored on the test questions."""
     from slmlab.finetune.grpo import GRPOConfig, grpo
 
+    settings = settings or GRPO_RUN
     start = start or zoo.ensure("stories-8m-sft")
     test = _test_questions(checkpoint.load_tokenizer(start))
-    run = grpo(start, work / name, GRPOConfig(**GRPO_RUN), progress=False)
+    run = grpo(start, work / name, GRPOConfig(**settings), progress=False)
     scores = _score(work / name / "last", test)
     metrics = [json.loads(line) for line in (work / name / "metrics.jsonl").open()]
     rewards = [m["reward"] for m in metrics if "reward" in m]
     print(f"{name}   exact match {scores['exact_match']:.3f}  ({run['minutes']:.1f} min)")
-    return {**scores, **GRPO_RUN, "minutes": run["minutes"],
+    return {**scores, **settings, "minutes": run["minutes"],
             "val_exact_match_before_after": run["val_exact_match"],
             "rewards": rewards}  # fmt: skip
 
@@ -495,6 +530,10 @@ def main() -> None:
         "--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}"
     )
     parser.add_argument("--steps", type=int, default=10, help="timed LoRA steps a side")
+    parser.add_argument(
+        "--results", default="finetune",
+        help="the results' name in benchmarks/results (another machine's run kept beside)",
+    )  # fmt: skip
     parser.add_argument("--side", choices=["slmlab", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("--memory-side", choices=MEMORY_RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointed", action="store_true", help=argparse.SUPPRESS)
@@ -512,7 +551,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--parts: unknown part {unknown[0]!r}; choose from {','.join(PARTS)}")
     work = Path(tempfile.mkdtemp(prefix="slmlab-finetune-"))
-    kept = RESULTS / "finetune.json"
+    kept = RESULTS / f"{args.results}.json"
     result: dict = json.loads(kept.read_text()) if kept.exists() else {}
     result = {k: v for k, v in result.items() if k not in ("benchmark", "machine")}
     if "quality" in parts:
@@ -528,12 +567,14 @@ def main() -> None:
     if "longer" in parts:
         longer = _longer(work)
         after = _grpo(work, work / "sft-longer" / "last", "grpo-after-longer")
+        sharpened = _sharpened(work, work / "sft-longer" / "last")
         targeted = _targeted(work, work / "sft-longer" / "last")
         result["methods"] = {**result.get("methods", {}), "sft-longer": longer,
-                             "grpo-after-longer": after, "sft-targeted": targeted}  # fmt: skip
+                             "grpo-after-longer": after, "grpo-sharpened": sharpened,
+                             "sft-targeted": targeted}  # fmt: skip
     if "real" in parts:
         result["real_model"] = _real(work, min(args.steps, 5))
-    print(write("finetune", result))
+    print(write(args.results, result))
 
 
 def _speed(work: Path, steps: int, name: str = "stories-8m-lora", rows: int = ROWS) -> dict:

@@ -97,8 +97,9 @@ def _quality(work: Path) -> dict:
     return out
 
 
-def _test_questions(tokenizer) -> list:
-    return qa_examples(200, "test", keep=lambda e: len(tokenizer.encode(e.prompt()).ids) < 224)
+def _test_questions(tokenizer, split: str = "test") -> list:
+    """200 questions of `split` whose prompts leave room for the reply in 256 tokens."""
+    return qa_examples(200, split, keep=lambda e: len(tokenizer.encode(e.prompt()).ids) < 224)
 
 
 def _score(path: Path, test: list, **options) -> dict:
@@ -237,11 +238,7 @@ def _sharpened(work: Path, start: Path) -> dict:
     """GRPO (`GRPO_SHARPEN`) from checkpoint `start` on the kinds it is unsure of
     (`SHARPEN_BETWEEN`, judged on validation questions), scored on the test questions; or,
     where it is unsure of none, the kinds it was judged on and no run."""
-    tokenizer = checkpoint.load_tokenizer(start)
-    validation = qa_examples(
-        200, "validation", keep=lambda e: len(tokenizer.encode(e.prompt()).ids) < 224
-    )
-    judged = _score(start, validation)
+    judged = _score(start, _test_questions(checkpoint.load_tokenizer(start), "validation"))
     low, high = SHARPEN_BETWEEN
     kinds = [k for k in QUESTION_KINDS if low <= judged[f"exact_match/{k}"] < high]
     chosen = {"validation": judged, "kinds": kinds}

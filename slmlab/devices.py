@@ -11,11 +11,16 @@ one pass) reads the weights once for many tokens and is bound by compute instead
 The catalogue's figures are the makers' published peaks (the source is named with each), or
 are computed from published clocks and core counts where the maker publishes none (said so).
 Peaks are ceilings; a runtime reaches some share of them, which is what chapter 10 measures.
-`this_machine` measures the machine it runs on instead.
+`this_machine` measures the machine it runs on instead, and two ceilings a datasheet leaves
+out: the read bandwidth of each cache level (a model whose weights fit in cache is read from
+there, faster than from memory: the *cache-aware* roofline) and the rate a CPU does the
+arithmetic of 4-bit products (unpacking each code, converting, multiplying: on a CPU that work,
+not the reading of half a byte a weight, can be the limit).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .env import matmul_gflops
+from .kernels import cpu_kernels, int4_linear
 from .models.budget import kv_cache_bytes_per_token, param_count
 from .models.config import ModelConfig
 
@@ -32,6 +38,8 @@ __all__ = [
     "WEIGHT_BITS",
     "Device",
     "Roofline",
+    "bandwidths_by_size",
+    "int4_product_rates",
     "last_level_cache_bytes",
     "read_bandwidth_gbs",
     "roofline",
@@ -47,12 +55,21 @@ WEIGHT_BITS = {
     "int4": 4.5, "q4_0": 4.5, "q4_1": 5.0, "q4_k": 4.5,
 }  # fmt: skip
 _KV_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8}
+# Formats whose matrix-vector products unpack 4-bit codes (and Q4_K's 6-bit scales) first.
+_FOUR_BIT = frozenset({"int4", "q4_0", "q4_1", "q4_k"})
 
 
 @dataclass(frozen=True)
 class Device:
     """A device's memory and peaks. Compute in tera-operations/s (None: not published or not
-    there), bandwidth in GB/s (10⁹ bytes), memory in GB."""
+    there), bandwidth in GB/s (10⁹ bytes), memory in GB.
+
+    `cache_bandwidths` lists (MiB, GB/s): the read bandwidth for data of at most that many MiB,
+    smallest first, where measured. `int4_rates` lists (inputs, billions of weights/s): how
+    fast a 4-bit matrix-vector product gets through a weight whose rows are that long with its
+    codes already in cache (its arithmetic alone: a short row is a short chain of sums and
+    pays its start and end more often), where measured. The catalogue's devices publish
+    neither."""
 
     name: str
     memory_gb: float
@@ -61,6 +78,31 @@ class Device:
     fp16_tflops: float | None
     int8_tops: float | None
     source: str
+    cache_bandwidths: tuple[tuple[float, float], ...] = ()
+    int4_rates: tuple[tuple[int, float], ...] = ()
+
+    def bandwidth_for(self, nbytes: float) -> float:
+        """GB/s for reading `nbytes` over and over: the first cache level listed that holds
+        them, main memory otherwise (and never below main memory's)."""
+        for mib, gbs in self.cache_bandwidths:
+            if nbytes <= mib * 2**20:
+                return max(gbs, self.bandwidth_gbs)
+        return self.bandwidth_gbs
+
+    def int4_rate(self, in_features: int) -> float | None:
+        """Billions of weights/s of a 4-bit product with rows of `in_features`: between two
+        measured widths, interpolated on a log scale; outside them, the nearest; None where
+        not measured."""
+        if not self.int4_rates:
+            return None
+        widths = [math.log2(w) for w, _ in self.int4_rates]
+        rates = [r for _, r in self.int4_rates]
+        x = min(max(math.log2(in_features), widths[0]), widths[-1])
+        for i in range(1, len(widths)):
+            if x <= widths[i]:
+                t = (x - widths[i - 1]) / (widths[i] - widths[i - 1])
+                return rates[i - 1] + t * (rates[i] - rates[i - 1])
+        return rates[-1]
 
     def peak(self, weights: str) -> float:
         """Operations/s the matrix products of `weights` can run at: int8 units for 8- and
@@ -116,10 +158,11 @@ DEVICES: dict[str, Device] = {
 }  # fmt: skip
 
 
-def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Main-memory read bandwidth: the best of a few sums over a buffer far larger than cache
-    (on every thread PyTorch uses, as a decode step reads its weights)."""
-    x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+def read_bandwidth_gbs(megabytes: float = 512, repeats: int = 5) -> float:
+    """Read bandwidth: the best of a few sums over a buffer of `megabytes` MiB (on every
+    thread PyTorch uses, as a decode step reads its weights). The default is far larger than
+    any cache: main memory's."""
+    x = torch.ones(int(megabytes * 2**20) // 4, dtype=torch.float32)
     x.sum()
     best = float("inf")
     for _ in range(repeats):
@@ -127,6 +170,42 @@ def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best / 1e9
+
+
+def bandwidths_by_size(
+    sizes_mib: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128),
+) -> tuple[tuple[float, float], ...]:
+    """(MiB, GB/s) for buffers of each size, read over and over as decode steps read a model's
+    weights: where a buffer fits in a cache level, that level's bandwidth. Measured, since a
+    virtual machine's reported cache sizes need not be what its programs get."""
+    return tuple((mib, round(read_bandwidth_gbs(mib, repeats=20), 1)) for mib in sizes_mib)
+
+
+def int4_product_rates(
+    widths: tuple[int, ...] = (256, 512, 1024, 2048, 4096), seconds: float = 0.05
+) -> tuple[tuple[int, float], ...]:
+    """(inputs, billions of weights/s) of slmlab's 4-bit matrix-vector product (groups of 32,
+    as Q4_0) on this CPU, for weights of about a million weights (a small model's matrix:
+    2**20 / inputs rows) whose codes, half a MiB, stay in cache so that reading them is not
+    what is timed; empty without the compiled kernels."""
+    if cpu_kernels() is None:
+        return ()
+    generator = torch.Generator().manual_seed(0)
+    rates = []
+    for width in widths:
+        rows = 2**20 // width
+        codes = torch.randint(0, 256, (rows, width // 2), dtype=torch.uint8, generator=generator)
+        scales = torch.rand(rows, width // 32, generator=generator)
+        x = torch.randn(1, width, generator=generator)
+        with torch.no_grad():
+            int4_linear(x, codes, scales, None, 32)
+            best, start = float("inf"), time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                t0 = time.perf_counter()
+                int4_linear(x, codes, scales, None, 32)
+                best = min(best, time.perf_counter() - t0)
+        rates.append((width, round(rows * width / best / 1e9, 1)))
+    return tuple(rates)
 
 
 def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
@@ -140,14 +219,16 @@ def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
 
 
 def this_machine(name: str = "this machine (measured)") -> Device:
-    """This machine's CPU as a `Device`: memory bandwidth and fp32 matmul throughput measured
-    now (a few tenths of a second), int8 and fp16 left out (PyTorch's CPU path does not use
+    """This machine's CPU as a `Device`, measured now (under a second): memory bandwidth and
+    each cache level's (`bandwidths_by_size`), fp32 matmul throughput, and the 4-bit product's
+    rates (`int4_product_rates`); int8 and fp16 peaks left out (PyTorch's CPU path does not use
     them for these models)."""
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         pages = 0
-    flops = matmul_gflops(torch.float32, n=1024, seconds=0.3) / 1e3
+    # the best of three windows: a ceiling, and a shared machine's neighbours come and go
+    flops = max(matmul_gflops(torch.float32, n=1024, seconds=0.1) for _ in range(3)) / 1e3
     return Device(
         name,
         round(pages / 1e9, 1),
@@ -155,7 +236,10 @@ def this_machine(name: str = "this machine (measured)") -> Device:
         round(flops, 3),
         None,
         None,
-        f"measured: {torch.get_num_threads()} threads, 512 MiB sum, 1024x1024 fp32 matmul",
+        f"measured: {torch.get_num_threads()} threads, sums over 1-512 MiB, 1024x1024 fp32 "
+        "matmul, slmlab's int4 product on weights of 2**20 with rows of 256-4096",
+        cache_bandwidths=bandwidths_by_size(),
+        int4_rates=int4_product_rates(),
     )
 
 
@@ -168,7 +252,8 @@ class Roofline:
     weight_bytes: float
     kv_bytes: float
     decode_tokens_per_s: float
-    decode_bound: str
+    decode_bound: str  # 'memory', 'compute', or 'unpacking' (the 4-bit product's arithmetic)
+    decode_bandwidth_gbs: float  # the bandwidth of the level a step's bytes are read from
     prefill_tokens_per_s: float
     prefill_bound: str
     fits: bool  # within the device's memory
@@ -182,43 +267,74 @@ def roofline(
     kv: str = "fp32",
     context: int = 512,
     prompt: int = 512,
+    bits: float | None = None,
 ) -> Roofline:
     """The roofline of `config` on `device` with weights stored as `weights` (`WEIGHT_BITS`)
     and the cache as `kv` (fp32, fp16, bf16, int8): decoding one token at `context` tokens of
-    cache, and a `prompt` of that many tokens in one pass; batch 1.
+    cache, and a `prompt` of that many tokens in one pass; batch 1. `bits` replaces the
+    format's bits a weight where a file says otherwise (a format's fallback blocks, a table
+    kept in fp32 beside int8 products: its bytes over its weights).
 
     Every matrix is read once a step (the head too: a tied head reads the embedding); the
-    embedding's own lookup reads one row. The norms are in the bytes, negligibly."""
+    embedding's own lookup reads one row. The norms are in the bytes, negligibly. A step's
+    bytes are read at the bandwidth of the smallest cache level that holds them
+    (`Device.bandwidth_for`); a 4-bit format's step takes at least each matrix's weights over
+    the device's 4-bit rate for rows as long as its inputs (`Device.int4_rate`), where
+    measured (the bound is then called 'unpacking'): the output projection's rows are
+    q_size long, the MLP's down projection's intermediate_size, every other matrix's
+    hidden_size."""
     if weights not in WEIGHT_BITS:
         raise ValueError(f"weights {weights!r}: choose one of {list(WEIGHT_BITS)}")
     if kv not in _KV_BITS:
         raise ValueError(f"kv {kv!r}: choose one of {list(_KV_BITS)}")
     if context < 0 or prompt < 1:
         raise ValueError("context must be >= 0 and prompt >= 1")
+    if bits is not None and not bits > 0:
+        raise ValueError(f"bits {bits}: a weight takes a positive number of bits")
     counts = param_count(config)
     head = config.vocab_size * config.hidden_size  # the head's matrix, tied or not
     mlp = counts.mlp - counts.idle  # a token reads and runs only the experts routed to it
     read = counts.attention + mlp + counts.norms + head
-    weight_bytes = read * WEIGHT_BITS[weights] / 8
-    stored = counts.total * WEIGHT_BITS[weights] / 8
+    bits = WEIGHT_BITS[weights] if bits is None else bits
+    weight_bytes = read * bits / 8
+    stored = counts.total * bits / 8
     per_token_kv = kv_cache_bytes_per_token(config, "fp32") * _KV_BITS[kv] / 32
-    peak, bandwidth = device.peak(weights), device.bandwidth_gbs * 1e9
+    peak = device.peak(weights)
     matmul = 2 * (counts.attention + mlp + head)
 
     def attention_flops(ctx: float) -> float:
         return 4 * config.num_hidden_layers * config.q_size * ctx
 
-    decode_memory = (weight_bytes + per_token_kv * context) / bandwidth
-    decode_compute = (matmul + attention_flops(context)) / peak
-    prefill_memory = (weight_bytes + per_token_kv * prompt) / bandwidth
+    def read_seconds(nbytes: float) -> float:
+        return nbytes / (device.bandwidth_for(nbytes) * 1e9)
+
+    decode_bytes = weight_bytes + per_token_kv * context
+    bounds = {
+        "memory": read_seconds(decode_bytes),
+        "compute": (matmul + attention_flops(context)) / peak,
+    }
+    if weights in _FOUR_BIT and device.int4_rates:
+        attention_layers = config.num_hidden_layers - sum(config.linear_layers)
+        out_proj = attention_layers * config.q_size * config.hidden_size
+        down = mlp // 3  # gate, up and down projections hold a third of the MLP's weights each
+        down_width = config.expert_size if config.num_experts else config.intermediate_size
+        by_width = [
+            (config.hidden_size, matmul / 2 - out_proj - down),
+            (config.q_size, out_proj),
+            (down_width, down),
+        ]
+        bounds["unpacking"] = sum(n / (device.int4_rate(w) * 1e9) for w, n in by_width if n > 0)
+    decode_bound = max(bounds, key=bounds.__getitem__)
+    prefill_memory = read_seconds(weight_bytes + per_token_kv * prompt)
     prefill_compute = prompt * (matmul + attention_flops(prompt / 2)) / peak
     kv_bytes = per_token_kv * max(context, prompt)
     return Roofline(
         memory_bytes=stored + kv_bytes,
         weight_bytes=stored,
         kv_bytes=kv_bytes,
-        decode_tokens_per_s=1 / max(decode_memory, decode_compute),
-        decode_bound="memory" if decode_memory >= decode_compute else "compute",
+        decode_tokens_per_s=1 / bounds[decode_bound],
+        decode_bound=decode_bound,
+        decode_bandwidth_gbs=device.bandwidth_for(decode_bytes),
         prefill_tokens_per_s=prompt / max(prefill_memory, prefill_compute),
         prefill_bound="memory" if prefill_memory >= prefill_compute else "compute",
         fits=stored + kv_bytes <= device.memory_gb * 1e9,

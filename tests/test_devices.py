@@ -41,6 +41,58 @@ def test_memory_bound_decode_is_bandwidth_over_bytes(weights, context) -> None:
     assert r.weight_bytes == pytest.approx(stored * WEIGHT_BITS[weights] / 8)
 
 
+def test_weights_that_fit_in_a_cache_level_are_read_at_its_bandwidth() -> None:
+    """The cache-aware roofline: a step's bytes come from the smallest level that holds them."""
+    read = _read_per_token(CONFIG, 32)  # about 2 MB in fp32
+    levels = ((read / 2 / 2**20, 500.0), (2 * read / 2**20, 100.0), (1e6, 5.0))
+    cached = Device("test", 1, 10.0, 100.0, None, None, "made up", cache_bandwidths=levels)
+    r = roofline(CONFIG, cached, weights="fp32", context=0)
+    assert r.decode_bound == "memory" and r.decode_bandwidth_gbs == 100.0
+    assert r.decode_tokens_per_s == pytest.approx(100e9 / read, rel=1e-9)
+    # a level slower than main memory does not slow it down; none listed: main memory
+    assert cached.bandwidth_for(1e12) == 10.0 and cached.bandwidth_for(read * 3) == 10.0
+    assert roofline(CONFIG, SLOW_MEMORY, context=0).decode_bandwidth_gbs == 10.0
+
+
+def test_four_bit_decode_is_bound_by_unpacking_where_that_is_slower_than_reading() -> None:
+    """Each matrix takes its weights over the rate for rows of its inputs: CONFIG's down
+    projections (rows of 384) at the second rate, every other matrix (rows of 128) the first."""
+    with torch.device("meta"):
+        model = DecoderLM(CONFIG)
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    down = sum(m.weight.numel() for m in linear if m.in_features == CONFIG.intermediate_size)
+    rest = sum(m.weight.numel() for m in linear) - down
+    rates = ((128, 0.001), (384, 0.002))  # billions of weights/s
+    slow_unpack = Device("test", 1, 10.0, 100.0, None, None, "made up", int4_rates=rates)
+    for weights in ("int4", "q4_0", "q4_k"):
+        r = roofline(CONFIG, slow_unpack, weights=weights, context=0)
+        assert r.decode_bound == "unpacking"
+        assert r.decode_tokens_per_s == pytest.approx(1 / (rest / 1e6 + down / 2e6))
+    # other formats, or a device that has not measured the rates, are read at bandwidth
+    assert roofline(CONFIG, slow_unpack, weights="q8_0", context=0).decode_bound == "memory"
+    fast = Device("test", 1, 10.0, 100.0, None, None, "made up", int4_rates=((64, 1e6),))
+    assert roofline(CONFIG, fast, weights="q4_0", context=0).decode_bound == "memory"
+    assert roofline(CONFIG, SLOW_MEMORY, weights="q4_0", context=0).decode_bound == "memory"
+
+
+def test_the_four_bit_rate_between_measured_widths_is_interpolated_on_a_log_scale() -> None:
+    device = Device("test", 1, 10.0, 100.0, None, None, "made up",
+                    int4_rates=((256, 10.0), (1024, 30.0), (4096, 40.0)))  # fmt: skip
+    assert device.int4_rate(512) == pytest.approx(20.0)
+    assert device.int4_rate(2048) == pytest.approx(35.0)
+    assert device.int4_rate(1024) == 30.0
+    assert device.int4_rate(64) == 10.0 and device.int4_rate(1 << 16) == 40.0
+    assert SLOW_MEMORY.int4_rate(512) is None
+
+
+def test_a_files_own_bits_replace_the_formats() -> None:
+    """Q4_K's matrices whose rows are not whole super-blocks fall back to Q5_0 (5.5 bits)."""
+    r = roofline(CONFIG, SLOW_MEMORY, weights="q4_k", context=0, bits=5.5)
+    assert r.decode_tokens_per_s == pytest.approx(10e9 / _read_per_token(CONFIG, 5.5))
+    with pytest.raises(ValueError, match="bits 0"):
+        roofline(CONFIG, SLOW_MEMORY, weights="q4_k", bits=0)
+
+
 def test_compute_bound_when_compute_is_scarce_and_prefill_counts_two_flops_a_weight() -> None:
     slow_compute = Device("test", 1, 1e6, 1e-6, None, None, "made up")  # 1 MFLOP/s
     r = roofline(CONFIG, slow_compute, weights="fp32", context=0, prompt=1)
@@ -85,6 +137,11 @@ def test_catalogue_names_its_sources_and_measures_this_machine() -> None:
         assert device.fp32_tflops > 0
     here = this_machine()
     assert here.bandwidth_gbs > 0.5 and here.fp32_tflops > 0.001 and "measured" in here.source
+    sizes = [mib for mib, _ in here.cache_bandwidths]
+    assert sizes == sorted(sizes) and all(gbs > 0 for _, gbs in here.cache_bandwidths)
+    widths = [w for w, _ in here.int4_rates]
+    assert widths == sorted(widths) and all(rate > 0.01 for _, rate in here.int4_rates)
+    assert all(not d.int4_rates and not d.cache_bandwidths for d in DEVICES.values())
 
 
 def test_bad_precisions_are_named() -> None:

@@ -39,6 +39,7 @@ from benchmarks.common import write
 from benchmarks.decode_speed import CONFIGS
 from benchmarks.llama_cpp_decode import peak_rss_mib
 from slmlab.devices import Device, roofline, this_machine
+from slmlab.models import ModelConfig
 from slmlab.models.budget import param_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,10 +105,10 @@ def export_file(ckpt: Path, runtime: str, precision: str, work: Path, context: i
     return out
 
 
-def stored_bits(file: Path, config) -> float:
-    """Bits a weight `file` takes: its tensors' bytes (a GGUF's tensors only, not its
-    tokenizer; a checkpoint's model safetensors, not its optimizer's; an ONNX or ExecuTorch file whole) over the model's
-    parameters."""
+def stored_bits(file: Path, config: ModelConfig) -> float:
+    """Bits a weight `file` takes: its tensors' bytes (a GGUF's tensors, not its tokenizer; a
+    checkpoint's model safetensors, not its optimizer's; an ONNX or ExecuTorch file whole)
+    over the model's parameters."""
     if file.is_dir():
         nbytes = sum(f.stat().st_size for f in file.glob("model*.safetensors"))
     elif file.suffix == ".gguf":

@@ -512,12 +512,18 @@ from slmlab.quant import pack_int4, quantize
 
 assert kernels.cpu_kernels() is not None, "no kernels built"
 out = {}
-for symmetric in (True, False):
-    torch.manual_seed(0)
-    q = quantize(torch.randn(98, 512) * 0.05, "int", 4, group_size=64, symmetric=symmetric)
-    for rows in (1, 3, 4):
-        x = torch.randn(rows, 512)
-        out[f"{symmetric}-{rows}"] = kernels.int4_linear(x, pack_int4(q.codes), q.scales, q.zeros, 64)
+# (inputs, group): blocks of 32 in pairs and four at a time, with none, one or two left over;
+# a group of one block, two, or three (a pair of blocks across two groups); rows of 2048 inputs
+# and more, which a single row of x takes one row of W at a time.
+for width, group in ((512, 64), (576, 32), (544, 32), (576, 96), (2080, 32), (2112, 64)):
+    for symmetric in (True, False):
+        torch.manual_seed(0)
+        q = quantize(torch.randn(98, width) * 0.05, "int", 4, group_size=group, symmetric=symmetric)
+        for rows in (1, 3, 4):
+            x = torch.randn(rows, width)
+            out[f"{width}-{group}-{symmetric}-{rows}"] = kernels.int4_linear(
+                x, pack_int4(q.codes), q.scales, q.zeros, group
+            )
 from slmlab.layers import pack_2to4
 from slmlab.prune import nm_mask
 w = torch.randn(96, 520)  # 520 inputs: the vector loops' tails run too
@@ -544,9 +550,10 @@ def _int4_products(path: Path, arch: str | None) -> subprocess.CompletedProcess:
 
 def test_kernels_built_for_an_avx2_cpu_compute_the_same(tmp_path) -> None:
     """SLMLAB_CPU_ARCH=x86-64-v3 builds the code that AVX2 CPUs without AVX-512 run (maddubs
-    + madd where this machine may use VNNI): the same integers and sums, so the same int4
-    products to the bit (a single row of x takes four rows of W at a time with AVX-512, two
-    with AVX2; 98 rows leave some over); the 2:4 products (AVX2's two permutations
+    + madd where this machine may use VNNI; one block of 32 inputs at a time where AVX-512
+    takes four, the last few under a mask): the same integers and sums, so the same int4
+    products to the bit, zero points included (a single row of x takes four rows of W at a
+    time with AVX-512, two with AVX2; 98 rows leave some over); the 2:4 products (AVX2's two permutations
     where AVX-512 has one) equal float64's; the fp32 products (AVX-512's two rows of W at a
     time) are AVX2's to the bit."""
     native = _int4_products(tmp_path / "native.safetensors", None)

@@ -252,7 +252,9 @@ class Roofline:
     weight_bytes: float
     kv_bytes: float
     decode_tokens_per_s: float
-    decode_bound: str  # 'memory', 'compute', or 'unpacking' (the 4-bit product's arithmetic)
+    # 'memory', 'compute', 'unpacking' (the 4-bit product's arithmetic), or 'overhead' (the
+    # runtime's fixed cost a token, where given and longer than the others)
+    decode_bound: str
     decode_bandwidth_gbs: float  # the bandwidth of the level a step's bytes are read from
     prefill_tokens_per_s: float
     prefill_bound: str
@@ -268,6 +270,7 @@ def roofline(
     context: int = 512,
     prompt: int = 512,
     bits: float | None = None,
+    overhead_s: float = 0.0,
 ) -> Roofline:
     """The roofline of `config` on `device` with weights stored as `weights` (`WEIGHT_BITS`)
     and the cache as `kv` (fp32, fp16, bf16, int8): decoding one token at `context` tokens of
@@ -282,7 +285,13 @@ def roofline(
     the device's 4-bit rate for rows as long as its inputs (`Device.int4_rate`), where
     measured (the bound is then called 'unpacking'): the output projection's rows are
     q_size long, the MLP's down projection's intermediate_size, every other matrix's
-    hidden_size."""
+    hidden_size.
+
+    `overhead_s` is a runtime's fixed cost a decoded token, which no ceiling of the device's
+    holds: dispatching its operations, the norms and activations, attention at a short
+    context, sampling. It is added to the bound's time (the bound is called 'overhead' where it
+    is the longer of the two); measure it on a model too small for its weights to matter
+    (chapter 10 does, on 3M parameters)."""
     if weights not in WEIGHT_BITS:
         raise ValueError(f"weights {weights!r}: choose one of {list(WEIGHT_BITS)}")
     if kv not in _KV_BITS:
@@ -291,6 +300,8 @@ def roofline(
         raise ValueError("context must be >= 0 and prompt >= 1")
     if bits is not None and not bits > 0:
         raise ValueError(f"bits {bits}: a weight takes a positive number of bits")
+    if not (math.isfinite(overhead_s) and overhead_s >= 0):
+        raise ValueError(f"overhead_s {overhead_s}: a time of 0 s or more")
     counts = param_count(config)
     head = config.vocab_size * config.hidden_size  # the head's matrix, tied or not
     mlp = counts.mlp - counts.idle  # a token reads and runs only the experts routed to it
@@ -325,6 +336,9 @@ def roofline(
         ]
         bounds["unpacking"] = sum(n / (device.int4_rate(w) * 1e9) for w, n in by_width if n > 0)
     decode_bound = max(bounds, key=bounds.__getitem__)
+    decode_seconds = bounds[decode_bound] + overhead_s
+    if overhead_s > bounds[decode_bound]:
+        decode_bound = "overhead"
     prefill_memory = read_seconds(weight_bytes + per_token_kv * prompt)
     prefill_compute = prompt * (matmul + attention_flops(prompt / 2)) / peak
     kv_bytes = per_token_kv * max(context, prompt)
@@ -332,7 +346,7 @@ def roofline(
         memory_bytes=stored + kv_bytes,
         weight_bytes=stored,
         kv_bytes=kv_bytes,
-        decode_tokens_per_s=1 / bounds[decode_bound],
+        decode_tokens_per_s=1 / decode_seconds,
         decode_bound=decode_bound,
         decode_bandwidth_gbs=device.bandwidth_for(decode_bytes),
         prefill_tokens_per_s=prompt / max(prefill_memory, prefill_compute),

@@ -93,6 +93,23 @@ def test_a_files_own_bits_replace_the_formats() -> None:
         roofline(CONFIG, SLOW_MEMORY, weights="q4_k", bits=0)
 
 
+def test_a_runtimes_fixed_cost_a_token_is_added_to_the_bound() -> None:
+    """Time a token = the bound's time + the overhead; the bound is 'overhead' where that is
+    the longer; prefill is left alone (one pass for the whole prompt)."""
+    bare = roofline(CONFIG, SLOW_MEMORY, context=0)
+    bound_s = _read_per_token(CONFIG, 32) / 10e9
+    small = roofline(CONFIG, SLOW_MEMORY, context=0, overhead_s=bound_s / 4)
+    assert small.decode_bound == "memory"
+    assert 1 / small.decode_tokens_per_s == pytest.approx(1.25 * bound_s, rel=1e-9)
+    large = roofline(CONFIG, SLOW_MEMORY, context=0, overhead_s=3 * bound_s)
+    assert large.decode_bound == "overhead"
+    assert 1 / large.decode_tokens_per_s == pytest.approx(4 * bound_s, rel=1e-9)
+    assert large.prefill_tokens_per_s == bare.prefill_tokens_per_s
+    for bad in (-1e-3, float("nan")):
+        with pytest.raises(ValueError, match="overhead_s"):
+            roofline(CONFIG, SLOW_MEMORY, overhead_s=bad)
+
+
 def test_compute_bound_when_compute_is_scarce_and_prefill_counts_two_flops_a_weight() -> None:
     slow_compute = Device("test", 1, 1e6, 1e-6, None, None, "made up")  # 1 MFLOP/s
     r = roofline(CONFIG, slow_compute, weights="fp32", context=0, prompt=1)

@@ -561,12 +561,9 @@ float int4_row_portable(const uint8_t* w, const float* scales, int64_t k, int64_
   return sum;
 }
 
-// The zero-point term of one output: sum over groups of scale * zero * (the group's sum of x).
-// Per output and row of x, it is a dot product as long as the groups: vectorised, it costs a
-// few instructions instead of a tenth of the row's time.
 #ifdef SLMLAB_AVX2
-// The zero-point terms of R consecutive outputs (their scales and zeros `groups` apart): each
-// one's chain of sums as zero_point_term's, the R chains side by side, where one alone waited
+// The zero-point terms of R consecutive outputs (their scales and zeros `groups` apart), as
+// zero_point_term computes each, the R chains of sums side by side: one at a time, each waited
 // on its own additions (a sixth of the decoding product's time, SmolLM2-135M on an EPYC).
 template <int R>
 void zero_point_terms(const float* s, const uint8_t* z, const float* group_sums, int64_t groups, float* out) {
@@ -600,6 +597,9 @@ void zero_point_terms(const float* s, const uint8_t* z, const float* group_sums,
 }
 #endif
 
+// The zero-point term of one output: sum over groups of scale * zero * (the group's sum of x).
+// Per output and row of x, it is a dot product as long as the groups: vectorised, it costs a
+// few instructions instead of a tenth of the row's time.
 float zero_point_term(const float* s, const uint8_t* z, const float* group_sums, int64_t groups, bool vector) {
   float total = 0.f;
 #ifdef SLMLAB_AVX2
@@ -658,7 +658,8 @@ void int4_outputs(const uint8_t* codes, const float* scales, const uint8_t* zero
 }
 
 // Rows of W interleaved for a single row of x: as many as the registers hold (16 vector
-// registers with AVX2, 32 with AVX-512; four accumulators each), where rows are short. A long
+// registers with AVX2, 32 with AVX-512; four accumulators a row, two 512-bit ones in
+// int4_tile_avx512, where eight rows came no faster than four), where rows are short. A long
 // row is chain enough, and four streams of codes read from memory at once came slower than
 // one: a 4096-by-4096 layer, out of cache, 0.79 ms against 0.47 (a 2048-wide model's decoding
 // was no faster either way).

@@ -42,7 +42,9 @@ another machine kept beside it: finetune_epyc.json is the ``longer`` part on an 
   model adds, and the peak while training steps run, both above the process's memory before
   the model was loaded; the baseline is LoRA's, measured in the same run. Also QLoRA with the
   embedding (tied to the head) in int8 rows too (``qlora-int8-embedding``), which QLoRA's
-  recipe leaves in fp32. Goal: QLoRA's training peak ≤ 0.4× LoRA's.
+  recipe leaves in fp32; and LoRA and QLoRA (int8 embedding, the loss's head in chunks) under
+  bf16 autocast with the hidden state between blocks in bf16 (``-bf16-residual``: QLoRA's
+  compute type). Goal: QLoRA's training peak ≤ 0.4× LoRA's in fp32.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -386,7 +389,11 @@ MEMORY_METHODS = ("full", "lora", "qlora", "qlora-int8-embedding")
 # (`TrainConfig.head_chunk`): the logits of the 128 learnt positions are then never all kept.
 HEAD_CHUNK = 32
 CHUNKED = "-head-chunks"
-MEMORY_RUNS = (*MEMORY_METHODS, "lora" + CHUNKED, "qlora-int8-embedding" + CHUNKED)
+# And both of those under bf16 autocast with the hidden state between blocks in bf16
+# (`TrainConfig.precision` ``bf16-residual``): QLoRA's compute type (Dettmers et al., 2023).
+BF16 = "-bf16-residual"
+CHUNKED_RUNS = ("lora" + CHUNKED, "qlora-int8-embedding" + CHUNKED)
+MEMORY_RUNS = (*MEMORY_METHODS, *CHUNKED_RUNS, *(run + BF16 for run in CHUNKED_RUNS))
 
 
 class _PeakRSS:
@@ -433,6 +440,8 @@ def _memory_side(method: str, base: Path, steps: int, checkpointed: bool) -> Non
     from slmlab.train import next_token_loss
     from slmlab.train.data import Batch
 
+    bf16_residual = method.endswith(BF16)
+    method = method.removesuffix(BF16)
     head_chunk = HEAD_CHUNK if method.endswith(CHUNKED) else 0
     method = method.removesuffix(CHUNKED)
     torch.manual_seed(0)
@@ -448,6 +457,10 @@ def _memory_side(method: str, base: Path, steps: int, checkpointed: bool) -> Non
     gc.collect()
     model.train()
     model.activation_checkpointing = checkpointed
+    model.residual_dtype = torch.bfloat16 if bf16_residual else None
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16_residual else nullcontext
+    )
     ids = torch.randint(0, model.config.vocab_size, (MEMORY_ROWS, MEMORY_LEN + 1))
     targets = ids[:, 1:].clone()
     targets[:, :-MEMORY_REPLY] = IGNORE  # the reply alone is learnt
@@ -461,7 +474,7 @@ def _memory_side(method: str, base: Path, steps: int, checkpointed: bool) -> Non
     with _PeakRSS() as training:
         for _ in range(steps):
             t0 = time.perf_counter()
-            next_token_loss(model, rows, head_chunk=head_chunk).backward()
+            next_token_loss(model, rows, autocast, head_chunk).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
@@ -495,6 +508,14 @@ def _memory(steps: int) -> dict:
     def ratio(sides: dict, field: str, method: str = "qlora") -> float:
         return sides[method][field] / sides["lora"][field]
 
+    def chunked(sides: dict, qlora_suffix: str, lora_suffix: str | None = None) -> float:
+        """QLoRA's (int8 embedding, head in chunks) training peak over LoRA's (head in
+        chunks), each side named with its suffix (`BF16` or none; LoRA's QLoRA's unless
+        given)."""
+        lora_suffix = qlora_suffix if lora_suffix is None else lora_suffix
+        qlora, lora = sides[CHUNKED_RUNS[1] + qlora_suffix], sides[CHUNKED_RUNS[0] + lora_suffix]
+        return qlora["training_peak_mib"] / lora["training_peak_mib"]
+
     plain, recomputed = runs[False], runs[True]
     return {
         "model": "smollm2-135m-instruct",
@@ -513,10 +534,11 @@ def _memory(steps: int) -> dict:
             recomputed, "training_peak_mib", "qlora-int8-embedding"
         ),
         "head_chunk": HEAD_CHUNK,
-        "head_chunks_qlora_int8_embedding_to_lora_checkpointed": (
-            recomputed["qlora-int8-embedding" + CHUNKED]["training_peak_mib"]
-            / recomputed["lora" + CHUNKED]["training_peak_mib"]
-        ),
+        "head_chunks_qlora_int8_embedding_to_lora_checkpointed": chunked(recomputed, ""),
+        # QLoRA's compute type against LoRA in fp32 (the goal's comparison), and against LoRA
+        # with the same bf16 stream
+        "bf16_residual_qlora_to_lora_checkpointed": chunked(recomputed, BF16, ""),
+        "bf16_residual_qlora_to_lora_bf16_residual_checkpointed": chunked(recomputed, BF16),
         "goal": {"qlora_to_lora": 0.4},
     }
 

@@ -270,7 +270,7 @@ def _distill(args: argparse.Namespace) -> int:
 # The `finetune` options passed on to `slmlab.finetune.finetune_config` where given.
 _FINETUNE_OPTIONS = ("data", "examples", "steps", "lr", "embedding_lr_scale", "batch_size",
                      "seq_len", "rank", "alpha", "seed", "beta",
-                     "activation_checkpointing", "head_chunk")  # fmt: skip
+                     "activation_checkpointing", "head_chunk", "precision")  # fmt: skip
 
 
 def _grpo(args: argparse.Namespace, base) -> int:
@@ -751,6 +751,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the loss's head over this many learnt tokens at a time, each piece recomputed in "
         "the backward pass (default: all at once)",
+    )
+    p.add_argument(
+        "--precision",
+        default=None,
+        help="fp32 (the default), bf16 (products under bf16 autocast), bf16-residual (the "
+        "stream between blocks in bf16 too: QLoRA's compute type) or auto",
     )
     p.add_argument("--max-steps", type=int, default=None, help="stop after this step")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")

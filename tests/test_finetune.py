@@ -593,7 +593,7 @@ def test_the_command_line_fine_tunes_and_chats_with_the_result(base_checkpoint, 
         [sys.executable, "-m", "slmlab", "finetune", str(base), "--method", "lora", "--rank", "2",
          "--targets", "q_proj,v_proj", "--examples", "8", "--steps", "2", "--batch-size", "2",
          "--seq-len", "255", "--out", str(out), "--quiet", "--activation-checkpointing",
-         "--head-chunk", "4"],
+         "--head-chunk", "4", "--precision", "bf16"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert tune.returncode == 0, tune.stderr
@@ -601,6 +601,7 @@ def test_the_command_line_fine_tunes_and_chats_with_the_result(base_checkpoint, 
     trainer = json.loads((out / "last" / "trainer.json").read_text())
     assert trainer["config"]["activation_checkpointing"] is True
     assert trainer["config"]["head_chunk"] == 4
+    assert trainer["config"]["precision"] == "bf16"  # LoRA's update under bf16 autocast
     config = json.loads((out / "last" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["target_modules"] == ["q_proj", "v_proj"]
     chat = subprocess.run(
@@ -1038,6 +1039,29 @@ def test_qlora_trains_the_update_over_nf4_and_resumes_exactly(base_checkpoint, t
     torch.testing.assert_close(tuned(ids), again(ids), rtol=0, atol=0)
     saved = json.loads((straight.checkpoint / "config.json").read_text())["quantization_config"]
     assert all(".base_layer" not in name for name in saved["layers"])  # the base model's names
+
+
+def test_qlora_trains_in_bf16_with_its_stream_in_bf16_and_resumes_exactly(
+    base_checkpoint, tmp_path
+) -> None:
+    """QLoRA's compute type (``precision = bf16-residual``, blocks recomputed): the update
+    learns under bf16 autocast, its factors kept in fp32, and a stopped run resumes exactly."""
+    from slmlab.finetune import finetune_config, train_finetune
+
+    base, _ = base_checkpoint
+    config = finetune_config(
+        base, method="qlora", rank=4, examples=24, steps=3, batch_size=4, seq_len=255,
+        eval_every=3, eval_batches=1, warmup_steps=1, precision="bf16-residual",
+        activation_checkpointing=True,
+    )  # fmt: skip
+    straight = train_finetune(config, tmp_path / "straight", progress=False)
+    assert straight.precision == "bf16-residual" and math.isfinite(straight.train_loss)
+    train_finetune(config, tmp_path / "stopped", max_steps=1, progress=False)
+    resumed = train_finetune(config, tmp_path / "stopped", resume=True, progress=False)
+    assert resumed.train_loss == straight.train_loss
+    layers = lora_modules(checkpoint.load(straight.checkpoint)).values()
+    assert all(m.lora_B.weight.dtype == torch.float32 for m in layers)
+    assert any(m.lora_B.weight.abs().sum() > 0 for m in layers)
 
 
 def test_qlora_can_round_the_embedding_and_its_tied_head_too(base_checkpoint, tmp_path) -> None:

@@ -506,7 +506,7 @@ def _saved_bytes(model, ids, **options) -> tuple[int, dict[str, torch.Tensor]]:
     model.zero_grad()
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         hidden = model(ids, head=False, **options)
-    hidden.square().mean().backward()
+    hidden.float().square().mean().backward()
     return kept, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -549,6 +549,44 @@ def test_activation_checkpointing_keeps_block_inputs_alone_and_the_same_gradient
         assert grads.keys() == expected.keys()
         for name in grads:
             assert torch.equal(grads[name], expected[name]), name
+
+
+def test_a_bf16_residual_halves_what_checkpointing_keeps_and_lora_learns_in_fp32() -> None:
+    """QLoRA's compute type: under bf16 autocast with the hidden state between blocks in bf16,
+    the checkpointed blocks' inputs take half the bytes of an fp32 stream's; the gradients are
+    the same with and without checkpointing, to the bit; the LoRA factors' gradients stay
+    fp32 and near the fp32 run's (an NF4 base under them, as QLoRA trains)."""
+    from slmlab.layers.lora import LoraConfig, apply_lora_
+    from slmlab.models import DecoderLM
+    from slmlab.quant import QuantConfig, quantize_
+
+    torch.manual_seed(0)
+    model = DecoderLM(TINY.model_config(300, 0)).train()
+    apply_lora_(model, LoraConfig(r=4, alpha=8))
+    skip = ("lm_head", "lora_A", "lora_B")
+    quantize_(model, QuantConfig(fmt="nf4", bits=4, group_size=32, skip=skip))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # a nonzero update, so that both factors learn
+            torch.nn.init.normal_(parameter, std=0.1)
+    ids = torch.randint(0, 300, (4, 64))
+    _, fp32 = _saved_bytes(model, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.activation_checkpointing = True
+        stream_fp32, _ = _saved_bytes(model, ids)
+        model.residual_dtype = torch.bfloat16
+        stream_bf16, checkpointed = _saved_bytes(model, ids)
+        model.activation_checkpointing = False
+        _, plain = _saved_bytes(model, ids)
+    # the blocks' inputs (B x T x hidden each), and the few small tensors beside them
+    inputs = TINY.model["num_hidden_layers"] * ids.numel() * TINY.model["hidden_size"]
+    assert stream_fp32 - stream_bf16 == pytest.approx(2 * inputs, rel=0.05)
+    assert checkpointed.keys() == plain.keys() == fp32.keys()
+    for name, grad in checkpointed.items():
+        assert torch.equal(grad, plain[name]), name
+        assert grad.dtype == torch.float32, name
+        # rounding the stream costs accuracy: ~5% relative here (mixed precision's ~1%)
+        error = (grad - fp32[name]).norm() / fp32[name].norm()
+        assert error < 0.15, (name, error)
 
 
 def test_a_checkpointed_run_trains_the_same_weights(tmp_path, data) -> None:

@@ -198,7 +198,9 @@ class LoRALinear(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         out = self.base_layer(rows)
         h = self.lora_A(self.dropout(rows))
-        out.addmm_(h, self.lora_B.weight.t(), alpha=self.scaling)
+        # under autocast the base's output and h are in the autocast dtype; B is cast to it,
+        # as autocast casts a product's operands (an in-place product is not cast for us)
+        out.addmm_(h, self.lora_B.weight.t().to(out.dtype), alpha=self.scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @torch.no_grad()

@@ -645,12 +645,15 @@ class DecoderLM(nn.Module):
     `activation_checkpointing` (off by default; a training run's config turns it on) keeps
     only each block's input while training and recomputes the block in the backward pass:
     activation memory falls from every block's intermediates to one block's, for about one more
-    forward pass of compute, and the gradients are the same."""
+    forward pass of compute, and the gradients are the same. `residual_dtype` (None: the
+    embedding's) is the dtype the hidden state enters each block in while training: bf16 halves
+    what a checkpointed block keeps (``TrainConfig.precision`` ``bf16-residual``)."""
 
     def __init__(self, config: ModelConfig, *, init_std: float = 0.02) -> None:
         super().__init__()
         self.config = config
         self.activation_checkpointing = False
+        self.residual_dtype: torch.dtype | None = None
         self.model = DecoderStack(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters(init_std)
@@ -813,8 +816,10 @@ class DecoderLM(nn.Module):
     def _block(self, layer: DecoderBlock, x, cos, sin, mask, cache, **options) -> torch.Tensor:
         """`layer` on `x`, recomputed in the backward pass where activations are checkpointed
         (a training pass: no cache). The random state is kept, so the recomputation is exact."""
-        args = (x, cos, sin, mask, cache)
         training = self.training and cache is None and torch.is_grad_enabled()
+        if self.residual_dtype is not None and training:
+            x = x.to(self.residual_dtype)  # before the checkpoint, so that it keeps this x
+        args = (x, cos, sin, mask, cache)
         if self.activation_checkpointing and training:
             return checkpoint(layer, *args, use_reentrant=False, **options)
         return layer(*args, **options)

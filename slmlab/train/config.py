@@ -16,7 +16,7 @@ from ..models.config import ConfigError, ModelConfig
 
 __all__ = ["TrainConfig"]
 
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16", "bf16-residual", "auto")
 OPTIMIZERS = ("adamw", "muon")
 PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")
 OBJECTIVES = ("next-token", "sft", *PREFERENCE_OBJECTIVES)
@@ -54,6 +54,13 @@ class TrainConfig:
     `simpo_gamma` is SimPO's margin. `quantize_base` holds a `QuantConfig`'s fields (NF4 in
     blocks of 64 for QLoRA): with `lora`, the frozen base's linear layers are stored rounded
     while the update trains in full precision (`slmlab.finetune.finetune` runs it).
+
+    `precision` is ``fp32``; ``bf16``, the products under bf16 autocast while the weights,
+    their gradients and the residual stream between blocks stay fp32 (mixed precision);
+    ``bf16-residual``, the same with the hidden state between blocks in bf16 too, as QLoRA
+    trains (a 4-bit storage type, a bf16 compute type): what activation checkpointing keeps
+    and every block's saved activations take half the memory, at the cost of rounding the
+    stream the blocks add into; or ``auto``, bf16 where the device computes it fast.
 
     `head_chunk` (0: all at once) is how many learnt positions the ``sft`` loss turns into
     logits at a time, each piece recomputed in the backward pass instead of kept: over

@@ -398,9 +398,10 @@ def train(
     precision = _precision(config, device)
     autocast = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-        if precision == "bf16"
+        if precision in ("bf16", "bf16-residual")
         else nullcontext
     )
+    model.residual_dtype = torch.bfloat16 if precision == "bf16-residual" else None
     model.train()
     metrics_path = out / METRICS
     if rank == 0:

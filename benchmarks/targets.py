@@ -342,9 +342,7 @@ def main() -> None:
         row["predicted_decode_tok_s"] = predicted.decode_tokens_per_s
         row["predicted_decode_bound"] = predicted.decode_bound
         row["predicted_prefill_tok_s"] = predicted.prefill_tokens_per_s
-        # read from a cache level clearly faster than memory (the largest buffers measured,
-        # 128 MiB, read at about memory's rate and may come out a little above it)
-        row["weights_fit_in_cache"] = predicted.decode_bandwidth_gbs > 1.5 * device.bandwidth_gbs
+        row["weights_fit_in_cache"] = predicted.decode_from_cache
         for part in ("decode", "prefill"):
             row[f"{part}_measured_over_predicted"] = (
                 row[f"{part}_tok_s"] / row[f"predicted_{part}_tok_s"]

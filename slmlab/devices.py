@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from .env import matmul_gflops
+from .env import best_seconds, matmul_gflops
 from .kernels import cpu_kernels, int4_linear
 from .models.budget import kv_cache_bytes_per_token, param_count
 from .models.config import ModelConfig
@@ -57,6 +57,10 @@ WEIGHT_BITS = {
 _KV_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8}
 # Formats whose matrix-vector products unpack 4-bit codes (and Q4_K's 6-bit scales) first.
 _FOUR_BIT = frozenset({"int4", "q4_0", "q4_1", "q4_k"})
+# How much faster than memory a level must read for a step's bytes to count as read from cache:
+# the largest buffers measured (128 MiB) read at about memory's rate and may come out a
+# little above it.
+CACHE_OVER_MEMORY = 1.5
 
 
 @dataclass(frozen=True)
@@ -164,12 +168,7 @@ def read_bandwidth_gbs(megabytes: float = 512, repeats: int = 5) -> float:
     any cache: main memory's."""
     x = torch.ones(int(megabytes * 2**20) // 4, dtype=torch.float32)
     x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+    return x.numel() * 4 / best_seconds(x.sum, repeats=repeats) / 1e9
 
 
 def bandwidths_by_size(
@@ -199,11 +198,7 @@ def int4_product_rates(
         x = torch.randn(1, width, generator=generator)
         with torch.no_grad():
             int4_linear(x, codes, scales, None, 32)
-            best, start = float("inf"), time.perf_counter()
-            while time.perf_counter() - start < seconds:
-                t0 = time.perf_counter()
-                int4_linear(x, codes, scales, None, 32)
-                best = min(best, time.perf_counter() - t0)
+            best = best_seconds(partial(int4_linear, x, codes, scales, None, 32), seconds=seconds)
         rates.append((width, round(rows * width / best / 1e9, 1)))
     return tuple(rates)
 
@@ -256,6 +251,7 @@ class Roofline:
     # runtime's fixed cost a token, where given and longer than the others)
     decode_bound: str
     decode_bandwidth_gbs: float  # the bandwidth of the level a step's bytes are read from
+    decode_from_cache: bool  # that level reads CACHE_OVER_MEMORY x faster than memory or more
     prefill_tokens_per_s: float
     prefill_bound: str
     fits: bool  # within the device's memory
@@ -320,6 +316,7 @@ def roofline(
         return nbytes / (device.bandwidth_for(nbytes) * 1e9)
 
     decode_bytes = weight_bytes + per_token_kv * context
+    decode_bandwidth = device.bandwidth_for(decode_bytes)
     bounds = {
         "memory": read_seconds(decode_bytes),
         "compute": (matmul + attention_flops(context)) / peak,
@@ -348,7 +345,8 @@ def roofline(
         kv_bytes=kv_bytes,
         decode_tokens_per_s=1 / decode_seconds,
         decode_bound=decode_bound,
-        decode_bandwidth_gbs=device.bandwidth_for(decode_bytes),
+        decode_bandwidth_gbs=decode_bandwidth,
+        decode_from_cache=decode_bandwidth >= CACHE_OVER_MEMORY * device.bandwidth_gbs,
         prefill_tokens_per_s=prompt / max(prefill_memory, prefill_compute),
         prefill_bound="memory" if prefill_memory >= prefill_compute else "compute",
         fits=stored + kv_bytes <= device.memory_gb * 1e9,

@@ -13,12 +13,14 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
 import torch
 
 __all__ = [
+    "best_seconds",
     "bf16_is_fast",
     "cache_dir",
     "cpu_flags",
@@ -66,6 +68,29 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def best_seconds(
+    call: Callable[[], object], *, repeats: int = 5, seconds: float | None = None
+) -> float:
+    """The shortest time of one `call`: of `repeats` calls, or, given `seconds`, of as many as
+    that long takes (one at least). The best, not the mean: a ceiling, since on a shared
+    machine other work comes and goes. Warm up (the first call's allocations) before."""
+    if seconds is None and repeats < 1:
+        raise ValueError(f"repeats {repeats}: time one call at least")
+    times: list[float] = []
+    started = time.perf_counter()
+
+    def more() -> bool:
+        if seconds is None:
+            return len(times) < repeats
+        return not times or time.perf_counter() - started < seconds
+
+    while more():
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 256, seconds: float = 0.05) -> float:

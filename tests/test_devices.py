@@ -48,10 +48,14 @@ def test_weights_that_fit_in_a_cache_level_are_read_at_its_bandwidth() -> None:
     cached = Device("test", 1, 10.0, 100.0, None, None, "made up", cache_bandwidths=levels)
     r = roofline(CONFIG, cached, weights="fp32", context=0)
     assert r.decode_bound == "memory" and r.decode_bandwidth_gbs == 100.0
+    assert r.decode_from_cache  # 10x memory's rate
     assert r.decode_tokens_per_s == pytest.approx(100e9 / read, rel=1e-9)
+    barely = Device("test", 1, 80.0, 100.0, None, None, "made up", cache_bandwidths=levels)
+    assert not roofline(CONFIG, barely, context=0).decode_from_cache  # 1.25x: memory's, nearly
     # a level slower than main memory does not slow it down; none listed: main memory
     assert cached.bandwidth_for(1e12) == 10.0 and cached.bandwidth_for(read * 3) == 10.0
     assert roofline(CONFIG, SLOW_MEMORY, context=0).decode_bandwidth_gbs == 10.0
+    assert not roofline(CONFIG, SLOW_MEMORY, context=0).decode_from_cache
 
 
 def test_four_bit_decode_is_bound_by_unpacking_where_that_is_slower_than_reading() -> None:

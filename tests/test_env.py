@@ -25,3 +25,26 @@ def test_report_has_versions() -> None:
         torch.__version__[:4]
     )
     assert info["cpu_fp32_gflops"] > 0
+
+
+def test_best_seconds_is_the_shortest_call_of_a_count_or_a_window() -> None:
+    import time
+
+    durations = iter([0.03, 0.005, 0.02])
+    calls = []
+
+    def call() -> None:
+        calls.append(next(durations))
+        time.sleep(calls[-1])
+
+    best = env.best_seconds(call, repeats=3)
+    assert len(calls) == 3 and 0.005 <= best < 0.02
+    # a call starts only while the window is open: each takes 10 ms, so 5 at most in 50 ms
+    timed = []
+    best = env.best_seconds(lambda: timed.append(time.sleep(0.01)), seconds=0.05)
+    assert 1 <= len(timed) <= 5 and best >= 0.01
+    once = []
+    env.best_seconds(lambda: once.append(1), seconds=0.0)
+    assert once == [1]
+    with pytest.raises(ValueError, match="time one call at least"):
+        env.best_seconds(call, repeats=0)

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..env import best_seconds
+
 __all__ = [
     "continuation_ms",
     "disk_bytes",
@@ -91,16 +93,15 @@ def continuation_ms(
     model(torch.arange(1, context + 1, device=device)[None], cache=cache)
     saved = cache.snapshot()
     x = torch.full((1, new_tokens), 5, device=device)
-    best = float("inf")
-    for _ in range(3):
+
+    def round_of_calls() -> None:
         _sync(device)
-        start = time.perf_counter()
         for _ in range(repeats):
             cache.restore(saved)  # forget the last call's tokens: the same call again
             model(x, cache=cache)
         _sync(device)
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return best * 1e3
+
+    return best_seconds(round_of_calls, repeats=3) / repeats * 1e3
 
 
 @torch.no_grad()

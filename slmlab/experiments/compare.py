@@ -10,17 +10,18 @@ batch-1 decoding speed, and the seconds the transform took.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..env import best_seconds
 from ..layers.sparse import Sparse24Linear
 from ..quant.calibrate import calibration_tokens
 
@@ -43,12 +44,8 @@ def decode_tokens_per_s(model: torch.nn.Module, new_tokens: int = 32, repeats: i
 
     prompt = torch.arange(1, 17)[None]
     generate(model, prompt, 2, stop_tokens=())  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        generate(model, prompt, new_tokens, stop_tokens=())
-        best = min(best, time.perf_counter() - start)
-    return new_tokens / best
+    run = partial(generate, model, prompt, new_tokens, stop_tokens=())
+    return new_tokens / best_seconds(run, repeats=repeats)
 
 
 def _zeros(model: torch.nn.Module) -> int:

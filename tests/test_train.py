@@ -510,6 +510,20 @@ def _saved_bytes(model, ids, **options) -> tuple[int, dict[str, torch.Tensor]]:
     return kept, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _qlora_(model):
+    """`model` with rank-4 LoRA over NF4 linear layers, B nonzero so that both factors learn."""
+    from slmlab.layers.lora import LoraConfig, apply_lora_
+    from slmlab.quant import QuantConfig, quantize_
+
+    apply_lora_(model, LoraConfig(r=4, alpha=8))
+    skip = ("lm_head", "lora_A", "lora_B")
+    quantize_(model, QuantConfig(fmt="nf4", bits=4, group_size=32, skip=skip))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    return model
+
+
 @pytest.mark.parametrize(
     ("layer_types", "qlora"),
     [(None, False), (["linear_attention", "full_attention"], False), (None, True)],
@@ -520,9 +534,7 @@ def test_activation_checkpointing_keeps_block_inputs_alone_and_the_same_gradient
     """A checkpointed forward keeps a small share of what a plain one keeps for the backward
     pass, and the gradients are the same to the bit (attention and Mamba-2 blocks, plain and
     packed rows, LoRA over an NF4 base)."""
-    from slmlab.layers.lora import LoraConfig, apply_lora_
     from slmlab.models import DecoderLM
-    from slmlab.quant import QuantConfig, quantize_
 
     extra = {} if layer_types is None else {
         "model_type": "bamba", "layer_types": layer_types, "mamba_n_heads": 4,
@@ -532,12 +544,7 @@ def test_activation_checkpointing_keeps_block_inputs_alone_and_the_same_gradient
     torch.manual_seed(0)
     model = DecoderLM(config.model_config(300, 0)).train()
     if qlora:
-        apply_lora_(model, LoraConfig(r=4, alpha=8))
-        skip = ("lm_head", "lora_A", "lora_B")
-        quantize_(model, QuantConfig(fmt="nf4", bits=4, group_size=32, skip=skip))
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:  # a nonzero update, so that both factors learn
-                torch.nn.init.normal_(parameter, std=0.1)
+        _qlora_(model)
     ids = torch.randint(0, 300, (4, 64))
     segments = torch.arange(64).div(20, rounding_mode="floor").expand(4, 64)
     for options in ({}, {"segments": segments}):
@@ -556,18 +563,10 @@ def test_a_bf16_residual_halves_what_checkpointing_keeps_and_lora_learns_in_fp32
     the checkpointed blocks' inputs take half the bytes of an fp32 stream's; the gradients are
     the same with and without checkpointing, to the bit; the LoRA factors' gradients stay
     fp32 and near the fp32 run's (an NF4 base under them, as QLoRA trains)."""
-    from slmlab.layers.lora import LoraConfig, apply_lora_
     from slmlab.models import DecoderLM
-    from slmlab.quant import QuantConfig, quantize_
 
     torch.manual_seed(0)
-    model = DecoderLM(TINY.model_config(300, 0)).train()
-    apply_lora_(model, LoraConfig(r=4, alpha=8))
-    skip = ("lm_head", "lora_A", "lora_B")
-    quantize_(model, QuantConfig(fmt="nf4", bits=4, group_size=32, skip=skip))
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:  # a nonzero update, so that both factors learn
-            torch.nn.init.normal_(parameter, std=0.1)
+    model = _qlora_(DecoderLM(TINY.model_config(300, 0)).train())
     ids = torch.randint(0, 300, (4, 64))
     _, fp32 = _saved_bytes(model, ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -57,7 +57,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -437,7 +436,7 @@ def _memory_side(method: str, base: Path, steps: int, checkpointed: bool) -> Non
 
     from slmlab.data.chat import IGNORE
     from slmlab.finetune import finetune_config, round_base_
-    from slmlab.train import next_token_loss
+    from slmlab.train import next_token_loss, set_precision
     from slmlab.train.data import Batch
 
     bf16_residual = method.endswith(BF16)
@@ -457,10 +456,8 @@ def _memory_side(method: str, base: Path, steps: int, checkpointed: bool) -> Non
     gc.collect()
     model.train()
     model.activation_checkpointing = checkpointed
-    model.residual_dtype = torch.bfloat16 if bf16_residual else None
-    autocast = (
-        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16_residual else nullcontext
-    )
+    precision = "bf16-residual" if bf16_residual else "fp32"
+    autocast = set_precision(model, precision, torch.device("cpu"))
     ids = torch.randint(0, model.config.vocab_size, (MEMORY_ROWS, MEMORY_LEN + 1))
     targets = ids[:, 1:].clone()
     targets[:, :-MEMORY_REPLY] = IGNORE  # the reply alone is learnt

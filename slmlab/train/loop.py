@@ -245,6 +245,16 @@ def _precision(config: TrainConfig, device: torch.device) -> str:
     return config.precision
 
 
+def set_precision(model: DecoderLM, precision: str, device: torch.device) -> Callable:
+    """Make `model` train in `precision` (``fp32``, ``bf16`` or ``bf16-residual``; see
+    `TrainConfig`): the dtype of its stream between blocks, and the autocast context its
+    training passes run under, returned."""
+    model.residual_dtype = torch.bfloat16 if precision == "bf16-residual" else None
+    if precision in ("bf16", "bf16-residual"):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
 def _start_metrics(path: Path, resume: bool, start: int) -> None:
     """A fresh metrics file, or, on resume, what the stopped run logged up to its checkpoint;
     rewritten aside and renamed, so a run killed here leaves the old log, not an empty one."""
@@ -396,12 +406,7 @@ def train(
     if resume:
         resume_optimizer(model, optimizer, out)
     precision = _precision(config, device)
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-        if precision in ("bf16", "bf16-residual")
-        else nullcontext
-    )
-    model.residual_dtype = torch.bfloat16 if precision == "bf16-residual" else None
+    autocast = set_precision(model, precision, device)
     model.train()
     metrics_path = out / METRICS
     if rank == 0:

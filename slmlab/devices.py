@@ -39,6 +39,7 @@ __all__ = [
     "Device",
     "Roofline",
     "bandwidths_by_size",
+    "fixed_cost_and_share",
     "int4_product_rates",
     "last_level_cache_bytes",
     "read_bandwidth_gbs",
@@ -213,6 +214,21 @@ def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
     return max(sizes, default=default)
 
 
+def fixed_cost_and_share(
+    small: tuple[float, float], large: tuple[float, float] | None = None
+) -> tuple[float, float]:
+    """A runtime's fixed cost a token (seconds) and its share of the ceiling (`roofline`'s
+    `overhead_s` and `share`) from its (roofline's seconds a token, measured seconds a token)
+    on two models: the line ``measured = roofline / share + fixed`` through both. `small`'s
+    weights should take next to nothing to read, so that its time is the fixed cost; `large`'s
+    should be read from memory, so that its time is mostly reading. Without `large`, or where
+    it is not the slower, the share is 1; a fixed cost below 0 is 0."""
+    (c0, t0), share = small, 1.0
+    if large is not None and large[1] > t0 and large[0] > c0:
+        share = (large[0] - c0) / (large[1] - t0)
+    return max(0.0, t0 - c0 / share), share
+
+
 def this_machine(name: str = "this machine (measured)") -> Device:
     """This machine's CPU as a `Device`, measured now (under a second): memory bandwidth and
     each cache level's (`bandwidths_by_size`), fp32 matmul throughput, and the 4-bit product's
@@ -267,6 +283,7 @@ def roofline(
     prompt: int = 512,
     bits: float | None = None,
     overhead_s: float = 0.0,
+    share: float = 1.0,
 ) -> Roofline:
     """The roofline of `config` on `device` with weights stored as `weights` (`WEIGHT_BITS`)
     and the cache as `kv` (fp32, fp16, bf16, int8): decoding one token at `context` tokens of
@@ -287,7 +304,14 @@ def roofline(
     holds: dispatching its operations, the norms and activations, attention at a short
     context, sampling. It is added to the bound's time (the bound is called 'overhead' where it
     is the longer of the two); measure it on a model too small for its weights to matter
-    (chapter 10 does, on 3M parameters)."""
+    (chapter 10 does, on 3M parameters).
+
+    `share` is the part of its decoding ceiling a runtime reaches: its matrix-vector products
+    stream weights slower than a plain sum reads them (or unpack codes slower than slmlab's
+    kernel), by its layouts, threads and prefetching. The bound's time is divided by it, the
+    fixed cost is not; measure it on a model whose weights are read from memory (chapter 10
+    does, on 76M parameters) and carry it to the next model (`fixed_cost_and_share` finds
+    both from a runtime's times on two models)."""
     if weights not in WEIGHT_BITS:
         raise ValueError(f"weights {weights!r}: choose one of {list(WEIGHT_BITS)}")
     if kv not in _KV_BITS:
@@ -298,6 +322,8 @@ def roofline(
         raise ValueError(f"bits {bits}: a weight takes a positive number of bits")
     if not (math.isfinite(overhead_s) and overhead_s >= 0):
         raise ValueError(f"overhead_s {overhead_s}: a time of 0 s or more")
+    if not (math.isfinite(share) and share > 0):
+        raise ValueError(f"share {share}: a positive part of the ceiling (1: all of it)")
     counts = param_count(config)
     head = config.vocab_size * config.hidden_size  # the head's matrix, tied or not
     mlp = counts.mlp - counts.idle  # a token reads and runs only the experts routed to it
@@ -312,13 +338,10 @@ def roofline(
     def attention_flops(ctx: float) -> float:
         return 4 * config.num_hidden_layers * config.q_size * ctx
 
-    def read_seconds(nbytes: float) -> float:
-        return nbytes / (device.bandwidth_for(nbytes) * 1e9)
-
     decode_bytes = weight_bytes + per_token_kv * context
     decode_bandwidth = device.bandwidth_for(decode_bytes)
     bounds = {
-        "memory": read_seconds(decode_bytes),
+        "memory": decode_bytes / (decode_bandwidth * 1e9),
         "compute": (matmul + attention_flops(context)) / peak,
     }
     if weights in _FOUR_BIT and device.int4_rates:
@@ -333,10 +356,12 @@ def roofline(
         ]
         bounds["unpacking"] = sum(n / (device.int4_rate(w) * 1e9) for w, n in by_width if n > 0)
     decode_bound = max(bounds, key=bounds.__getitem__)
-    decode_seconds = bounds[decode_bound] + overhead_s
-    if overhead_s > bounds[decode_bound]:
+    bound_seconds = bounds[decode_bound] / share
+    decode_seconds = bound_seconds + overhead_s
+    if overhead_s > bound_seconds:
         decode_bound = "overhead"
-    prefill_memory = read_seconds(weight_bytes + per_token_kv * prompt)
+    prefill_bytes = weight_bytes + per_token_kv * prompt
+    prefill_memory = prefill_bytes / (device.bandwidth_for(prefill_bytes) * 1e9)
     prefill_compute = prompt * (matmul + attention_flops(prompt / 2)) / peak
     kv_bytes = per_token_kv * max(context, prompt)
     return Roofline(

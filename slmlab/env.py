@@ -71,20 +71,22 @@ def cpu_model() -> str:
 
 
 def best_seconds(
-    call: Callable[[], object], *, repeats: int = 5, seconds: float | None = None
+    call: Callable[[], object], *, repeats: int | None = None, seconds: float | None = None
 ) -> float:
-    """The shortest time of one `call`: of `repeats` calls, or, given `seconds`, of as many as
-    that long takes (one at least). The best, not the mean: a ceiling, since on a shared
-    machine other work comes and goes. Warm up (the first call's allocations) before."""
-    if seconds is None and repeats < 1:
+    """The shortest time of one `call`: of `repeats` calls (5 if neither is given), and, given
+    `seconds`, of as many more as that long takes (one at least). The best, not the mean: a
+    ceiling, since on a shared machine other work comes and goes. Warm up (the first call's
+    allocations) before."""
+    if repeats is not None and repeats < 1:
         raise ValueError(f"repeats {repeats}: time one call at least")
+    least = repeats if repeats is not None else (1 if seconds is not None else 5)
     times: list[float] = []
     started = time.perf_counter()
 
     def more() -> bool:
-        if seconds is None:
-            return len(times) < repeats
-        return not times or time.perf_counter() - started < seconds
+        if len(times) < least:
+            return True
+        return seconds is not None and time.perf_counter() - started < seconds
 
     while more():
         start = time.perf_counter()

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slmlab.devices import DEVICES, WEIGHT_BITS, Device, roofline, this_machine
+from slmlab.devices import (
+    DEVICES,
+    WEIGHT_BITS,
+    Device,
+    fixed_cost_and_share,
+    roofline,
+    this_machine,
+)
 from slmlab.models import DecoderLM, ModelConfig
 from slmlab.models.budget import published_models
 
@@ -112,6 +119,38 @@ def test_a_runtimes_fixed_cost_a_token_is_added_to_the_bound() -> None:
     for bad in (-1e-3, float("nan")):
         with pytest.raises(ValueError, match="overhead_s"):
             roofline(CONFIG, SLOW_MEMORY, overhead_s=bad)
+
+
+def test_a_runtimes_share_of_the_ceiling_divides_the_bounds_time_alone() -> None:
+    """Time a token = the bound's time / share + the overhead: the fixed cost is not scaled,
+    the bound's label follows the scaled time, prefill is left alone."""
+    bound_s = _read_per_token(CONFIG, 32) / 10e9
+    bare = roofline(CONFIG, SLOW_MEMORY, context=0)
+    half = roofline(CONFIG, SLOW_MEMORY, context=0, overhead_s=bound_s, share=0.5)
+    assert half.decode_bound == "memory"  # 2 bound_s of reading against bound_s of fixed cost
+    assert 1 / half.decode_tokens_per_s == pytest.approx(3 * bound_s, rel=1e-9)
+    assert half.prefill_tokens_per_s == bare.prefill_tokens_per_s
+    more = roofline(CONFIG, SLOW_MEMORY, context=0, overhead_s=bound_s, share=2.0)
+    assert more.decode_bound == "overhead"
+    assert 1 / more.decode_tokens_per_s == pytest.approx(1.5 * bound_s, rel=1e-9)
+    for bad in (0.0, -0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="share"):
+            roofline(CONFIG, SLOW_MEMORY, share=bad)
+
+
+def test_two_models_give_back_the_fixed_cost_and_share_that_timed_them() -> None:
+    """Times made by a known fixed cost and share through the roofline itself come back as
+    both; one model alone gives share 1; a fixed cost is never negative."""
+    small = ModelConfig(**{**CONFIG.__dict__, "num_hidden_layers": 1, "vocab_size": 100})
+    fixed, share = 2e-4, 0.7
+    times = [
+        (1 / roofline(c, SLOW_MEMORY, context=0).decode_tokens_per_s,
+         1 / roofline(c, SLOW_MEMORY, context=0, overhead_s=fixed, share=share).decode_tokens_per_s)
+        for c in (small, CONFIG)
+    ]  # fmt: skip
+    assert fixed_cost_and_share(*times) == pytest.approx((fixed, share), rel=1e-9)
+    assert fixed_cost_and_share(times[0]) == pytest.approx((times[0][1] - times[0][0], 1.0))
+    assert fixed_cost_and_share((1e-3, 5e-4)) == (0.0, 1.0)  # faster than its ceiling
 
 
 def test_compute_bound_when_compute_is_scarce_and_prefill_counts_two_flops_a_weight() -> None:

@@ -46,5 +46,15 @@ def test_best_seconds_is_the_shortest_call_of_a_count_or_a_window() -> None:
     once = []
     env.best_seconds(lambda: once.append(1), seconds=0.0)
     assert once == [1]
+    # both: the count first, then more while the window is open
+    both = []
+    env.best_seconds(lambda: both.append(time.sleep(0.01)), repeats=3, seconds=0.0)
+    assert len(both) == 3
+    both.clear()
+    env.best_seconds(lambda: both.append(time.sleep(0.01)), repeats=2, seconds=0.2)
+    assert 3 <= len(both) <= 20  # 200 ms of calls of 10 ms or more
+    five = []
+    env.best_seconds(lambda: five.append(1))
+    assert len(five) == 5
     with pytest.raises(ValueError, match="time one call at least"):
         env.best_seconds(call, repeats=0)

@@ -313,11 +313,11 @@ def predicted(rows: list[dict], configs: list[ModelConfig], device: Device) -> d
     for row, config in zip(rows, configs, strict=True):
         fixed, row["share"] = line.get((row["runtime"], row["precision"]), (0.0, 1.0))
         row["overhead_ms"] = 1e3 * fixed
-        roof = predict(row, config, device, row["overhead_ms"] / 1e3, row["share"])
+        roof = predict(row, config, device, fixed, row["share"])
         row["predicted_decode_tok_s"] = roof.decode_tokens_per_s
         row["predicted_decode_bound"] = roof.decode_bound
         row["predicted_prefill_tok_s"] = roof.prefill_tokens_per_s
-        row["weights_fit_in_cache"] = roof.decode_from_cache
+        row["decode_from_cache"] = roof.decode_from_cache
         for part in ("decode", "prefill"):
             row[f"{part}_measured_over_predicted"] = (
                 row[f"{part}_tok_s"] / row[f"predicted_{part}_tok_s"]

@@ -165,3 +165,41 @@ def test_rope_scores_depend_only_on_distance() -> None:
     for offset in (0, 3, 17):
         diagonal = torch.diagonal(scores, offset=-offset)
         torch.testing.assert_close(diagonal, diagonal[0].expand_as(diagonal), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_marked_positions_skip_what_follows_each_row_with_the_same_logits_and_gradients(
+    name: str, packed: bool
+) -> None:
+    """With `logits_at`, a training pass computes nothing after each row's last marked
+    position: the per-token layers see the kept positions alone (plain attention models) and
+    the logits and gradients are those of the whole rows'. Rows end at 19, 6 and nowhere;
+    packed rows are checkpointed too (a block recomputed takes the kept positions again)."""
+    config = VARIANTS[name]
+    model = perturb_norms_and_biases(DecoderLM(config)).train()
+    model.activation_checkpointing = packed
+    ids = tokens(config, batch=3, length=20)
+    marks = torch.zeros(3, 20, dtype=torch.bool)
+    marks[0, [3, 11, 19]] = True
+    marks[1, [2, 6]] = True
+    segments = (torch.arange(20) >= 8).long().expand(3, 20) if packed else None
+    seen: list[torch.Size] = []
+    hook = model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+
+    def grads(logits: torch.Tensor) -> list[torch.Tensor]:
+        loss = (logits * torch.linspace(-1, 1, logits.shape[-1])).sum()
+        return list(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
+
+    picked = model(ids, segments=segments, logits_at=marks)
+    hook.remove()
+    whole = model(ids, segments=segments)[marks]
+    torch.testing.assert_close(picked, whole, rtol=1e-5, atol=1e-5)
+    for mine, reference in zip(grads(picked), grads(whole), strict=True):
+        if reference is None:  # a part no marked position reaches (an unused expert)
+            assert mine is None or not mine.any()
+        else:
+            torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5)
+    plain = not (config.kv_lora_rank or any(config.linear_layers))
+    # 20 + 7 positions kept, or the 20 columns up to the last mark of all three rows
+    assert seen == [torch.Size([27, config.hidden_size]) if plain else (3, 20, config.hidden_size)]

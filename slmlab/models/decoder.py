@@ -181,6 +181,33 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+@dataclass(frozen=True)
+class KeptPositions:
+    """The positions of rows (B, T) a training pass computes, `mask` True at them, and their
+    indices in reading order. The per-token layers (norms, projections, MLP) run on the kept
+    positions alone, as (N, hidden) rows; attention scatters them back into their rows, where
+    causal attention never reads the zeros left at the positions dropped after each row's
+    last kept one."""
+
+    mask: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> KeptPositions:
+        rows, cols = mask.nonzero(as_tuple=True)
+        return cls(mask, rows, cols)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...): the kept positions' entries."""
+        return x[self.rows, self.cols]
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> (B, T, C), zeros at the positions not kept."""
+        out = x.new_zeros(*self.mask.shape, x.shape[-1])
+        return out.index_put((self.rows, self.cols), x)
+
+
 class Attention(nn.Module):
     """Multi-head attention with any number of key/value heads, through PyTorch's fused SDPA.
     `sliding_window` (None: every earlier token) is how many tokens a query sees, itself
@@ -200,11 +227,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
 
     def rotated_qkv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kept: KeptPositions | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B, H, T, D), keys and values (B, K, T, D); queries and keys rotated."""
-        B, T, _ = x.shape
+        """Queries (B, H, T, D), keys and values (B, K, T, D); queries and keys rotated. `x`
+        is (B, T, hidden), or (N, hidden) at the `kept` positions of B rows of T."""
         q, k, v = linear_many(x, [self.q_proj, self.k_proj, self.v_proj])
+        if kept is not None:
+            q, k, v = kept.scatter(q), kept.scatter(k), kept.scatter(v)
+        B, T, _ = q.shape
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -218,11 +252,12 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
         slot: int | None = None,
+        kept: KeptPositions | None = None,
     ) -> torch.Tensor:
         """`slot` is the cache's for this run of the block (its layer index unless the blocks
-        repeat)."""
-        B, T, _ = x.shape
-        q, k, v = self.rotated_qkv(x, cos, sin)
+        repeat). With `kept`, `x` and the output are (N, hidden), the kept positions' rows."""
+        q, k, v = self.rotated_qkv(x, cos, sin, kept)
+        B, _, T, _ = q.shape
         if cache is not None:
             k, v = cache.update(self.layer_index if slot is None else slot, k, v)
         # mask None means plain causal attention over exactly these T tokens.
@@ -234,7 +269,8 @@ class Attention(nn.Module):
             is_causal=mask is None and T > 1,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return linear(out.transpose(1, 2).reshape(B, T, -1), self.o_proj)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return linear(out if kept is None else kept.gather(out), self.o_proj)
 
     @torch.no_grad()
     def attention_probs(
@@ -298,12 +334,16 @@ class DecoderBlock(nn.Module):
         real: torch.Tensor | None = None,
         resets: torch.Tensor | None = None,
         slot: int | None = None,
+        kept: KeptPositions | None = None,
     ) -> torch.Tensor:
         """`mask` is attention's; a Mamba-2 layer reads `real` (False at padding) and
         `resets` (True where a packed example starts) instead. `slot` is this run's place in
-        the cache when blocks repeat."""
+        the cache when blocks repeat. With `kept` (plain attention only), `x` is (N, hidden):
+        the kept positions of the rows."""
         if hasattr(self, "mamba"):
             x = x + self.mamba(self.input_layernorm(x), real, resets, cache)
+        elif kept is not None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slot, kept)
         else:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -639,6 +679,14 @@ def fused_decode_tokens(
     return chosen, None if probs is None else probs[:, :taken]
 
 
+def _check_marks(logits_at: torch.Tensor, shape: torch.Size) -> None:
+    if logits_at.shape != shape:
+        raise ValueError(
+            f"logits_at has shape {tuple(logits_at.shape)}; it marks the positions of the "
+            f"output, {tuple(shape)}"
+        )
+
+
 class DecoderLM(nn.Module):
     """A Llama-family causal language model: token ids in, next-token logits out.
 
@@ -704,12 +752,16 @@ class DecoderLM(nn.Module):
         hidden), for a loss that applies the head a few positions at a time (distillation).
         `logits_at` (B, T), boolean, keeps only the positions it marks, as (N, vocab) rows in
         reading order: a fine-tuning loss learns a few reply tokens of each row, and the head
-        over SmolLM2's 49,152 tokens costs a fifth of its forward pass.
+        over SmolLM2's 49,152 tokens costs a fifth of its forward pass. Without a cache or an
+        `attention_mask`, the positions after each row's last marked one are not computed at
+        all (see `_forward_rows`).
         """
-        if segments is not None:
-            if attention_mask is not None or cache is not None:
-                raise ValueError("segments are for training rows: no attention_mask, no cache")
-            return self._forward_segments(input_ids, segments, last_only, head, logits_at)
+        if segments is not None and (attention_mask is not None or cache is not None):
+            raise ValueError("segments are for training rows: no attention_mask, no cache")
+        if segments is not None or (
+            logits_at is not None and attention_mask is None and cache is None
+        ):
+            return self._forward_rows(input_ids, segments, last_only, head, logits_at)
         B, T = input_ids.shape
         if cache is not None:
             cache.make_room(T)
@@ -788,30 +840,64 @@ class DecoderLM(nn.Module):
         cache.length += T
         return out
 
-    def _forward_segments(
+    def _forward_rows(
         self,
         input_ids: torch.Tensor,
-        segments: torch.Tensor,
+        segments: torch.Tensor | None,
         last_only: bool,
         head: bool,
         logits_at: torch.Tensor | None,
     ) -> torch.Tensor:
-        T = input_ids.shape[1]
-        index = torch.arange(T, device=input_ids.device)
-        starts = torch.ones_like(segments, dtype=torch.bool)
-        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-        positions = index - torch.where(starts, index, 0).cummax(-1).values
-        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-        mask = (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]
+        """The forward pass of training rows: no cache, no padding mask; each row one
+        sequence, or the examples `segments` numbers.
+
+        A causal model's output at a position reads the positions before it alone, so with
+        `logits_at` the columns after the last marked one are cut, and in a model of plain
+        attention blocks the per-token layers skip each row's positions after its last marked
+        one too (`KeptPositions`): a fine-tuning row's prompt and reply are often followed by
+        a quarter of padding, and those layers are most of a training step's arithmetic."""
+        kept = None
+        if logits_at is not None and not last_only:
+            _check_marks(logits_at, input_ids.shape)
+            needed = logits_at.flip(-1).cummax(-1).values.flip(-1)  # a mark here or later
+            width = max(1, int(needed.any(0).sum()))
+            input_ids, needed, logits_at = (t[:, :width] for t in (input_ids, needed, logits_at))
+            segments = None if segments is None else segments[:, :width]
+            if not bool(needed.all()) and self._plain_attention():
+                kept = KeptPositions.of(needed)
+        B, T = input_ids.shape
+        device = input_ids.device
+        index = torch.arange(T, device=device)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        starts = None
+        if segments is None:
+            positions, mask = index.expand(B, T), None
+        else:
+            starts = torch.ones_like(segments, dtype=torch.bool)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            positions = index - torch.where(starts, index, 0).cummax(-1).values
+            mask = (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]
         sliding_mask = mask
-        if self.config.sliding_window is not None:
-            sliding_mask = mask & recent_keys(0, T, self.config.sliding_window, input_ids.device)
+        window = self.config.sliding_window
+        if window is not None and window < T:
+            sliding_mask = (causal if mask is None else mask) & recent_keys(0, T, window, device)
         cos, sin = self.model.rotary_emb(positions, self.model.norm.weight.dtype)
-        x = self.model.embed_tokens(input_ids)
+        if kept is not None:
+            x = self.model.embed_tokens(kept.gather(input_ids))
+            logits_at = kept.gather(logits_at)
+        else:
+            x = self.model.embed_tokens(input_ids)
         for layer, _ in self._runs():
             masked = sliding_mask if layer.slides else mask
-            x = self._block(layer, x, cos, sin, masked, None, resets=starts)
+            x = self._block(layer, x, cos, sin, masked, None, resets=starts, kept=kept)
         return self._output(x, last_only, head, logits_at)
+
+    def _plain_attention(self) -> bool:
+        """Whether every block is plain attention (no Mamba-2 mixer, no latent attention):
+        the blocks that take `KeptPositions`."""
+        return all(
+            type(getattr(layer, "self_attn", None)) is Attention for layer in self.model.layers
+        )
 
     def _block(self, layer: DecoderBlock, x, cos, sin, mask, cache, **options) -> torch.Tensor:
         """`layer` on `x`, recomputed in the backward pass where activations are checkpointed
@@ -827,16 +913,12 @@ class DecoderLM(nn.Module):
     def _output(
         self, x: torch.Tensor, last_only: bool, head: bool, logits_at: torch.Tensor | None
     ) -> torch.Tensor:
-        """The last block's output `x` (B, T, hidden) normed, at the positions asked for, and
-        through the output head unless `head` is False."""
+        """The last block's output `x` (B, T, hidden), or (N, hidden) at kept positions, normed,
+        at the positions asked for, and through the output head unless `head` is False."""
         if last_only:
             x = x[:, -1:]
         if logits_at is not None:
-            if logits_at.shape != x.shape[:2]:
-                raise ValueError(
-                    f"logits_at has shape {tuple(logits_at.shape)}; it marks the positions of "
-                    f"the output, {tuple(x.shape[:2])}"
-                )
+            _check_marks(logits_at, x.shape[:-1])
             x = x[logits_at]
         x = self.model.norm(x)
         return linear(x, self.lm_head) if head else x

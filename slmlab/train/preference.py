@@ -36,16 +36,14 @@ def token_logps(
     model: torch.nn.Module, rows: Batch, autocast=nullcontext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The log-probability (nats) of each learnt token of `rows` given those before it (0
-    elsewhere), and the mask of learnt tokens: both (B, W), W reaching the last learnt token
-    (the columns after it are not computed)."""
+    elsewhere), and the mask of learnt tokens: both (B, L), like the targets (the model
+    computes nothing after a row's last learnt token)."""
     assert rows.targets is not None, "rows with learnt targets"
-    width = int((rows.targets != IGNORE).any(0).nonzero().max()) + 1
-    targets = rows.targets[:, :width]
-    learnt = targets != IGNORE  # the output head runs at these positions alone
+    learnt = rows.targets != IGNORE  # the output head runs at these positions alone
     with autocast():
-        logits = model(rows.ids[:, :width], logits_at=learnt)
-    logps = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
-    logps[learnt] = -F.cross_entropy(logits.float(), targets[learnt], reduction="none")
+        logits = model(rows.ids[:, :-1], logits_at=learnt)
+    logps = torch.zeros(rows.targets.shape, dtype=torch.float32, device=logits.device)
+    logps[learnt] = -F.cross_entropy(logits.float(), rows.targets[learnt], reduction="none")
     return logps, learnt
 
 

@@ -34,6 +34,9 @@ another machine kept beside it: finetune_epyc.json is the ``longer`` part on an 
   smollm2-135m-story-lora (rank 8, 30 steps of 4 rows) on the same 200 questions, replies cut at
   16 tokens; and the LoRA step of both libraries on its first 4 rows (rank 16), where the output
   head has 49,152 rows and slmlab runs it at the reply tokens alone. Same goal as above.
+* LoRA's rank (``ranks``): the real model's recipe (smollm2-135m-story-lora) at each rank of
+  `LORA_RANKS`, alpha twice the rank as in the recipe, scored on the same questions: what a
+  larger update buys, against the weights it trains.
 * QLoRA's memory (``memory``): on the real model (SmolLM2-135M, 4 rows of 256 tokens whose
   last 32 are learnt, as a reply is; AdamW), for full fine-tuning, LoRA on the fp32 base and
   QLoRA (LoRA on the NF4 base), each in a fresh process, with every block's activations kept
@@ -70,7 +73,7 @@ from slmlab.finetune import finetune
 from slmlab.layers.lora import LoraConfig, apply_lora_
 
 RANK, ROWS = 16, 16
-PARTS = ("quality", "methods", "grpo", "speed", "memory", "real", "longer")
+PARTS = ("quality", "methods", "grpo", "speed", "memory", "real", "longer", "ranks")
 # GRPO from stories-8m-sft: 40 steps of 8 questions, 4 sampled replies each.
 GRPO_RUN = {"steps": 40, "prompts": 8, "group": 4, "max_new_tokens": 12, "lr": 1e-4,
             "eval_every": 20}  # fmt: skip
@@ -274,6 +277,33 @@ def _real(work: Path, steps: int) -> dict:
         "story_qa": story_qa,
         "lora_step": _speed(work, steps, "smollm2-135m-story-lora", REAL_ROWS),
     }
+
+
+LORA_RANKS = (1, 2, 4, 8, 16, 32)
+
+
+def _ranks(work: Path) -> dict:
+    """smollm2-135m-story-lora's recipe at each rank of `LORA_RANKS` (alpha twice the rank),
+    trained here: its trained weights, minutes, and exact match and hallucination on the
+    questions of `_real`."""
+    from slmlab.finetune import train_finetune
+
+    recipe = zoo.resolve(zoo.recipe("smollm2-135m-story-lora"))
+    assert recipe.lora is not None
+    test = _test_questions(checkpoint.load_tokenizer(zoo.ensure("stories-8m-sft")))
+    out = {}
+    for rank in LORA_RANKS:
+        config = recipe.replace(lora={**recipe.lora, "r": rank, "alpha": 2 * rank})
+        started = time.perf_counter()
+        result = train_finetune(config, work / f"rank-{rank}", progress=False)
+        minutes = (time.perf_counter() - started) / 60
+        model = checkpoint.load(result.checkpoint)
+        trained = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        out[str(rank)] = {**_score(result.checkpoint, test, max_new_tokens=16),
+                          "trained_weights": trained, "minutes": minutes}  # fmt: skip
+        print(f"rank {rank:2}  {trained:9,} weights  exact match {out[str(rank)]['exact_match']:.3f}"
+              f"  hallucination {out[str(rank)]['hallucination']:.3f}  ({minutes:.1f} min)")  # fmt: skip
+    return out
 
 
 def _grpo(
@@ -592,6 +622,8 @@ def main() -> None:
                              "sft-targeted": targeted}  # fmt: skip
     if "real" in parts:
         result["real_model"] = _real(work, min(args.steps, 5))
+    if "ranks" in parts:
+        result["lora_ranks"] = _ranks(work)
     print(write(args.results, result))
 
 

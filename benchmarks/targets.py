@@ -19,12 +19,12 @@ row and the median of each taken (on a shared machine they move between minutes;
 row keeps the memory bandwidth measured before it),
 at the bits a weight the row's own file takes: its weights' bytes over their number, so that
 Q4_K's fallback blocks and an fp32 table kept beside int8 products are counted as read, plus
-each runtime's fixed cost a token (dispatch, norms, attention, sampling), which no ceiling
-holds: measured on `CALIBRATION`, a model of 3M parameters whose weights take microseconds to
-read, so that its time is nearly all fixed cost; and each runtime's share of its ceiling (its
-products stream weights slower than a plain sum reads them): the slope of the line through
-that row and the runtime's row of `SHARE_CALIBRATION`, the 76M model read from memory (time a
-token against the roofline's). The two calibration models' rows are not counted in
+each runtime's fixed cost a token for each block (dispatch, norms, attention), which no
+ceiling holds, and its share of its ceiling (its products stream weights slower than a plain
+sum reads them): the line, time a token against the roofline's, through the runtime's rows of
+`CALIBRATION`, a model of 3M parameters whose weights take microseconds to read, so that its
+time is nearly all fixed cost, and of `SHARE_CALIBRATION`, the 76M model read from memory
+(`slmlab.devices.fixed_cost_and_share`). The two calibration models' rows are not counted in
 `within_goal`'s decode; SmolLM2 and stories-8m are predicted from them.
 Goal: slmlab's int4 decodes at least as fast as llama.cpp's Q4_0 on the same weights.
 
@@ -269,10 +269,15 @@ def predict(
                     overhead_s=overhead_s, share=share)  # fmt: skip
 
 
+def blocks(config: ModelConfig) -> int:
+    """The blocks a token runs through."""
+    return config.num_hidden_layers * config.block_repeats
+
+
 def calibration(rows: list[dict], configs: list[ModelConfig], device: Device) -> dict:
-    """{(runtime, precision): (fixed seconds, share)}: the line through a runtime's two
+    """{(runtime, precision): (fixed seconds a block, share)}: the line through a runtime's two
     calibration rows, its measured time a token against its roofline's,
-    ``time = roofline's time / share + fixed``. On `CALIBRATION` the roofline's time is
+    ``time = roofline's time / share + blocks * fixed``. On `CALIBRATION` the roofline's time is
     microseconds and the time is nearly all fixed cost; on `SHARE_CALIBRATION`, read from
     memory, it is mostly reading, at the runtime's share of the rate
     (`slmlab.devices.fixed_cost_and_share`)."""
@@ -281,7 +286,7 @@ def calibration(rows: list[dict], configs: list[ModelConfig], device: Device) ->
         if row["model"] in (CALIBRATION, SHARE_CALIBRATION):
             ceiling = 1 / predict(row, config, device).decode_tokens_per_s
             points.setdefault((row["runtime"], row["precision"]), {})[row["model"]] = (
-                ceiling, 1 / row["decode_tok_s"])  # fmt: skip
+                ceiling, 1 / row["decode_tok_s"], blocks(config))  # fmt: skip
     return {
         key: fixed_cost_and_share(at[CALIBRATION], at.get(SHARE_CALIBRATION))
         for key, at in points.items()
@@ -307,11 +312,13 @@ def within_goal(rows: list[dict]) -> dict:
 
 
 def predicted(rows: list[dict], configs: list[ModelConfig], device: Device) -> dict:
-    """Each row's roofline on `device`, its fixed cost and share measured on the calibration
-    models, written into the rows; the machine, the calibrations and `within_goal`."""
+    """Each row's roofline on `device`, its fixed cost (its blocks') and share measured on the
+    calibration models, written into the rows; the machine, the calibrations and
+    `within_goal`."""
     line = calibration(rows, configs, device)
     for row, config in zip(rows, configs, strict=True):
-        fixed, row["share"] = line.get((row["runtime"], row["precision"]), (0.0, 1.0))
+        per_block, row["share"] = line.get((row["runtime"], row["precision"]), (0.0, 1.0))
+        fixed = per_block * blocks(config)
         row["overhead_ms"] = 1e3 * fixed
         roof = predict(row, config, device, fixed, row["share"])
         row["predicted_decode_tok_s"] = roof.decode_tokens_per_s
@@ -324,7 +331,7 @@ def predicted(rows: list[dict], configs: list[ModelConfig], device: Device) -> d
             )
     return {
         "this_machine": device.__dict__,
-        "overhead_ms_per_token": {f"{rt} {p}": 1e3 * f for (rt, p), (f, _) in line.items()},
+        "overhead_ms_per_block": {f"{rt} {p}": 1e3 * f for (rt, p), (f, _) in line.items()},
         "share_of_roofline": {f"{rt} {p}": share for (rt, p), (_, share) in line.items()},
         "within_goal": within_goal(rows),
     }

@@ -215,18 +215,25 @@ def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
 
 
 def fixed_cost_and_share(
-    small: tuple[float, float], large: tuple[float, float] | None = None
+    small: tuple[float, float, int], large: tuple[float, float, int] | None = None
 ) -> tuple[float, float]:
-    """A runtime's fixed cost a token (seconds) and its share of the ceiling (`roofline`'s
-    `overhead_s` and `share`) from its (roofline's seconds a token, measured seconds a token)
-    on two models: the line ``measured = roofline / share + fixed`` through both. `small`'s
-    weights should take next to nothing to read, so that its time is the fixed cost; `large`'s
-    should be read from memory, so that its time is mostly reading. Without `large`, or where
-    it is not the slower, the share is 1; a fixed cost below 0 is 0."""
-    (c0, t0), share = small, 1.0
-    if large is not None and large[1] > t0 and large[0] > c0:
-        share = (large[0] - c0) / (large[1] - t0)
-    return max(0.0, t0 - c0 / share), share
+    """A runtime's fixed cost a token for each block it runs (seconds; times a model's blocks,
+    `roofline`'s `overhead_s`) and its share of the ceiling (`roofline`'s `share`), from its
+    (roofline's seconds a token, measured seconds a token, blocks run a token) on two models:
+    the line ``measured = roofline / share + blocks * fixed`` through both. The fixed cost is
+    counted by blocks because most of it is theirs: each dispatches its operations, norms,
+    activations and attention, whatever its width. `small`'s weights should take next to
+    nothing to read, so that its time is the fixed cost; `large`'s should be read from memory,
+    so that its time is mostly reading. Without `large`, or where it does not take longer a
+    block than `small` (both its time and its ceiling), the share is 1; a fixed cost below 0
+    is 0."""
+    (c0, t0, n0), share = small, 1.0
+    if large is not None:
+        c1, t1, n1 = large
+        reading, slower = c1 * n0 - c0 * n1, t1 * n0 - t0 * n1  # each per block, times n0 n1
+        if reading > 0 and slower > 0:
+            share = reading / slower
+    return max(0.0, (t0 - c0 / share) / n0), share
 
 
 def this_machine(name: str = "this machine (measured)") -> Device:
@@ -304,7 +311,7 @@ def roofline(
     holds: dispatching its operations, the norms and activations, attention at a short
     context, sampling. It is added to the bound's time (the bound is called 'overhead' where it
     is the longer of the two); measure it on a model too small for its weights to matter
-    (chapter 10 does, on 3M parameters).
+    (chapter 10 does, on 3M parameters, as a cost a block: `fixed_cost_and_share`).
 
     `share` is the part of its decoding ceiling a runtime reaches: its matrix-vector products
     stream weights slower than a plain sum reads them (or unpack codes slower than slmlab's

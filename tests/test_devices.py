@@ -139,18 +139,27 @@ def test_a_runtimes_share_of_the_ceiling_divides_the_bounds_time_alone() -> None
 
 
 def test_two_models_give_back_the_fixed_cost_and_share_that_timed_them() -> None:
-    """Times made by a known fixed cost and share through the roofline itself come back as
-    both; one model alone gives share 1; a fixed cost is never negative."""
+    """Times made through the roofline itself by a known fixed cost a block (times each
+    model's blocks) and share come back as both; with equal blocks it is the line through two
+    points; one model alone gives share 1; a fixed cost is never negative."""
     small = ModelConfig(**{**CONFIG.__dict__, "num_hidden_layers": 1, "vocab_size": 100})
     fixed, share = 2e-4, 0.7
-    times = [
-        (1 / roofline(c, SLOW_MEMORY, context=0).decode_tokens_per_s,
-         1 / roofline(c, SLOW_MEMORY, context=0, overhead_s=fixed, share=share).decode_tokens_per_s)
-        for c in (small, CONFIG)
-    ]  # fmt: skip
+
+    def timed(config: ModelConfig, blocks: int) -> tuple[float, float, int]:
+        ceiling = roofline(config, SLOW_MEMORY, context=0)
+        r = roofline(config, SLOW_MEMORY, context=0, overhead_s=fixed * blocks, share=share)
+        return 1 / ceiling.decode_tokens_per_s, 1 / r.decode_tokens_per_s, blocks
+
+    times = [timed(small, 1), timed(CONFIG, CONFIG.num_hidden_layers)]
+    assert CONFIG.num_hidden_layers > 1
     assert fixed_cost_and_share(*times) == pytest.approx((fixed, share), rel=1e-9)
+    (c0, t0, _), (c1, t1, _) = timed(small, 3), timed(CONFIG, 3)
+    line = fixed_cost_and_share((c0, t0, 1), (c1, t1, 1))  # the fixed cost of three blocks
+    assert line == pytest.approx(((t0 - c0 / share), (c1 - c0) / (t1 - t0)), rel=1e-9)
+    assert line == pytest.approx((3 * fixed, share), rel=1e-9)
     assert fixed_cost_and_share(times[0]) == pytest.approx((times[0][1] - times[0][0], 1.0))
-    assert fixed_cost_and_share((1e-3, 5e-4)) == (0.0, 1.0)  # faster than its ceiling
+    assert fixed_cost_and_share((1e-3, 5e-4, 2)) == (0.0, 1.0)  # faster than its ceiling
+    assert fixed_cost_and_share((1e-6, 1e-3, 2), (1e-6, 2e-3, 4))[1] == 1.0  # reads no more
 
 
 def test_compute_bound_when_compute_is_scarce_and_prefill_counts_two_flops_a_weight() -> None:

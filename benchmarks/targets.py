@@ -24,8 +24,11 @@ ceiling holds, and its share of its ceiling (its products stream weights slower 
 sum reads them): the line, time a token against the roofline's, through the runtime's rows of
 `CALIBRATION`, a model of 3M parameters whose weights take microseconds to read, so that its
 time is nearly all fixed cost, and of `SHARE_CALIBRATION`, the 76M model read from memory
-(`slmlab.devices.fixed_cost_and_share`). The two calibration models' rows are not counted in
-`within_goal`'s decode; SmolLM2 and stories-8m are predicted from them.
+(`slmlab.devices.fixed_cost_and_share`). Prefill is predicted by the same line through the
+same two rows, the prompt's pass against the compute ceiling: its time a block beyond the
+products (norms, activations, attention over 128 positions) and the share of the fp32
+ceiling its products reach. The two calibration models' rows are not counted in
+`within_goal`; SmolLM2 and stories-8m are predicted from them.
 Goal: slmlab's int4 decodes at least as fast as llama.cpp's Q4_0 on the same weights.
 
     python -m benchmarks.targets --predict-again
@@ -260,13 +263,12 @@ def typical(machines: list[Device]) -> Device:
     )  # fmt: skip
 
 
-def predict(
-    row: dict, config: ModelConfig, device: Device, overhead_s: float = 0.0, share: float = 1.0
-) -> Roofline:
-    """The roofline of a row's model, file and runtime on `device`."""
+def predict(row: dict, config: ModelConfig, device: Device, **line: float) -> Roofline:
+    """The roofline of a row's model, file and runtime on `device`; `line` is `roofline`'s
+    fixed costs and shares (none: the bare ceilings)."""
     return roofline(config, device, weights=ROOFLINE_WEIGHTS[row["precision"]],
                     context=SHORT + 64, prompt=PROMPT, bits=row["bits_per_weight"],
-                    overhead_s=overhead_s, share=share)  # fmt: skip
+                    **line)  # fmt: skip
 
 
 def blocks(config: ModelConfig) -> int:
@@ -274,19 +276,23 @@ def blocks(config: ModelConfig) -> int:
     return config.num_hidden_layers * config.block_repeats
 
 
-def calibration(rows: list[dict], configs: list[ModelConfig], device: Device) -> dict:
-    """{(runtime, precision): (fixed seconds a block, share)}: the line through a runtime's two
-    calibration rows, its measured time a token against its roofline's,
-    ``time = roofline's time / share + blocks * fixed``. On `CALIBRATION` the roofline's time is
-    microseconds and the time is nearly all fixed cost; on `SHARE_CALIBRATION`, read from
-    memory, it is mostly reading, at the runtime's share of the rate
-    (`slmlab.devices.fixed_cost_and_share`)."""
+def calibration(
+    rows: list[dict], configs: list[ModelConfig], device: Device, part: str
+) -> dict[tuple[str, str], tuple[float, float]]:
+    """{(runtime, precision): (fixed seconds a block, share)} for `part`, "decode" (a token)
+    or "prefill" (the prompt's pass): the line through a runtime's two calibration rows, its
+    measured time against its roofline's, ``time = roofline's time / share + blocks * fixed``
+    (`slmlab.devices.fixed_cost_and_share`). On `CALIBRATION` a token's ceiling is
+    microseconds and its time nearly all fixed cost; on `SHARE_CALIBRATION`, read from memory,
+    it is mostly reading, at the runtime's share of the rate. A prompt's pass is bound by
+    compute on both, and the wider model's products are the larger part of its time."""
     points: dict[tuple, dict] = {}
     for row, config in zip(rows, configs, strict=True):
         if row["model"] in (CALIBRATION, SHARE_CALIBRATION):
-            ceiling = 1 / predict(row, config, device).decode_tokens_per_s
+            tokens = 1 if part == "decode" else PROMPT
+            ceiling = tokens / getattr(predict(row, config, device), f"{part}_tokens_per_s")
             points.setdefault((row["runtime"], row["precision"]), {})[row["model"]] = (
-                ceiling, 1 / row["decode_tok_s"], blocks(config))  # fmt: skip
+                ceiling, tokens / row[f"{part}_tok_s"], blocks(config))  # fmt: skip
     return {
         key: fixed_cost_and_share(at[CALIBRATION], at.get(SHARE_CALIBRATION))
         for key, at in points.items()
@@ -297,13 +303,11 @@ def calibration(rows: list[dict], configs: list[ModelConfig], device: Device) ->
 def within_goal(rows: list[dict]) -> dict:
     """How many rows the roofline predicts within the goal: decode within 30% of the measured
     tokens/s, prefill within 50%; and the rows that miss, with measured over predicted. The
-    calibration models' rows are left out of decode (their decode is the prediction by
-    construction); prefill is calibrated on none."""
+    calibration models' rows are left out (they are the prediction by construction)."""
     out = {}
-    for part, tolerance, left_out in (("decode", 0.3, (CALIBRATION, SHARE_CALIBRATION)),
-                                      ("prefill", 0.5, ())):  # fmt: skip
+    for part, tolerance in (("decode", 0.3), ("prefill", 0.5)):
         ratio = f"{part}_measured_over_predicted"
-        counted = [r for r in rows if r["model"] not in left_out]
+        counted = [r for r in rows if r["model"] not in (CALIBRATION, SHARE_CALIBRATION)]
         missed = [f"{r['model']} {r['runtime']} {r['precision']} {r[ratio]:.2f}"
                   for r in counted if abs(1 / r[ratio] - 1) > tolerance]  # fmt: skip
         out[part] = {"tolerance": tolerance, "rows": len(counted),
@@ -312,29 +316,34 @@ def within_goal(rows: list[dict]) -> dict:
 
 
 def predicted(rows: list[dict], configs: list[ModelConfig], device: Device) -> dict:
-    """Each row's roofline on `device`, its fixed cost (its blocks') and share measured on the
-    calibration models, written into the rows; the machine, the calibrations and
-    `within_goal`."""
-    line = calibration(rows, configs, device)
+    """Each row's roofline on `device`, with its runtime's fixed costs (its blocks') and
+    shares measured on the calibration models, written into the rows; the machine, the
+    calibrations and `within_goal`."""
+    lines = {part: calibration(rows, configs, device, part) for part in ("decode", "prefill")}
     for row, config in zip(rows, configs, strict=True):
-        per_block, row["share"] = line.get((row["runtime"], row["precision"]), (0.0, 1.0))
-        fixed = per_block * blocks(config)
-        row["overhead_ms"] = 1e3 * fixed
-        roof = predict(row, config, device, fixed, row["share"])
+        key = (row["runtime"], row["precision"])
+        (decode_fixed, row["share"]), (prefill_fixed, row["prefill_share"]) = (
+            lines[part].get(key, (0.0, 1.0)) for part in ("decode", "prefill"))  # fmt: skip
+        decode_s, prefill_s = decode_fixed * blocks(config), prefill_fixed * blocks(config)
+        row["overhead_ms"], row["prefill_overhead_ms"] = 1e3 * decode_s, 1e3 * prefill_s
+        roof = predict(row, config, device, overhead_s=decode_s, share=row["share"],
+                       prefill_overhead_s=prefill_s, prefill_share=row["prefill_share"])  # fmt: skip
         row["predicted_decode_tok_s"] = roof.decode_tokens_per_s
         row["predicted_decode_bound"] = roof.decode_bound
         row["predicted_prefill_tok_s"] = roof.prefill_tokens_per_s
+        row["predicted_prefill_bound"] = roof.prefill_bound
         row["decode_from_cache"] = roof.decode_from_cache
         for part in ("decode", "prefill"):
             row[f"{part}_measured_over_predicted"] = (
                 row[f"{part}_tok_s"] / row[f"predicted_{part}_tok_s"]
             )
-    return {
-        "this_machine": device.__dict__,
-        "overhead_ms_per_block": {f"{rt} {p}": 1e3 * f for (rt, p), (f, _) in line.items()},
-        "share_of_roofline": {f"{rt} {p}": share for (rt, p), (_, share) in line.items()},
-        "within_goal": within_goal(rows),
-    }
+    out: dict = {"this_machine": device.__dict__}
+    for part, prefix in (("decode", ""), ("prefill", "prefill_")):
+        out[f"{prefix}overhead_ms_per_block"] = {
+            f"{rt} {p}": 1e3 * f for (rt, p), (f, _) in lines[part].items()}  # fmt: skip
+        out[f"{prefix}share_of_roofline"] = {
+            f"{rt} {p}": share for (rt, p), (_, share) in lines[part].items()}  # fmt: skip
+    return {**out, "within_goal": within_goal(rows)}
 
 
 def predict_again(path: Path) -> None:

@@ -226,7 +226,12 @@ def fixed_cost_and_share(
     nothing to read, so that its time is the fixed cost; `large`'s should be read from memory,
     so that its time is mostly reading. Without `large`, or where it does not take longer a
     block than `small` (both its time and its ceiling), the share is 1; a fixed cost below 0
-    is 0."""
+    is 0.
+
+    A prompt's pass is the same line (`roofline`'s `prefill_overhead_s` and `prefill_share`),
+    from each model's compute ceiling and measured time for the pass: there neither model's
+    time is mostly one part, but two models of different widths still fix the line, the wider
+    one's products being the larger part of its time."""
     (c0, t0, n0), share = small, 1.0
     if large is not None:
         c1, t1, n1 = large
@@ -276,7 +281,7 @@ class Roofline:
     decode_bandwidth_gbs: float  # the bandwidth of the level a step's bytes are read from
     decode_from_cache: bool  # that level reads CACHE_OVER_MEMORY x faster than memory or more
     prefill_tokens_per_s: float
-    prefill_bound: str
+    prefill_bound: str  # 'memory', 'compute', or 'overhead' (the pass's, where given and longer)
     fits: bool  # within the device's memory
 
 
@@ -291,6 +296,8 @@ def roofline(
     bits: float | None = None,
     overhead_s: float = 0.0,
     share: float = 1.0,
+    prefill_overhead_s: float = 0.0,
+    prefill_share: float = 1.0,
 ) -> Roofline:
     """The roofline of `config` on `device` with weights stored as `weights` (`WEIGHT_BITS`)
     and the cache as `kv` (fp32, fp16, bf16, int8): decoding one token at `context` tokens of
@@ -318,7 +325,15 @@ def roofline(
     kernel), by its layouts, threads and prefetching. The bound's time is divided by it, the
     fixed cost is not; measure it on a model whose weights are read from memory (chapter 10
     does, on 76M parameters) and carry it to the next model (`fixed_cost_and_share` finds
-    both from a runtime's times on two models)."""
+    both from a runtime's times on two models).
+
+    `prefill_overhead_s` and `prefill_share` are the same for a prompt's pass: its time
+    beyond the products' at the compute ceiling (the norms, activations and attention's
+    softmax over the prompt's positions, each block's dispatch; it grows with the prompt, so
+    measure it at the prompt's length) and the share of the compute ceiling its products
+    reach (below 1 where they are too small to keep the cores busy; above 1 where 8- or 4-bit
+    products run integer arithmetic faster than the fp32 ceiling of a device whose int8 peak
+    is not known). Chapter 10 measures both as decode's, on the same two models."""
     if weights not in WEIGHT_BITS:
         raise ValueError(f"weights {weights!r}: choose one of {list(WEIGHT_BITS)}")
     if kv not in _KV_BITS:
@@ -327,10 +342,12 @@ def roofline(
         raise ValueError("context must be >= 0 and prompt >= 1")
     if bits is not None and not bits > 0:
         raise ValueError(f"bits {bits}: a weight takes a positive number of bits")
-    if not (math.isfinite(overhead_s) and overhead_s >= 0):
-        raise ValueError(f"overhead_s {overhead_s}: a time of 0 s or more")
-    if not (math.isfinite(share) and share > 0):
-        raise ValueError(f"share {share}: a positive part of the ceiling (1: all of it)")
+    for name, value in (("overhead_s", overhead_s), ("prefill_overhead_s", prefill_overhead_s)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} {value}: a time of 0 s or more")
+    for name, value in (("share", share), ("prefill_share", prefill_share)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} {value}: a positive part of the ceiling (1: all of it)")
     counts = param_count(config)
     head = config.vocab_size * config.hidden_size  # the head's matrix, tied or not
     mlp = counts.mlp - counts.idle  # a token reads and runs only the experts routed to it
@@ -370,6 +387,10 @@ def roofline(
     prefill_bytes = weight_bytes + per_token_kv * prompt
     prefill_memory = prefill_bytes / (device.bandwidth_for(prefill_bytes) * 1e9)
     prefill_compute = prompt * (matmul + attention_flops(prompt / 2)) / peak
+    prefill_bound = "memory" if prefill_memory >= prefill_compute else "compute"
+    prefill_bound_seconds = max(prefill_memory, prefill_compute) / prefill_share
+    if prefill_overhead_s > prefill_bound_seconds:
+        prefill_bound = "overhead"
     kv_bytes = per_token_kv * max(context, prompt)
     return Roofline(
         memory_bytes=stored + kv_bytes,
@@ -379,7 +400,7 @@ def roofline(
         decode_bound=decode_bound,
         decode_bandwidth_gbs=decode_bandwidth,
         decode_from_cache=decode_bandwidth >= CACHE_OVER_MEMORY * device.bandwidth_gbs,
-        prefill_tokens_per_s=prompt / max(prefill_memory, prefill_compute),
-        prefill_bound="memory" if prefill_memory >= prefill_compute else "compute",
+        prefill_tokens_per_s=prompt / (prefill_bound_seconds + prefill_overhead_s),
+        prefill_bound=prefill_bound,
         fits=stored + kv_bytes <= device.memory_gb * 1e9,
     )

@@ -162,6 +162,39 @@ def test_two_models_give_back_the_fixed_cost_and_share_that_timed_them() -> None
     assert fixed_cost_and_share((1e-6, 1e-3, 2), (1e-6, 2e-3, 4))[1] == 1.0  # reads no more
 
 
+def test_a_prompts_pass_has_its_own_fixed_cost_and_share_and_two_models_give_them_back() -> None:
+    """Time of a pass = the compute bound's time / prefill_share + prefill_overhead_s, decode
+    untouched, the bound 'overhead' where that is the longer; times made so on two models of
+    different widths (and blocks) give back the fixed cost a block and the share."""
+    slow_compute = Device("test", 1, 1e6, 1e-6, None, None, "made up")  # 1 MFLOP/s
+    bare = roofline(CONFIG, slow_compute, context=0, prompt=64)
+    pass_s = 64 / bare.prefill_tokens_per_s
+    r = roofline(CONFIG, slow_compute, context=0, prompt=64, prefill_overhead_s=pass_s / 4,
+                 prefill_share=0.5)  # fmt: skip
+    assert 64 / r.prefill_tokens_per_s == pytest.approx(2.25 * pass_s, rel=1e-9)
+    assert r.prefill_bound == "compute" and r.decode_tokens_per_s == bare.decode_tokens_per_s
+    slow = roofline(CONFIG, slow_compute, context=0, prompt=64, prefill_overhead_s=3 * pass_s)
+    assert slow.prefill_bound == "overhead"
+    for field, bad in (("prefill_overhead_s", -1.0), ("prefill_share", 0.0)):
+        with pytest.raises(ValueError, match=field):
+            roofline(CONFIG, SLOW_MEMORY, **{field: bad})
+
+    narrow = ModelConfig(**{**CONFIG.__dict__, "hidden_size": 64, "intermediate_size": 128,
+                            "num_hidden_layers": 2})  # fmt: skip
+    fixed, share = 5e-3, 0.6
+
+    def timed(config: ModelConfig) -> tuple[float, float, int]:
+        blocks = config.num_hidden_layers
+        ceiling = roofline(config, slow_compute, context=0, prompt=64)
+        r = roofline(config, slow_compute, context=0, prompt=64,
+                     prefill_overhead_s=fixed * blocks, prefill_share=share)  # fmt: skip
+        return 64 / ceiling.prefill_tokens_per_s, 64 / r.prefill_tokens_per_s, blocks
+
+    assert fixed_cost_and_share(timed(narrow), timed(CONFIG)) == pytest.approx(
+        (fixed, share), rel=1e-9
+    )
+
+
 def test_compute_bound_when_compute_is_scarce_and_prefill_counts_two_flops_a_weight() -> None:
     slow_compute = Device("test", 1, 1e6, 1e-6, None, None, "made up")  # 1 MFLOP/s
     r = roofline(CONFIG, slow_compute, weights="fp32", context=0, prompt=1)

@@ -9,7 +9,11 @@ ONNX Runtime's web build and transformers.js can drive the file as they drive th
 
 `to_onnx` traces `DecoderLM`'s own blocks (`slmlab.export.common.DecoderWithPast`) with
 PyTorch's exporter (``torch.onnx.export``, ``dynamo=True``). `quant="int8"` then applies ONNX Runtime's dynamic quantization
-(int8 weights, activations quantized per call) to the matrix products. `OnnxDecoder` runs a
+(int8 weights, activations quantized per call) to the matrix products. A tied head stays
+fp32: its product reads the embedding's table transposed, a computed input the quantizer
+leaves alone. Folding it first (ONNX Runtime's ``quant_pre_process``) quantizes it too, but
+saved no time (SmolLM2-135M decoded at 56 tokens/s either way, 2 cores of an AMD EPYC) and
+made the file a tenth larger, the fp32 table kept for the lookup. `OnnxDecoder` runs a
 file with ONNX Runtime: logits for a prompt, and greedy decoding through the cache.
 """
 

@@ -29,7 +29,12 @@ same two rows, the prompt's pass against the compute ceiling: its time a block b
 products (norms, activations, attention over 128 positions) and the share of the fp32
 ceiling its products reach. The two calibration models' rows are not counted in
 `within_goal`; SmolLM2 and stories-8m are predicted from them.
-Goal: slmlab's int4 decodes at least as fast as llama.cpp's Q4_0 on the same weights.
+Goal: slmlab's int4 decodes at least as fast as llama.cpp's Q4_0 on the same weights: the
+two rows' ratio, and the median of `--rounds` pairs of the two run back to back.
+
+    python -m benchmarks.targets --paired-only --llama-cpp-python PYTHON
+
+measures only the pairs and adds them to the stored run.
 
     python -m benchmarks.targets --predict-again
 
@@ -241,6 +246,34 @@ def int4_over_q4_0(rows: list[dict]) -> dict[str, float]:
     }
 
 
+def paired_int4_over_q4_0(
+    models: list[str], work: Path, new_tokens: int, llama_python: str, rounds: int
+) -> dict[str, dict]:
+    """slmlab's int4 over llama.cpp's Q4_0, decode tokens/s, from `rounds` pairs of runs back
+    to back, the first of each pair taking turns: two rows of the table are minutes apart, and
+    a shared machine's neighbours move either by a fifth in that time. Per model, each
+    pair's decode tokens/s (slmlab's, llama.cpp's), its ratio, and the ratios' median."""
+    out = {}
+    context = max(PROMPT, SHORT + new_tokens + 1)
+    for name in models:
+        ckpt = checkpoint_of(name, work)
+        files = {"slmlab": int4_checkpoint(ckpt, work),
+                 "llama.cpp": export_file(ckpt, "llama.cpp", "q4_0", work, context)}  # fmt: skip
+        ratios, pairs = [], []
+        for turn in range(rounds):
+            speed = {}
+            for runtime in ("slmlab", "llama.cpp")[:: 1 if turn % 2 == 0 else -1]:
+                precision = "int4" if runtime == "slmlab" else "q4_0"
+                got = measure(runtime, precision, files[runtime], new_tokens, llama_python)
+                speed[runtime] = got["decode_tok_s"]
+            pairs.append([speed["slmlab"], speed["llama.cpp"]])
+            ratios.append(speed["slmlab"] / speed["llama.cpp"])
+            print(f"{name}: round {turn + 1}, slmlab int4 {speed['slmlab']:.1f} tok/s, "
+                  f"llama.cpp Q4_0 {speed['llama.cpp']:.1f}: {ratios[-1]:.2f}", flush=True)  # fmt: skip
+        out[name] = {"tok_s": pairs, "rounds": ratios, "median": statistics.median(ratios)}
+    return out
+
+
 def typical(machines: list[Device]) -> Device:
     """The median of each figure `this_machine` measured before every row: on a shared
     machine one measurement can catch the neighbours busy or away (its memory bandwidth read
@@ -371,9 +404,23 @@ def main() -> None:
     parser.add_argument("--one", nargs=3, metavar=("RUNTIME", "PRECISION", "FILE"))
     parser.add_argument("--predict-again", action="store_true",
                         help="predict the stored run's rows again from its measurements")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="pairs of slmlab int4 and llama.cpp Q4_0 runs back to back")  # fmt: skip
+    parser.add_argument("--paired-only", action="store_true",
+                        help="measure only the pairs, and add them to the stored run")  # fmt: skip
     args = parser.parse_args()
     if args.predict_again:
         predict_again(RESULTS / "targets.json")
+        return
+    if args.paired_only:
+        if args.llama_cpp_python is None:
+            parser.error("--paired-only needs --llama-cpp-python")
+        stored = json.loads((RESULTS / "targets.json").read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            stored["int4_over_llama_cpp_q4_0_paired"] = paired_int4_over_q4_0(
+                args.models, Path(tmp), args.new_tokens, args.llama_cpp_python, args.rounds
+            )
+        atomic_write_text(RESULTS / "targets.json", json.dumps(stored, indent=2) + "\n")
         return
     if args.one:
         print(json.dumps(run_one(*args.one, new_tokens=args.new_tokens)))
@@ -419,8 +466,14 @@ def main() -> None:
                     f"({machines[-1].bandwidth_gbs} GB/s)",
                     flush=True,
                 )
+        paired = {}
+        if args.llama_cpp_python is not None and args.rounds > 0:
+            paired = paired_int4_over_q4_0(
+                args.models, work, args.new_tokens, args.llama_cpp_python, args.rounds
+            )
     result = {
         "int4_over_llama_cpp_q4_0": int4_over_q4_0(rows),
+        "int4_over_llama_cpp_q4_0_paired": paired,
         "q4_k_bytes_against_llama_quantize": q4_k_bytes,
         **predicted(rows, configs, typical(machines)),
         "new_tokens": args.new_tokens,
